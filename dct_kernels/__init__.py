@@ -1,0 +1,17 @@
+"""dct_kernels: GPU kernels for Dynamic Communication Thresholding (DCT).
+
+Hard thresholding of gradients (with error feedback) and activations, packed into compact
+wire buffers for torch.distributed. See README.md and DESIGN.md for the contract.
+"""
+
+from .ops import (available_backends, compress, compress_rows, decompress, decompress_many,
+                  decompress_rows, gather_rows, payload_errors, reset_payload_errors,
+                  select_threshold)
+from .payload import RowPayload, SparsePayload
+
+__version__ = "0.1.0"
+
+__all__ = ["available_backends", "select_threshold", "compress", "decompress",
+           "decompress_many", "compress_rows", "decompress_rows", "gather_rows",
+           "payload_errors", "reset_payload_errors", "SparsePayload", "RowPayload",
+           "__version__"]

@@ -1,0 +1,95 @@
+"""Backend registry: which implementations exist here, and which one an op uses.
+
+Backends are plain modules implementing the same functions (see ``torch_ref``); the op layer
+(``dct_kernels.ops``) validates inputs once and calls them.
+"""
+
+import importlib
+import os
+from typing import Dict
+
+import torch
+
+NAMES = ("cuda", "triton", "torch")
+ENV_VAR = "DCT_KERNELS_BACKEND"
+
+_modules: Dict[str, object] = {}
+_reasons: Dict[str, str] = {}
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _load(name: str):
+    """Import a backend module; remember why when it cannot be used."""
+    if name in _modules or name in _reasons:
+        return _modules.get(name)
+    if name == "torch":
+        from . import torch_ref as module
+    elif name == "triton":
+        try:
+            module = importlib.import_module(".triton_kernels", __name__)
+        except ImportError as exc:
+            _reasons[name] = f"triton not installed ({exc})"
+            return None
+    else:
+        try:
+            module = importlib.import_module(".cuda_ext", __name__)
+        except ImportError as exc:
+            _reasons[name] = f"extension not built ({exc})"
+            return None
+    reason = module.available()
+    if reason != "available":
+        _reasons[name] = reason
+        return None
+    _modules[name] = module
+    return module
+
+
+def available_backends() -> Dict[str, str]:
+    """Each backend name mapped to "available" or a short reason why it cannot be used."""
+    result = {}
+    for name in NAMES:
+        module = _load(name)
+        result[name] = "available" if module is not None else _reasons[name]
+    return result
+
+
+def _runs_on(name: str, device: torch.device) -> bool:
+    if name == "torch":
+        return True
+    if name == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
+    return device.type == "cuda"
+
+
+def resolve(backend, device: torch.device):
+    """The backend module for tensors on ``device``.
+
+    ``backend`` (or the DCT_KERNELS_BACKEND environment variable) names one explicitly;
+    otherwise CUDA tensors use "cuda" when the extension is built, else "triton", and CPU
+    tensors use "torch".
+    """
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or None
+        source = f"{ENV_VAR}={backend!r}"
+    else:
+        source = f"backend={backend!r}"
+    if backend is not None:
+        if backend not in NAMES:
+            raise ValueError(f"backend: expected one of {NAMES}, got {source}")
+        module = _load(backend)
+        if module is None:
+            raise ValueError(f"backend: {source} is not available here: {_reasons[backend]}")
+        if not _runs_on(backend, device):
+            hint = " (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)" \
+                if backend == "triton" else ""
+            raise ValueError(f"backend: {source} cannot run on {device} tensors{hint}")
+        return module
+    if device.type == "cuda":
+        for name in ("cuda", "triton"):
+            module = _load(name)
+            if module is not None:
+                return module
+    return _load("torch")

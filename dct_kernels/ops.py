@@ -1,0 +1,475 @@
+"""The public ops: validation and backend dispatch, in one place.
+
+Every op takes ``backend=None`` ("cuda", "triton" or "torch"; see ``available_backends``).
+Semantics are identical on every backend; DESIGN.md section 3 is the contract.
+"""
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import payload as wire
+from .backends import available_backends as _available_backends
+from .backends import resolve
+from .payload import RowPayload, SparsePayload
+from .wire_check import check_rows, describe
+
+__all__ = ["available_backends", "select_threshold", "compress", "decompress",
+           "decompress_many", "compress_rows", "decompress_rows", "gather_rows",
+           "payload_errors", "reset_payload_errors"]
+
+Number = Union[int, float]
+
+
+def available_backends() -> Dict[str, str]:
+    """Map each backend ("cuda", "triton", "torch") to "available" or why it is not."""
+    return _available_backends()
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+def _check_float_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in wire.VALUE_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_numel(x: torch.Tensor, name: str) -> None:
+    if x.numel() > wire.MAX_NUMEL:
+        raise ValueError(f"{name}: {x.numel()} elements; at most 2^31 - 1 are supported "
+                         "(indices are int32)")
+
+
+def _check_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and \
+                not value.dtype.is_floating_point and value.dtype != torch.bool:
+            return int(value)
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    return value
+
+
+def _check_value_dtype(value_dtype, x_dtype: torch.dtype) -> torch.dtype:
+    if value_dtype is None:
+        return x_dtype
+    if value_dtype not in wire.VALUE_DTYPES:
+        raise TypeError(f"value_dtype: expected torch.float32, torch.float16 or torch.bfloat16, "
+                        f"got {value_dtype}")
+    return value_dtype
+
+
+def _check_segments(segments, numel: int) -> List[int]:
+    """Validated segment offsets as a host list (copies device offsets to the host)."""
+    if not isinstance(segments, torch.Tensor):
+        raise TypeError(f"segments: expected an int64 tensor of offsets, got "
+                        f"{type(segments).__name__}")
+    if segments.dtype != torch.int64 or segments.dim() != 1 or segments.numel() < 2:
+        raise ValueError(f"segments: expected a 1-D int64 tensor of S+1 >= 2 offsets, got "
+                         f"shape {tuple(segments.shape)} {segments.dtype}")
+    offsets = segments.cpu().tolist()
+    if offsets[0] != 0 or offsets[-1] != numel:
+        raise ValueError(f"segments: offsets must run from 0 to numel={numel}, got "
+                         f"{offsets[0]} .. {offsets[-1]}")
+    if any(b <= a for a, b in zip(offsets[:-1], offsets[1:])):
+        raise ValueError("segments: offsets must rise strictly (no empty segment)")
+    return offsets
+
+
+def _check_k(k, offsets: List[int], segmented: bool) -> List[int]:
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    if isinstance(k, torch.Tensor) and k.dim() == 1:
+        if not segmented:
+            raise ValueError("k: a tensor of per-segment k needs segments=")
+        if k.dtype.is_floating_point or k.dtype == torch.bool or k.dtype.is_complex:
+            raise TypeError(f"k: expected an integer tensor, got {k.dtype}")
+        if k.numel() != len(lengths):
+            raise ValueError(f"k: expected {len(lengths)} values (one per segment), "
+                             f"got {k.numel()}")
+        ks = [int(v) for v in k.cpu().tolist()]
+    else:
+        ks = [_check_int(k, "k")] * len(lengths)
+    for s, (kk, length) in enumerate(zip(ks, lengths)):
+        if not 1 <= kk <= length:
+            where = f" for segment {s}" if segmented else ""
+            raise ValueError(f"k: must satisfy 1 <= k <= numel ({length}){where}, got {kk}")
+    return ks
+
+
+def _whole(numel: int) -> List[int]:
+    return [0, numel]
+
+
+def _device_offsets(offsets: List[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(offsets, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _thresholds(threshold, num_segments: int, device: torch.device) -> torch.Tensor:
+    """fp32 [S] thresholds on ``device`` (a single one broadcast to every segment)."""
+    if isinstance(threshold, bool):
+        raise TypeError("threshold: expected a float or a floating-point tensor, got bool")
+    if isinstance(threshold, (int, float)):
+        return torch.full((num_segments,), float(threshold), dtype=torch.float32, device=device)
+    if not isinstance(threshold, torch.Tensor):
+        raise TypeError(f"threshold: expected a float or a tensor, got {type(threshold).__name__}")
+    if not threshold.dtype.is_floating_point:
+        raise TypeError(f"threshold: expected a floating-point tensor, got {threshold.dtype}")
+    if threshold.dim() == 0 or threshold.numel() == 1 and threshold.dim() == 1 and \
+            num_segments == 1:
+        t = threshold.reshape(1).to(device=device, dtype=torch.float32, non_blocking=True)
+        return t.expand(num_segments).contiguous()
+    if threshold.dim() != 1 or threshold.numel() != num_segments:
+        raise ValueError(f"threshold: expected a scalar or {num_segments} thresholds (one per "
+                         f"segment), got shape {tuple(threshold.shape)}")
+    return threshold.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
+
+
+_error_counters: Dict[torch.device, torch.Tensor] = {}
+
+
+def payload_errors(device=None) -> torch.Tensor:
+    """The device-side counter of payload errors found by ``validate=False`` decoding.
+
+    A 0-d int32 tensor on ``device`` (default: the current CUDA device, else CPU). Decoding
+    with ``validate=False`` never synchronizes; it skips bad rows/entries and adds their
+    number here. Read it (``int(payload_errors(dev))``, which synchronizes) when convenient,
+    and clear it with ``reset_payload_errors``.
+    """
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    counter = _error_counters.get(device)
+    if counter is None:
+        counter = torch.zeros((), dtype=torch.int32, device=device)
+        _error_counters[device] = counter
+    return counter
+
+
+def reset_payload_errors(device=None) -> None:
+    """Set the payload error counter of ``device`` to zero (no host synchronization)."""
+    payload_errors(device).zero_()
+
+
+def _errors_for(errors: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if errors is None:
+        return payload_errors(device)
+    if not isinstance(errors, torch.Tensor) or errors.dtype != torch.int32 or \
+            errors.numel() != 1 or errors.device != device:
+        raise ValueError(f"errors: expected a one-element int32 tensor on {device}")
+    return errors.view(())
+
+
+def _check_out(out, numel: int, device: torch.device, name: str = "out") -> torch.Tensor:
+    _check_float_tensor(out, name)
+    if out.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got {out.device}")
+    if out.numel() != numel:
+        raise ValueError(f"{name}: expected {numel} elements, got {out.numel()}")
+    if not out.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous (it is written in place)")
+    return out
+
+
+# --------------------------------------------------------------------------------------- ops
+
+def select_threshold(x: torch.Tensor, k, *, segments: Optional[torch.Tensor] = None,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """The k-th largest magnitude of x: exact, in x's dtype, on x's device.
+
+    Args:
+        x: fp32, fp16 or bf16 tensor of any shape (flattened in C order).
+        k: 1 <= k <= x.numel(); with ``segments``, an int for every segment or an integer
+            tensor of S values, each within its segment's length.
+        segments: optional int64 tensor of S+1 offsets rising strictly from 0 to x.numel().
+
+    Returns:
+        A 0-d tensor τ equal to ``torch.topk(x.abs().flatten(), k).values[-1]`` (NaN ranks
+        above +inf, -0 equals +0), hence count(|x| > τ) < k <= count(|x| >= τ); with
+        ``segments``, a tensor of S such thresholds.
+
+    Raises:
+        TypeError for a non-float x or non-integer k; ValueError for k out of range or bad
+        segments.
+
+    Sync: segment offsets and a tensor k are read on the host (a copy if they live on the
+    GPU); the selection itself does not synchronize on the triton/cuda backends.
+    """
+    _check_float_tensor(x, "x")
+    numel = x.numel()
+    segmented = segments is not None
+    offsets = _check_segments(segments, numel) if segmented else _whole(numel)
+    if not segmented and numel == 0:
+        raise ValueError("k: must satisfy 1 <= k <= numel (0): x is empty")
+    ks = _check_k(k, offsets, segmented)
+    impl = resolve(backend, x.device)
+    if impl.NAME != "torch":
+        _check_numel(x, "x")
+    thresholds = impl.select_threshold(x.contiguous().view(-1), ks, offsets)
+    return thresholds if segmented else thresholds[0]
+
+
+def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
+             segments: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+             capacity: Optional[int] = None, value_dtype: Optional[torch.dtype] = None,
+             backend: Optional[str] = None) -> SparsePayload:
+    """Keep the entries of x (+ residual) whose magnitude reaches the threshold.
+
+    Args:
+        x: fp32, fp16 or bf16 tensor of any shape, fewer than 2^31 elements (flattened in C
+            order; a non-contiguous x is copied first).
+        threshold: a float or 0-d tensor; with ``segments``, also a tensor of S thresholds.
+            Compared in fp32 as ``|acc| >= threshold`` in magnitude order (a NaN threshold keeps
+            exactly the NaNs; NaN always passes; a negative threshold keeps everything).
+        segments: optional int64 offsets (S+1, strictly rising from 0 to numel): element i uses
+            its segment's threshold.
+        residual: optional fp32 contiguous error-feedback buffer with x.numel() elements.
+            ``acc = x + residual`` in fp32; afterwards residual holds ``acc - sent`` (0 where an
+            inf/NaN was sent, all of acc where nothing was sent), so sent + residual == acc.
+        capacity: None for a payload of exactly the kept entries (the count is read on the
+            host: synchronizes), or an int >= 0 for a fixed-size payload (no synchronization);
+            entries past the capacity stay in the residual and are counted in ``overflow``.
+        value_dtype: wire dtype of the values (default x.dtype); fp16/bf16 saturate finite
+            values at their largest finite value.
+
+    Returns:
+        A ``SparsePayload``: kept indices ascending, in one wire buffer.
+
+    Raises:
+        TypeError/ValueError naming the argument for a bad dtype, device, residual, capacity,
+        threshold or segments, or x.numel() >= 2^31.
+    """
+    _check_float_tensor(x, "x")
+    _check_numel(x, "x")
+    numel = x.numel()
+    device = x.device
+    value_dtype = _check_value_dtype(value_dtype, x.dtype)
+    segmented = segments is not None
+    offsets = _check_segments(segments, numel) if segmented else _whole(numel)
+    num_segments = len(offsets) - 1
+    if capacity is not None:
+        capacity = _check_int(capacity, "capacity")
+        if capacity < 0:
+            raise ValueError(f"capacity: must be >= 0, got {capacity}")
+        if capacity > wire.MAX_NUMEL:
+            raise ValueError(f"capacity: at most 2^31 - 1, got {capacity}")
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual: expected a torch.Tensor, got {type(residual).__name__}")
+        if residual.dtype != torch.float32:
+            raise TypeError(f"residual: expected dtype float32, got {residual.dtype}")
+        if residual.device != device:
+            raise ValueError(f"residual: expected a tensor on {device} (like x), "
+                             f"got {residual.device}")
+        if residual.numel() != numel:
+            raise ValueError(f"residual: expected {numel} elements (like x), "
+                             f"got {residual.numel()}")
+        if not residual.is_contiguous():
+            raise ValueError("residual: must be contiguous (it is updated in place)")
+    impl = resolve(backend, device)
+    flat = x.contiguous().view(-1)
+    residual_flat = residual.view(-1) if residual is not None else None
+    if numel == 0:
+        return wire.new_payload(0, capacity or 0, value_dtype, tuple(x.shape), x.dtype, device)
+    thresholds = _thresholds(threshold, num_segments, device)
+    seg_dev = _device_offsets(offsets, device) if segmented else None
+    if capacity is None:
+        capacity = int(impl.count_kept(flat, thresholds, offsets, seg_dev, residual_flat))
+    payload = wire.new_payload(numel, capacity, value_dtype, tuple(x.shape), x.dtype, device)
+    impl.compress(flat, thresholds, offsets, seg_dev, residual_flat, payload)
+    return payload
+
+
+def _raise_invalid(check, name: str) -> None:
+    if not check.ok:
+        raise ValueError(f"{name}: invalid payload: {describe(check)}")
+
+
+def decompress(payload: SparsePayload, *, out: Optional[torch.Tensor] = None,
+               accumulate: bool = False, validate: bool = True,
+               errors: Optional[torch.Tensor] = None,
+               backend: Optional[str] = None) -> torch.Tensor:
+    """Rebuild the dense tensor of a payload: zeros except the sent entries.
+
+    Args:
+        payload: a ``SparsePayload`` (from ``compress`` or ``SparsePayload.from_buffer``).
+        out: optional contiguous fp32/fp16/bf16 tensor with payload.numel elements on the
+            payload's device; overwritten, or with ``accumulate=True`` added to at the sent
+            entries (``out[i] = out[i] + value`` in fp32, rounded to out's dtype; other entries
+            are untouched).
+        validate: True checks the payload first (header, count, indices in range and strictly
+            ascending) and raises ValueError without writing anything (synchronizes). False
+            never synchronizes: bad rows/entries are skipped and counted in ``errors``.
+        errors: the device-side error counter for ``validate=False`` (default
+            ``payload_errors(device)``).
+
+    Returns:
+        out, or a new tensor of payload.shape and payload.dtype. Nothing outside it is written,
+        whatever the payload says.
+    """
+    if not isinstance(payload, SparsePayload):
+        raise TypeError(f"payload: expected a SparsePayload, got {type(payload).__name__}")
+    device = payload.buffer.device
+    if out is None:
+        if accumulate:
+            raise ValueError("out: accumulate=True needs an out tensor to add to")
+        out = torch.empty(payload.shape, dtype=payload.dtype, device=device)
+    _check_out(out, payload.numel, device)
+    counter = _errors_for(errors, device)
+    impl = resolve(backend, device)
+    if validate:
+        _raise_invalid(check_rows(payload.buffer[None], payload.numel, payload.capacity,
+                                  payload.value_dtype), "payload")
+    impl.scatter(out.view(-1), payload.buffer, payload.numel, payload.capacity,
+                 payload.value_dtype, accumulate, counter)
+    return out
+
+
+def _buffers_config(buffers: torch.Tensor, capacity, value_dtype) -> Tuple[int, torch.dtype]:
+    if capacity is not None or value_dtype is not None:
+        if capacity is None or value_dtype is None:
+            raise ValueError("capacity, value_dtype: give both or neither")
+        capacity = _check_int(capacity, "capacity")
+        if capacity < 0:
+            raise ValueError(f"capacity: must be >= 0, got {capacity}")
+        value_dtype = _check_value_dtype(value_dtype, torch.float32)
+    else:
+        header = wire.Header.parse(buffers[0, :wire.HEADER_BYTES].cpu().numpy().tobytes())
+        problems = header.problems()
+        if problems:
+            raise ValueError("buffers: row 0 is not a dct_kernels payload (" +
+                             "; ".join(problems) + "); pass capacity= and value_dtype=")
+        capacity, value_dtype = header.capacity, wire.dtype_of_code(header.value_code)
+    _, nbytes = wire.layout(capacity, value_dtype)
+    if buffers.shape[1] != nbytes:
+        raise ValueError(f"buffers: rows of {buffers.shape[1]} bytes, but capacity {capacity} "
+                         f"with {value_dtype} needs {nbytes}")
+    return capacity, value_dtype
+
+
+def decompress_many(buffers: torch.Tensor, *, out: torch.Tensor, accumulate: bool = False,
+                    average: bool = False, validate: bool = True,
+                    capacity: Optional[int] = None, value_dtype: Optional[torch.dtype] = None,
+                    errors: Optional[torch.Tensor] = None,
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """Sum W gathered payloads into ``out``, in rank order, deterministically.
+
+    Args:
+        buffers: ``[W, nbytes]`` uint8, row w the wire buffer of rank w (as an all-gather
+            leaves them). All rows must have the same configuration and numel == out.numel().
+        out: contiguous fp32/fp16/bf16 tensor on the buffers' device.
+        accumulate: ``out = out + sum`` instead of ``out = sum``.
+        average: divide the sum by W first.
+        validate: True checks every row first and raises ValueError, writing nothing
+            (synchronizes); False skips bad rows/entries and counts them in ``errors``.
+        capacity, value_dtype: the rows' configuration; when omitted it is read from row 0's
+            header (a small device-to-host copy, which synchronizes).
+
+    The sum is ``0 + d_0 + d_1 + ... + d_{W-1}`` in fp32 (d_w the dense tensor of row w; a sum
+    of zeros is +0), then ``/ W`` with ``average`` (IEEE division), then added to out in fp32
+    with ``accumulate``, then rounded once to out's dtype. No float atomics: the result is
+    bitwise identical on every rank and every run.
+
+    Returns:
+        out.
+    """
+    if not isinstance(buffers, torch.Tensor):
+        raise TypeError(f"buffers: expected a torch.Tensor, got {type(buffers).__name__}")
+    if buffers.dtype != torch.uint8 or buffers.dim() != 2 or buffers.shape[0] < 1:
+        raise ValueError(f"buffers: expected a [W >= 1, nbytes] uint8 tensor, got "
+                         f"{tuple(buffers.shape)} {buffers.dtype}")
+    if buffers.shape[1] < wire.HEADER_BYTES or buffers.shape[1] % 16:
+        raise ValueError(f"buffers: rows of {buffers.shape[1]} bytes are not wire buffers")
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+    device = buffers.device
+    _check_out(out, out.numel(), device)
+    buffers = buffers.contiguous()
+    capacity, value_dtype = _buffers_config(buffers, capacity, value_dtype)
+    counter = _errors_for(errors, device)
+    impl = resolve(backend, device)
+    if validate:
+        _raise_invalid(check_rows(buffers, out.numel(), capacity, value_dtype), "buffers")
+    impl.merge(out.view(-1), buffers, capacity, value_dtype, accumulate, average, counter)
+    return out
+
+
+def compress_rows(x: torch.Tensor, k: int, *, value_dtype: Optional[torch.dtype] = None,
+                  backend: Optional[str] = None) -> RowPayload:
+    """Keep exactly the k largest magnitudes of each row of x ([B, D]).
+
+    Ties go to the lower column index; NaN ranks above +inf. Column indices are ascending in
+    each row, int16 when D <= 32768, else int32. Values are in ``value_dtype`` (default
+    x.dtype; fp16/bf16 saturate finite values). No host synchronization; the payload's size
+    depends only on (B, D, k, dtypes).
+
+    Raises:
+        TypeError for a non-float x; ValueError for x not 2-D or k outside [1, D].
+    """
+    _check_float_tensor(x, "x")
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D [B, D] tensor, got shape {tuple(x.shape)}")
+    _check_numel(x, "x")
+    k = _check_int(k, "k")
+    columns = x.shape[1]
+    if not 1 <= k <= columns:
+        raise ValueError(f"k: must satisfy 1 <= k <= D ({columns}), got {k}")
+    value_dtype = _check_value_dtype(value_dtype, x.dtype)
+    impl = resolve(backend, x.device)
+    indices, values = impl.compress_rows(x.contiguous(), k, value_dtype)
+    return RowPayload(indices, values, (x.shape[0], columns), x.dtype)
+
+
+def _check_row_payload(p, name: str = "p") -> None:
+    if not isinstance(p, RowPayload):
+        raise TypeError(f"{name}: expected a RowPayload, got {type(p).__name__}")
+    rows, columns = p.shape
+    if p.indices.dim() != 2 or p.indices.shape[0] != rows or \
+            p.indices.dtype != wire.row_index_dtype(columns):
+        raise ValueError(f"{name}: indices must be [{rows}, k] "
+                         f"{wire.row_index_dtype(columns)}, got {tuple(p.indices.shape)} "
+                         f"{p.indices.dtype}")
+    if p.values.shape != p.indices.shape or p.values.dtype not in wire.VALUE_DTYPES:
+        raise ValueError(f"{name}: values must be float and shaped like indices "
+                         f"{tuple(p.indices.shape)}, got {tuple(p.values.shape)} "
+                         f"{p.values.dtype}")
+    if p.values.device != p.indices.device:
+        raise ValueError(f"{name}: indices and values are on different devices")
+
+
+def decompress_rows(p: RowPayload, *, out: Optional[torch.Tensor] = None,
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """Dense ``[B, D]`` tensor of a RowPayload: zeros except the kept entries.
+
+    ``out`` (optional, contiguous, p.shape) is overwritten. Column indices outside [0, D) are
+    skipped (never written). Returns out or a new tensor of p.dtype.
+    """
+    _check_row_payload(p)
+    device = p.indices.device
+    if out is None:
+        out = torch.empty(p.shape, dtype=p.dtype, device=device)
+    _check_out(out, p.shape[0] * p.shape[1], device)
+    if tuple(out.shape) != tuple(p.shape):
+        raise ValueError(f"out: expected shape {tuple(p.shape)}, got {tuple(out.shape)}")
+    impl = resolve(backend, device)
+    impl.decompress_rows(p.indices.contiguous(), p.values.contiguous(), out)
+    return out
+
+
+def gather_rows(y: torch.Tensor, p: RowPayload, *, backend: Optional[str] = None) -> torch.Tensor:
+    """y's entries at p's positions: ``[B, k]`` in y's dtype (DCT-MP's backward pass).
+
+    y must have p.shape. Positions outside [0, D) give 0. No host synchronization.
+    """
+    _check_row_payload(p)
+    _check_float_tensor(y, "y")
+    if tuple(y.shape) != tuple(p.shape):
+        raise ValueError(f"y: expected shape {tuple(p.shape)} (the payload's), "
+                         f"got {tuple(y.shape)}")
+    if y.device != p.indices.device:
+        raise ValueError(f"y: expected a tensor on {p.indices.device}, got {y.device}")
+    impl = resolve(backend, y.device)
+    return impl.gather_rows(y.contiguous(), p.indices.contiguous())

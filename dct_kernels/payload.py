@@ -1,0 +1,263 @@
+"""Sparse payloads: the self-describing wire buffer of ``compress`` and the row payload of
+``compress_rows``.
+
+Wire format, version 1 (little-endian), all in one contiguous uint8 tensor:
+
+====== =====================================================================
+bytes  field
+====== =====================================================================
+0-3    magic, ASCII ``DCTK``
+4-5    format version, uint16 (= 1)
+6      value dtype code, uint8: 0 fp32, 1 fp16, 2 bf16
+7      index dtype code, uint8: 0 int32
+8-15   numel of the dense tensor, int64
+16-19  capacity, int32
+20-23  count, int32 (entries actually sent, written on the device)
+24-27  overflow, int32 (entries that passed but did not fit)
+28-31  reserved, 0
+32...  indices (4 x capacity bytes); values start at the next multiple of 16;
+       the buffer ends at the next multiple of 16 after them
+====== =====================================================================
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+MAGIC = b"DCTK"
+FORMAT_VERSION = 1
+HEADER_BYTES = 32
+INDEX_CODE_INT32 = 0
+
+# The header as eight little-endian int32 words; kernels read it this way.
+MAGIC_WORD = struct.unpack("<i", MAGIC)[0]
+WORD_VERSION_CODES = 1
+WORD_NUMEL_LO = 2
+WORD_NUMEL_HI = 3
+WORD_CAPACITY = 4
+WORD_COUNT = 5
+WORD_OVERFLOW = 6
+
+VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CODE_OF = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DTYPE_OF = {code: dtype for dtype, code in _CODE_OF.items()}
+
+MAX_NUMEL = 2**31 - 1  # indices are int32
+
+
+def value_code(dtype: torch.dtype) -> int:
+    return _CODE_OF[dtype]
+
+
+def dtype_of_code(code: int) -> torch.dtype:
+    return _DTYPE_OF[code]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def layout(capacity: int, value_dtype: torch.dtype) -> Tuple[int, int]:
+    """Byte offset of the values and total buffer size for a payload of ``capacity`` slots."""
+    values_offset = _round_up(HEADER_BYTES + 4 * capacity, 16)
+    itemsize = torch.empty((), dtype=value_dtype).element_size()
+    return values_offset, _round_up(values_offset + itemsize * capacity, 16)
+
+
+def version_codes_word(value_dtype: torch.dtype) -> int:
+    """Header word 1: version (uint16) | value code << 16 | index code << 24, as int32."""
+    word = FORMAT_VERSION | (value_code(value_dtype) << 16) | (INDEX_CODE_INT32 << 24)
+    return struct.unpack("<i", struct.pack("<I", word))[0]
+
+
+def header_bytes(numel: int, capacity: int, value_dtype: torch.dtype, count: int = 0,
+                 overflow: int = 0) -> bytes:
+    return struct.pack("<4sHBBqiiii", MAGIC, FORMAT_VERSION, value_code(value_dtype),
+                       INDEX_CODE_INT32, numel, capacity, count, overflow, 0)
+
+
+@dataclass(frozen=True)
+class Header:
+    magic: bytes
+    version: int
+    value_code: int
+    index_code: int
+    numel: int
+    capacity: int
+    count: int
+    overflow: int
+
+    @staticmethod
+    def parse(raw: bytes) -> "Header":
+        magic, version, vcode, icode, numel, capacity, count, overflow, _ = struct.unpack(
+            "<4sHBBqiiii", raw[:HEADER_BYTES])
+        return Header(magic, version, vcode, icode, numel, capacity, count, overflow)
+
+    def problems(self) -> list:
+        """Why this header cannot describe a payload of this format (empty when it can)."""
+        out = []
+        if self.magic != MAGIC:
+            out.append(f"magic {self.magic!r} != {MAGIC!r}")
+        if self.version != FORMAT_VERSION:
+            out.append(f"format version {self.version} != {FORMAT_VERSION}")
+        if self.value_code not in _DTYPE_OF:
+            out.append(f"unknown value dtype code {self.value_code}")
+        if self.index_code != INDEX_CODE_INT32:
+            out.append(f"unknown index dtype code {self.index_code}")
+        if not 0 <= self.numel <= MAX_NUMEL:
+            out.append(f"numel {self.numel} outside [0, 2^31)")
+        if self.capacity < 0:
+            out.append(f"negative capacity {self.capacity}")
+        return out
+
+
+class SparsePayload:
+    """Indices and values of the kept entries of a dense tensor, in one wire buffer.
+
+    Attributes:
+        buffer: the contiguous uint8 wire buffer (header, indices, values); send it as is.
+        indices: int32 ``[capacity]`` view of the buffer, positions in the flattened tensor,
+            strictly ascending over the first ``count`` slots.
+        values: ``[capacity]`` view of the buffer in the wire dtype (``value_dtype``).
+        count, overflow: 0-d int32 views of the buffer's header, written on the device.
+        numel, shape, dtype: the dense tensor that ``decompress`` rebuilds.
+        capacity, value_dtype: the size and value type of the wire format.
+
+    Slots at or past ``count`` are unspecified (``compress`` zeroes them).
+    """
+
+    def __init__(self, buffer: torch.Tensor, *, numel: int, capacity: int,
+                 value_dtype: torch.dtype, shape: Tuple[int, ...], dtype: torch.dtype):
+        values_offset, nbytes = layout(capacity, value_dtype)
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() != nbytes:
+            raise ValueError(
+                f"buffer: expected a 1-D uint8 tensor of {nbytes} bytes for capacity {capacity} "
+                f"and {value_dtype}, got {tuple(buffer.shape)} {buffer.dtype}")
+        if not buffer.is_contiguous():
+            raise ValueError("buffer: must be contiguous")
+        self.buffer = buffer
+        self.numel = int(numel)
+        self.capacity = int(capacity)
+        self.value_dtype = value_dtype
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = dtype
+        self._values_offset = values_offset
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self.buffer[HEADER_BYTES:HEADER_BYTES + 4 * self.capacity].view(torch.int32)
+
+    @property
+    def values(self) -> torch.Tensor:
+        itemsize = torch.empty((), dtype=self.value_dtype).element_size()
+        end = self._values_offset + itemsize * self.capacity
+        return self.buffer[self._values_offset:end].view(self.value_dtype)
+
+    @property
+    def count(self) -> torch.Tensor:
+        return self.buffer[20:24].view(torch.int32)[0]
+
+    @property
+    def overflow(self) -> torch.Tensor:
+        return self.buffer[24:28].view(torch.int32)[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+    @staticmethod
+    def from_buffer(buffer: torch.Tensor, shape: Optional[Tuple[int, ...]] = None,
+                    dtype: Optional[torch.dtype] = None) -> "SparsePayload":
+        """View a received wire buffer as a payload.
+
+        Reads the 32-byte header to the host (a device-to-host copy, so it synchronizes with
+        the buffer's stream). ``shape`` defaults to ``(numel,)`` and ``dtype`` (of the dense
+        tensor) to the value dtype. Raises ValueError when the header is not of this format or
+        does not match the buffer's size or ``shape``. Counts and indices are not checked here;
+        ``decompress`` checks them.
+        """
+        if not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8 or buffer.dim() != 1:
+            raise ValueError("buffer: expected a 1-D uint8 tensor (a wire buffer)")
+        if buffer.numel() < HEADER_BYTES:
+            raise ValueError(f"buffer: {buffer.numel()} bytes is shorter than the "
+                             f"{HEADER_BYTES}-byte header")
+        header = Header.parse(bytes(buffer[:HEADER_BYTES].cpu().numpy().tobytes()))
+        problems = header.problems()
+        if problems:
+            raise ValueError("buffer: not a dct_kernels payload: " + "; ".join(problems))
+        value_dtype = dtype_of_code(header.value_code)
+        _, nbytes = layout(header.capacity, value_dtype)
+        if nbytes != buffer.numel():
+            raise ValueError(f"buffer: header says capacity {header.capacity} ({nbytes} bytes) "
+                             f"but the buffer has {buffer.numel()} bytes")
+        if shape is None:
+            shape = (header.numel,)
+        shape = tuple(int(s) for s in shape)
+        n = 1
+        for s in shape:
+            n *= s
+        if n != header.numel:
+            raise ValueError(f"shape: {shape} has {n} elements, the payload has {header.numel}")
+        if dtype is None:
+            dtype = value_dtype
+        if dtype not in VALUE_DTYPES:
+            raise TypeError(f"dtype: expected one of fp32, fp16, bf16, got {dtype}")
+        return SparsePayload(buffer.contiguous(), numel=header.numel, capacity=header.capacity,
+                             value_dtype=value_dtype, shape=shape, dtype=dtype)
+
+    def __repr__(self) -> str:
+        return (f"SparsePayload(numel={self.numel}, capacity={self.capacity}, "
+                f"value_dtype={self.value_dtype}, shape={self.shape}, dtype={self.dtype}, "
+                f"nbytes={self.nbytes}, device={self.buffer.device})")
+
+
+def new_payload(numel: int, capacity: int, value_dtype: torch.dtype, shape, dtype,
+                device: torch.device) -> SparsePayload:
+    """A zeroed wire buffer with its header written (count = overflow = 0).
+
+    The header travels with a non-blocking host-to-device copy, so no host synchronization.
+    """
+    _, nbytes = layout(capacity, value_dtype)
+    buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+    raw = torch.frombuffer(bytearray(header_bytes(numel, capacity, value_dtype)),
+                           dtype=torch.uint8)
+    buffer[:HEADER_BYTES].copy_(raw, non_blocking=True)
+    return SparsePayload(buffer, numel=numel, capacity=capacity, value_dtype=value_dtype,
+                         shape=shape, dtype=dtype)
+
+
+@dataclass
+class RowPayload:
+    """Exactly k entries of each row of a ``[B, D]`` tensor (``compress_rows``).
+
+    Attributes:
+        indices: ``[B, k]`` column indices, ascending in each row; int16 when D <= 32768,
+            else int32.
+        values: ``[B, k]`` values in the wire dtype.
+        shape: ``(B, D)`` of the dense tensor; dtype: its dtype.
+
+    Its size depends only on (B, D, k, dtypes), never on the data, so it can be exchanged
+    without a size exchange.
+    """
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    shape: Tuple[int, int]
+    dtype: torch.dtype
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return (self.indices.numel() * self.indices.element_size()
+                + self.values.numel() * self.values.element_size())
+
+
+def row_index_dtype(num_columns: int) -> torch.dtype:
+    return torch.int16 if num_columns <= 32768 else torch.int32

@@ -1,0 +1,88 @@
+"""Host-side checks of received wire buffers (untrusted input).
+
+Used by ``decompress(validate=True)`` / ``decompress_many(validate=True)`` before any write, and
+by the torch reference to decide which entries to skip. Reading the headers and the result is a
+device-to-host copy, so these checks synchronize.
+
+Rules (identical to the device-side checks of the kernels):
+  * a row whose header does not match (magic, version, dtype codes, numel, capacity) is invalid
+    as a whole: none of its entries is used;
+  * a count below 0 or above the capacity is an error; the count used is clamped to
+    ``[0, capacity]``;
+  * an entry ``i < count`` is bad, and skipped, when its index is outside ``[0, numel)`` or when
+    ``i > 0`` and its index is not above the index of entry ``i - 1``.
+"""
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+from . import payload as wire
+
+
+@dataclass
+class RowCheck:
+    problems: List[List[str]]      # per row, human-readable problems (empty when valid)
+    counts: torch.Tensor           # [W] int64, counts used (0 for an invalid header)
+    entry_valid: torch.Tensor      # [W, capacity] bool, entries to use
+    errors: int                    # what the device-side error counter would add
+
+    @property
+    def ok(self) -> bool:
+        return self.errors == 0
+
+
+def check_rows(buffers: torch.Tensor, numel: int, capacity: int,
+               value_dtype: torch.dtype) -> RowCheck:
+    """Check each row of ``buffers`` ([W, nbytes] uint8) against the expected configuration."""
+    rows = buffers.shape[0]
+    headers = buffers[:, :wire.HEADER_BYTES].cpu().numpy()
+    problems: List[List[str]] = []
+    counts = []
+    errors = 0
+    for w in range(rows):
+        header = wire.Header.parse(headers[w].tobytes())
+        row_problems = header.problems()
+        if not row_problems:
+            if header.value_code != wire.value_code(value_dtype):
+                row_problems.append(f"value dtype {wire.dtype_of_code(header.value_code)} "
+                                    f"!= expected {value_dtype}")
+            if header.numel != numel:
+                row_problems.append(f"numel {header.numel} != expected {numel}")
+            if header.capacity != capacity:
+                row_problems.append(f"capacity {header.capacity} != expected {capacity}")
+        if row_problems:
+            errors += 1
+            counts.append(0)
+        else:
+            count = header.count
+            if count < 0 or count > capacity:
+                row_problems.append(f"count {count} outside [0, capacity={capacity}]")
+                errors += 1
+                count = min(max(count, 0), capacity)
+            counts.append(count)
+        problems.append(row_problems)
+
+    device = buffers.device
+    counts_t = torch.tensor(counts, dtype=torch.int64, device=device)
+    index_bytes = buffers[:, wire.HEADER_BYTES:wire.HEADER_BYTES + 4 * capacity]
+    indices = index_bytes.contiguous().view(torch.int32).to(torch.int64)
+    used = torch.arange(capacity, device=device)[None, :] < counts_t[:, None]
+    valid = used & (indices >= 0) & (indices < numel)
+    if capacity > 1:
+        ascending = torch.ones_like(valid)
+        ascending[:, 1:] = indices[:, 1:] > indices[:, :-1]
+        valid &= ascending
+    bad = (used & ~valid).sum(dim=1).cpu().tolist()
+    for w in range(rows):
+        if bad[w]:
+            errors += bad[w]
+            problems[w].append(f"{bad[w]} of {counts[w]} indices out of [0, {numel}) or not "
+                               "strictly ascending")
+    return RowCheck(problems, counts_t, valid, errors)
+
+
+def describe(check: RowCheck) -> str:
+    parts = [f"row {w}: " + "; ".join(p) for w, p in enumerate(check.problems) if p]
+    return ", ".join(parts[:4]) + (" ..." if len(parts) > 4 else "")
