@@ -5,6 +5,7 @@ Backends are plain modules implementing the same functions (see ``torch_ref``); 
 """
 
 import importlib
+import importlib.util
 import os
 from typing import Dict
 
@@ -28,11 +29,10 @@ def _load(name: str):
     if name == "torch":
         from . import torch_ref as module
     elif name == "triton":
-        try:
-            module = importlib.import_module(".triton_kernels", __name__)
-        except ImportError as exc:
-            _reasons[name] = f"triton not installed ({exc})"
+        if importlib.util.find_spec("triton") is None:
+            _reasons[name] = "triton not installed"
             return None
+        module = importlib.import_module(".triton_kernels", __name__)
     else:
         try:
             module = importlib.import_module(".cuda_ext", __name__)

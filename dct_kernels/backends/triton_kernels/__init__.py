@@ -1,0 +1,30 @@
+"""Backend "triton": Triton kernels for every op, one file per kernel family.
+
+- ``select``: exact radix select of the k-th largest magnitude (histogram passes on the device).
+- ``compact``: single-pass, index-ordered compaction into the wire buffer with the error-feedback
+  residual update fused in (decoupled look-back across tiles).
+- ``scatter``: decompress and the rank-ordered decompress_many, with device-side payload checks.
+- ``rows``: per-row top-k for compress_rows, decompress_rows and gather_rows.
+
+Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (for tests).
+"""
+
+import torch
+import triton  # noqa: F401  (ImportError here means "not installed")
+
+from .. import triton_interpreting
+from .compact import compress, count_kept
+from .rows import compress_rows, decompress_rows, gather_rows
+from .scatter import merge, scatter
+from .select import select_threshold
+
+NAME = "triton"
+
+__all__ = ["compress", "count_kept", "compress_rows", "decompress_rows", "gather_rows", "merge",
+           "scatter", "select_threshold", "available", "NAME"]
+
+
+def available() -> str:
+    if torch.cuda.is_available() or triton_interpreting():
+        return "available"
+    return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)"

@@ -1,0 +1,74 @@
+"""Device helpers shared by the Triton kernels: magnitude keys and wire casts."""
+
+import torch
+import triton
+import triton.language as tl
+
+# Per dense dtype: (integer type of its bits, abs mask, bits of +inf, key bits).
+_KEY_PARAMS = {
+    torch.float32: (tl.int32, 0x7FFFFFFF, 0x7F800000, 31),
+    torch.float16: (tl.int16, 0x7FFF, 0x7C00, 15),
+    torch.bfloat16: (tl.int16, 0x7FFF, 0x7F80, 15),
+}
+WIRE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def key_params(dtype: torch.dtype):
+    return _KEY_PARAMS[dtype]
+
+
+@triton.jit
+def magnitude_key(v, BITS_TYPE: tl.constexpr, ABS_MASK: tl.constexpr, INF_BITS: tl.constexpr):
+    """int32 key whose order is magnitude order: |v| bits, every NaN mapped to the top key."""
+    bits = v.to(BITS_TYPE, bitcast=True).to(tl.int32) & ABS_MASK
+    return tl.where(bits > INF_BITS, ABS_MASK, bits)
+
+
+@triton.jit
+def f32_key(v):
+    bits = v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return tl.where(bits > 0x7F800000, 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def threshold_key(t):
+    """Key of an fp32 threshold for |acc| >= t; a negative (non-NaN) threshold keeps all."""
+    key = f32_key(t)
+    negative = (t.to(tl.int32, bitcast=True) < 0) & (key != 0x7FFFFFFF)
+    return tl.where(negative, 0, key)
+
+
+@triton.jit
+def f32_to_bf16(v):
+    """Round-to-nearest-even fp32 -> bf16 done on the bits, so the interpreter (which
+    truncates) and the GPU agree with torch; NaN stays NaN."""
+    u = v.to(tl.uint32, bitcast=True)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    quiet_nan = (u >> 16) | 0x40
+    is_nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return tl.where(is_nan, quiet_nan, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def f32_to(v, CODE: tl.constexpr):
+    """fp32 -> dtype of CODE (0 fp32, 1 fp16, 2 bf16), rounding to nearest even."""
+    if CODE == 1:
+        return v.to(tl.float16)
+    elif CODE == 2:
+        return f32_to_bf16(v)
+    else:
+        return v
+
+
+@triton.jit
+def to_wire(v, CODE: tl.constexpr):
+    """fp32 -> wire dtype; finite values saturate at the wire's largest finite value."""
+    if CODE == 1:
+        finite = tl.abs(v) < float("inf")
+        return f32_to(tl.where(finite, tl.minimum(tl.maximum(v, -65504.0), 65504.0), v), 1)
+    elif CODE == 2:
+        finite = tl.abs(v) < float("inf")
+        limit = 3.3895313892515355e38
+        return f32_to(tl.where(finite, tl.minimum(tl.maximum(v, -limit), limit), v), 2)
+    else:
+        return v

@@ -1,0 +1,135 @@
+"""compress: threshold, index-ordered compaction and error feedback in one pass.
+
+Each program takes the next tile of BLOCK elements (a ticket from an atomic counter, so every
+tile's predecessors have started: the look-back below cannot deadlock), forms
+``acc = x + residual`` in fp32, marks the entries whose magnitude key reaches their segment's
+threshold key, and learns how many entries all earlier tiles kept by decoupled look-back: it
+publishes its own count at once (flag AGGREGATE), walks back over the predecessors' published
+counts until one carries an inclusive prefix (flag PREFIX), then publishes its own inclusive
+prefix. Kept entries go straight to their slots of the wire buffer, the residual is rewritten in
+the same pass, and the last tile writes count and overflow into the header. No host
+synchronization, one read of x and the residual, one write of the residual and the payload.
+"""
+
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import payload as wire
+from .common import f32_key, threshold_key, to_wire, WIRE_CODE
+
+BLOCK = 4096
+_AGGREGATE = 1 << 32
+_PREFIX = 2 << 32
+
+
+@triton.jit
+def _tile_keep(x_ptr, res_ptr, thr_ptr, seg_ptr, num_segments, offs, n,
+               HAS_RESIDUAL: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """acc (fp32) and the keep mask of one tile."""
+    inside = offs < n
+    acc = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        acc = acc + tl.load(res_ptr + offs, mask=inside, other=0.0)
+    if SEARCH_STEPS > 0:
+        # Segment of each element: the last offset <= its index (binary lifting).
+        segment = tl.zeros(offs.shape, dtype=tl.int32)
+        for step in tl.static_range(SEARCH_STEPS):
+            candidate = segment + (1 << (SEARCH_STEPS - 1 - step))
+            usable = candidate < num_segments
+            start = tl.load(seg_ptr + candidate, mask=usable & inside, other=n)
+            segment = tl.where(usable & (start <= offs), candidate, segment)
+        threshold = tl.load(thr_ptr + segment, mask=inside, other=0.0)
+    else:
+        threshold = tl.load(thr_ptr)
+    keep = inside & (f32_key(acc) >= threshold_key(threshold))
+    return acc, keep
+
+
+@triton.jit
+def _count_kernel(x_ptr, res_ptr, thr_ptr, seg_ptr, num_segments, n, total_ptr,
+                  HAS_RESIDUAL: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _, keep = _tile_keep(x_ptr, res_ptr, thr_ptr, seg_ptr, num_segments, offs, n,
+                         HAS_RESIDUAL, SEARCH_STEPS)
+    tl.atomic_add(total_ptr, tl.sum(keep.to(tl.int64), 0))
+
+
+@triton.jit
+def _compress_kernel(x_ptr, res_ptr, thr_ptr, seg_ptr, num_segments, n, capacity,
+                     idx_ptr, val_ptr, header_ptr, scan_ptr, ticket_ptr, num_tiles,
+                     HAS_RESIDUAL: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                     WIRE: tl.constexpr, BLOCK: tl.constexpr):
+    tile = tl.atomic_add(ticket_ptr, 1)
+    offs = tile.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    acc, keep = _tile_keep(x_ptr, res_ptr, thr_ptr, seg_ptr, num_segments, offs, n,
+                           HAS_RESIDUAL, SEARCH_STEPS)
+    kept = keep.to(tl.int32)
+    count = tl.sum(kept, 0).to(tl.int64)
+    local = tl.cumsum(kept, 0) - kept
+
+    # Decoupled look-back. A scan word is flag << 32 | count; flag 0 = not yet published.
+    tl.atomic_xchg(scan_ptr + tile, tl.where(tile == 0, 2 << 32, 1 << 32) + count)
+    before = count * 0
+    j = tile - 1
+    while j >= 0:
+        word = tl.atomic_add(scan_ptr + j, count * 0)
+        flag = word >> 32
+        before += tl.where(flag > 0, word & 0xFFFFFFFF, 0)
+        j = tl.where(flag == 2, -1, tl.where(flag == 1, j - 1, j))
+    if tile > 0:
+        tl.atomic_xchg(scan_ptr + tile, (2 << 32) + before + count)
+
+    slot = before + local
+    sent = keep & (slot < capacity)
+    values = to_wire(acc, WIRE)
+    tl.store(idx_ptr + slot, offs.to(tl.int32), mask=sent)
+    tl.store(val_ptr + slot, values, mask=sent)
+    if HAS_RESIDUAL:
+        leftover = tl.where(tl.abs(acc) < float("inf"), acc - values.to(tl.float32), 0.0)
+        tl.store(res_ptr + offs, tl.where(sent, leftover, acc), mask=offs < n)
+    if tile == num_tiles - 1:
+        total = before + count
+        fits = tl.minimum(total, capacity)
+        tl.store(header_ptr + 5, fits.to(tl.int32))
+        tl.store(header_ptr + 6, (total - fits).to(tl.int32))
+
+
+def _search_steps(offsets: List[int]) -> int:
+    segments = len(offsets) - 1
+    return 0 if segments == 1 else (segments - 1).bit_length()
+
+
+def _segment_args(offsets, seg_dev, thresholds):
+    # With one segment the offsets are never read; any tensor will do as the pointer.
+    return (seg_dev if seg_dev is not None else thresholds), len(offsets) - 1
+
+
+def count_kept(x: torch.Tensor, thresholds: torch.Tensor, offsets: List[int],
+               seg_dev: Optional[torch.Tensor], residual: Optional[torch.Tensor]) -> torch.Tensor:
+    n = x.numel()
+    total = torch.zeros(1, dtype=torch.int64, device=x.device)
+    seg_ptr, num_segments = _segment_args(offsets, seg_dev, thresholds)
+    _count_kernel[(triton.cdiv(n, BLOCK),)](
+        x, residual if residual is not None else x, thresholds, seg_ptr, num_segments, n, total,
+        HAS_RESIDUAL=residual is not None, SEARCH_STEPS=_search_steps(offsets), BLOCK=BLOCK,
+        num_warps=8)
+    return total[0]
+
+
+def compress(x: torch.Tensor, thresholds: torch.Tensor, offsets: List[int],
+             seg_dev: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+             payload: wire.SparsePayload) -> None:
+    n = x.numel()
+    num_tiles = triton.cdiv(n, BLOCK)
+    scan = torch.zeros(num_tiles + 1, dtype=torch.int64, device=x.device)
+    ticket = scan[num_tiles:].view(torch.int32)  # the spare word, zeroed with the scan
+    header = payload.buffer[:wire.HEADER_BYTES].view(torch.int32)
+    seg_ptr, num_segments = _segment_args(offsets, seg_dev, thresholds)
+    _compress_kernel[(num_tiles,)](
+        x, residual if residual is not None else x, thresholds, seg_ptr, num_segments, n,
+        payload.capacity, payload.indices, payload.values, header, scan, ticket, num_tiles,
+        HAS_RESIDUAL=residual is not None, SEARCH_STEPS=_search_steps(offsets),
+        WIRE=WIRE_CODE[payload.value_dtype], BLOCK=BLOCK, num_warps=8)
