@@ -24,7 +24,7 @@ _HEADER_WORDS = wire.HEADER_BYTES // 4
 _STORE, _ADD = 0, 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["row"])
 def _scatter_kernel(words_ptr, values_ptr, row, row_words, row_values, values_start,
                     out_ptr, numel, capacity, errors_ptr,
                     MAGIC: tl.constexpr, VERSION_CODES: tl.constexpr,
@@ -59,7 +59,7 @@ def _scatter_kernel(words_ptr, values_ptr, row, row_words, row_values, values_st
     tl.store(target, f32_to(value, OUT_CODE), mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ranks"])
 def _finish_kernel(total_ptr, out_ptr, n, ranks,
                    AVERAGE: tl.constexpr, ACCUMULATE: tl.constexpr, OUT_CODE: tl.constexpr,
                    BLOCK: tl.constexpr):
