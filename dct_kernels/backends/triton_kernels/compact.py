@@ -20,9 +20,9 @@ import triton.language as tl
 from ... import payload as wire
 from .common import f32_key, threshold_key, to_wire, WIRE_CODE
 
+# Elements per tile and warps per program (module attributes so the benchmark can sweep them).
 BLOCK = 4096
-_AGGREGATE = 1 << 32
-_PREFIX = 2 << 32
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -75,7 +75,7 @@ def _compress_kernel(x_ptr, res_ptr, thr_ptr, seg_ptr, num_segments, n, capacity
     before = count * 0
     j = tile - 1
     while j >= 0:
-        word = tl.atomic_add(scan_ptr + j, count * 0)
+        word = tl.load(scan_ptr + j, volatile=True)
         flag = word >> 32
         before += tl.where(flag > 0, word & 0xFFFFFFFF, 0)
         j = tl.where(flag == 2, -1, tl.where(flag == 1, j - 1, j))
@@ -115,7 +115,7 @@ def count_kept(x: torch.Tensor, thresholds: torch.Tensor, offsets: List[int],
     _count_kernel[(triton.cdiv(n, BLOCK),)](
         x, residual if residual is not None else x, thresholds, seg_ptr, num_segments, n, total,
         HAS_RESIDUAL=residual is not None, SEARCH_STEPS=_search_steps(offsets), BLOCK=BLOCK,
-        num_warps=8)
+        num_warps=NUM_WARPS)
     return total[0]
 
 
@@ -132,4 +132,4 @@ def compress(x: torch.Tensor, thresholds: torch.Tensor, offsets: List[int],
         x, residual if residual is not None else x, thresholds, seg_ptr, num_segments, n,
         payload.capacity, payload.indices, payload.values, header, scan, ticket, num_tiles,
         HAS_RESIDUAL=residual is not None, SEARCH_STEPS=_search_steps(offsets),
-        WIRE=WIRE_CODE[payload.value_dtype], BLOCK=BLOCK, num_warps=8)
+        WIRE=WIRE_CODE[payload.value_dtype], BLOCK=BLOCK, num_warps=NUM_WARPS)
