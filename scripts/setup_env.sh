@@ -1,0 +1,19 @@
+# Sourced by the scripts here: a virtual environment in .venv with torch, the test tools and
+# dct_kernels installed from this checkout. Safe to run again.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    pip install -q "torch>=2.4"
+  else
+    pip install -q torch==2.13.0 || pip install -q "torch>=2.4"
+  fi
+fi
+pip install -q -e ".[test]"
