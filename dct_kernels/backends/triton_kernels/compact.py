@@ -5,10 +5,11 @@ tile's predecessors have started: the look-back below cannot deadlock), forms
 ``acc = x + residual`` in fp32, marks the entries whose magnitude key reaches their segment's
 threshold key, and learns how many entries all earlier tiles kept by decoupled look-back: it
 publishes its own count at once (flag AGGREGATE), walks back over the predecessors' published
-counts until one carries an inclusive prefix (flag PREFIX), then publishes its own inclusive
-prefix. Kept entries go straight to their slots of the wire buffer, the residual is rewritten in
-the same pass, and the last tile writes count and overflow into the header. No host
-synchronization, one read of x and the residual, one write of the residual and the payload.
+counts, a window of 32 at a time, until one carries an inclusive prefix (flag PREFIX), then
+publishes its own inclusive prefix. Kept entries go straight to their slots of the wire
+buffer, the residual is rewritten in the same pass, and the last tile writes count and
+overflow into the header. No host synchronization, one read of x and the residual, one write
+of the residual and the payload.
 """
 
 from typing import List, Optional
@@ -61,7 +62,7 @@ def _count_kernel(x_ptr, res_ptr, thr_ptr, seg_ptr, num_segments, n, total_ptr,
 def _compress_kernel(x_ptr, res_ptr, thr_ptr, seg_ptr, num_segments, n, capacity,
                      idx_ptr, val_ptr, header_ptr, scan_ptr, ticket_ptr, num_tiles,
                      HAS_RESIDUAL: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-                     WIRE: tl.constexpr, BLOCK: tl.constexpr):
+                     WIRE: tl.constexpr, BLOCK: tl.constexpr, LOOKBACK: tl.constexpr):
     tile = tl.atomic_add(ticket_ptr, 1)
     offs = tile.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     acc, keep = _tile_keep(x_ptr, res_ptr, thr_ptr, seg_ptr, num_segments, offs, n,
@@ -70,15 +71,25 @@ def _compress_kernel(x_ptr, res_ptr, thr_ptr, seg_ptr, num_segments, n, capacity
     count = tl.sum(kept, 0).to(tl.int64)
     local = tl.cumsum(kept, 0) - kept
 
-    # Decoupled look-back. A scan word is flag << 32 | count; flag 0 = not yet published.
+    # Decoupled look-back. A scan word is flag << 32 | count, flag 0 = not yet published,
+    # 1 = this tile's own count, 2 = inclusive prefix up to this tile. Read the LOOKBACK
+    # nearest predecessors at once; when all of them up to the nearest prefix are published,
+    # add them and stop (or move one window back when the window holds no prefix).
     tl.atomic_xchg(scan_ptr + tile, tl.where(tile == 0, 2 << 32, 1 << 32) + count)
     before = count * 0
     j = tile - 1
+    window = tl.arange(0, LOOKBACK)
     while j >= 0:
-        word = tl.load(scan_ptr + j, volatile=True)
-        flag = word >> 32
-        before += tl.where(flag > 0, word & 0xFFFFFFFF, 0)
-        j = tl.where(flag == 2, -1, tl.where(flag == 1, j - 1, j))
+        back = j - window
+        # Before tile 0 reads as a published prefix of 0, which ends the walk there.
+        words = tl.load(scan_ptr + back, mask=back >= 0, other=2 << 32, volatile=True)
+        flags = words >> 32
+        nearest_prefix = tl.min(tl.where(flags == 2, window, LOOKBACK), 0)
+        nearest_unpublished = tl.min(tl.where(flags == 0, window, LOOKBACK), 0)
+        ready = nearest_unpublished > tl.minimum(nearest_prefix, LOOKBACK - 1)
+        summed = tl.sum(tl.where(window <= nearest_prefix, words & 0xFFFFFFFF, 0), 0)
+        before += tl.where(ready, summed, 0)
+        j = tl.where(ready, tl.where(nearest_prefix < LOOKBACK, -1, j - LOOKBACK), j)
     if tile > 0:
         tl.atomic_xchg(scan_ptr + tile, (2 << 32) + before + count)
 
@@ -132,4 +143,4 @@ def compress(x: torch.Tensor, thresholds: torch.Tensor, offsets: List[int],
         x, residual if residual is not None else x, thresholds, seg_ptr, num_segments, n,
         payload.capacity, payload.indices, payload.values, header, scan, ticket, num_tiles,
         HAS_RESIDUAL=residual is not None, SEARCH_STEPS=_search_steps(offsets),
-        WIRE=WIRE_CODE[payload.value_dtype], BLOCK=BLOCK, num_warps=NUM_WARPS)
+        WIRE=WIRE_CODE[payload.value_dtype], BLOCK=BLOCK, LOOKBACK=32, num_warps=NUM_WARPS)
