@@ -103,7 +103,9 @@ def merge(out: torch.Tensor, buffers: torch.Tensor, capacity: int, value_dtype: 
     for idx, val in _valid_entries(buffers, numel, capacity, value_dtype, errors):
         total[idx] = total[idx] + val
     if average:
-        total = total / buffers.shape[0]
+        # A 0-d device tensor, not a Python number: CUDA turns division by a host scalar into
+        # multiplication by its reciprocal, which is not IEEE division.
+        total = total / torch.tensor(float(buffers.shape[0]), device=total.device)
     if accumulate:
         total = out.to(torch.float32) + total
     out.copy_(total.to(out.dtype))

@@ -39,6 +39,16 @@ def threshold_key(t):
 
 
 @triton.jit
+def to_f32(v):
+    """Widen to fp32 exactly; bf16 goes through its bits, because the interpreter flushes bf16
+    subnormals when it converts them."""
+    if v.dtype == tl.bfloat16:
+        return (v.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
 def f32_to_bf16(v):
     """Round-to-nearest-even fp32 -> bf16 done on the bits, so the interpreter (which
     truncates) and the GPU agree with torch; NaN stays NaN."""

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ... import payload as wire
-from .common import f32_key, threshold_key, to_wire, WIRE_CODE
+from .common import f32_key, threshold_key, to_f32, to_wire, WIRE_CODE
 
 # Elements per tile and warps per program (module attributes so the benchmark can sweep them).
 BLOCK = 4096
@@ -31,7 +31,7 @@ def _tile_keep(x_ptr, res_ptr, thr_ptr, seg_ptr, num_segments, offs, n,
                HAS_RESIDUAL: tl.constexpr, SEARCH_STEPS: tl.constexpr):
     """acc (fp32) and the keep mask of one tile."""
     inside = offs < n
-    acc = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    acc = to_f32(tl.load(x_ptr + offs, mask=inside, other=0.0))
     if HAS_RESIDUAL:
         acc = acc + tl.load(res_ptr + offs, mask=inside, other=0.0)
     if SEARCH_STEPS > 0:
@@ -99,7 +99,7 @@ def _compress_kernel(x_ptr, res_ptr, thr_ptr, seg_ptr, num_segments, n, capacity
     tl.store(idx_ptr + slot, offs.to(tl.int32), mask=sent)
     tl.store(val_ptr + slot, values, mask=sent)
     if HAS_RESIDUAL:
-        leftover = tl.where(tl.abs(acc) < float("inf"), acc - values.to(tl.float32), 0.0)
+        leftover = tl.where(tl.abs(acc) < float("inf"), acc - to_f32(values), 0.0)
         tl.store(res_ptr + offs, tl.where(sent, leftover, acc), mask=offs < n)
     if tile == num_tiles - 1:
         total = before + count

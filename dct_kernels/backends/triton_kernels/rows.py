@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ... import payload as wire
 from ...magnitude import key_bits
-from .common import f32_to, key_params, magnitude_key, to_wire, WIRE_CODE
+from .common import f32_to, key_params, magnitude_key, to_f32, to_wire, WIRE_CODE
 
 MAX_BLOCK = 4096
 
@@ -59,7 +59,7 @@ def _compress_rows_kernel(x_ptr, columns, k, idx_ptr, val_ptr,
         kept = keep.to(tl.int32)
         slot = written + tl.cumsum(kept, 0) - kept
         tl.store(idx_ptr + out_row + slot, cols.to(idx_ptr.dtype.element_ty), mask=keep)
-        tl.store(val_ptr + out_row + slot, to_wire(x.to(tl.float32), WIRE), mask=keep)
+        tl.store(val_ptr + out_row + slot, to_wire(to_f32(x), WIRE), mask=keep)
         written += tl.sum(kept, 0)
         ties_seen += tl.sum(tie, 0)
 
@@ -74,7 +74,7 @@ def _decompress_rows_kernel(idx_ptr, val_ptr, out_ptr, columns, k,
         used = j < k
         col = tl.load(idx_ptr + row * k + j, mask=used, other=-1).to(tl.int64)
         ok = used & (col >= 0) & (col < columns)
-        value = tl.load(val_ptr + row * k + j, mask=ok, other=0.0).to(tl.float32)
+        value = to_f32(tl.load(val_ptr + row * k + j, mask=ok, other=0.0))
         tl.store(out_ptr + row * columns + col, f32_to(value, OUT_CODE), mask=ok)
 
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ... import payload as wire
-from .common import f32_to, WIRE_CODE
+from .common import f32_to, to_f32, WIRE_CODE
 
 BLOCK = 1024
 _HEADER_WORDS = wire.HEADER_BYTES // 4
@@ -51,11 +51,11 @@ def _scatter_kernel(words_ptr, values_ptr, row, row_words, row_values, values_st
     bad = tl.sum((used & ~valid).to(tl.int32), 0)
     tl.atomic_add(errors_ptr, bad, mask=bad > 0)
 
-    value = tl.load(values_ptr + row.to(tl.int64) * row_values + values_start + i,
-                    mask=valid, other=0.0).to(tl.float32)
+    value = to_f32(tl.load(values_ptr + row.to(tl.int64) * row_values + values_start + i,
+                           mask=valid, other=0.0))
     target = out_ptr + idx
     if MODE == 1:
-        value = tl.load(target, mask=valid, other=0.0).to(tl.float32) + value
+        value = to_f32(tl.load(target, mask=valid, other=0.0)) + value
     tl.store(target, f32_to(value, OUT_CODE), mask=valid)
 
 
@@ -69,7 +69,7 @@ def _finish_kernel(total_ptr, out_ptr, n, ranks,
     if AVERAGE:
         total = tl.math.div_rn(total, ranks.to(tl.float32))
     if ACCUMULATE:
-        total = tl.load(out_ptr + offs, mask=inside, other=0.0).to(tl.float32) + total
+        total = to_f32(tl.load(out_ptr + offs, mask=inside, other=0.0)) + total
     tl.store(out_ptr + offs, f32_to(total, OUT_CODE), mask=inside)
 
 

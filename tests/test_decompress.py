@@ -1,0 +1,208 @@
+"""decompress: overwrite and accumulate, and untrusted payloads.
+
+Payloads are encoded by the oracle (not by the package's compress), so these tests depend on
+nothing but the wire format. Valid payloads are checked against ``oracle.decompress``; corrupted
+ones must raise and write nothing with ``validate=True``, and with ``validate=False`` must skip
+exactly the bad entries, count them, and never write outside ``out`` (checked with guard
+regions around it).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import dct_kernels
+import oracle
+from dct_kernels import SparsePayload
+from helpers import assert_bitwise_equal
+from oracle import DTYPES, dtype_id, make_tensor, seed_of
+
+
+def make_payload(n, value_dtype, seed, *, kind="specials", capacity_extra=0, k=None):
+    """A valid wire buffer (CPU) of a compressed random tensor (about k entries, by default
+    a number drawn from the seed), and its oracle result."""
+    x = make_tensor(kind, n, torch.float32, seed)
+    threshold = float(oracle.kth_largest_magnitude(x, k or 1 + seed % n))
+    expected = oracle.compress(x, threshold, value_dtype=value_dtype)
+    capacity = expected.count + capacity_extra
+    buffer = oracle.encode(n, capacity, value_dtype, expected.indices, expected.values)
+    return buffer, expected
+
+
+def view(buffer, device, shape=None, dtype=None):
+    return SparsePayload.from_buffer(buffer.clone().to(device), shape=shape, dtype=dtype)
+
+
+def _initial_out(n, dtype, seed, device):
+    return make_tensor("normal", n, dtype, seed + 7).to(device)
+
+
+# ------------------------------------------------------------------------------ valid payloads
+
+@pytest.mark.parametrize("accumulate", (False, True), ids=("overwrite", "accumulate"))
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("value_dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("n", (1, 17, 1025, 5000))
+def test_decompress_matches_oracle(backend_device, n, value_dtype, out_dtype, accumulate):
+    backend, device = backend_device
+    seed = seed_of("decompress", n, value_dtype, out_dtype, accumulate)
+    kind = ("specials", "wide", "ties")[seed % 3]
+    buffer, expected = make_payload(n, value_dtype, seed, kind=kind, capacity_extra=seed % 5)
+    before = _initial_out(n, out_dtype, seed, "cpu")
+    want = oracle.decompress(expected.indices, oracle.f32(expected.values), before, accumulate)
+
+    ref_out = before.clone()
+    dct_kernels.decompress(view(buffer, "cpu"), out=ref_out, accumulate=accumulate,
+                           backend="torch")
+    assert_bitwise_equal(ref_out, want, "reference vs oracle")
+
+    out = before.clone().to(device)
+    result = dct_kernels.decompress(view(buffer, device), out=out, accumulate=accumulate,
+                                    backend=backend)
+    assert result.data_ptr() == out.data_ptr()
+    assert_bitwise_equal(out.cpu(), ref_out, f"{backend}-{device} vs reference")
+
+
+@pytest.mark.parametrize("value_dtype", DTYPES, ids=dtype_id)
+def test_decompress_new_tensor(backend_device, value_dtype):
+    """Without out: a new tensor of the payload's shape and dense dtype."""
+    backend, device = backend_device
+    seed = seed_of("decompress-new", value_dtype)
+    buffer, expected = make_payload(6 * 35, value_dtype, seed)
+    dense_dtype = DTYPES[seed % 3]
+    want = oracle.decompress(expected.indices, oracle.f32(expected.values),
+                             torch.zeros(6, 35, dtype=dense_dtype), False)
+    ref = dct_kernels.decompress(view(buffer, "cpu", (6, 35), dense_dtype), backend="torch")
+    assert_bitwise_equal(ref, want, "reference vs oracle")
+    got = dct_kernels.decompress(view(buffer, device, (6, 35), dense_dtype), backend=backend)
+    assert got.device.type == torch.device(device).type
+    assert_bitwise_equal(got.cpu(), ref, f"{backend}-{device} vs reference")
+
+
+def test_decompress_large(backend_device):
+    """1e5 elements, a few thousand entries over several scatter blocks (1024 each)."""
+    backend, device = backend_device
+    n, seed = 100003, seed_of("decompress-large")
+    x = make_tensor("normal", n, torch.float32, seed)
+    expected = oracle.compress(x, float(oracle.kth_largest_magnitude(x, 4000)),
+                               value_dtype=torch.bfloat16)
+    buffer = oracle.encode(n, expected.count, torch.bfloat16, expected.indices, expected.values)
+    before = _initial_out(n, torch.float32, seed, "cpu")
+    want = oracle.decompress(expected.indices, oracle.f32(expected.values), before, True)
+    ref = before.clone()
+    dct_kernels.decompress(view(buffer, "cpu"), out=ref, accumulate=True, backend="torch")
+    assert_bitwise_equal(ref, want, "reference vs oracle")
+    out = before.clone().to(device)
+    dct_kernels.decompress(view(buffer, device), out=out, accumulate=True, backend=backend)
+    assert_bitwise_equal(out.cpu(), ref, f"{backend}-{device} vs reference")
+
+
+def test_bf16_subnormals_decompress(backend_device):
+    """bf16 subnormal wire values land unchanged in an fp32 out."""
+    backend, device = backend_device
+    values = oracle.bf16_subnormals()
+    n = 2 * values.numel()
+    indices = np.arange(0, n, 2)
+    buffer = oracle.encode(n, values.numel(), torch.bfloat16, indices, values)
+    want = oracle.decompress(indices, oracle.f32(values), torch.zeros(n), False)
+    ref = dct_kernels.decompress(view(buffer, "cpu", dtype=torch.float32), backend="torch")
+    assert_bitwise_equal(ref, want, "reference vs oracle")
+    got = dct_kernels.decompress(view(buffer, device, dtype=torch.float32), backend=backend)
+    assert_bitwise_equal(got.cpu(), ref, f"{backend}-{device} vs reference")
+
+
+# ------------------------------------------------------------------------------ corrupted payloads
+
+CORRUPTIONS = oracle.CORRUPTIONS
+
+
+def _corrupted_case(how, value_dtype, seed):
+    """(corrupted buffer, numel and capacity the receiver expects, the oracle's usable
+    entries and error count). Index corruptions get over 1024 entries, to corrupt the first
+    entry of the second scatter block."""
+    n, k = (3000, 2000) if how in ("unsorted", "duplicate", "index_negative") else (300, 40)
+    buffer, expected = make_payload(n, value_dtype, seed, kind="normal", capacity_extra=2, k=k)
+    capacity = expected.count + 2
+    bad = oracle.corrupt(buffer, how, expected.count, capacity, n)
+    return bad, n, capacity, oracle.usable_entries(bad, n, capacity, value_dtype)
+
+
+def _payload(bad, device, n, capacity, value_dtype):
+    """The receiver's view: its own numel/capacity/dtype, whatever the header says."""
+    return SparsePayload(bad.clone().to(device), numel=n, capacity=capacity,
+                         value_dtype=value_dtype, shape=(n,), dtype=torch.float32)
+
+
+def _decompress_into(payload, out_dtype, seed, device, backend, accumulate, **kw):
+    """decompress into the middle of a guarded tensor; (big before, big after) on the CPU."""
+    big, out = oracle.guarded(payload.numel, out_dtype, device, seed)
+    before = big.cpu().clone()
+    dct_kernels.decompress(payload, out=out, accumulate=accumulate, backend=backend, **kw)
+    return before, big.cpu()
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_validate_rejects_and_writes_nothing(backend_device, how):
+    backend, device = backend_device
+    seed = seed_of("validate", how)
+    value_dtype = DTYPES[seed % 3]
+    bad, n, capacity, _ = _corrupted_case(how, value_dtype, seed)
+    payload = _payload(bad, device, n, capacity, value_dtype)
+    big, out = oracle.guarded(n, torch.float32, device, seed)
+    before = big.cpu().clone()
+    with pytest.raises(ValueError, match="^payload:"):
+        dct_kernels.decompress(payload, out=out, accumulate=bool(seed % 2), backend=backend)
+    assert_bitwise_equal(big.cpu(), before, "nothing may be written")
+
+
+@pytest.mark.parametrize("accumulate", (False, True), ids=("overwrite", "accumulate"))
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_unvalidated_skips_bad_entries(backend_device, how, accumulate):
+    """validate=False: bad entries (or a whole bad header) are skipped and counted, the rest
+    land, and nothing outside out changes."""
+    backend, device = backend_device
+    seed = seed_of("unvalidated", how, accumulate)
+    value_dtype = DTYPES[seed % 3]
+    bad, n, capacity, (indices, values, errors) = _corrupted_case(how, value_dtype, seed)
+    assert errors > 0
+    results = {}
+    for be, dev in (("torch", "cpu"), (backend, device)):
+        payload = _payload(bad, dev, n, capacity, value_dtype)
+        # Alternate between an explicit counter and the global one.
+        if seed % 2:
+            counter = torch.zeros((), dtype=torch.int32, device=dev)
+            before, after = _decompress_into(payload, torch.float32, seed, dev, be, accumulate,
+                                             validate=False, errors=counter)
+        else:
+            dct_kernels.reset_payload_errors(dev)
+            before, after = _decompress_into(payload, torch.float32, seed, dev, be, accumulate,
+                                             validate=False)
+            counter = dct_kernels.payload_errors(dev)
+        what = f"{be}-{dev} {how}"
+        (guards_before, out_before), (guards, out) = oracle.unguard(before), oracle.unguard(after)
+        assert_bitwise_equal(guards, guards_before, f"{what}: written outside out")
+        want = oracle.decompress(indices, values, out_before, accumulate)
+        assert_bitwise_equal(out, want, f"{what}: out")
+        assert int(counter) == errors, f"{what}: error counter"
+        results[be, dev] = after
+    assert_bitwise_equal(results[backend, device], results["torch", "cpu"],
+                         f"{backend}-{device} vs reference")
+    if how in ("index_high", "index_huge", "index_negative"):
+        assert indices.size == oracle.decode(bad).count - 1, "the other entries still land"
+
+
+@pytest.mark.parametrize("value_dtype", DTYPES, ids=dtype_id)
+def test_unvalidated_valid_payload_counts_nothing(backend_device, value_dtype):
+    backend, device = backend_device
+    seed = seed_of("unvalidated-valid", value_dtype)
+    buffer, expected = make_payload(2100, value_dtype, seed, capacity_extra=3)
+    dct_kernels.reset_payload_errors(device)
+    big, out = oracle.guarded(2100, torch.bfloat16, device, seed)
+    before = big.cpu().clone()
+    dct_kernels.decompress(view(buffer, device), out=out, validate=False, backend=backend)
+    assert int(dct_kernels.payload_errors(device)) == 0
+    want = oracle.decompress(expected.indices, oracle.f32(expected.values),
+                             torch.zeros(2100, dtype=torch.bfloat16), False)
+    guards, out = oracle.unguard(big)
+    assert_bitwise_equal(out, want, "out")
+    assert_bitwise_equal(guards, oracle.unguard(before)[0], "written outside out")

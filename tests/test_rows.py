@@ -1,0 +1,197 @@
+"""compress_rows / decompress_rows / gather_rows: exactly k entries per row.
+
+The oracle ranks each row with numpy's lexsort on (NaN first, larger magnitude first, lower
+column first). The Triton row kernel costs ~30-70 ms per row in the interpreter, so the sweeps
+use a few short rows and only a handful of cases have D > 4096 (several column chunks).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import dct_kernels
+import oracle
+from dct_kernels import RowPayload
+from helpers import assert_bitwise_equal
+from oracle import DTYPES, dtype_id, make_tensor, seed_of
+
+
+def check_rows(backend, device, x, k, value_dtype=None, what=""):
+    """compress_rows: reference vs oracle, backend vs reference. Returns the reference."""
+    want_idx, want_val = oracle.compress_rows(x, k, value_dtype)
+    ref = dct_kernels.compress_rows(x, k, value_dtype=value_dtype, backend="torch")
+    index_dtype = torch.int16 if x.shape[1] <= 32768 else torch.int32
+    assert ref.indices.dtype == index_dtype, what
+    assert (ref.shape, ref.dtype, ref.k) == (tuple(x.shape), x.dtype, k), what
+    assert_bitwise_equal(ref.indices, torch.from_numpy(want_idx).to(index_dtype),
+                         f"reference indices vs oracle, {what}")
+    assert_bitwise_equal(ref.values, want_val, f"reference values vs oracle, {what}")
+    got = dct_kernels.compress_rows(x.to(device), k, value_dtype=value_dtype, backend=backend)
+    assert (got.shape, got.dtype) == (ref.shape, ref.dtype), what
+    assert_bitwise_equal(got.indices.cpu(), ref.indices, f"{backend}-{device} indices, {what}")
+    assert_bitwise_equal(got.values.cpu(), ref.values, f"{backend}-{device} values, {what}")
+    return ref
+
+
+def _ks(columns, seed):
+    return sorted({1, columns, 1 + seed % columns})
+
+
+@pytest.mark.parametrize("kind", ("normal", "ties", "specials", "equal"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("rows,columns", [(1, 1), (3, 2), (2, 17), (2, 100)])
+def test_compress_rows_matches_oracle(backend_device, rows, columns, dtype, kind):
+    backend, device = backend_device
+    seed = seed_of("rows", rows, columns, dtype, kind)
+    x = make_tensor(kind, rows * columns, dtype, seed).reshape(rows, columns)
+    for k in _ks(columns, seed):
+        check_rows(backend, device, x, k, what=f"{kind} k={k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_compress_rows_wide(backend_device, dtype):
+    """D = 5000: two column chunks of the Triton kernel; ties across the chunk boundary."""
+    backend, device = backend_device
+    seed = seed_of("rows-wide", dtype)
+    x = make_tensor(("ties", "specials", "normal")[seed % 3], 2 * 5000, dtype, seed)
+    x = x.reshape(2, 5000)
+    x[0, 4090:4100] = 7.25  # ties straddling column 4096
+    check_rows(backend, device, x, 1 + seed % 300, what="D=5000")
+
+
+@pytest.mark.parametrize("columns,index_dtype", [(32768, torch.int16), (32769, torch.int32)],
+                         ids=("D32768-int16", "D32769-int32"))
+def test_compress_rows_index_dtype(backend_device, columns, index_dtype):
+    """int16 column indices up to D = 32768 (the last column is 32767), int32 beyond; the
+    largest magnitudes sit in the last columns so the widest indices are used."""
+    backend, device = backend_device
+    seed = seed_of("rows-index-dtype", columns)
+    x = make_tensor("normal", columns, torch.float16, seed).reshape(1, columns)
+    x[0, -3:] = torch.tensor([300.0, -400.0, 500.0])
+    ref = check_rows(backend, device, x, 5, what=f"D={columns}")
+    assert ref.indices.dtype == index_dtype
+    assert ref.indices[0, -3:].tolist() == [columns - 3, columns - 2, columns - 1]
+
+
+def test_compress_rows_nan_rows(backend_device):
+    """Hand-written ranking: NaN above +inf above finite, -0 == +0, ties to the lower column."""
+    backend, device = backend_device
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[nan, nan, nan, nan, nan],
+                      [1.0, nan, -inf, 2.0, nan],
+                      [-0.0, 0.0, -0.0, 0.0, -0.0],
+                      [3.0, -3.0, 1.0, 3.0, -3.0],
+                      [1e-40, -2e-40, 0.0, inf, -1e-45]])
+    ref = check_rows(backend, device, x, 3, what="hand-written")
+    assert ref.indices.tolist() == [[0, 1, 2], [1, 2, 4], [0, 1, 2], [0, 1, 3], [0, 1, 3]]
+
+
+@pytest.mark.parametrize("value_dtype", (torch.float16, torch.bfloat16), ids=dtype_id)
+def test_compress_rows_saturates(backend_device, value_dtype):
+    """A finite value never becomes inf on a 16-bit wire; inf and NaN pass."""
+    backend, device = backend_device
+    seed = seed_of("rows-saturate", value_dtype)
+    x = make_tensor("wide", 3 * 40, torch.float32, seed).reshape(3, 40)
+    x[0, :4] = torch.tensor([7e4, -3.4e38, float("inf"), float("nan")])
+    ref = check_rows(backend, device, x, 10, value_dtype=value_dtype, what="saturation")
+    finite = torch.isfinite(torch.gather(x, 1, ref.indices.long()))
+    assert torch.isfinite(ref.values.float()[finite]).all()
+
+
+@pytest.mark.parametrize("x_dtype", (torch.bfloat16, torch.float32), ids=dtype_id)
+def test_bf16_subnormals_rows(backend_device, x_dtype):
+    """bf16 subnormals are ranked and sent unchanged on a bf16 wire."""
+    backend, device = backend_device
+    x = oracle.bf16_subnormals().to(x_dtype).reshape(4, 64)
+    check_rows(backend, device, x, 20, value_dtype=torch.bfloat16, what="bf16 subnormals")
+
+
+# ------------------------------------------------------------------------------ decompress, gather
+
+def _oracle_payload(rows, columns, k, dtype, seed):
+    """A RowPayload built by the oracle (not by compress_rows)."""
+    x = make_tensor("specials", rows * columns, dtype, seed).reshape(rows, columns)
+    indices, values = oracle.compress_rows(x, k)
+    index_dtype = torch.int16 if columns <= 32768 else torch.int32
+    return RowPayload(torch.from_numpy(indices).to(index_dtype), values, (rows, columns), dtype)
+
+
+def _on(p: RowPayload, device) -> RowPayload:
+    return RowPayload(p.indices.to(device), p.values.to(device), p.shape, p.dtype)
+
+
+@pytest.mark.parametrize("out_dtype", (None,) + DTYPES,
+                         ids=lambda d: "new" if d is None else dtype_id(d))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("rows,columns,k", [(1, 1, 1), (3, 17, 5), (2, 5000, 4500), (4, 9, 9)])
+def test_decompress_rows(backend_device, rows, columns, k, dtype, out_dtype):
+    backend, device = backend_device
+    seed = seed_of("decompress-rows", rows, columns, k, dtype, out_dtype)
+    p = _oracle_payload(rows, columns, k, dtype, seed)
+    want = oracle.decompress_rows(p.indices.long().numpy(), p.values, p.shape,
+                                  out_dtype or dtype)
+    results = {}
+    for be, dev in (("torch", "cpu"), (backend, device)):
+        out = None
+        if out_dtype is not None:  # overwritten entirely, whatever it held
+            out = make_tensor("normal", rows * columns, out_dtype, seed).reshape(rows, columns)
+            out = out.to(dev)
+        results[be, dev] = dct_kernels.decompress_rows(_on(p, dev), out=out, backend=be).cpu()
+    assert_bitwise_equal(results["torch", "cpu"], want, "reference vs oracle")
+    assert_bitwise_equal(results[backend, device], results["torch", "cpu"],
+                         f"{backend}-{device} vs reference")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("rows,columns,k", [(1, 1, 1), (3, 17, 5), (2, 5000, 4500)])
+def test_gather_rows(backend_device, rows, columns, k, dtype):
+    """gather_rows(y, p) == y.gather(1, p.indices.long())."""
+    backend, device = backend_device
+    seed = seed_of("gather-rows", rows, columns, k, dtype)
+    p = _oracle_payload(rows, columns, k, torch.float32, seed)
+    y = make_tensor("specials", rows * columns, dtype, seed + 1).reshape(rows, columns)
+    want = torch.from_numpy(np.take_along_axis(y.float().numpy(), p.indices.long().numpy(), 1))
+    ref = dct_kernels.gather_rows(y, p, backend="torch")
+    assert_bitwise_equal(ref, want.to(dtype), "reference vs take_along_axis")
+    assert_bitwise_equal(ref, y.gather(1, p.indices.long()), "reference vs torch.gather")
+    got = dct_kernels.gather_rows(y.to(device), _on(p, device), backend=backend)
+    assert_bitwise_equal(got.cpu(), ref, f"{backend}-{device} vs reference")
+
+
+def test_rows_skip_out_of_range_indices(backend_device):
+    """A hand-made RowPayload with indices outside [0, D): decompress_rows never writes them
+    (guards around out stay unchanged) and gather_rows gives 0 there."""
+    backend, device = backend_device
+    rows, columns = 3, 10
+    indices = torch.tensor([[0, 4, 10], [-1, 2, 9], [3, 32767, -32768]], dtype=torch.int16)
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    p = RowPayload(indices, values, (rows, columns), torch.float32)
+    want = torch.zeros(rows, columns)
+    want[0, 0], want[0, 4], want[1, 2], want[1, 9], want[2, 3] = 1.0, 2.0, 5.0, 6.0, 7.0
+    y = torch.arange(1.0, 31.0).reshape(rows, columns)
+    want_gather = torch.tensor([[1.0, 5.0, 0.0], [0.0, 13.0, 20.0], [24.0, 0.0, 0.0]])
+    for be, dev in (("torch", "cpu"), (backend, device)):
+        big, flat = oracle.guarded(rows * columns, torch.float32, dev, seed_of("rows-guard"))
+        before = big.cpu().clone()
+        dct_kernels.decompress_rows(_on(p, dev), out=flat.view(rows, columns), backend=be)
+        guards, result = oracle.unguard(big)
+        assert_bitwise_equal(result.view(rows, columns), want, f"{be}-{dev} out")
+        assert_bitwise_equal(guards, oracle.unguard(before)[0], f"{be}-{dev}: written outside out")
+        got = dct_kernels.gather_rows(y.to(dev), _on(p, dev), backend=be)
+        assert_bitwise_equal(got.cpu(), want_gather, f"{be}-{dev} gather")
+
+
+def test_bf16_subnormals_decompress_rows(backend_device):
+    """bf16 subnormal values land unchanged in a bf16 and an fp32 out."""
+    backend, device = backend_device
+    values = oracle.bf16_subnormals().reshape(4, 64)
+    indices = torch.arange(0, 128, 2, dtype=torch.int16).repeat(4, 1)
+    p = RowPayload(indices, values, (4, 128), torch.bfloat16)
+    for out_dtype in (torch.bfloat16, torch.float32):
+        want = oracle.decompress_rows(indices.long().numpy(), values, p.shape, out_dtype)
+        ref = dct_kernels.decompress_rows(p, out=torch.empty(4, 128, dtype=out_dtype),
+                                          backend="torch")
+        assert_bitwise_equal(ref, want, f"reference vs oracle, out {out_dtype}")
+        out = torch.empty(4, 128, dtype=out_dtype, device=device)
+        dct_kernels.decompress_rows(_on(p, device), out=out, backend=backend)
+        assert_bitwise_equal(out.cpu(), ref, f"{backend}-{device} vs reference, out {out_dtype}")
