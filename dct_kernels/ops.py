@@ -1,5 +1,8 @@
 """The public ops: validation and backend dispatch, in one place.
 
+Each op checks its arguments, picks the backend, and calls the backend through the custom ops
+of ``dct_kernels.library`` (so ``torch.compile`` sees one opaque op per kernel family).
+
 Every op takes ``backend=None`` ("cuda", "triton" or "torch"; see ``available_backends``).
 Semantics are identical on every backend; DESIGN.md section 3 is the contract.
 """
@@ -9,6 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import library
 from . import payload as wire
 from .backends import available_backends as _available_backends
 from .backends import resolve
@@ -208,7 +212,7 @@ def select_threshold(x: torch.Tensor, k, *, segments: Optional[torch.Tensor] = N
     impl = resolve(backend, x.device)
     if impl.NAME != "torch":
         _check_numel(x, "x")
-    thresholds = impl.select_threshold(x.contiguous().view(-1), ks, offsets)
+    thresholds = library.select_threshold(x.contiguous().view(-1), ks, offsets, impl.NAME)
     return thresholds if segmented else thresholds[0]
 
 
@@ -277,9 +281,11 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
     thresholds = _thresholds(threshold, num_segments, device)
     seg_dev = _device_offsets(offsets, device) if segmented else None
     if capacity is None:
-        capacity = int(impl.count_kept(flat, thresholds, offsets, seg_dev, residual_flat))
+        capacity = int(library.count_kept(flat, thresholds, offsets, seg_dev, residual_flat,
+                                          impl.NAME))
     payload = wire.new_payload(numel, capacity, value_dtype, tuple(x.shape), x.dtype, device)
-    impl.compress(flat, thresholds, offsets, seg_dev, residual_flat, payload)
+    library.compress_into(flat, thresholds, offsets, seg_dev, residual_flat, payload.buffer,
+                          capacity, wire.value_code(value_dtype), impl.NAME)
     return payload
 
 
@@ -323,8 +329,8 @@ def decompress(payload: SparsePayload, *, out: Optional[torch.Tensor] = None,
     if validate:
         _raise_invalid(check_rows(payload.buffer[None], payload.numel, payload.capacity,
                                   payload.value_dtype), "payload")
-    impl.scatter(out.view(-1), payload.buffer, payload.numel, payload.capacity,
-                 payload.value_dtype, accumulate, counter)
+    library.scatter(out.view(-1), payload.buffer, payload.numel, payload.capacity,
+                    wire.value_code(payload.value_dtype), accumulate, counter, impl.NAME)
     return out
 
 
@@ -393,7 +399,8 @@ def decompress_many(buffers: torch.Tensor, *, out: torch.Tensor, accumulate: boo
     impl = resolve(backend, device)
     if validate:
         _raise_invalid(check_rows(buffers, out.numel(), capacity, value_dtype), "buffers")
-    impl.merge(out.view(-1), buffers, capacity, value_dtype, accumulate, average, counter)
+    library.merge(out.view(-1), buffers, capacity, wire.value_code(value_dtype), accumulate,
+                  average, counter, impl.NAME)
     return out
 
 
@@ -419,7 +426,8 @@ def compress_rows(x: torch.Tensor, k: int, *, value_dtype: Optional[torch.dtype]
         raise ValueError(f"k: must satisfy 1 <= k <= D ({columns}), got {k}")
     value_dtype = _check_value_dtype(value_dtype, x.dtype)
     impl = resolve(backend, x.device)
-    indices, values = impl.compress_rows(x.contiguous(), k, value_dtype)
+    indices, values = library.compress_rows(x.contiguous(), k, wire.value_code(value_dtype),
+                                            impl.NAME)
     return RowPayload(indices, values, (x.shape[0], columns), x.dtype)
 
 
@@ -455,7 +463,7 @@ def decompress_rows(p: RowPayload, *, out: Optional[torch.Tensor] = None,
     if tuple(out.shape) != tuple(p.shape):
         raise ValueError(f"out: expected shape {tuple(p.shape)}, got {tuple(out.shape)}")
     impl = resolve(backend, device)
-    impl.decompress_rows(p.indices.contiguous(), p.values.contiguous(), out)
+    library.decompress_rows(p.indices.contiguous(), p.values.contiguous(), out, impl.NAME)
     return out
 
 
@@ -472,4 +480,4 @@ def gather_rows(y: torch.Tensor, p: RowPayload, *, backend: Optional[str] = None
     if y.device != p.indices.device:
         raise ValueError(f"y: expected a tensor on {p.indices.device}, got {y.device}")
     impl = resolve(backend, y.device)
-    return impl.gather_rows(y.contiguous(), p.indices.contiguous())
+    return library.gather_rows(y.contiguous(), p.indices.contiguous(), impl.NAME)

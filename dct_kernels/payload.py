@@ -69,15 +69,19 @@ def layout(capacity: int, value_dtype: torch.dtype) -> Tuple[int, int]:
 
 
 def version_codes_word(value_dtype: torch.dtype) -> int:
-    """Header word 1: version (uint16) | value code << 16 | index code << 24, as int32."""
-    word = FORMAT_VERSION | (value_code(value_dtype) << 16) | (INDEX_CODE_INT32 << 24)
-    return struct.unpack("<i", struct.pack("<I", word))[0]
+    """Header word 1: version (uint16) | value code << 16 | index code << 24 (fits int32)."""
+    return FORMAT_VERSION | (value_code(value_dtype) << 16) | (INDEX_CODE_INT32 << 24)
 
 
-def header_bytes(numel: int, capacity: int, value_dtype: torch.dtype, count: int = 0,
-                 overflow: int = 0) -> bytes:
-    return struct.pack("<4sHBBqiiii", MAGIC, FORMAT_VERSION, value_code(value_dtype),
-                       INDEX_CODE_INT32, numel, capacity, count, overflow, 0)
+def _as_int32(value: int) -> int:
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def header_words(numel: int, capacity: int, value_dtype: torch.dtype) -> list:
+    """The header as eight int32 words, with count = overflow = 0."""
+    return [MAGIC_WORD, version_codes_word(value_dtype), _as_int32(numel), _as_int32(numel >> 32),
+            capacity, 0, 0, 0]
 
 
 @dataclass(frozen=True)
@@ -223,9 +227,8 @@ def new_payload(numel: int, capacity: int, value_dtype: torch.dtype, shape, dtyp
     """
     _, nbytes = layout(capacity, value_dtype)
     buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-    raw = torch.frombuffer(bytearray(header_bytes(numel, capacity, value_dtype)),
-                           dtype=torch.uint8)
-    buffer[:HEADER_BYTES].copy_(raw, non_blocking=True)
+    words = torch.tensor(header_words(numel, capacity, value_dtype), dtype=torch.int32)
+    buffer[:HEADER_BYTES].view(torch.int32).copy_(words, non_blocking=True)
     return SparsePayload(buffer, numel=numel, capacity=capacity, value_dtype=value_dtype,
                          shape=shape, dtype=dtype)
 

@@ -77,13 +77,12 @@ def _launch_row(words, values, row, numel, capacity, value_dtype, out, mode, err
     values_offset, nbytes = wire.layout(capacity, value_dtype)
     itemsize = values.element_size()
     vc = wire.version_codes_word(value_dtype)
-    numel_lo = numel & 0xFFFFFFFF
-    numel_lo = numel_lo - (1 << 32) if numel_lo >= 1 << 31 else numel_lo
+    _, _, numel_lo, numel_hi = wire.header_words(numel, capacity, value_dtype)[:4]
     grid = (max(1, triton.cdiv(capacity, BLOCK)),)
     _scatter_kernel[grid](
         words, values, row, nbytes // 4, nbytes // itemsize, values_offset // itemsize,
         out, numel, capacity, errors,
-        MAGIC=wire.MAGIC_WORD, VERSION_CODES=vc, NUMEL_LO=numel_lo, NUMEL_HI=numel >> 32,
+        MAGIC=wire.MAGIC_WORD, VERSION_CODES=vc, NUMEL_LO=numel_lo, NUMEL_HI=numel_hi,
         MODE=mode, OUT_CODE=WIRE_CODE[out.dtype], BLOCK=BLOCK, num_warps=4)
 
 

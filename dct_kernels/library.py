@@ -1,0 +1,122 @@
+"""The backend calls as torch custom ops (``torch.ops.dct_kernels.*``), with fake kernels.
+
+``dct_kernels.ops`` validates its arguments and then calls these, so ``torch.compile`` sees
+each kernel launch as one opaque op whose output shapes it knows from the fake kernel, instead
+of tracing into Triton launches or data pointers. Arguments are plain tensors, ints and the
+backend's name; the op layer has already checked them.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import payload as wire
+from .backends import resolve
+
+_DTYPE_OF_CODE = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
+
+
+def _impl(backend: str, device: torch.device):
+    return resolve(backend, device)
+
+
+def _payload_view(buffer: torch.Tensor, numel: int, capacity: int,
+                  value_code: int, dtype: torch.dtype) -> wire.SparsePayload:
+    return wire.SparsePayload(buffer, numel=numel, capacity=capacity,
+                              value_dtype=_DTYPE_OF_CODE[value_code], shape=(numel,),
+                              dtype=dtype)
+
+
+@torch.library.custom_op("dct_kernels::select_threshold", mutates_args=())
+def select_threshold(x: torch.Tensor, ks: List[int], offsets: List[int],
+                     backend: str) -> torch.Tensor:
+    return _impl(backend, x.device).select_threshold(x, ks, offsets).clone()
+
+
+@select_threshold.register_fake
+def _(x, ks, offsets, backend):
+    return x.new_empty(len(ks))
+
+
+@torch.library.custom_op("dct_kernels::count_kept", mutates_args=())
+def count_kept(x: torch.Tensor, thresholds: torch.Tensor, offsets: List[int],
+               seg_dev: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+               backend: str) -> torch.Tensor:
+    return _impl(backend, x.device).count_kept(x, thresholds, offsets, seg_dev,
+                                               residual).reshape(()).to(torch.int64)
+
+
+@count_kept.register_fake
+def _(x, thresholds, offsets, seg_dev, residual, backend):
+    return x.new_empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("dct_kernels::compress_into", mutates_args=("residual", "buffer"))
+def compress_into(x: torch.Tensor, thresholds: torch.Tensor, offsets: List[int],
+                  seg_dev: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                  buffer: torch.Tensor, capacity: int, value_code: int, backend: str) -> None:
+    payload = _payload_view(buffer, x.numel(), capacity, value_code, x.dtype)
+    _impl(backend, x.device).compress(x, thresholds, offsets, seg_dev, residual, payload)
+
+
+@compress_into.register_fake
+def _(x, thresholds, offsets, seg_dev, residual, buffer, capacity, value_code, backend):
+    return None
+
+
+@torch.library.custom_op("dct_kernels::scatter", mutates_args=("out", "errors"))
+def scatter(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
+            value_code: int, accumulate: bool, errors: torch.Tensor, backend: str) -> None:
+    _impl(backend, out.device).scatter(out, buffer, numel, capacity, _DTYPE_OF_CODE[value_code],
+                                       accumulate, errors)
+
+
+@scatter.register_fake
+def _(out, buffer, numel, capacity, value_code, accumulate, errors, backend):
+    return None
+
+
+@torch.library.custom_op("dct_kernels::merge", mutates_args=("out", "errors"))
+def merge(out: torch.Tensor, buffers: torch.Tensor, capacity: int, value_code: int,
+          accumulate: bool, average: bool, errors: torch.Tensor, backend: str) -> None:
+    _impl(backend, out.device).merge(out, buffers, capacity, _DTYPE_OF_CODE[value_code],
+                                     accumulate, average, errors)
+
+
+@merge.register_fake
+def _(out, buffers, capacity, value_code, accumulate, average, errors, backend):
+    return None
+
+
+@torch.library.custom_op("dct_kernels::compress_rows", mutates_args=())
+def compress_rows(x: torch.Tensor, k: int, value_code: int,
+                  backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _impl(backend, x.device).compress_rows(x, k, _DTYPE_OF_CODE[value_code])
+
+
+@compress_rows.register_fake
+def _(x, k, value_code, backend):
+    rows, columns = x.shape
+    return (x.new_empty((rows, k), dtype=wire.row_index_dtype(columns)),
+            x.new_empty((rows, k), dtype=_DTYPE_OF_CODE[value_code]))
+
+
+@torch.library.custom_op("dct_kernels::decompress_rows", mutates_args=("out",))
+def decompress_rows(indices: torch.Tensor, values: torch.Tensor, out: torch.Tensor,
+                    backend: str) -> None:
+    _impl(backend, out.device).decompress_rows(indices, values, out)
+
+
+@decompress_rows.register_fake
+def _(indices, values, out, backend):
+    return None
+
+
+@torch.library.custom_op("dct_kernels::gather_rows", mutates_args=())
+def gather_rows(y: torch.Tensor, indices: torch.Tensor, backend: str) -> torch.Tensor:
+    return _impl(backend, y.device).gather_rows(y, indices)
+
+
+@gather_rows.register_fake
+def _(y, indices, backend):
+    return y.new_empty(indices.shape)
