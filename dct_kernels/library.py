@@ -6,6 +6,7 @@ of tracing into Triton launches or data pointers. Arguments are plain tensors, i
 backend's name; the op layer has already checked them.
 """
 
+import contextlib
 from typing import List, Optional, Tuple
 
 import torch
@@ -16,8 +17,12 @@ from .backends import resolve
 _DTYPE_OF_CODE = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
 
 
-def _impl(backend: str, device: torch.device):
-    return resolve(backend, device)
+def _run(backend: str, device: torch.device, function: str, *args):
+    """Call ``function`` of the backend with ``device`` current (Triton launches on the current
+    CUDA device, not on the device of its tensors)."""
+    context = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with context:
+        return getattr(resolve(backend, device), function)(*args)
 
 
 def _payload_view(buffer: torch.Tensor, numel: int, capacity: int,
@@ -30,7 +35,7 @@ def _payload_view(buffer: torch.Tensor, numel: int, capacity: int,
 @torch.library.custom_op("dct_kernels::select_threshold", mutates_args=())
 def select_threshold(x: torch.Tensor, ks: List[int], offsets: List[int],
                      backend: str) -> torch.Tensor:
-    return _impl(backend, x.device).select_threshold(x, ks, offsets).clone()
+    return _run(backend, x.device, "select_threshold", x, ks, offsets).clone()
 
 
 @select_threshold.register_fake
@@ -42,8 +47,8 @@ def _(x, ks, offsets, backend):
 def count_kept(x: torch.Tensor, thresholds: torch.Tensor, offsets: List[int],
                seg_dev: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                backend: str) -> torch.Tensor:
-    return _impl(backend, x.device).count_kept(x, thresholds, offsets, seg_dev,
-                                               residual).reshape(()).to(torch.int64)
+    total = _run(backend, x.device, "count_kept", x, thresholds, offsets, seg_dev, residual)
+    return total.reshape(()).to(torch.int64)
 
 
 @count_kept.register_fake
@@ -56,7 +61,7 @@ def compress_into(x: torch.Tensor, thresholds: torch.Tensor, offsets: List[int],
                   seg_dev: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                   buffer: torch.Tensor, capacity: int, value_code: int, backend: str) -> None:
     payload = _payload_view(buffer, x.numel(), capacity, value_code, x.dtype)
-    _impl(backend, x.device).compress(x, thresholds, offsets, seg_dev, residual, payload)
+    _run(backend, x.device, "compress", x, thresholds, offsets, seg_dev, residual, payload)
 
 
 @compress_into.register_fake
@@ -67,8 +72,8 @@ def _(x, thresholds, offsets, seg_dev, residual, buffer, capacity, value_code, b
 @torch.library.custom_op("dct_kernels::scatter", mutates_args=("out", "errors"))
 def scatter(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
             value_code: int, accumulate: bool, errors: torch.Tensor, backend: str) -> None:
-    _impl(backend, out.device).scatter(out, buffer, numel, capacity, _DTYPE_OF_CODE[value_code],
-                                       accumulate, errors)
+    _run(backend, out.device, "scatter", out, buffer, numel, capacity,
+         _DTYPE_OF_CODE[value_code], accumulate, errors)
 
 
 @scatter.register_fake
@@ -79,8 +84,8 @@ def _(out, buffer, numel, capacity, value_code, accumulate, errors, backend):
 @torch.library.custom_op("dct_kernels::merge", mutates_args=("out", "errors"))
 def merge(out: torch.Tensor, buffers: torch.Tensor, capacity: int, value_code: int,
           accumulate: bool, average: bool, errors: torch.Tensor, backend: str) -> None:
-    _impl(backend, out.device).merge(out, buffers, capacity, _DTYPE_OF_CODE[value_code],
-                                     accumulate, average, errors)
+    _run(backend, out.device, "merge", out, buffers, capacity, _DTYPE_OF_CODE[value_code],
+         accumulate, average, errors)
 
 
 @merge.register_fake
@@ -91,7 +96,7 @@ def _(out, buffers, capacity, value_code, accumulate, average, errors, backend):
 @torch.library.custom_op("dct_kernels::compress_rows", mutates_args=())
 def compress_rows(x: torch.Tensor, k: int, value_code: int,
                   backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _impl(backend, x.device).compress_rows(x, k, _DTYPE_OF_CODE[value_code])
+    return _run(backend, x.device, "compress_rows", x, k, _DTYPE_OF_CODE[value_code])
 
 
 @compress_rows.register_fake
@@ -104,7 +109,7 @@ def _(x, k, value_code, backend):
 @torch.library.custom_op("dct_kernels::decompress_rows", mutates_args=("out",))
 def decompress_rows(indices: torch.Tensor, values: torch.Tensor, out: torch.Tensor,
                     backend: str) -> None:
-    _impl(backend, out.device).decompress_rows(indices, values, out)
+    _run(backend, out.device, "decompress_rows", indices, values, out)
 
 
 @decompress_rows.register_fake
@@ -114,7 +119,7 @@ def _(indices, values, out, backend):
 
 @torch.library.custom_op("dct_kernels::gather_rows", mutates_args=())
 def gather_rows(y: torch.Tensor, indices: torch.Tensor, backend: str) -> torch.Tensor:
-    return _impl(backend, y.device).gather_rows(y, indices)
+    return _run(backend, y.device, "gather_rows", y, indices)
 
 
 @gather_rows.register_fake

@@ -119,8 +119,7 @@ def _thresholds(threshold, num_segments: int, device: torch.device) -> torch.Ten
         raise TypeError(f"threshold: expected a float or a tensor, got {type(threshold).__name__}")
     if not threshold.dtype.is_floating_point:
         raise TypeError(f"threshold: expected a floating-point tensor, got {threshold.dtype}")
-    if threshold.dim() == 0 or threshold.numel() == 1 and threshold.dim() == 1 and \
-            num_segments == 1:
+    if threshold.dim() == 0 or (num_segments == 1 and tuple(threshold.shape) == (1,)):
         t = threshold.reshape(1).to(device=device, dtype=torch.float32, non_blocking=True)
         return t.expand(num_segments).contiguous()
     if threshold.dim() != 1 or threshold.numel() != num_segments:
