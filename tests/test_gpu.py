@@ -200,3 +200,31 @@ def test_no_host_sync_on_fixed_capacity_paths(backend):
     torch.cuda.synchronize()
     assert int(errors) == 0
     assert int(buffers_payloads[0].count) > 0
+
+
+@pytest.mark.parametrize("backend", _device_backends())
+def test_decompress_many_dense_and_corrupted_rows(backend):
+    """10% kept (many chunks per merge tile), one row corrupted: same bits as the reference,
+    nothing written outside out, the same errors counted, the same result on a rerun."""
+    n = (1 << 22) + 77
+    payloads = [dk.compress(_data(n, torch.float32, seed=50 + w), 1.2, capacity=n // 4,
+                            backend="torch") for w in range(3)]
+    buffers = torch.stack([p.buffer for p in payloads])
+    row = buffers[1, 32:32 + 4 * (n // 4)].view(torch.int32)
+    row[10] = n + 5
+    row[1000:1010] = row[1000:1010].flip(0)
+    guard = 1 << 12
+    results = []
+    for b in (backend, backend, "torch"):
+        space = torch.randn(n + 2 * guard, device=DEVICE)
+        before = space.clone()
+        errors = torch.zeros((), dtype=torch.int32, device=DEVICE)
+        out = space[guard:guard + n]
+        dk.decompress_many(buffers, out=out, average=True, validate=False, errors=errors,
+                           backend=b)
+        assert_bitwise_equal(space[:guard], before[:guard], f"{b} guard before")
+        assert_bitwise_equal(space[guard + n:], before[guard + n:], f"{b} guard after")
+        results.append((out.clone(), int(errors)))
+    assert_bitwise_equal(results[0][0], results[2][0], "vs reference")
+    assert_bitwise_equal(results[1][0], results[0][0], "rerun")
+    assert results[0][1] == results[1][1] == results[2][1] > 0

@@ -1,15 +1,18 @@
-"""decompress and decompress_many: device-checked scatter of wire buffers.
+"""decompress and decompress_many: device-checked scatter and rank-ordered merge.
 
-Payloads are untrusted. Each program re-checks its row's header against the expected
+Payloads are untrusted. Every kernel re-checks a row's header against the expected
 configuration (a mismatch voids the whole row), clamps the count to [0, capacity], and skips
-every entry whose index is outside [0, numel) or not above its predecessor's; skipped rows and
-entries are added to the device-side error counter. Writes are masked by those checks, so
-nothing outside ``out`` is written whatever the buffer holds.
+every entry whose index is outside [0, numel) or not above its predecessor's; the check kernel
+adds skipped rows and entries to the device-side error counter. Writes are masked by those
+checks, so nothing outside ``out`` (or the merge's scratch) is written whatever a buffer holds.
 
-decompress_many sums the rows in rank order with one launch per rank into an fp32 accumulator
-(plain loads and stores: within a valid payload the indices are distinct, so there are no
-races and no float atomics), then one pass divides, adds to ``out`` and rounds. The launch order
-is the summation order, which makes the result bitwise reproducible.
+decompress_many is a merge over output tiles: each program owns TILE consecutive outputs,
+zeroes them in an fp32 scratch (``out`` itself when it is fp32 and not accumulated into), adds
+rank 0's entries that fall in the tile, then rank 1's, and so on, with a barrier between ranks,
+then divides, adds to ``out`` and rounds, while the tile is still in cache. Each rank's entries
+for a tile are found by binary search of its sorted indices (``torch.searchsorted``). Valid
+indices are distinct within a payload and tiles are disjoint, so there are no races and no
+float atomics: the sum is ``0 + d_0 + d_1 + ...`` in rank order, bitwise reproducible.
 """
 
 import torch
@@ -19,24 +22,37 @@ import triton.language as tl
 from ... import payload as wire
 from .common import f32_to, to_f32, WIRE_CODE
 
-BLOCK = 1024
+BLOCK = 1024   # entries per program of the scatter / check kernel
+TILE = 4096    # outputs per program of the merge
+CHUNK = 128    # entries read at a time by the merge
+_STORE, _ADD, _CHECK = 0, 1, 2
 _HEADER_WORDS = wire.HEADER_BYTES // 4
-_STORE, _ADD = 0, 1
 
 
-@triton.jit(do_not_specialize=["row"])
-def _scatter_kernel(words_ptr, values_ptr, row, row_words, row_values, values_start,
-                    out_ptr, numel, capacity, errors_ptr,
-                    MAGIC: tl.constexpr, VERSION_CODES: tl.constexpr,
-                    NUMEL_LO: tl.constexpr, NUMEL_HI: tl.constexpr,
-                    MODE: tl.constexpr, OUT_CODE: tl.constexpr, BLOCK: tl.constexpr):
-    header = words_ptr + row.to(tl.int64) * row_words
+@triton.jit
+def _row_header(header, capacity, MAGIC: tl.constexpr, VERSION_CODES: tl.constexpr,
+                NUMEL_LO: tl.constexpr, NUMEL_HI: tl.constexpr):
+    """(header matches, count field in range, count to use) of one row."""
     header_ok = ((tl.load(header) == MAGIC) & (tl.load(header + 1) == VERSION_CODES)
                  & (tl.load(header + 2) == NUMEL_LO) & (tl.load(header + 3) == NUMEL_HI)
                  & (tl.load(header + 4) == capacity))
     claimed = tl.load(header + 5)
     count_ok = (claimed >= 0) & (claimed <= capacity)
     count = tl.where(header_ok, tl.minimum(tl.maximum(claimed, 0), capacity), 0)
+    return header_ok, count_ok, count
+
+
+@triton.jit
+def _scatter_kernel(words_ptr, values_ptr, row_words, row_values, values_start,
+                    out_ptr, numel, capacity, errors_ptr,
+                    MAGIC: tl.constexpr, VERSION_CODES: tl.constexpr,
+                    NUMEL_LO: tl.constexpr, NUMEL_HI: tl.constexpr,
+                    MODE: tl.constexpr, OUT_CODE: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (entry blocks, rows). MODE: store, add (in fp32), or only count errors."""
+    row = tl.program_id(1).to(tl.int64)
+    header = words_ptr + row * row_words
+    header_ok, count_ok, count = _row_header(header, capacity, MAGIC, VERSION_CODES,
+                                             NUMEL_LO, NUMEL_HI)
     pid = tl.program_id(0)
     if pid == 0:
         header_errors = tl.where(header_ok, tl.where(count_ok, 0, 1), 1)
@@ -51,21 +67,49 @@ def _scatter_kernel(words_ptr, values_ptr, row, row_words, row_values, values_st
     bad = tl.sum((used & ~valid).to(tl.int32), 0)
     tl.atomic_add(errors_ptr, bad, mask=bad > 0)
 
-    value = to_f32(tl.load(values_ptr + row.to(tl.int64) * row_values + values_start + i,
-                           mask=valid, other=0.0))
-    target = out_ptr + idx
-    if MODE == 1:
-        value = to_f32(tl.load(target, mask=valid, other=0.0)) + value
-    tl.store(target, f32_to(value, OUT_CODE), mask=valid)
+    if MODE != 2:
+        value = to_f32(tl.load(values_ptr + row * row_values + values_start + i,
+                               mask=valid, other=0.0))
+        target = out_ptr + idx
+        if MODE == 1:
+            value = to_f32(tl.load(target, mask=valid, other=0.0)) + value
+        tl.store(target, f32_to(value, OUT_CODE), mask=valid)
 
 
 @triton.jit(do_not_specialize=["ranks"])
-def _finish_kernel(total_ptr, out_ptr, n, ranks,
-                   AVERAGE: tl.constexpr, ACCUMULATE: tl.constexpr, OUT_CODE: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _merge_kernel(words_ptr, values_ptr, starts_ptr, row_words, row_values, values_start,
+                  scratch_ptr, out_ptr, n, capacity, num_tiles, ranks,
+                  MAGIC: tl.constexpr, VERSION_CODES: tl.constexpr,
+                  NUMEL_LO: tl.constexpr, NUMEL_HI: tl.constexpr, RANKS: tl.constexpr,
+                  AVERAGE: tl.constexpr, ACCUMULATE: tl.constexpr, OUT_CODE: tl.constexpr,
+                  TILE: tl.constexpr, CHUNK: tl.constexpr):
+    tile = tl.program_id(0)
+    first = tile.to(tl.int64) * TILE
+    offs = first + tl.arange(0, TILE)
     inside = offs < n
-    total = tl.load(total_ptr + offs, mask=inside, other=0.0)
+    tl.store(scratch_ptr + offs, tl.zeros((TILE,), dtype=tl.float32), mask=inside)
+    tl.debug_barrier()
+    for w in range(RANKS):
+        header = words_ptr + w * row_words
+        header_ok, _, count = _row_header(header, capacity, MAGIC, VERSION_CODES,
+                                          NUMEL_LO, NUMEL_HI)
+        lo = tl.load(starts_ptr + w * (num_tiles + 1) + tile)
+        hi = tl.load(starts_ptr + w * (num_tiles + 1) + tile + 1)
+        hi = tl.where(header_ok, tl.minimum(hi, count.to(tl.int64)), lo)
+        entry = lo
+        while entry < hi:
+            i = entry + tl.arange(0, CHUNK)
+            used = i < hi
+            idx = tl.load(header + 8 + i, mask=used, other=-1)
+            previous = tl.load(header + 8 + i - 1, mask=used & (i > 0), other=-1)
+            valid = used & (idx >= first) & (idx < first + TILE) & (idx < n) & (idx > previous)
+            value = to_f32(tl.load(values_ptr + w * row_values + values_start + i,
+                                   mask=valid, other=0.0))
+            target = scratch_ptr + idx
+            tl.store(target, tl.load(target, mask=valid, other=0.0) + value, mask=valid)
+            entry += CHUNK
+        tl.debug_barrier()  # rank w's additions are visible before rank w + 1 reads them
+    total = tl.load(scratch_ptr + offs, mask=inside, other=0.0)
     if AVERAGE:
         total = tl.math.div_rn(total, ranks.to(tl.float32))
     if ACCUMULATE:
@@ -73,42 +117,68 @@ def _finish_kernel(total_ptr, out_ptr, n, ranks,
     tl.store(out_ptr + offs, f32_to(total, OUT_CODE), mask=inside)
 
 
-def _launch_row(words, values, row, numel, capacity, value_dtype, out, mode, errors):
+def _row_args(numel, capacity, value_dtype):
+    """Row strides, value offset and the expected header words, as kernel arguments."""
     values_offset, nbytes = wire.layout(capacity, value_dtype)
-    itemsize = values.element_size()
-    vc = wire.version_codes_word(value_dtype)
-    _, _, numel_lo, numel_hi = wire.header_words(numel, capacity, value_dtype)[:4]
-    grid = (max(1, triton.cdiv(capacity, BLOCK)),)
-    _scatter_kernel[grid](
-        words, values, row, nbytes // 4, nbytes // itemsize, values_offset // itemsize,
-        out, numel, capacity, errors,
-        MAGIC=wire.MAGIC_WORD, VERSION_CODES=vc, NUMEL_LO=numel_lo, NUMEL_HI=numel_hi,
-        MODE=mode, OUT_CODE=WIRE_CODE[out.dtype], BLOCK=BLOCK, num_warps=4)
+    itemsize = torch.empty((), dtype=value_dtype).element_size()
+    magic, version_codes, numel_lo, numel_hi = wire.header_words(numel, capacity,
+                                                                 value_dtype)[:4]
+    strides = (nbytes // 4, nbytes // itemsize, values_offset // itemsize)
+    header = dict(MAGIC=magic, VERSION_CODES=version_codes, NUMEL_LO=numel_lo,
+                  NUMEL_HI=numel_hi)
+    return strides, header
 
 
 def _typed_views(buffers: torch.Tensor, value_dtype: torch.dtype):
     return buffers.view(torch.int32), buffers.view(value_dtype)
 
 
+def _launch_scatter(buffers, numel, capacity, value_dtype, out, mode, errors):
+    words, values = _typed_views(buffers, value_dtype)
+    strides, header = _row_args(numel, capacity, value_dtype)
+    grid = (max(1, triton.cdiv(capacity, BLOCK)), buffers.shape[0])
+    _scatter_kernel[grid](words, values, *strides, out, numel, capacity, errors, **header,
+                          MODE=mode, OUT_CODE=WIRE_CODE[out.dtype], BLOCK=BLOCK, num_warps=4)
+
+
 def scatter(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
             value_dtype: torch.dtype, accumulate: bool, errors: torch.Tensor) -> None:
-    words, values = _typed_views(buffer[None], value_dtype)
     if not accumulate:
         out.zero_()
-    _launch_row(words, values, 0, numel, capacity, value_dtype, out,
-                _ADD if accumulate else _STORE, errors)
+    _launch_scatter(buffer[None], numel, capacity, value_dtype, out,
+                    _ADD if accumulate else _STORE, errors)
+
+
+def _tile_starts(words: torch.Tensor, capacity: int, n: int, num_tiles: int) -> torch.Tensor:
+    """[W, num_tiles + 1] int64: where each tile's entries begin in each row (searchsorted
+    over the first ``count`` indices; slots past the count read as the largest int32, above
+    every valid index since numel < 2^31)."""
+    ranks = words.shape[0]
+    largest = torch.iinfo(torch.int32).max
+    counts = words[:, 5].clamp(0, capacity)
+    slot = torch.arange(capacity, device=words.device, dtype=torch.int32)
+    indices = torch.where(slot[None, :] < counts[:, None],
+                          words[:, _HEADER_WORDS:_HEADER_WORDS + capacity], largest)
+    bounds = (torch.arange(num_tiles + 1, device=words.device, dtype=torch.int64) * TILE)
+    bounds = bounds.clamp(max=largest).to(torch.int32)
+    return torch.searchsorted(indices, bounds.expand(ranks, -1).contiguous())
 
 
 def merge(out: torch.Tensor, buffers: torch.Tensor, capacity: int, value_dtype: torch.dtype,
           accumulate: bool, average: bool, errors: torch.Tensor) -> None:
     n = out.numel()
-    direct = out.dtype == torch.float32 and not accumulate and not average
-    total = out if direct else torch.empty(n, dtype=torch.float32, device=out.device)
-    total.zero_()
+    ranks = buffers.shape[0]
+    # Count bad rows and entries once (the merge skips the same entries without counting).
+    _launch_scatter(buffers, n, capacity, value_dtype, out, _CHECK, errors)
+    if n == 0:
+        return
+    in_place = out.dtype == torch.float32 and not accumulate
+    scratch = out if in_place else torch.empty(n, dtype=torch.float32, device=out.device)
+    num_tiles = triton.cdiv(n, TILE)
     words, values = _typed_views(buffers, value_dtype)
-    for row in range(buffers.shape[0]):
-        _launch_row(words, values, row, n, capacity, value_dtype, total, _ADD, errors)
-    if not direct and n:
-        _finish_kernel[(triton.cdiv(n, 4096),)](
-            total, out, n, buffers.shape[0], AVERAGE=average, ACCUMULATE=accumulate,
-            OUT_CODE=WIRE_CODE[out.dtype], BLOCK=4096, num_warps=8)
+    starts = _tile_starts(words, capacity, n, num_tiles)
+    strides, header = _row_args(n, capacity, value_dtype)
+    _merge_kernel[(num_tiles,)](
+        words, values, starts, *strides, scratch, out, n, capacity, num_tiles, ranks,
+        **header, RANKS=ranks, AVERAGE=average, ACCUMULATE=accumulate,
+        OUT_CODE=WIRE_CODE[out.dtype], TILE=TILE, CHUNK=CHUNK, num_warps=8)
