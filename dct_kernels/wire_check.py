@@ -9,8 +9,9 @@ Rules (identical to the device-side checks of the kernels):
     as a whole: none of its entries is used;
   * a count below 0 or above the capacity is an error; the count used is clamped to
     ``[0, capacity]``;
-  * an entry ``i < count`` is bad, and skipped, when its index is outside ``[0, numel)`` or when
-    ``i > 0`` and its index is not above the index of entry ``i - 1``.
+  * an entry ``i < count`` is bad, and skipped, when its index is outside ``[0, numel)`` or is
+    not above every in-range index before it. The entries used are then strictly ascending
+    whatever the buffer holds, so no two of them write the same output.
 """
 
 from dataclasses import dataclass
@@ -31,6 +32,15 @@ class RowCheck:
     @property
     def ok(self) -> bool:
         return self.errors == 0
+
+
+def running_highest(indices: torch.Tensor, usable: torch.Tensor):
+    """Per slot of each row: (largest usable index up to and including it, largest usable
+    index strictly before it), -1 where there is none."""
+    keys = torch.where(usable, indices, torch.full_like(indices, -1))
+    through = torch.cummax(keys, dim=1).values
+    before = torch.cat([torch.full_like(through[:, :1], -1), through[:, :-1]], dim=1)
+    return through, before
 
 
 def check_rows(buffers: torch.Tensor, numel: int, capacity: int,
@@ -69,17 +79,14 @@ def check_rows(buffers: torch.Tensor, numel: int, capacity: int,
     index_bytes = buffers[:, wire.HEADER_BYTES:wire.HEADER_BYTES + 4 * capacity]
     indices = index_bytes.contiguous().view(torch.int32).to(torch.int64)
     used = torch.arange(capacity, device=device)[None, :] < counts_t[:, None]
-    valid = used & (indices >= 0) & (indices < numel)
-    if capacity > 1:
-        ascending = torch.ones_like(valid)
-        ascending[:, 1:] = indices[:, 1:] > indices[:, :-1]
-        valid &= ascending
+    in_range = used & (indices >= 0) & (indices < numel)
+    valid = in_range & (indices > running_highest(indices, in_range)[1])
     bad = (used & ~valid).sum(dim=1).cpu().tolist()
     for w in range(rows):
         if bad[w]:
             errors += bad[w]
             problems[w].append(f"{bad[w]} of {counts[w]} indices out of [0, {numel}) or not "
-                               "strictly ascending")
+                               "above the indices before them")
     return RowCheck(problems, counts_t, valid, errors)
 
 

@@ -354,7 +354,7 @@ def usable_entries(buffer: torch.Tensor, numel: int, capacity: int,
     """(indices, fp32 values, errors) of the entries a decoder may use, by the rules for
     untrusted payloads: a header that does not match voids the row (1 error); a count outside
     [0, capacity] is an error and is clamped; entry i < count is skipped (1 error each) when
-    its index is outside [0, numel) or not above entry i-1's index."""
+    its index is outside [0, numel) or not above every in-range index before it."""
     magic, version, code, index_code, head_numel, head_capacity, *_ = _HEADER.unpack(
         buffer.detach().cpu().numpy()[:32].tobytes())
     if (magic != b"DCTK" or version != 1 or code != _VALUE_CODE[value_dtype]
@@ -364,9 +364,13 @@ def usable_entries(buffer: torch.Tensor, numel: int, capacity: int,
     errors = 0 if 0 <= d.count <= capacity else 1
     count = min(max(d.count, 0), capacity)
     idx = d.indices[:count]
-    previous = np.concatenate([[-1], idx[:-1]]) if count else idx
-    ok = (idx >= 0) & (idx < numel)
-    ok[1:] &= idx[1:] > previous[1:]
+    ok = np.zeros(count, dtype=bool)
+    highest = -1
+    for i, index in enumerate(idx.tolist()):
+        if 0 <= index < numel and index > highest:
+            ok[i] = True
+        if 0 <= index < numel:
+            highest = max(highest, index)
     return idx[ok], d.values[:count][ok], errors + int((~ok).sum())
 
 

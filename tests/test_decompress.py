@@ -206,3 +206,35 @@ def test_unvalidated_valid_payload_counts_nothing(backend_device, value_dtype):
     guards, out = oracle.unguard(big)
     assert_bitwise_equal(out, want, "out")
     assert_bitwise_equal(guards, oracle.unguard(before)[0], "written outside out")
+
+
+@pytest.mark.parametrize("indices,used", [
+    ([5, 100, 7, 8, 101], [5, 100, 101]),      # a high index shadows the smaller ones after it
+    ([5, 7, 3, 5, 9], [5, 7, 9]),              # a repeat of an earlier index is never used twice
+    ([-4, 2, 300, 3, 1], [2, 3]),              # out-of-range indices do not raise the bar
+])
+def test_unvalidated_uses_only_a_rising_sequence(backend_device, indices, used):
+    """validate=False uses entry i only when its index is in range and above every in-range
+    index before it, so the entries written are distinct whatever the buffer holds."""
+    backend, device = backend_device
+    n, capacity = 200, len(indices)
+    values = torch.arange(1, capacity + 1, dtype=torch.float32) * 1.5
+    buffer = torch.tensor(list(oracle.header(n, capacity, torch.float32, capacity, 0)),
+                          dtype=torch.uint8)
+    layout_offset, nbytes = oracle.layout(capacity, torch.float32)
+    buffer = torch.cat([buffer, torch.zeros(nbytes - 32, dtype=torch.uint8)])
+    buffer[32:32 + 4 * capacity] = torch.tensor(indices, dtype=torch.int32).view(torch.uint8)
+    buffer[layout_offset:layout_offset + 4 * capacity] = values.view(torch.uint8)
+    errors = torch.zeros((), dtype=torch.int32, device=device)
+    payload = SparsePayload.from_buffer(buffer.to(device))
+    out = dct_kernels.decompress(payload, validate=False, errors=errors, backend=backend).cpu()
+    expected = torch.zeros(n)
+    for slot, index in enumerate(indices):
+        if index in used and indices.index(index) == slot:
+            expected[index] = values[slot]
+    assert_bitwise_equal(out, expected)
+    assert int(errors) == capacity - len(used)
+    many = torch.zeros(n, device=device)
+    dct_kernels.decompress_many(torch.stack([buffer, buffer]).to(device), out=many,
+                                validate=False, errors=errors, backend=backend)
+    assert_bitwise_equal(many.cpu(), expected * 2)

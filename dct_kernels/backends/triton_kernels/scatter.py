@@ -2,17 +2,19 @@
 
 Payloads are untrusted. Every kernel re-checks a row's header against the expected
 configuration (a mismatch voids the whole row), clamps the count to [0, capacity], and skips
-every entry whose index is outside [0, numel) or not above its predecessor's; the check kernel
-adds skipped rows and entries to the device-side error counter. Writes are masked by those
+every entry whose index is outside [0, numel) or not above every in-range index before it (the
+running maximum comes from one ``torch.cummax`` per row); the check kernel adds skipped rows
+and entries to the device-side error counter. The entries used are strictly ascending whatever
+a buffer holds, so no two of them write the same output. Writes are masked by those
 checks, so nothing outside ``out`` (or the merge's scratch) is written whatever a buffer holds.
 
 decompress_many is a merge over output tiles: each program owns TILE consecutive outputs,
 zeroes them in an fp32 scratch (``out`` itself when it is fp32 and not accumulated into), adds
 rank 0's entries that fall in the tile, then rank 1's, and so on, with a barrier between ranks,
 then divides, adds to ``out`` and rounds, while the tile is still in cache. Each rank's entries
-for a tile are found by binary search of its sorted indices (``torch.searchsorted``). Valid
-indices are distinct within a payload and tiles are disjoint, so there are no races and no
-float atomics: the sum is ``0 + d_0 + d_1 + ...`` in rank order, bitwise reproducible.
+for a tile are found by binary search (``torch.searchsorted``) of its running maximum, which is
+sorted even in a corrupted buffer and equals the index at every usable entry. Tiles are
+disjoint and usable indices distinct, so there are no races and no float atomics: the sum is ``0 + d_0 + d_1 + ...`` in rank order, bitwise reproducible.
 """
 
 import torch
@@ -20,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ... import payload as wire
+from ...wire_check import running_highest
 from .common import f32_to, to_f32, WIRE_CODE
 
 BLOCK = 1024   # entries per program of the scatter / check kernel
@@ -43,7 +46,7 @@ def _row_header(header, capacity, MAGIC: tl.constexpr, VERSION_CODES: tl.constex
 
 
 @triton.jit
-def _scatter_kernel(words_ptr, values_ptr, row_words, row_values, values_start,
+def _scatter_kernel(words_ptr, values_ptr, before_ptr, row_words, row_values, values_start,
                     out_ptr, numel, capacity, errors_ptr,
                     MAGIC: tl.constexpr, VERSION_CODES: tl.constexpr,
                     NUMEL_LO: tl.constexpr, NUMEL_HI: tl.constexpr,
@@ -62,8 +65,8 @@ def _scatter_kernel(words_ptr, values_ptr, row_words, row_values, values_start,
     used = i < count
     indices = header + 8  # the header is 8 words
     idx = tl.load(indices + i, mask=used, other=-1)
-    previous = tl.load(indices + i - 1, mask=used & (i > 0), other=-1)
-    valid = used & (idx >= 0) & (idx < numel) & (idx > previous)
+    highest_before = tl.load(before_ptr + row * capacity + i, mask=used, other=-1)
+    valid = used & (idx >= 0) & (idx < numel) & (idx > highest_before)
     bad = tl.sum((used & ~valid).to(tl.int32), 0)
     tl.atomic_add(errors_ptr, bad, mask=bad > 0)
 
@@ -77,7 +80,8 @@ def _scatter_kernel(words_ptr, values_ptr, row_words, row_values, values_start,
 
 
 @triton.jit(do_not_specialize=["ranks"])
-def _merge_kernel(words_ptr, values_ptr, starts_ptr, row_words, row_values, values_start,
+def _merge_kernel(words_ptr, values_ptr, before_ptr, starts_ptr, row_words, row_values,
+                  values_start,
                   scratch_ptr, out_ptr, n, capacity, num_tiles, ranks,
                   MAGIC: tl.constexpr, VERSION_CODES: tl.constexpr,
                   NUMEL_LO: tl.constexpr, NUMEL_HI: tl.constexpr, RANKS: tl.constexpr,
@@ -101,8 +105,9 @@ def _merge_kernel(words_ptr, values_ptr, starts_ptr, row_words, row_values, valu
             i = entry + tl.arange(0, CHUNK)
             used = i < hi
             idx = tl.load(header + 8 + i, mask=used, other=-1)
-            previous = tl.load(header + 8 + i - 1, mask=used & (i > 0), other=-1)
-            valid = used & (idx >= first) & (idx < first + TILE) & (idx < n) & (idx > previous)
+            highest_before = tl.load(before_ptr + w * capacity + i, mask=used, other=-1)
+            valid = (used & (idx >= first) & (idx < first + TILE) & (idx < n)
+                     & (idx > highest_before))
             value = to_f32(tl.load(values_ptr + w * row_values + values_start + i,
                                    mask=valid, other=0.0))
             target = scratch_ptr + idx
@@ -133,12 +138,27 @@ def _typed_views(buffers: torch.Tensor, value_dtype: torch.dtype):
     return buffers.view(torch.int32), buffers.view(value_dtype)
 
 
-def _launch_scatter(buffers, numel, capacity, value_dtype, out, mode, errors):
+def _running_highest(words: torch.Tensor, capacity: int, numel: int):
+    """(through, before) of ``wire_check.running_highest`` over each row's first ``count``
+    in-range indices (int32 [W, capacity]), and the clamped counts."""
+    counts = words[:, 5].clamp(0, capacity)
+    indices = words[:, _HEADER_WORDS:_HEADER_WORDS + capacity]
+    slot = torch.arange(capacity, device=words.device, dtype=torch.int32)
+    used = slot[None, :] < counts[:, None]
+    usable = used & (indices >= 0) & (indices < numel)
+    through, before = running_highest(indices, usable)
+    return through, before.contiguous(), used
+
+
+def _launch_scatter(buffers, numel, capacity, value_dtype, out, mode, errors, before=None):
     words, values = _typed_views(buffers, value_dtype)
+    if before is None:
+        before = _running_highest(words, capacity, numel)[1]
     strides, header = _row_args(numel, capacity, value_dtype)
     grid = (max(1, triton.cdiv(capacity, BLOCK)), buffers.shape[0])
-    _scatter_kernel[grid](words, values, *strides, out, numel, capacity, errors, **header,
-                          MODE=mode, OUT_CODE=WIRE_CODE[out.dtype], BLOCK=BLOCK, num_warps=4)
+    _scatter_kernel[grid](words, values, before, *strides, out, numel, capacity, errors,
+                          **header, MODE=mode, OUT_CODE=WIRE_CODE[out.dtype], BLOCK=BLOCK,
+                          num_warps=4)
 
 
 def scatter(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
@@ -149,36 +169,33 @@ def scatter(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
                     _ADD if accumulate else _STORE, errors)
 
 
-def _tile_starts(words: torch.Tensor, capacity: int, n: int, num_tiles: int) -> torch.Tensor:
-    """[W, num_tiles + 1] int64: where each tile's entries begin in each row (searchsorted
-    over the first ``count`` indices; slots past the count read as the largest int32, above
-    every valid index since numel < 2^31)."""
-    ranks = words.shape[0]
+def _tile_starts(through: torch.Tensor, used: torch.Tensor, num_tiles: int) -> torch.Tensor:
+    """[W, num_tiles + 1] int64: where each tile's entries begin in each row, by binary search
+    of the running maximum (slots past the count read as the largest int32, above every valid
+    index since numel < 2^31)."""
     largest = torch.iinfo(torch.int32).max
-    counts = words[:, 5].clamp(0, capacity)
-    slot = torch.arange(capacity, device=words.device, dtype=torch.int32)
-    indices = torch.where(slot[None, :] < counts[:, None],
-                          words[:, _HEADER_WORDS:_HEADER_WORDS + capacity], largest)
-    bounds = (torch.arange(num_tiles + 1, device=words.device, dtype=torch.int64) * TILE)
+    keys = torch.where(used, through, largest)
+    bounds = torch.arange(num_tiles + 1, device=keys.device, dtype=torch.int64) * TILE
     bounds = bounds.clamp(max=largest).to(torch.int32)
-    return torch.searchsorted(indices, bounds.expand(ranks, -1).contiguous())
+    return torch.searchsorted(keys, bounds.expand(keys.shape[0], -1).contiguous())
 
 
 def merge(out: torch.Tensor, buffers: torch.Tensor, capacity: int, value_dtype: torch.dtype,
           accumulate: bool, average: bool, errors: torch.Tensor) -> None:
     n = out.numel()
     ranks = buffers.shape[0]
+    words, values = _typed_views(buffers, value_dtype)
+    through, before, used = _running_highest(words, capacity, n)
     # Count bad rows and entries once (the merge skips the same entries without counting).
-    _launch_scatter(buffers, n, capacity, value_dtype, out, _CHECK, errors)
+    _launch_scatter(buffers, n, capacity, value_dtype, out, _CHECK, errors, before)
     if n == 0:
         return
     in_place = out.dtype == torch.float32 and not accumulate
     scratch = out if in_place else torch.empty(n, dtype=torch.float32, device=out.device)
     num_tiles = triton.cdiv(n, TILE)
-    words, values = _typed_views(buffers, value_dtype)
-    starts = _tile_starts(words, capacity, n, num_tiles)
+    starts = _tile_starts(through, used, num_tiles)
     strides, header = _row_args(n, capacity, value_dtype)
     _merge_kernel[(num_tiles,)](
-        words, values, starts, *strides, scratch, out, n, capacity, num_tiles, ranks,
+        words, values, before, starts, *strides, scratch, out, n, capacity, num_tiles, ranks,
         **header, RANKS=ranks, AVERAGE=average, ACCUMULATE=accumulate,
         OUT_CODE=WIRE_CODE[out.dtype], TILE=TILE, CHUNK=CHUNK, num_warps=8)
