@@ -23,14 +23,16 @@ if [ -f setup.py ] && grep -q "cmake" setup.py 2>/dev/null; then
 fi
 
 # FULL_SUITE=1 runs every test on the GPU (several minutes: each Triton variant compiles);
-# by default the GPU-only tests and the look-back test.
-TESTS="tests/test_gpu.py tests/test_lookback.py"
+# by default the GPU-only tests, the look-back and custom-op tests.
+TESTS="${TESTS:-tests/test_gpu.py tests/test_lookback.py tests/test_library.py}"
 [ -n "${FULL_SUITE:-}" ] && TESTS="tests"
 timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider $TESTS 2>&1 \
   | tee "$OUT/pytest.log" | tail -25
 
-timeout 60 "$PY" bench/sweep_blocks.py --out "$OUT" 2>&1 | tee "$OUT/sweep.log" | tail -12
-timeout 30 "$PY" bench/profile_host.py > "$OUT/profile.log" 2>&1; head -60 "$OUT/profile.log"
+if [ -z "${SKIP_SWEEP:-}" ]; then
+  timeout 60 "$PY" bench/sweep_blocks.py --out "$OUT" 2>&1 | tee "$OUT/sweep.log" | tail -12
+  timeout 30 "$PY" bench/profile_host.py > "$OUT/profile.log" 2>&1; head -60 "$OUT/profile.log"
+fi
 
 if [ "$QUICK" = "--quick" ]; then
   timeout 100 "$PY" bench/run.py --sizes 16 20 24 28 --ratios 0.01 --out "$OUT" 2>&1 | tee "$OUT/bench.log"
