@@ -56,39 +56,39 @@ def _(x, thresholds, offsets, seg_dev, residual, backend):
     return x.new_empty((), dtype=torch.int64)
 
 
-@torch.library.custom_op("dct_kernels::compress_into", mutates_args=("residual", "buffer"))
-def compress_into(x: torch.Tensor, thresholds: torch.Tensor, offsets: List[int],
+@torch.library.custom_op("dct_kernels::compress", mutates_args=("residual", "buffer"))
+def compress(x: torch.Tensor, thresholds: torch.Tensor, offsets: List[int],
                   seg_dev: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                   buffer: torch.Tensor, capacity: int, value_code: int, backend: str) -> None:
     payload = _payload_view(buffer, x.numel(), capacity, value_code, x.dtype)
     _run(backend, x.device, "compress", x, thresholds, offsets, seg_dev, residual, payload)
 
 
-@compress_into.register_fake
+@compress.register_fake
 def _(x, thresholds, offsets, seg_dev, residual, buffer, capacity, value_code, backend):
     return None
 
 
-@torch.library.custom_op("dct_kernels::scatter", mutates_args=("out", "errors"))
-def scatter(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
+@torch.library.custom_op("dct_kernels::decompress", mutates_args=("out", "errors"))
+def decompress(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
             value_code: int, accumulate: bool, errors: torch.Tensor, backend: str) -> None:
-    _run(backend, out.device, "scatter", out, buffer, numel, capacity,
+    _run(backend, out.device, "decompress", out, buffer, numel, capacity,
          _DTYPE_OF_CODE[value_code], accumulate, errors)
 
 
-@scatter.register_fake
+@decompress.register_fake
 def _(out, buffer, numel, capacity, value_code, accumulate, errors, backend):
     return None
 
 
-@torch.library.custom_op("dct_kernels::merge", mutates_args=("out", "errors"))
-def merge(out: torch.Tensor, buffers: torch.Tensor, capacity: int, value_code: int,
+@torch.library.custom_op("dct_kernels::decompress_many", mutates_args=("out", "errors"))
+def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int, value_code: int,
           accumulate: bool, average: bool, errors: torch.Tensor, backend: str) -> None:
-    _run(backend, out.device, "merge", out, buffers, capacity, _DTYPE_OF_CODE[value_code],
+    _run(backend, out.device, "decompress_many", out, buffers, capacity, _DTYPE_OF_CODE[value_code],
          accumulate, average, errors)
 
 
-@merge.register_fake
+@decompress_many.register_fake
 def _(out, buffers, capacity, value_code, accumulate, average, errors, backend):
     return None
 

@@ -283,8 +283,8 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
         capacity = int(library.count_kept(flat, thresholds, offsets, seg_dev, residual_flat,
                                           impl.NAME))
     payload = wire.new_payload(numel, capacity, value_dtype, tuple(x.shape), x.dtype, device)
-    library.compress_into(flat, thresholds, offsets, seg_dev, residual_flat, payload.buffer,
-                          capacity, wire.value_code(value_dtype), impl.NAME)
+    library.compress(flat, thresholds, offsets, seg_dev, residual_flat, payload.buffer,
+                     capacity, wire.value_code(value_dtype), impl.NAME)
     return payload
 
 
@@ -328,8 +328,8 @@ def decompress(payload: SparsePayload, *, out: Optional[torch.Tensor] = None,
     if validate:
         _raise_invalid(check_rows(payload.buffer[None], payload.numel, payload.capacity,
                                   payload.value_dtype), "payload")
-    library.scatter(out.view(-1), payload.buffer, payload.numel, payload.capacity,
-                    wire.value_code(payload.value_dtype), accumulate, counter, impl.NAME)
+    library.decompress(out.view(-1), payload.buffer, payload.numel, payload.capacity,
+                       wire.value_code(payload.value_dtype), accumulate, counter, impl.NAME)
     return out
 
 
@@ -398,8 +398,8 @@ def decompress_many(buffers: torch.Tensor, *, out: torch.Tensor, accumulate: boo
     impl = resolve(backend, device)
     if validate:
         _raise_invalid(check_rows(buffers, out.numel(), capacity, value_dtype), "buffers")
-    library.merge(out.view(-1), buffers, capacity, wire.value_code(value_dtype), accumulate,
-                  average, counter, impl.NAME)
+    library.decompress_many(out.view(-1), buffers, capacity, wire.value_code(value_dtype),
+                            accumulate, average, counter, impl.NAME)
     return out
 
 

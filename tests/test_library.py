@@ -33,10 +33,10 @@ def test_opcheck_every_op(backend_device):
     cases = [
         (library.select_threshold, (x, [50], offsets, backend)),
         (library.count_kept, (x, thresholds, offsets, None, residual, backend)),
-        (library.compress_into, (x, thresholds, offsets, None, residual.clone(), buffer.clone(),
+        (library.compress, (x, thresholds, offsets, None, residual.clone(), buffer.clone(),
                                  capacity, 0, backend)),
-        (library.scatter, (out, buffer, n, capacity, 0, False, errors, backend)),
-        (library.merge, (out, torch.stack([buffer, buffer]), capacity, 0, False, True, errors,
+        (library.decompress, (out, buffer, n, capacity, 0, False, errors, backend)),
+        (library.decompress_many, (out, torch.stack([buffer, buffer]), capacity, 0, False, True, errors,
                          backend)),
         (library.compress_rows, (rows, 7, 0, backend)),
         (library.decompress_rows, (ri, rv, torch.empty_like(rows), backend)),

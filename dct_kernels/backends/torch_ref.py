@@ -86,7 +86,7 @@ def _valid_entries(buffer_rows: torch.Tensor, numel: int, capacity: int,
     return out
 
 
-def scatter(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
+def decompress(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
             value_dtype: torch.dtype, accumulate: bool, errors: torch.Tensor) -> None:
     (idx, val), = _valid_entries(buffer[None], numel, capacity, value_dtype, errors)
     if accumulate:
@@ -96,7 +96,7 @@ def scatter(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
         out[idx] = val.to(out.dtype)
 
 
-def merge(out: torch.Tensor, buffers: torch.Tensor, capacity: int, value_dtype: torch.dtype,
+def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int, value_dtype: torch.dtype,
           accumulate: bool, average: bool, errors: torch.Tensor) -> None:
     numel = out.numel()
     total = torch.zeros(numel, dtype=torch.float32, device=out.device)

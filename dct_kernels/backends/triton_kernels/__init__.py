@@ -1,9 +1,10 @@
 """Backend "triton": Triton kernels for every op, one file per kernel family.
 
-- ``select``: exact radix select of the k-th largest magnitude (histogram passes on the device).
-- ``compact``: single-pass, index-ordered compaction into the wire buffer with the error-feedback
+- ``select_threshold``: exact radix select of the k-th largest magnitude (histogram passes on the device).
+- ``compress``: single-pass, index-ordered compaction into the wire buffer with the error-feedback
   residual update fused in (decoupled look-back across tiles).
-- ``scatter``: decompress and the rank-ordered decompress_many, with device-side payload checks.
+- ``decompress``: decompress and the rank-ordered merge of decompress_many, with device-side
+  payload checks.
 - ``rows``: per-row top-k for compress_rows, decompress_rows and gather_rows.
 
 Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (for tests).
@@ -13,15 +14,17 @@ import torch
 import triton  # noqa: F401  (ImportError here means "not installed")
 
 from .. import triton_interpreting
-from .compact import compress, count_kept
+# The backend functions shadow their modules' names here; tools that tune a module's tile sizes
+# reach it with importlib.import_module("dct_kernels.backends.triton_kernels.<op>").
+from .compress import compress, count_kept
+from .decompress import decompress, decompress_many
 from .rows import compress_rows, decompress_rows, gather_rows
-from .scatter import merge, scatter
-from .select import select_threshold
+from .select_threshold import select_threshold
 
 NAME = "triton"
 
-__all__ = ["compress", "count_kept", "compress_rows", "decompress_rows", "gather_rows", "merge",
-           "scatter", "select_threshold", "available", "NAME"]
+__all__ = ["compress", "count_kept", "compress_rows", "decompress", "decompress_many",
+           "decompress_rows", "gather_rows", "select_threshold", "available", "NAME"]
 
 
 def available() -> str:

@@ -161,7 +161,7 @@ def _launch_scatter(buffers, numel, capacity, value_dtype, out, mode, errors, be
                           num_warps=4)
 
 
-def scatter(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
+def decompress(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
             value_dtype: torch.dtype, accumulate: bool, errors: torch.Tensor) -> None:
     if not accumulate:
         out.zero_()
@@ -180,7 +180,7 @@ def _tile_starts(through: torch.Tensor, used: torch.Tensor, num_tiles: int) -> t
     return torch.searchsorted(keys, bounds.expand(keys.shape[0], -1).contiguous())
 
 
-def merge(out: torch.Tensor, buffers: torch.Tensor, capacity: int, value_dtype: torch.dtype,
+def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int, value_dtype: torch.dtype,
           accumulate: bool, average: bool, errors: torch.Tensor) -> None:
     n = out.numel()
     ranks = buffers.shape[0]
