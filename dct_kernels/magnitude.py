@@ -36,10 +36,19 @@ def keys_to_values(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return keys.to(_BITS_DTYPE[dtype]).view(dtype)
 
 
+# The one NaN bit pattern put on the wire (positive quiet NaN), so every backend writes the
+# same bytes whatever NaN payload the data carried.
+CANONICAL_NAN_BITS = {torch.float32: 0x7FC00000, torch.float16: 0x7E00, torch.bfloat16: 0x7FC0}
+
+
 def saturating_cast(values_f32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 -> wire dtype; finite values clamp to the largest finite value, inf/NaN pass."""
+    """fp32 -> wire dtype; finite values clamp to the largest finite value, inf passes, NaN
+    becomes the canonical NaN."""
     if dtype == torch.float32:
-        return values_f32.clone()
-    limit = torch.finfo(dtype).max
-    clamped = values_f32.clamp(-limit, limit)
-    return torch.where(torch.isfinite(values_f32), clamped, values_f32).to(dtype)
+        out = values_f32.clone()
+    else:
+        limit = torch.finfo(dtype).max
+        clamped = values_f32.clamp(-limit, limit)
+        out = torch.where(torch.isfinite(values_f32), clamped, values_f32).to(dtype)
+    nan = torch.tensor(CANONICAL_NAN_BITS[dtype], dtype=_BITS_DTYPE[dtype]).view(dtype)
+    return torch.where(torch.isnan(values_f32), nan.to(out.device), out)

@@ -7,8 +7,8 @@ Every op takes ``backend=None`` ("cuda", "triton" or "torch"; see ``available_ba
 Semantics are identical on every backend; DESIGN.md section 3 is the contract.
 """
 
-import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+import numbers
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -47,12 +47,20 @@ def _check_numel(x: torch.Tensor, name: str) -> None:
 
 
 def _check_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, torch.Tensor) and value.dim() == 0 and \
-                not value.dtype.is_floating_point and value.dtype != torch.bool:
-            return int(value)
+    """An int from an int, a numpy integer or a 0-d integer tensor."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and \
+            not value.dtype.is_floating_point and value.dtype != torch.bool:
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    return value
+    return int(value)
+
+
+def _check_capacity(capacity) -> int:
+    capacity = _check_int(capacity, "capacity")
+    if not 0 <= capacity <= wire.MAX_NUMEL:
+        raise ValueError(f"capacity: must be in [0, 2^31 - 1], got {capacity}")
+    return capacity
 
 
 def _check_value_dtype(value_dtype, x_dtype: torch.dtype) -> torch.dtype:
@@ -101,6 +109,18 @@ def _check_k(k, offsets: List[int], segmented: bool) -> List[int]:
     return ks
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of two tensors on one device intersect (not checked while
+    torch.compile traces, where tensors have no addresses)."""
+    if torch.compiler.is_compiling() or a.device != b.device or a.numel() == 0 or \
+            b.numel() == 0:
+        return False
+    a_start, b_start = a.data_ptr(), b.data_ptr()
+    a_end = a_start + a.numel() * a.element_size()
+    b_end = b_start + b.numel() * b.element_size()
+    return a_start < b_end and b_start < a_end
+
+
 def _whole(numel: int) -> List[int]:
     return [0, numel]
 
@@ -113,13 +133,18 @@ def _thresholds(threshold, num_segments: int, device: torch.device) -> torch.Ten
     """fp32 [S] thresholds on ``device`` (a single one broadcast to every segment)."""
     if isinstance(threshold, bool):
         raise TypeError("threshold: expected a float or a floating-point tensor, got bool")
-    if isinstance(threshold, (int, float)):
+    if isinstance(threshold, numbers.Real):
         return torch.full((num_segments,), float(threshold), dtype=torch.float32, device=device)
     if not isinstance(threshold, torch.Tensor):
         raise TypeError(f"threshold: expected a float or a tensor, got {type(threshold).__name__}")
     if not threshold.dtype.is_floating_point:
         raise TypeError(f"threshold: expected a floating-point tensor, got {threshold.dtype}")
-    if threshold.dim() == 0 or (num_segments == 1 and tuple(threshold.shape) == (1,)):
+    if threshold.device != device and threshold.device.type != "cpu":
+        # A host threshold is copied over; reading a device one from elsewhere would race.
+        raise ValueError(f"threshold: expected a tensor on {device} (like x) or on the CPU, "
+                         f"got {threshold.device}")
+    threshold = threshold.detach()
+    if threshold.dim() == 0 or tuple(threshold.shape) == (1,):
         t = threshold.reshape(1).to(device=device, dtype=torch.float32, non_blocking=True)
         return t.expand(num_segments).contiguous()
     if threshold.dim() != 1 or threshold.numel() != num_segments:
@@ -211,7 +236,8 @@ def select_threshold(x: torch.Tensor, k, *, segments: Optional[torch.Tensor] = N
     impl = resolve(backend, x.device)
     if impl.NAME != "torch":
         _check_numel(x, "x")
-    thresholds = library.select_threshold(x.contiguous().view(-1), ks, offsets, impl.NAME)
+    thresholds = library.select_threshold(x.detach().contiguous().view(-1), ks, offsets,
+                                          impl.NAME)
     return thresholds if segmented else thresholds[0]
 
 
@@ -254,11 +280,7 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
     offsets = _check_segments(segments, numel) if segmented else _whole(numel)
     num_segments = len(offsets) - 1
     if capacity is not None:
-        capacity = _check_int(capacity, "capacity")
-        if capacity < 0:
-            raise ValueError(f"capacity: must be >= 0, got {capacity}")
-        if capacity > wire.MAX_NUMEL:
-            raise ValueError(f"capacity: at most 2^31 - 1, got {capacity}")
+        capacity = _check_capacity(capacity)
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
             raise TypeError(f"residual: expected a torch.Tensor, got {type(residual).__name__}")
@@ -272,12 +294,15 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
                              f"got {residual.numel()}")
         if not residual.is_contiguous():
             raise ValueError("residual: must be contiguous (it is updated in place)")
+        if _overlap(residual, x) and not (residual.data_ptr() == x.data_ptr()
+                                          and residual.dtype == x.dtype):
+            raise ValueError("residual: must not overlap x (other than being x itself)")
     impl = resolve(backend, device)
-    flat = x.contiguous().view(-1)
-    residual_flat = residual.view(-1) if residual is not None else None
+    thresholds = _thresholds(threshold, num_segments, device)
+    flat = x.detach().contiguous().view(-1)
+    residual_flat = residual.detach().view(-1) if residual is not None else None
     if numel == 0:
         return wire.new_payload(0, capacity or 0, value_dtype, tuple(x.shape), x.dtype, device)
-    thresholds = _thresholds(threshold, num_segments, device)
     seg_dev = _device_offsets(offsets, device) if segmented else None
     if capacity is None:
         capacity = int(library.count_kept(flat, thresholds, offsets, seg_dev, residual_flat,
@@ -337,9 +362,7 @@ def _buffers_config(buffers: torch.Tensor, capacity, value_dtype) -> Tuple[int, 
     if capacity is not None or value_dtype is not None:
         if capacity is None or value_dtype is None:
             raise ValueError("capacity, value_dtype: give both or neither")
-        capacity = _check_int(capacity, "capacity")
-        if capacity < 0:
-            raise ValueError(f"capacity: must be >= 0, got {capacity}")
+        capacity = _check_capacity(capacity)
         value_dtype = _check_value_dtype(value_dtype, torch.float32)
     else:
         header = wire.Header.parse(buffers[0, :wire.HEADER_BYTES].cpu().numpy().tobytes())
@@ -425,7 +448,7 @@ def compress_rows(x: torch.Tensor, k: int, *, value_dtype: Optional[torch.dtype]
         raise ValueError(f"k: must satisfy 1 <= k <= D ({columns}), got {k}")
     value_dtype = _check_value_dtype(value_dtype, x.dtype)
     impl = resolve(backend, x.device)
-    indices, values = library.compress_rows(x.contiguous(), k, wire.value_code(value_dtype),
+    indices, values = library.compress_rows(x.detach().contiguous(), k, wire.value_code(value_dtype),
                                             impl.NAME)
     return RowPayload(indices, values, (x.shape[0], columns), x.dtype)
 
@@ -479,4 +502,4 @@ def gather_rows(y: torch.Tensor, p: RowPayload, *, backend: Optional[str] = None
     if y.device != p.indices.device:
         raise ValueError(f"y: expected a tensor on {p.indices.device}, got {y.device}")
     impl = resolve(backend, y.device)
-    return library.gather_rows(y.contiguous(), p.indices.contiguous(), impl.NAME)
+    return library.gather_rows(y.detach().contiguous(), p.indices.contiguous(), impl.NAME)

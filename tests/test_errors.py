@@ -17,6 +17,7 @@ import torch
 import dct_kernels
 import oracle
 from dct_kernels import RowPayload
+from helpers import assert_bitwise_equal
 
 D = dct_kernels
 
@@ -190,3 +191,46 @@ def test_available_backends():
     assert all(isinstance(reason, str) and reason for reason in backends.values())
     assert backends["torch"] == "available"
     assert backends["triton"] == "available"  # on the GPU, or interpreted on the CPU
+
+
+def test_residual_overlapping_x_is_rejected():
+    buffer = torch.randn(2000)
+    with pytest.raises(ValueError, match="residual"):
+        dct_kernels.compress(buffer[:1000], 1.0, residual=buffer[1:1001])
+
+
+def test_numpy_scalars_and_single_thresholds_are_accepted(backend_device):
+    """numpy integers/floats work where ints/floats do, and a one-element threshold applies to
+    every segment, as a 0-d one does."""
+    import numpy as np
+
+    backend, device = backend_device
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(5)).to(device)
+    segments = torch.tensor([0, 1000, 3000], device=device)
+    tau = dct_kernels.select_threshold(x, np.int64(30), backend=backend)
+    assert_bitwise_equal(tau, dct_kernels.select_threshold(x, 30, backend=backend))
+    a = dct_kernels.compress(x, np.float32(1.5), capacity=np.int32(500), backend=backend)
+    b = dct_kernels.compress(x, 1.5, capacity=500, backend=backend)
+    assert_bitwise_equal(a.buffer, b.buffer)
+    one = dct_kernels.compress(x, torch.tensor([1.5]), segments=segments, backend=backend)
+    assert_bitwise_equal(one.buffer, dct_kernels.compress(x, 1.5, backend=backend).buffer)
+
+
+def test_nan_goes_on_the_wire_as_the_canonical_nan(backend_device):
+    """Whatever NaN payload the data carries, every backend writes the same bytes."""
+    backend, device = backend_device
+    bits = torch.tensor([0x7FC01234, 0xFFC01234 - (1 << 32), 0x7F800001, 0x3F800000],
+                        dtype=torch.int32)
+    x = bits.view(torch.float32).repeat(50).to(device)
+    canonical = {torch.float32: (torch.int32, 0x7FC00000), torch.float16: (torch.int16, 0x7E00),
+                 torch.bfloat16: (torch.int16, 0x7FC0)}
+    for value_dtype, (bits_dtype, nan_bits) in canonical.items():
+        p = dct_kernels.compress(x, 0.5, value_dtype=value_dtype, backend=backend)
+        sent = p.values[:int(p.count)].cpu()
+        nan = torch.isnan(sent)
+        assert int(nan.sum()) == 150
+        assert bool((sent.view(bits_dtype)[nan] == nan_bits).all()), value_dtype
+        rows = dct_kernels.compress_rows(x.view(20, 10), 8, value_dtype=value_dtype,
+                                         backend=backend)
+        row_nan = torch.isnan(rows.values.cpu())
+        assert bool((rows.values.cpu().view(bits_dtype)[row_nan] == nan_bits).all())

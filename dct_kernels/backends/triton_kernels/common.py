@@ -51,12 +51,11 @@ def to_f32(v):
 @triton.jit
 def f32_to_bf16(v):
     """Round-to-nearest-even fp32 -> bf16 done on the bits, so the interpreter (which
-    truncates) and the GPU agree with torch; NaN stays NaN."""
+    truncates) and the GPU agree with torch; every NaN becomes the canonical 0x7FC0."""
     u = v.to(tl.uint32, bitcast=True)
     rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    quiet_nan = (u >> 16) | 0x40
     is_nan = (u & 0x7FFFFFFF) > 0x7F800000
-    return tl.where(is_nan, quiet_nan, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(is_nan, 0x7FC0, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -72,13 +71,17 @@ def f32_to(v, CODE: tl.constexpr):
 
 @triton.jit
 def to_wire(v, CODE: tl.constexpr):
-    """fp32 -> wire dtype; finite values saturate at the wire's largest finite value."""
+    """fp32 -> wire dtype; finite values saturate at the wire's largest finite value, inf
+    passes, every NaN becomes the canonical NaN (as ``magnitude.saturating_cast``)."""
+    finite = tl.abs(v) < float("inf")
+    is_nan = v != v
     if CODE == 1:
-        finite = tl.abs(v) < float("inf")
-        return f32_to(tl.where(finite, tl.minimum(tl.maximum(v, -65504.0), 65504.0), v), 1)
+        wire = f32_to(tl.where(finite, tl.minimum(tl.maximum(v, -65504.0), 65504.0), v), 1)
+        nan = tl.full(v.shape, 0x7E00, tl.int16).to(tl.float16, bitcast=True)
+        return tl.where(is_nan, nan, wire)
     elif CODE == 2:
-        finite = tl.abs(v) < float("inf")
         limit = 3.3895313892515355e38
         return f32_to(tl.where(finite, tl.minimum(tl.maximum(v, -limit), limit), v), 2)
     else:
-        return v
+        nan = tl.full(v.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
+        return tl.where(is_nan, nan, v)

@@ -79,10 +79,10 @@ def _scatter_kernel(words_ptr, values_ptr, before_ptr, row_words, row_values, va
         tl.store(target, f32_to(value, OUT_CODE), mask=valid)
 
 
-@triton.jit(do_not_specialize=["ranks"])
+@triton.jit(do_not_specialize=["row_words", "row_values", "capacity", "num_tiles"])
 def _merge_kernel(words_ptr, values_ptr, before_ptr, starts_ptr, row_words, row_values,
                   values_start,
-                  scratch_ptr, out_ptr, n, capacity, num_tiles, ranks,
+                  scratch_ptr, out_ptr, n, capacity, num_tiles,
                   MAGIC: tl.constexpr, VERSION_CODES: tl.constexpr,
                   NUMEL_LO: tl.constexpr, NUMEL_HI: tl.constexpr, RANKS: tl.constexpr,
                   AVERAGE: tl.constexpr, ACCUMULATE: tl.constexpr, OUT_CODE: tl.constexpr,
@@ -93,19 +93,22 @@ def _merge_kernel(words_ptr, values_ptr, before_ptr, starts_ptr, row_words, row_
     inside = offs < n
     tl.store(scratch_ptr + offs, tl.zeros((TILE,), dtype=tl.float32), mask=inside)
     tl.debug_barrier()
+    # Row offsets in int64: W x nbytes can exceed 2^31.
+    row_words, row_values = row_words.to(tl.int64), row_values.to(tl.int64)
+    capacity64 = capacity.to(tl.int64)
     for w in range(RANKS):
         header = words_ptr + w * row_words
         header_ok, _, count = _row_header(header, capacity, MAGIC, VERSION_CODES,
                                           NUMEL_LO, NUMEL_HI)
-        lo = tl.load(starts_ptr + w * (num_tiles + 1) + tile)
-        hi = tl.load(starts_ptr + w * (num_tiles + 1) + tile + 1)
+        lo = tl.load(starts_ptr + w * (num_tiles + 1).to(tl.int64) + tile)
+        hi = tl.load(starts_ptr + w * (num_tiles + 1).to(tl.int64) + tile + 1)
         hi = tl.where(header_ok, tl.minimum(hi, count.to(tl.int64)), lo)
         entry = lo
         while entry < hi:
             i = entry + tl.arange(0, CHUNK)
             used = i < hi
             idx = tl.load(header + 8 + i, mask=used, other=-1)
-            highest_before = tl.load(before_ptr + w * capacity + i, mask=used, other=-1)
+            highest_before = tl.load(before_ptr + w * capacity64 + i, mask=used, other=-1)
             valid = (used & (idx >= first) & (idx < first + TILE) & (idx < n)
                      & (idx > highest_before))
             value = to_f32(tl.load(values_ptr + w * row_values + values_start + i,
@@ -116,7 +119,7 @@ def _merge_kernel(words_ptr, values_ptr, before_ptr, starts_ptr, row_words, row_
         tl.debug_barrier()  # rank w's additions are visible before rank w + 1 reads them
     total = tl.load(scratch_ptr + offs, mask=inside, other=0.0)
     if AVERAGE:
-        total = tl.math.div_rn(total, ranks.to(tl.float32))
+        total = tl.math.div_rn(total, tl.zeros_like(total) + RANKS)
     if ACCUMULATE:
         total = to_f32(tl.load(out_ptr + offs, mask=inside, other=0.0)) + total
     tl.store(out_ptr + offs, f32_to(total, OUT_CODE), mask=inside)
@@ -140,7 +143,7 @@ def _typed_views(buffers: torch.Tensor, value_dtype: torch.dtype):
 
 def _running_highest(words: torch.Tensor, capacity: int, numel: int):
     """(through, before) of ``wire_check.running_highest`` over each row's first ``count``
-    in-range indices (int32 [W, capacity]), and the clamped counts."""
+    in-range indices (int32 [W, capacity]), and the mask of the slots below each count."""
     counts = words[:, 5].clamp(0, capacity)
     indices = words[:, _HEADER_WORDS:_HEADER_WORDS + capacity]
     slot = torch.arange(capacity, device=words.device, dtype=torch.int32)
@@ -196,6 +199,6 @@ def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int, val
     starts = _tile_starts(through, used, num_tiles)
     strides, header = _row_args(n, capacity, value_dtype)
     _merge_kernel[(num_tiles,)](
-        words, values, before, starts, *strides, scratch, out, n, capacity, num_tiles, ranks,
+        words, values, before, starts, *strides, scratch, out, n, capacity, num_tiles,
         **header, RANKS=ranks, AVERAGE=average, ACCUMULATE=accumulate,
         OUT_CODE=WIRE_CODE[out.dtype], TILE=TILE, CHUNK=CHUNK, num_warps=8)
