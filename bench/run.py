@@ -40,13 +40,18 @@ def _percentiles(samples):
     return pick(0.2), statistics.median(s), pick(0.8)
 
 
-def time_op(fn, sets, device, min_reps=10, max_reps=200, budget_s=1.0):
-    """p20/p50/p80 milliseconds of fn(*set), cycling through the input sets."""
+def time_op(fn, sets, device, min_reps=10, max_reps=200, budget_s=1.0, setup=None):
+    """p20/p50/p80 milliseconds of fn(*set), cycling through the input sets. ``setup(*set)``,
+    when given, runs before each call, outside the timed region (e.g. to restore state that
+    fn updates in place)."""
+    setup = setup or (lambda *args: None)
     for i in range(3):
+        setup(*sets[i % len(sets)])
         fn(*sets[i % len(sets)])
     if device.type == "cuda":
         torch.cuda.synchronize()
     # Estimate one call to size the repetitions to the budget.
+    setup(*sets[0])
     t0 = time.perf_counter()
     fn(*sets[0])
     if device.type == "cuda":
@@ -56,6 +61,7 @@ def time_op(fn, sets, device, min_reps=10, max_reps=200, budget_s=1.0):
     samples = []
     for r in range(reps):
         args = sets[r % len(sets)]
+        setup(*args)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -113,15 +119,22 @@ def bench_compress(n, ratio, device, backends, with_residual):
         residual = random_tensor(n, device, seed=2 * s + 1) * 0.1
         threshold = torch.topk((x + residual).abs(), k).values[-1] if with_residual \
             else torch.topk(x.abs(), k).values[-1]
-        sets.append((x, residual if with_residual else None, threshold))
+        saved = residual.clone() if with_residual else None
+        sets.append((x, residual if with_residual else None, threshold, saved))
     op = "compress+residual" if with_residual else "compress"
     floor = (12 if with_residual else 4) * n + 8 * k
+
+    def restore(x, r, t, saved):
+        # Every call must see the same residual, or the kept fraction drifts away from k / n.
+        if r is not None:
+            r.copy_(saved)
     rows = []
     for b in backends:
-        fn = lambda x, r, t: dk.compress(x, t, residual=r, capacity=capacity, backend=b)  # noqa
-        rows.append((op, b, floor, time_op(fn, sets, device)))
+        fn = lambda x, r, t, _: dk.compress(x, t, residual=r, capacity=capacity,  # noqa
+                                            backend=b)
+        rows.append((op, b, floor, time_op(fn, sets, device, setup=restore)))
 
-    def torch_baseline(x, r, t):
+    def torch_baseline(x, r, t, _):
         acc = x + r if r is not None else x
         mask = acc.abs() >= t
         idx = mask.nonzero().squeeze(1)
@@ -129,7 +142,8 @@ def bench_compress(n, ratio, device, backends, with_residual):
         if r is not None:
             r.copy_(acc.masked_fill(mask, 0))
         return idx, vals
-    rows.append((op, "torch (abs,ge,nonzero,index)", floor, time_op(torch_baseline, sets, device)))
+    rows.append((op, "torch (abs,ge,nonzero,index)", floor,
+                 time_op(torch_baseline, sets, device, setup=restore)))
     return rows
 
 

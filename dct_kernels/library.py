@@ -14,9 +14,6 @@ import torch
 from . import payload as wire
 from .backends import resolve
 
-_DTYPE_OF_CODE = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
-
-
 def _run(backend: str, device: torch.device, function: str, *args):
     """Call ``function`` of the backend with ``device`` current (Triton launches on the current
     CUDA device, not on the device of its tensors)."""
@@ -28,7 +25,7 @@ def _run(backend: str, device: torch.device, function: str, *args):
 def _payload_view(buffer: torch.Tensor, numel: int, capacity: int,
                   value_code: int, dtype: torch.dtype) -> wire.SparsePayload:
     return wire.SparsePayload(buffer, numel=numel, capacity=capacity,
-                              value_dtype=_DTYPE_OF_CODE[value_code], shape=(numel,),
+                              value_dtype=wire.dtype_of_code(value_code), shape=(numel,),
                               dtype=dtype)
 
 
@@ -71,9 +68,9 @@ def _(x, thresholds, offsets, seg_dev, residual, buffer, capacity, value_code, b
 
 @torch.library.custom_op("dct_kernels::decompress", mutates_args=("out", "errors"))
 def decompress(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
-            value_code: int, accumulate: bool, errors: torch.Tensor, backend: str) -> None:
+               value_code: int, accumulate: bool, errors: torch.Tensor, backend: str) -> None:
     _run(backend, out.device, "decompress", out, buffer, numel, capacity,
-         _DTYPE_OF_CODE[value_code], accumulate, errors)
+         wire.dtype_of_code(value_code), accumulate, errors)
 
 
 @decompress.register_fake
@@ -83,9 +80,9 @@ def _(out, buffer, numel, capacity, value_code, accumulate, errors, backend):
 
 @torch.library.custom_op("dct_kernels::decompress_many", mutates_args=("out", "errors"))
 def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int, value_code: int,
-          accumulate: bool, average: bool, errors: torch.Tensor, backend: str) -> None:
-    _run(backend, out.device, "decompress_many", out, buffers, capacity, _DTYPE_OF_CODE[value_code],
-         accumulate, average, errors)
+                    accumulate: bool, average: bool, errors: torch.Tensor, backend: str) -> None:
+    _run(backend, out.device, "decompress_many", out, buffers, capacity,
+         wire.dtype_of_code(value_code), accumulate, average, errors)
 
 
 @decompress_many.register_fake
@@ -96,14 +93,14 @@ def _(out, buffers, capacity, value_code, accumulate, average, errors, backend):
 @torch.library.custom_op("dct_kernels::compress_rows", mutates_args=())
 def compress_rows(x: torch.Tensor, k: int, value_code: int,
                   backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _run(backend, x.device, "compress_rows", x, k, _DTYPE_OF_CODE[value_code])
+    return _run(backend, x.device, "compress_rows", x, k, wire.dtype_of_code(value_code))
 
 
 @compress_rows.register_fake
 def _(x, k, value_code, backend):
     rows, columns = x.shape
     return (x.new_empty((rows, k), dtype=wire.row_index_dtype(columns)),
-            x.new_empty((rows, k), dtype=_DTYPE_OF_CODE[value_code]))
+            x.new_empty((rows, k), dtype=wire.dtype_of_code(value_code)))
 
 
 @torch.library.custom_op("dct_kernels::decompress_rows", mutates_args=("out",))

@@ -18,6 +18,11 @@ def key_bits(dtype: torch.dtype) -> int:
     return 31 if dtype == torch.float32 else 15
 
 
+def key_constants(dtype: torch.dtype):
+    """(abs mask, bits of +inf, key bits) of a dtype, for kernels that compute keys."""
+    return _ABS_MASK[dtype], _INF_BITS[dtype], key_bits(dtype)
+
+
 def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
     """int32 keys of x (fp32/fp16/bf16), same shape."""
     bits = x.view(_BITS_DTYPE[x.dtype]).to(torch.int32) & _ABS_MASK[x.dtype]

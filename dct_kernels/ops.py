@@ -448,7 +448,8 @@ def compress_rows(x: torch.Tensor, k: int, *, value_dtype: Optional[torch.dtype]
         raise ValueError(f"k: must satisfy 1 <= k <= D ({columns}), got {k}")
     value_dtype = _check_value_dtype(value_dtype, x.dtype)
     impl = resolve(backend, x.device)
-    indices, values = library.compress_rows(x.detach().contiguous(), k, wire.value_code(value_dtype),
+    indices, values = library.compress_rows(x.detach().contiguous(), k,
+                                            wire.value_code(value_dtype),
                                             impl.NAME)
     return RowPayload(indices, values, (x.shape[0], columns), x.dtype)
 

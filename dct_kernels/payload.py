@@ -33,14 +33,9 @@ FORMAT_VERSION = 1
 HEADER_BYTES = 32
 INDEX_CODE_INT32 = 0
 
-# The header as eight little-endian int32 words; kernels read it this way.
+# Kernels read the header as eight little-endian int32 words: magic, version | codes,
+# numel low, numel high, capacity, count, overflow, reserved; the indices start at word 8.
 MAGIC_WORD = struct.unpack("<i", MAGIC)[0]
-WORD_VERSION_CODES = 1
-WORD_NUMEL_LO = 2
-WORD_NUMEL_HI = 3
-WORD_CAPACITY = 4
-WORD_COUNT = 5
-WORD_OVERFLOW = 6
 
 VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CODE_OF = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -50,10 +45,12 @@ MAX_NUMEL = 2**31 - 1  # indices are int32
 
 
 def value_code(dtype: torch.dtype) -> int:
+    """The wire's code for a value dtype (0 fp32, 1 fp16, 2 bf16)."""
     return _CODE_OF[dtype]
 
 
 def dtype_of_code(code: int) -> torch.dtype:
+    """The value dtype of a wire code (KeyError for an unknown code)."""
     return _DTYPE_OF[code]
 
 
@@ -64,8 +61,7 @@ def _round_up(n: int, multiple: int) -> int:
 def layout(capacity: int, value_dtype: torch.dtype) -> Tuple[int, int]:
     """Byte offset of the values and total buffer size for a payload of ``capacity`` slots."""
     values_offset = _round_up(HEADER_BYTES + 4 * capacity, 16)
-    itemsize = torch.empty((), dtype=value_dtype).element_size()
-    return values_offset, _round_up(values_offset + itemsize * capacity, 16)
+    return values_offset, _round_up(values_offset + value_dtype.itemsize * capacity, 16)
 
 
 def version_codes_word(value_dtype: torch.dtype) -> int:
@@ -86,6 +82,8 @@ def header_words(numel: int, capacity: int, value_dtype: torch.dtype) -> list:
 
 @dataclass(frozen=True)
 class Header:
+    """The fields of a wire buffer's 32-byte header, as read on the host."""
+
     magic: bytes
     version: int
     value_code: int
@@ -157,8 +155,7 @@ class SparsePayload:
 
     @property
     def values(self) -> torch.Tensor:
-        itemsize = torch.empty((), dtype=self.value_dtype).element_size()
-        end = self._values_offset + itemsize * self.capacity
+        end = self._values_offset + self.value_dtype.itemsize * self.capacity
         return self.buffer[self._values_offset:end].view(self.value_dtype)
 
     @property
@@ -201,6 +198,8 @@ class SparsePayload:
         if shape is None:
             shape = (header.numel,)
         shape = tuple(int(s) for s in shape)
+        if any(s < 0 for s in shape):
+            raise ValueError(f"shape: dimensions must be >= 0, got {shape}")
         n = 1
         for s in shape:
             n *= s
@@ -263,4 +262,5 @@ class RowPayload:
 
 
 def row_index_dtype(num_columns: int) -> torch.dtype:
+    """Column index dtype of a RowPayload: int16 when D <= 32768, else int32."""
     return torch.int16 if num_columns <= 32768 else torch.int32

@@ -25,7 +25,6 @@ from . import payload as wire
 @dataclass
 class RowCheck:
     problems: List[List[str]]      # per row, human-readable problems (empty when valid)
-    counts: torch.Tensor           # [W] int64, counts used (0 for an invalid header)
     entry_valid: torch.Tensor      # [W, capacity] bool, entries to use
     errors: int                    # what the device-side error counter would add
 
@@ -87,9 +86,10 @@ def check_rows(buffers: torch.Tensor, numel: int, capacity: int,
             errors += bad[w]
             problems[w].append(f"{bad[w]} of {counts[w]} indices out of [0, {numel}) or not "
                                "above the indices before them")
-    return RowCheck(problems, counts_t, valid, errors)
+    return RowCheck(problems, valid, errors)
 
 
 def describe(check: RowCheck) -> str:
+    """The first few rows' problems, for an error message."""
     parts = [f"row {w}: " + "; ".join(p) for w, p in enumerate(check.problems) if p]
     return ", ".join(parts[:4]) + (" ..." if len(parts) > 4 else "")

@@ -27,10 +27,6 @@ if HAS_GPU:
         BACKEND_DEVICES.append(("cuda", "cuda"))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
-
-
 def pytest_collection_modifyitems(config, items):
     if HAS_GPU:
         return

@@ -1,7 +1,21 @@
 """Backend registry: which implementations exist here, and which one an op uses.
 
-Backends are plain modules implementing the same functions (see ``torch_ref``); the op layer
-(``dct_kernels.ops``) validates inputs once and calls them.
+A backend is a plain module with ``NAME``, ``available() -> str`` ("available" or why not) and
+these functions, which receive inputs the op layer (``dct_kernels.ops``) has already validated,
+flattened and made contiguous; ``offsets`` is the host list of S+1 segment offsets (``[0, n]``
+without segments), ``thresholds`` an fp32 tensor of S, ``seg_dev`` the offsets on the device
+(or None without segments):
+
+- ``select_threshold(x, ks, offsets) -> [S] tensor`` in x's dtype;
+- ``count_kept(x, thresholds, offsets, seg_dev, residual) -> 0-d tensor``;
+- ``compress(x, thresholds, offsets, seg_dev, residual, payload)``: fills the payload's buffer
+  (written header already in place) and updates the residual;
+- ``decompress(out, buffer, numel, capacity, value_dtype, accumulate, errors)``;
+- ``decompress_many(out, buffers, capacity, value_dtype, accumulate, average, errors)``;
+- ``compress_rows(x, k, value_dtype) -> (indices, values)``;
+- ``decompress_rows(indices, values, out)``; ``gather_rows(y, indices) -> tensor``.
+
+``torch_ref`` is the reference implementation of that contract.
 """
 
 import importlib
@@ -36,8 +50,8 @@ def _load(name: str):
     else:
         try:
             module = importlib.import_module(".cuda_ext", __name__)
-        except ImportError as exc:
-            _reasons[name] = f"extension not built ({exc})"
+        except ImportError:
+            _reasons[name] = "extension not built (dct_kernels._cuda is missing)"
             return None
     reason = module.available()
     if reason != "available":

@@ -26,6 +26,7 @@ def _segment_lengths(offsets: List[int], device) -> torch.Tensor:
 
 
 def select_threshold(x: torch.Tensor, ks: List[int], offsets: List[int]) -> torch.Tensor:
+    """Per segment, the k-th largest magnitude key from a descending sort."""
     keys = magnitude_keys(x)
     kth = []
     for s, k in enumerate(ks):
@@ -46,11 +47,14 @@ def _kept_mask(acc: torch.Tensor, thresholds: torch.Tensor, offsets: List[int]) 
 
 
 def count_kept(x, thresholds, offsets, seg_dev, residual) -> torch.Tensor:
+    """How many entries of x (+ residual) reach their segment's threshold."""
     acc = _accumulate(x, residual)
     return _kept_mask(acc, thresholds, offsets).sum()
 
 
 def compress(x, thresholds, offsets, seg_dev, residual, payload: wire.SparsePayload) -> None:
+    """Kept entries in index order into the payload (the first ``capacity``); the residual
+    becomes acc minus what was sent (0 for a sent inf/NaN), all of acc elsewhere."""
     acc = _accumulate(x, residual)
     kept = torch.nonzero(_kept_mask(acc, thresholds, offsets)).flatten()
     sent = kept[:payload.capacity]
@@ -75,7 +79,7 @@ def _valid_entries(buffer_rows: torch.Tensor, numel: int, capacity: int,
     if check.errors:
         errors.add_(check.errors)
     values_offset, _ = wire.layout(capacity, value_dtype)
-    itemsize = torch.empty((), dtype=value_dtype).element_size()
+    itemsize = value_dtype.itemsize
     out = []
     for w in range(buffer_rows.shape[0]):
         row = buffer_rows[w]
@@ -87,7 +91,8 @@ def _valid_entries(buffer_rows: torch.Tensor, numel: int, capacity: int,
 
 
 def decompress(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
-            value_dtype: torch.dtype, accumulate: bool, errors: torch.Tensor) -> None:
+               value_dtype: torch.dtype, accumulate: bool, errors: torch.Tensor) -> None:
+    """Overwrite out with the usable entries (zeros elsewhere), or add them in fp32."""
     (idx, val), = _valid_entries(buffer[None], numel, capacity, value_dtype, errors)
     if accumulate:
         out[idx] = (out[idx].to(torch.float32) + val).to(out.dtype)
@@ -96,8 +101,10 @@ def decompress(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: in
         out[idx] = val.to(out.dtype)
 
 
-def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int, value_dtype: torch.dtype,
-          accumulate: bool, average: bool, errors: torch.Tensor) -> None:
+def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int,
+                    value_dtype: torch.dtype, accumulate: bool, average: bool,
+                    errors: torch.Tensor) -> None:
+    """0 + d_0 + d_1 + ... in fp32 (rank order), / W, + out, one rounding to out's dtype."""
     numel = out.numel()
     total = torch.zeros(numel, dtype=torch.float32, device=out.device)
     for idx, val in _valid_entries(buffers, numel, capacity, value_dtype, errors):
@@ -112,6 +119,7 @@ def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int, val
 
 
 def compress_rows(x: torch.Tensor, k: int, value_dtype: torch.dtype):
+    """Per row, the k largest magnitudes (ties to the lower column), columns ascending."""
     keys = magnitude_keys(x)
     # A stable descending sort keeps lower columns first among equal magnitudes.
     order = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :k]
@@ -126,6 +134,7 @@ def _in_range(indices: torch.Tensor, columns: int):
 
 
 def decompress_rows(indices: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
+    """Zeros except the entries whose column is inside [0, D)."""
     idx, ok = _in_range(indices, out.shape[1])
     rows = torch.arange(out.shape[0], device=out.device)[:, None].expand_as(idx)
     out.zero_()
@@ -133,6 +142,7 @@ def decompress_rows(indices: torch.Tensor, values: torch.Tensor, out: torch.Tens
 
 
 def gather_rows(y: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """y at the given columns; 0 for a column outside [0, D)."""
     idx, ok = _in_range(indices, y.shape[1])
     picked = torch.gather(y, 1, torch.where(ok, idx, 0))
     return torch.where(ok, picked, torch.zeros_like(picked))

@@ -1,6 +1,7 @@
 """Backend "triton": Triton kernels for every op, one file per kernel family.
 
-- ``select_threshold``: exact radix select of the k-th largest magnitude (histogram passes on the device).
+- ``select_threshold``: exact radix select of the k-th largest magnitude (histogram passes on
+  the device).
 - ``compress``: single-pass, index-ordered compaction into the wire buffer with the error-feedback
   residual update fused in (decoupled look-back across tiles).
 - ``decompress``: decompress and the rank-ordered merge of decompress_many, with device-side

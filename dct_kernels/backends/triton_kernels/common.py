@@ -4,17 +4,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Per dense dtype: (integer type of its bits, abs mask, bits of +inf, key bits).
-_KEY_PARAMS = {
-    torch.float32: (tl.int32, 0x7FFFFFFF, 0x7F800000, 31),
-    torch.float16: (tl.int16, 0x7FFF, 0x7C00, 15),
-    torch.bfloat16: (tl.int16, 0x7FFF, 0x7F80, 15),
-}
-WIRE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+from ...magnitude import key_constants
 
 
 def key_params(dtype: torch.dtype):
-    return _KEY_PARAMS[dtype]
+    """(Triton integer type of the bits, abs mask, bits of +inf) for ``magnitude_key``."""
+    abs_mask, inf_bits, bits = key_constants(dtype)
+    return (tl.int32 if bits == 31 else tl.int16), abs_mask, inf_bits
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ... import payload as wire
-from .common import f32_key, threshold_key, to_f32, to_wire, WIRE_CODE
+from .common import f32_key, threshold_key, to_f32, to_wire
 
 # Elements per tile and warps per program (module attributes so bench/sweep_blocks.py can sweep
 # them). H100, n = 2^28 fp32, 1% kept: 4096/8 warps 3.96 ms with residual, 2.42 ms without;
@@ -145,4 +145,4 @@ def compress(x: torch.Tensor, thresholds: torch.Tensor, offsets: List[int],
         x, residual if residual is not None else x, thresholds, seg_ptr, num_segments, n,
         payload.capacity, payload.indices, payload.values, header, scan, ticket, num_tiles,
         HAS_RESIDUAL=residual is not None, SEARCH_STEPS=_search_steps(offsets),
-        WIRE=WIRE_CODE[payload.value_dtype], BLOCK=BLOCK, LOOKBACK=32, num_warps=NUM_WARPS)
+        WIRE=wire.value_code(payload.value_dtype), BLOCK=BLOCK, LOOKBACK=32, num_warps=NUM_WARPS)

@@ -14,7 +14,8 @@ rank 0's entries that fall in the tile, then rank 1's, and so on, with a barrier
 then divides, adds to ``out`` and rounds, while the tile is still in cache. Each rank's entries
 for a tile are found by binary search (``torch.searchsorted``) of its running maximum, which is
 sorted even in a corrupted buffer and equals the index at every usable entry. Tiles are
-disjoint and usable indices distinct, so there are no races and no float atomics: the sum is ``0 + d_0 + d_1 + ...`` in rank order, bitwise reproducible.
+disjoint and usable indices distinct, so there are no races and no float atomics: the sum is
+``0 + d_0 + d_1 + ...`` in rank order, bitwise reproducible.
 """
 
 import torch
@@ -23,7 +24,7 @@ import triton.language as tl
 
 from ... import payload as wire
 from ...wire_check import running_highest
-from .common import f32_to, to_f32, WIRE_CODE
+from .common import f32_to, to_f32
 
 BLOCK = 1024   # entries per program of the scatter / check kernel
 TILE = 4096    # outputs per program of the merge
@@ -128,7 +129,7 @@ def _merge_kernel(words_ptr, values_ptr, before_ptr, starts_ptr, row_words, row_
 def _row_args(numel, capacity, value_dtype):
     """Row strides, value offset and the expected header words, as kernel arguments."""
     values_offset, nbytes = wire.layout(capacity, value_dtype)
-    itemsize = torch.empty((), dtype=value_dtype).element_size()
+    itemsize = value_dtype.itemsize
     magic, version_codes, numel_lo, numel_hi = wire.header_words(numel, capacity,
                                                                  value_dtype)[:4]
     strides = (nbytes // 4, nbytes // itemsize, values_offset // itemsize)
@@ -160,12 +161,12 @@ def _launch_scatter(buffers, numel, capacity, value_dtype, out, mode, errors, be
     strides, header = _row_args(numel, capacity, value_dtype)
     grid = (max(1, triton.cdiv(capacity, BLOCK)), buffers.shape[0])
     _scatter_kernel[grid](words, values, before, *strides, out, numel, capacity, errors,
-                          **header, MODE=mode, OUT_CODE=WIRE_CODE[out.dtype], BLOCK=BLOCK,
+                          **header, MODE=mode, OUT_CODE=wire.value_code(out.dtype), BLOCK=BLOCK,
                           num_warps=4)
 
 
 def decompress(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
-            value_dtype: torch.dtype, accumulate: bool, errors: torch.Tensor) -> None:
+               value_dtype: torch.dtype, accumulate: bool, errors: torch.Tensor) -> None:
     if not accumulate:
         out.zero_()
     _launch_scatter(buffer[None], numel, capacity, value_dtype, out,
@@ -183,8 +184,9 @@ def _tile_starts(through: torch.Tensor, used: torch.Tensor, num_tiles: int) -> t
     return torch.searchsorted(keys, bounds.expand(keys.shape[0], -1).contiguous())
 
 
-def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int, value_dtype: torch.dtype,
-          accumulate: bool, average: bool, errors: torch.Tensor) -> None:
+def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int,
+                    value_dtype: torch.dtype, accumulate: bool, average: bool,
+                    errors: torch.Tensor) -> None:
     n = out.numel()
     ranks = buffers.shape[0]
     words, values = _typed_views(buffers, value_dtype)
@@ -201,4 +203,4 @@ def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int, val
     _merge_kernel[(num_tiles,)](
         words, values, before, starts, *strides, scratch, out, n, capacity, num_tiles,
         **header, RANKS=ranks, AVERAGE=average, ACCUMULATE=accumulate,
-        OUT_CODE=WIRE_CODE[out.dtype], TILE=TILE, CHUNK=CHUNK, num_warps=8)
+        OUT_CODE=wire.value_code(out.dtype), TILE=TILE, CHUNK=CHUNK, num_warps=8)

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ... import payload as wire
 from ...magnitude import key_bits
-from .common import f32_to, key_params, magnitude_key, to_f32, to_wire, WIRE_CODE
+from .common import f32_to, key_params, magnitude_key, to_f32, to_wire
 
 MAX_BLOCK = 4096
 
@@ -100,10 +100,10 @@ def compress_rows(x: torch.Tensor, k: int, value_dtype: torch.dtype):
     indices = torch.empty(rows, k, dtype=wire.row_index_dtype(columns), device=x.device)
     values = torch.empty(rows, k, dtype=value_dtype, device=x.device)
     if rows:
-        bits_type, abs_mask, inf_bits, _ = key_params(x.dtype)
+        bits_type, abs_mask, inf_bits = key_params(x.dtype)
         _compress_rows_kernel[(rows,)](
             x, columns, k, indices, values, BITS_TYPE=bits_type, ABS_MASK=abs_mask,
-            INF_BITS=inf_bits, KEY_BITS=key_bits(x.dtype), WIRE=WIRE_CODE[value_dtype],
+            INF_BITS=inf_bits, KEY_BITS=key_bits(x.dtype), WIRE=wire.value_code(value_dtype),
             BLOCK=_block(columns), NUM_CHUNKS=triton.cdiv(columns, _block(columns)), num_warps=8)
     return indices, values
 
@@ -114,7 +114,7 @@ def decompress_rows(indices: torch.Tensor, values: torch.Tensor, out: torch.Tens
     k = indices.shape[1]
     if rows and k:
         _decompress_rows_kernel[(rows,)](indices, values, out, columns, k,
-                                         OUT_CODE=WIRE_CODE[out.dtype], BLOCK=_block(k),
+                                         OUT_CODE=wire.value_code(out.dtype), BLOCK=_block(k),
                                          NUM_CHUNKS=triton.cdiv(k, _block(k)))
 
 

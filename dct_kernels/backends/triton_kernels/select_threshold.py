@@ -86,7 +86,7 @@ def select_threshold(x: torch.Tensor, ks: List[int], offsets: List[int]) -> torc
     state_host = np.zeros((num_segments, 2), dtype=np.int32)
     state_host[:, 1] = ks
     state = torch.from_numpy(state_host).to(device, non_blocking=True)
-    bits_type, abs_mask, inf_bits, _ = key_params(x.dtype)
+    bits_type, abs_mask, inf_bits = key_params(x.dtype)
     bits = key_bits(x.dtype)
     shifts = _digit_shifts(bits)
     hist = torch.zeros(len(shifts), num_segments, NUM_BINS, dtype=torch.int32, device=device)
