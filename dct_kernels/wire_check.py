@@ -33,11 +33,25 @@ class RowCheck:
         return self.errors == 0
 
 
-def running_highest(indices: torch.Tensor, usable: torch.Tensor):
+def running_highest(indices: torch.Tensor, usable: torch.Tensor, chunk: int = 1024):
     """Per slot of each row: (largest usable index up to and including it, largest usable
-    index strictly before it), -1 where there is none."""
+    index strictly before it), -1 where there is none.
+
+    A running maximum in two levels (within chunks of ``chunk`` slots, then across chunks), so
+    the scans run over many short rows: torch's CUDA scan gives each row one thread block,
+    which would leave all but W blocks idle on [W, capacity]."""
     keys = torch.where(usable, indices, torch.full_like(indices, -1))
-    through = torch.cummax(keys, dim=1).values
+    rows, capacity = keys.shape
+    if capacity <= chunk:
+        through = torch.cummax(keys, dim=1).values
+    else:
+        pad = (-capacity) % chunk
+        if pad:
+            keys = torch.cat([keys, keys.new_full((rows, pad), -1)], dim=1)
+        within = torch.cummax(keys.view(rows, -1, chunk), dim=2).values
+        earlier = torch.cummax(within[:, :, -1], dim=1).values
+        earlier = torch.cat([earlier.new_full((rows, 1), -1), earlier[:, :-1]], dim=1)
+        through = torch.maximum(within, earlier[:, :, None]).view(rows, -1)[:, :capacity]
     before = torch.cat([torch.full_like(through[:, :1], -1), through[:, :-1]], dim=1)
     return through, before
 
