@@ -65,15 +65,22 @@ def _compress_rows_kernel(x_ptr, columns, k, idx_ptr, val_ptr,
 
 
 @triton.jit
+def _payload_columns(idx_ptr, row, k, columns, chunk, BLOCK: tl.constexpr):
+    """Slots j of one chunk of a row's k entries, which of them exist, their columns, and
+    which columns lie inside [0, columns) (a payload is untrusted)."""
+    j = chunk * BLOCK + tl.arange(0, BLOCK)
+    used = j < k
+    col = tl.load(idx_ptr + row * k + j, mask=used, other=-1).to(tl.int64)
+    return j, used, col, used & (col >= 0) & (col < columns)
+
+
+@triton.jit
 def _decompress_rows_kernel(idx_ptr, val_ptr, out_ptr, columns, k,
                             OUT_CODE: tl.constexpr, BLOCK: tl.constexpr,
                             NUM_CHUNKS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     for chunk in range(NUM_CHUNKS):
-        j = chunk * BLOCK + tl.arange(0, BLOCK)
-        used = j < k
-        col = tl.load(idx_ptr + row * k + j, mask=used, other=-1).to(tl.int64)
-        ok = used & (col >= 0) & (col < columns)
+        j, _, col, ok = _payload_columns(idx_ptr, row, k, columns, chunk, BLOCK)
         value = to_f32(tl.load(val_ptr + row * k + j, mask=ok, other=0.0))
         tl.store(out_ptr + row * columns + col, f32_to(value, OUT_CODE), mask=ok)
 
@@ -83,10 +90,7 @@ def _gather_rows_kernel(y_ptr, idx_ptr, out_ptr, columns, k, BLOCK: tl.constexpr
                         NUM_CHUNKS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     for chunk in range(NUM_CHUNKS):
-        j = chunk * BLOCK + tl.arange(0, BLOCK)
-        used = j < k
-        col = tl.load(idx_ptr + row * k + j, mask=used, other=-1).to(tl.int64)
-        ok = used & (col >= 0) & (col < columns)
+        j, used, col, ok = _payload_columns(idx_ptr, row, k, columns, chunk, BLOCK)
         picked = tl.load(y_ptr + row * columns + col, mask=ok, other=0.0)
         tl.store(out_ptr + row * k + j, picked, mask=used)
 
