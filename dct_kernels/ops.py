@@ -252,7 +252,8 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
             order; a non-contiguous x is copied first).
         threshold: a float or 0-d tensor; with ``segments``, also a tensor of S thresholds.
             Compared in fp32 as ``|acc| >= threshold`` in magnitude order (a NaN threshold keeps
-            exactly the NaNs; NaN always passes; a negative threshold keeps everything).
+            exactly the NaNs; NaN always passes; a negative threshold keeps everything). A
+            tensor threshold lives on x's device or on the CPU.
         segments: optional int64 offsets (S+1, strictly rising from 0 to numel): element i uses
             its segment's threshold.
         residual: optional fp32 contiguous error-feedback buffer with x.numel() elements.
@@ -262,7 +263,8 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
             host: synchronizes), or an int >= 0 for a fixed-size payload (no synchronization);
             entries past the capacity stay in the residual and are counted in ``overflow``.
         value_dtype: wire dtype of the values (default x.dtype); fp16/bf16 saturate finite
-            values at their largest finite value.
+            values at their largest finite value; every NaN is sent as the wire dtype's
+            canonical quiet NaN, so all backends write the same bytes.
 
     Returns:
         A ``SparsePayload``: kept indices ascending, in one wire buffer.
