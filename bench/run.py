@@ -320,6 +320,8 @@ def main():
         json.dump(rows, f, indent=1)
     write_markdown(os.path.join(out_dir, "results.md"), rows, meta)
     plot(os.path.join(out_dir, "time_vs_n.png"), rows)
+    with open(os.path.join(out_dir, "results.md")) as f:
+        print("\n" + f.read())
     print(f"wrote {out_dir}")
 
 
