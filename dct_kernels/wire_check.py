@@ -33,6 +33,14 @@ class RowCheck:
         return self.errors == 0
 
 
+def usable_slots(indices: torch.Tensor, counts: torch.Tensor, numel: int):
+    """(used, usable) masks of [W, capacity] indices: the slots below each row's count, and
+    those of them whose index lies in [0, numel)."""
+    slot = torch.arange(indices.shape[1], device=indices.device)
+    used = slot[None, :] < counts[:, None]
+    return used, used & (indices >= 0) & (indices < numel)
+
+
 def running_highest(indices: torch.Tensor, usable: torch.Tensor, chunk: int = 1024):
     """Per slot of each row: (largest usable index up to and including it, largest usable
     index strictly before it), -1 where there is none.
@@ -91,8 +99,7 @@ def check_rows(buffers: torch.Tensor, numel: int, capacity: int,
     counts_t = torch.tensor(counts, dtype=torch.int64, device=device)
     index_bytes = buffers[:, wire.HEADER_BYTES:wire.HEADER_BYTES + 4 * capacity]
     indices = index_bytes.contiguous().view(torch.int32).to(torch.int64)
-    used = torch.arange(capacity, device=device)[None, :] < counts_t[:, None]
-    in_range = used & (indices >= 0) & (indices < numel)
+    used, in_range = usable_slots(indices, counts_t, numel)
     valid = in_range & (indices > running_highest(indices, in_range)[1])
     bad = (used & ~valid).sum(dim=1).cpu().tolist()
     for w in range(rows):

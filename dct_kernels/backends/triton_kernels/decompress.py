@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ... import payload as wire
-from ...wire_check import running_highest
+from ...wire_check import running_highest, usable_slots
 from .common import f32_to, to_f32
 
 BLOCK = 1024   # entries per program of the scatter / check kernel
@@ -147,9 +147,7 @@ def _running_highest(words: torch.Tensor, capacity: int, numel: int):
     in-range indices (int32 [W, capacity]), and the mask of the slots below each count."""
     counts = words[:, 5].clamp(0, capacity)
     indices = words[:, _HEADER_WORDS:_HEADER_WORDS + capacity]
-    slot = torch.arange(capacity, device=words.device, dtype=torch.int32)
-    used = slot[None, :] < counts[:, None]
-    usable = used & (indices >= 0) & (indices < numel)
+    used, usable = usable_slots(indices, counts, numel)
     through, before = running_highest(indices, usable)
     return through, before.contiguous(), used
 

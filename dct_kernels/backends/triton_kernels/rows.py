@@ -18,6 +18,16 @@ MAX_BLOCK = 4096
 
 
 @triton.jit
+def _row_keys(x_row, chunk, columns, BITS_TYPE: tl.constexpr, ABS_MASK: tl.constexpr,
+              INF_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Columns of one chunk of a row, which exist, their values and magnitude keys."""
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < columns
+    x = tl.load(x_row + cols, mask=inside, other=0.0)
+    return cols, inside, x, magnitude_key(x, BITS_TYPE, ABS_MASK, INF_BITS)
+
+
+@triton.jit
 def _compress_rows_kernel(x_ptr, columns, k, idx_ptr, val_ptr,
                           BITS_TYPE: tl.constexpr, ABS_MASK: tl.constexpr,
                           INF_BITS: tl.constexpr, KEY_BITS: tl.constexpr,
@@ -29,19 +39,15 @@ def _compress_rows_kernel(x_ptr, columns, k, idx_ptr, val_ptr,
         candidate = kth | (1 << (KEY_BITS - 1 - b))
         at_least = tl.zeros((), dtype=tl.int32)
         for chunk in range(NUM_CHUNKS):
-            cols = chunk * BLOCK + tl.arange(0, BLOCK)
-            inside = cols < columns
-            key = magnitude_key(tl.load(x_row + cols, mask=inside, other=0.0),
-                                BITS_TYPE, ABS_MASK, INF_BITS)
+            cols, inside, _, key = _row_keys(x_row, chunk, columns, BITS_TYPE, ABS_MASK,
+                                             INF_BITS, BLOCK)
             at_least += tl.sum((inside & (key >= candidate)).to(tl.int32), 0)
         kth = tl.where(at_least >= k, candidate, kth)
 
     above = tl.zeros((), dtype=tl.int32)
     for chunk in range(NUM_CHUNKS):
-        cols = chunk * BLOCK + tl.arange(0, BLOCK)
-        inside = cols < columns
-        key = magnitude_key(tl.load(x_row + cols, mask=inside, other=0.0),
-                            BITS_TYPE, ABS_MASK, INF_BITS)
+        cols, inside, _, key = _row_keys(x_row, chunk, columns, BITS_TYPE, ABS_MASK, INF_BITS,
+                                         BLOCK)
         above += tl.sum((inside & (key > kth)).to(tl.int32), 0)
     ties_wanted = k - above
 
@@ -49,10 +55,8 @@ def _compress_rows_kernel(x_ptr, columns, k, idx_ptr, val_ptr,
     ties_seen = tl.zeros((), dtype=tl.int32)
     out_row = row * k
     for chunk in range(NUM_CHUNKS):
-        cols = chunk * BLOCK + tl.arange(0, BLOCK)
-        inside = cols < columns
-        x = tl.load(x_row + cols, mask=inside, other=0.0)
-        key = magnitude_key(x, BITS_TYPE, ABS_MASK, INF_BITS)
+        cols, inside, x, key = _row_keys(x_row, chunk, columns, BITS_TYPE, ABS_MASK, INF_BITS,
+                                         BLOCK)
         tie = (inside & (key == kth)).to(tl.int32)
         tie_rank = ties_seen + tl.cumsum(tie, 0)
         keep = (inside & (key > kth)) | ((tie > 0) & (tie_rank <= ties_wanted))
