@@ -16,4 +16,8 @@ if ! python -c "import torch" 2>/dev/null; then
     pip install -q torch==2.13.0 || pip install -q "torch>=2.4"
   fi
 fi
+# Where nvcc is, build the CUDA extension and fail loudly if it does not build.
+if command -v nvcc >/dev/null 2>&1 || [ -n "${CUDA_HOME:-}" ]; then
+  export DCT_KERNELS_CUDA="${DCT_KERNELS_CUDA:-1}"
+fi
 pip install -q -e ".[test]"

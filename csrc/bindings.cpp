@@ -1,0 +1,145 @@
+// Python bindings of the CUDA core (module dct_kernels._cuda).
+//
+// Pointers arrive as integers (tensor.data_ptr()), streams as integers
+// (torch.cuda.Stream.cuda_stream); nothing here knows torch. A failed CUDA call or launch
+// raises RuntimeError naming the kernel and the CUDA error.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "dct_core.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename P>
+P* ptr(uintptr_t address) {
+  return reinterpret_cast<P*>(address);
+}
+
+cudaStream_t stream_of(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+dct::DType dtype_of(int code) {
+  if (code < 0 || code > 2) throw std::invalid_argument("dtype code must be 0, 1 or 2");
+  return static_cast<dct::DType>(code);
+}
+
+void check(const dct::Status& status) {
+  if (status.ok()) return;
+  cudaGetLastError();  // clear a non-sticky error so later calls are not blamed for it
+  throw std::runtime_error(std::string("dct_kernels CUDA core: ") + status.where + " failed: " +
+                           cudaGetErrorName(status.code) + ": " +
+                           cudaGetErrorString(status.code));
+}
+
+dct::CompressArgs compress_args(uintptr_t x, int dtype, int64_t n, uintptr_t residual,
+                                uintptr_t thresholds, uintptr_t offsets, int num_segments) {
+  dct::CompressArgs a;
+  a.x = ptr<const void>(x);
+  a.dtype = dtype_of(dtype);
+  a.n = n;
+  a.residual = ptr<float>(residual);
+  a.thresholds = ptr<const float>(thresholds);
+  a.offsets = ptr<const int64_t>(offsets);
+  a.num_segments = num_segments;
+  return a;
+}
+
+dct::PayloadRows payload_rows(uintptr_t buffers, int num_rows, int64_t row_bytes, int64_t numel,
+                              int64_t capacity, int value_dtype, py::tuple header) {
+  dct::PayloadRows p;
+  p.buffers = ptr<const uint8_t>(buffers);
+  p.num_rows = num_rows;
+  p.row_bytes = row_bytes;
+  p.numel = numel;
+  p.capacity = capacity;
+  p.value_dtype = dtype_of(value_dtype);
+  if (header.size() != 4) throw std::invalid_argument("header: expected 4 int32 words");
+  for (int i = 0; i < 4; ++i) p.expected_header[i] = header[i].cast<int32_t>();
+  return p;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "dct_kernels CUDA core: kernels over raw device pointers and a CUDA stream";
+
+  m.def("device_count", [] {
+    int count = 0;
+    check(dct::device_count(&count));
+    return count;
+  }, "Number of CUDA devices; RuntimeError naming the CUDA error when there is none usable.");
+
+  m.def("select_threshold_workspace_bytes", &dct::select_threshold_workspace_bytes);
+  m.def("select_threshold", [](uintptr_t x, int dtype, uintptr_t items, int num_items,
+                               uintptr_t ks, int num_segments, int64_t candidate_capacity,
+                               uintptr_t out, uintptr_t workspace, size_t workspace_bytes,
+                               uintptr_t stream) {
+    check(dct::select_threshold(ptr<const void>(x), dtype_of(dtype), ptr<const int64_t>(items),
+                                num_items, ptr<const int64_t>(ks), num_segments,
+                                candidate_capacity, ptr<void>(out), ptr<void>(workspace),
+                                workspace_bytes, stream_of(stream)));
+  });
+
+  m.def("count_kept", [](uintptr_t x, int dtype, int64_t n, uintptr_t residual,
+                         uintptr_t thresholds, uintptr_t offsets, int num_segments,
+                         uintptr_t count, uintptr_t stream) {
+    check(dct::count_kept(compress_args(x, dtype, n, residual, thresholds, offsets, num_segments),
+                          ptr<unsigned long long>(count), stream_of(stream)));
+  });
+
+  m.def("compress_workspace_bytes", &dct::compress_workspace_bytes);
+  m.def("compress", [](uintptr_t x, int dtype, int64_t n, uintptr_t residual,
+                       uintptr_t thresholds, uintptr_t offsets, int num_segments,
+                       uintptr_t payload, int64_t capacity, int value_dtype, uintptr_t workspace,
+                       size_t workspace_bytes, uintptr_t stream) {
+    check(dct::compress(compress_args(x, dtype, n, residual, thresholds, offsets, num_segments),
+                        ptr<uint8_t>(payload), capacity, dtype_of(value_dtype),
+                        ptr<void>(workspace), workspace_bytes, stream_of(stream)));
+  });
+
+  m.def("decompress_workspace_bytes", &dct::decompress_workspace_bytes);
+  m.def("decompress", [](uintptr_t buffers, int num_rows, int64_t row_bytes, int64_t numel,
+                         int64_t capacity, int value_dtype, py::tuple header, uintptr_t out,
+                         int out_dtype, bool accumulate, uintptr_t errors, uintptr_t workspace,
+                         size_t workspace_bytes, uintptr_t stream) {
+    check(dct::decompress(payload_rows(buffers, num_rows, row_bytes, numel, capacity,
+                                       value_dtype, header),
+                          ptr<void>(out), dtype_of(out_dtype), accumulate, ptr<int32_t>(errors),
+                          ptr<void>(workspace), workspace_bytes, stream_of(stream)));
+  });
+  m.def("decompress_many", [](uintptr_t buffers, int num_rows, int64_t row_bytes, int64_t numel,
+                              int64_t capacity, int value_dtype, py::tuple header, uintptr_t out,
+                              int out_dtype, bool accumulate, bool average, uintptr_t errors,
+                              uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+    check(dct::decompress_many(payload_rows(buffers, num_rows, row_bytes, numel, capacity,
+                                            value_dtype, header),
+                               ptr<void>(out), dtype_of(out_dtype), accumulate, average,
+                               ptr<int32_t>(errors), ptr<void>(workspace), workspace_bytes,
+                               stream_of(stream)));
+  });
+
+  m.def("compress_rows", [](uintptr_t x, int dtype, int64_t rows, int64_t columns, int64_t k,
+                            uintptr_t indices, int index_bytes, uintptr_t values, int value_dtype,
+                            uintptr_t stream) {
+    check(dct::compress_rows(ptr<const void>(x), dtype_of(dtype), rows, columns, k,
+                             ptr<void>(indices), index_bytes, ptr<void>(values),
+                             dtype_of(value_dtype), stream_of(stream)));
+  });
+  m.def("decompress_rows", [](uintptr_t indices, int index_bytes, uintptr_t values,
+                              int value_dtype, int64_t rows, int64_t columns, int64_t k,
+                              uintptr_t out, int out_dtype, uintptr_t stream) {
+    check(dct::decompress_rows(ptr<const void>(indices), index_bytes, ptr<const void>(values),
+                               dtype_of(value_dtype), rows, columns, k, ptr<void>(out),
+                               dtype_of(out_dtype), stream_of(stream)));
+  });
+  m.def("gather_rows", [](uintptr_t y, int dtype, int64_t rows, int64_t columns, int64_t k,
+                          uintptr_t indices, int index_bytes, uintptr_t out, uintptr_t stream) {
+    check(dct::gather_rows(ptr<const void>(y), dtype_of(dtype), rows, columns, k,
+                           ptr<const void>(indices), index_bytes, ptr<void>(out),
+                           stream_of(stream)));
+  });
+}

@@ -1,0 +1,99 @@
+// dct_kernels CUDA core: the kernels of every op over raw device pointers and a stream.
+//
+// Framework-agnostic on purpose: nothing here knows torch. Callers pass device pointers,
+// element counts, dtype codes (the wire's: 0 fp32, 1 fp16, 2 bf16) and a cudaStream_t, and
+// allocate the scratch ("workspace") whose size the *_workspace_bytes functions report.
+// Every function only enqueues work on the stream (no host synchronization) and returns a
+// Status naming the first CUDA call or kernel launch that failed.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dct {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct Status {
+  cudaError_t code = cudaSuccess;
+  const char* where = "";
+  bool ok() const { return code == cudaSuccess; }
+};
+
+// ---------------------------------------------------------------------------- select_threshold
+// items: [num_items][3] int64 (begin, end, segment): the elements split into chunks that never
+// cross a segment boundary. ks: [S] int64, 1 <= k <= segment length. out: [S] in x's dtype,
+// the k-th largest magnitude of each segment (bit pattern of |x|, NaN as the all-ones pattern).
+// candidate_capacity: how many keys the candidate buffer of the workspace holds.
+size_t select_threshold_workspace_bytes(int num_segments, int64_t candidate_capacity);
+Status select_threshold(const void* x, DType dtype, const int64_t* items, int num_items,
+                        const int64_t* ks, int num_segments, int64_t candidate_capacity,
+                        void* out, void* workspace, size_t workspace_bytes,
+                        cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------- compress
+// acc = x (+ residual) in fp32; keeps |acc| >= thresholds[segment] in magnitude order.
+// offsets: [S+1] int64 device offsets, or nullptr for one segment (thresholds[0]).
+struct CompressArgs {
+  const void* x = nullptr;
+  DType dtype = DType::kFloat32;
+  int64_t n = 0;
+  float* residual = nullptr;           // updated in place, may be nullptr
+  const float* thresholds = nullptr;   // [S]
+  const int64_t* offsets = nullptr;    // [S+1] or nullptr
+  int num_segments = 1;
+};
+
+// count: one uint64 on the device, *added to* (zero it first).
+Status count_kept(const CompressArgs& args, unsigned long long* count, cudaStream_t stream);
+
+size_t compress_workspace_bytes(int64_t n);
+// payload: the wire buffer, header already written; the kernel writes indices, values, count
+// and overflow. value_dtype: the wire dtype.
+Status compress(const CompressArgs& args, uint8_t* payload, int64_t capacity, DType value_dtype,
+                void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+// -------------------------------------------------------------------------------- decompress
+// W wire buffers of row_bytes each (rows of one [W, row_bytes] uint8 tensor). A row is used
+// only when its header matches the expected one; entries are skipped (and counted in
+// *errors) when outside [0, numel) or not above every earlier in-range index.
+struct PayloadRows {
+  const uint8_t* buffers = nullptr;
+  int num_rows = 1;
+  int64_t row_bytes = 0;
+  int64_t numel = 0;
+  int64_t capacity = 0;
+  DType value_dtype = DType::kFloat32;
+  int32_t expected_header[4] = {0, 0, 0, 0};  // magic, version|codes, numel lo, numel hi
+};
+
+size_t decompress_workspace_bytes(int num_rows, int64_t capacity, int64_t numel);
+// out: numel elements of out_dtype; overwritten (zeros elsewhere), or added to at the sent
+// positions with accumulate.
+Status decompress(const PayloadRows& rows, void* out, DType out_dtype, bool accumulate,
+                  int32_t* errors, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+// out = [out +] (0 + d_0 + ... + d_{W-1}) [/ W], summed in fp32 in rank order.
+Status decompress_many(const PayloadRows& rows, void* out, DType out_dtype, bool accumulate,
+                       bool average, int32_t* errors, void* workspace, size_t workspace_bytes,
+                       cudaStream_t stream);
+
+// ------------------------------------------------------------------------------------- rows
+// x: [B, D]; writes [B, k] column indices (int16 when index_bytes == 2, else int32) ascending
+// and values in value_dtype: the k largest magnitudes of each row, ties to the lower column.
+Status compress_rows(const void* x, DType dtype, int64_t rows, int64_t columns, int64_t k,
+                     void* indices, int index_bytes, void* values, DType value_dtype,
+                     cudaStream_t stream);
+// out: [B, D] zeroed, then the entries whose column lies in [0, D).
+Status decompress_rows(const void* indices, int index_bytes, const void* values,
+                       DType value_dtype, int64_t rows, int64_t columns, int64_t k, void* out,
+                       DType out_dtype, cudaStream_t stream);
+// out: [B, k] = y at the given columns, 0 for a column outside [0, D).
+Status gather_rows(const void* y, DType dtype, int64_t rows, int64_t columns, int64_t k,
+                   const void* indices, int index_bytes, void* out, cudaStream_t stream);
+
+// Number of visible devices, or the CUDA error that prevents counting them.
+Status device_count(int* count);
+
+}  // namespace dct

@@ -1,0 +1,325 @@
+// decompress and decompress_many: device-checked scatter and the rank-ordered merge.
+//
+// Payloads are untrusted. Per row, the header must match the expected one (or the whole row
+// is void) and the count is clamped to [0, capacity]. An entry is used only when its index
+// lies in [0, numel) and is above every in-range index before it; that "running highest" is a
+// max-scan over each row in three steps (per-chunk maxima, a scan over chunks, a scan within
+// chunks that also counts the skipped entries). The used entries are then strictly ascending
+// whatever the buffer holds, so no two write the same output and every write is in bounds.
+//
+// decompress_many merges over output tiles: a block owns TILE consecutive outputs in shared
+// memory, adds rank 0's entries that fall in the tile, then rank 1's, ... with a barrier
+// between ranks, then divides, adds to out and rounds once. Each rank's entries of a tile are
+// found by binary search of its running highest (sorted even for a corrupted row). No float
+// atomics: the sum is 0 + d_0 + d_1 + ... in rank order, bitwise reproducible.
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include <climits>
+
+#include "common.cuh"
+
+namespace dct {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kSlotsPerThread = 8;
+constexpr int kChunk = kThreads * kSlotsPerThread;  // slots per block of the scans
+constexpr int kTile = 4096;                          // outputs per merge block
+constexpr int32_t kPastCount = INT_MAX;             // running highest of slots past the count
+
+struct MaxOp {
+  __device__ __forceinline__ int32_t operator()(int32_t a, int32_t b) const {
+    return a > b ? a : b;
+  }
+};
+
+struct Rows {
+  PayloadRows p;
+  int64_t values_offset;
+  __device__ const int32_t* header(int w) const {
+    return reinterpret_cast<const int32_t*>(p.buffers + w * p.row_bytes);
+  }
+  __device__ const int32_t* indices(int w) const { return header(w) + 8; }
+};
+
+struct Scratch {
+  int32_t* count;         // [W] usable count per row (0 for a void row)
+  int32_t* chunk_max;     // [W][chunks]
+  int32_t* chunk_before;  // [W][chunks]
+  int32_t* highest;       // [W][capacity] running highest through each slot
+  int32_t* starts;        // [W][tiles + 1]
+};
+
+size_t scratch_layout(int W, int64_t capacity, int64_t numel, Scratch* s, void* base) {
+  const int64_t chunks = ceil_div(capacity, kChunk);
+  const int64_t tiles = ceil_div(numel, kTile);
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    size_t at = off;
+    off += (bytes + 255) / 256 * 256;
+    return at;
+  };
+  size_t count = take(4 * size_t(W));
+  size_t cmax = take(4 * size_t(W) * chunks);
+  size_t cbefore = take(4 * size_t(W) * chunks);
+  size_t highest = take(4 * size_t(W) * capacity);
+  size_t starts = take(4 * size_t(W) * (tiles + 1));
+  if (s) {
+    char* b = static_cast<char*>(base);
+    s->count = reinterpret_cast<int32_t*>(b + count);
+    s->chunk_max = reinterpret_cast<int32_t*>(b + cmax);
+    s->chunk_before = reinterpret_cast<int32_t*>(b + cbefore);
+    s->highest = reinterpret_cast<int32_t*>(b + highest);
+    s->starts = reinterpret_cast<int32_t*>(b + starts);
+  }
+  return off;
+}
+
+__global__ void header_kernel(Rows rows, Scratch s, int32_t* errors) {
+  const int w = blockIdx.x * blockDim.x + threadIdx.x;
+  if (w >= rows.p.num_rows) return;
+  const int32_t* h = rows.header(w);
+  const bool header_ok = h[0] == rows.p.expected_header[0] && h[1] == rows.p.expected_header[1] &&
+                         h[2] == rows.p.expected_header[2] && h[3] == rows.p.expected_header[3] &&
+                         h[4] == static_cast<int32_t>(rows.p.capacity);
+  const int32_t claimed = h[5];
+  const bool count_ok = claimed >= 0 && claimed <= rows.p.capacity;
+  int32_t count = 0;
+  if (header_ok) count = static_cast<int32_t>(min64(max(claimed, 0), rows.p.capacity));
+  s.count[w] = count;
+  if (!header_ok || !count_ok) atomicAdd(errors, 1);
+}
+
+// The index of slot i when it is usable (below the count and in range), else -1.
+__device__ __forceinline__ int32_t usable_index(const Rows& rows, const Scratch& s, int w,
+                                                int64_t i, int32_t count) {
+  if (i >= count) return -1;
+  const int32_t idx = rows.indices(w)[i];
+  return (idx >= 0 && idx < rows.p.numel) ? idx : -1;
+}
+
+__global__ void __launch_bounds__(kThreads) chunk_max_kernel(Rows rows, Scratch s,
+                                                             int64_t chunks) {
+  using Reduce = cub::BlockReduce<int32_t, kThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  const int w = blockIdx.y;
+  const int32_t count = s.count[w];
+  int32_t best = -1;
+  for (int e = 0; e < kSlotsPerThread; ++e) {
+    const int64_t i = blockIdx.x * int64_t(kChunk) + e * kThreads + threadIdx.x;
+    best = max(best, usable_index(rows, s, w, i, count));
+  }
+  const int32_t m = Reduce(tmp).Reduce(best, MaxOp());
+  if (threadIdx.x == 0) s.chunk_max[w * chunks + blockIdx.x] = m;
+}
+
+__global__ void __launch_bounds__(kThreads) chunk_scan_kernel(Scratch s, int64_t chunks) {
+  using Scan = cub::BlockScan<int32_t, kThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  const int w = blockIdx.x;
+  int32_t carried = -1;
+  for (int64_t first = 0; first < chunks; first += kThreads) {
+    const int64_t c = first + threadIdx.x;
+    const int32_t m = c < chunks ? s.chunk_max[w * chunks + c] : -1;
+    int32_t before, block_max;
+    Scan(tmp).ExclusiveScan(m, before, -1, MaxOp(), block_max);
+    if (c < chunks) s.chunk_before[w * chunks + c] = max(carried, before);
+    carried = max(carried, block_max);
+    __syncthreads();
+  }
+}
+
+// Running highest through every slot, and the count of used-but-skipped entries.
+__global__ void __launch_bounds__(kThreads) highest_kernel(Rows rows, Scratch s, int64_t chunks,
+                                                           int32_t* errors) {
+  using Scan = cub::BlockScan<int32_t, kThreads>;
+  using Reduce = cub::BlockReduce<int32_t, kThreads>;
+  __shared__ union {
+    typename Scan::TempStorage scan;
+    typename Reduce::TempStorage reduce;
+  } tmp;
+  const int w = blockIdx.y;
+  const int32_t count = s.count[w];
+  const int64_t first = blockIdx.x * int64_t(kChunk) + threadIdx.x * kSlotsPerThread;
+  int32_t idx[kSlotsPerThread];
+  int32_t local = -1;
+  for (int e = 0; e < kSlotsPerThread; ++e) {
+    idx[e] = usable_index(rows, s, w, first + e, count);
+    local = max(local, idx[e]);
+  }
+  int32_t before;
+  Scan(tmp.scan).ExclusiveScan(local, before, -1, MaxOp());
+  before = max(before, s.chunk_before[w * chunks + blockIdx.x]);
+  int32_t skipped = 0;
+  for (int e = 0; e < kSlotsPerThread; ++e) {
+    const int64_t i = first + e;
+    if (i >= rows.p.capacity) break;
+    if (i < count) {
+      skipped += idx[e] <= before;  // out of range (-1) or not above every earlier index
+      before = max(before, idx[e]);
+      s.highest[w * rows.p.capacity + i] = before;
+    } else {
+      s.highest[w * rows.p.capacity + i] = kPastCount;
+    }
+  }
+  __syncthreads();
+  const int32_t total = Reduce(tmp.reduce).Sum(skipped);
+  if (threadIdx.x == 0 && total) atomicAdd(errors, total);
+}
+
+// Slot i is used iff below the count, in range and above the running highest before it.
+__device__ __forceinline__ bool entry_used(const Rows& rows, const Scratch& s, int w, int64_t i,
+                                           int32_t idx) {
+  const int32_t before = i > 0 ? s.highest[w * rows.p.capacity + i - 1] : -1;
+  return i < s.count[w] && idx >= 0 && idx < rows.p.numel && idx > before;
+}
+
+template <typename V, typename O>
+__global__ void scatter_kernel(Rows rows, Scratch s, O* out, bool accumulate) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= s.count[0]) return;
+  const int32_t idx = rows.indices(0)[i];
+  if (!entry_used(rows, s, 0, i, idx)) return;
+  const V* values = reinterpret_cast<const V*>(rows.p.buffers + rows.values_offset);
+  float v = to_f32(values[i]);
+  if (accumulate) v = to_f32(out[idx]) + v;
+  out[idx] = from_f32<O>(v);
+}
+
+// starts[w][t]: the first slot of row w whose running highest reaches t * kTile.
+__global__ void tile_starts_kernel(Rows rows, Scratch s, int64_t tiles) {
+  const int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int w = blockIdx.y;
+  if (g > tiles) return;
+  const int64_t target = g * kTile;
+  const int32_t* h = s.highest + w * rows.p.capacity;
+  int64_t lo = 0, hi = rows.p.capacity;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (h[mid] < target) lo = mid + 1; else hi = mid;
+  }
+  s.starts[w * (tiles + 1) + g] = static_cast<int32_t>(lo);
+}
+
+template <typename V, typename O>
+__global__ void __launch_bounds__(kThreads)
+merge_kernel(Rows rows, Scratch s, int64_t tiles, O* out, bool accumulate, bool average) {
+  __shared__ float sum[kTile];
+  const int64_t first = blockIdx.x * int64_t(kTile);
+  const int64_t last = min64(first + kTile, rows.p.numel);
+  for (int j = threadIdx.x; j < kTile; j += kThreads) sum[j] = 0.0f;
+  __syncthreads();
+  for (int w = 0; w < rows.p.num_rows; ++w) {
+    const int32_t count = s.count[w];
+    const int64_t lo = s.starts[w * (tiles + 1) + blockIdx.x];
+    const int64_t hi = min64(s.starts[w * (tiles + 1) + blockIdx.x + 1], count);
+    const int32_t* indices = rows.indices(w);
+    const V* values =
+        reinterpret_cast<const V*>(rows.p.buffers + w * rows.p.row_bytes + rows.values_offset);
+    for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
+      const int32_t idx = indices[i];
+      if (idx >= first && idx < last && entry_used(rows, s, w, i, idx))
+        sum[idx - first] += to_f32(values[i]);
+    }
+    __syncthreads();  // rank w's additions land before rank w + 1 adds to the same outputs
+  }
+  const float ranks = static_cast<float>(rows.p.num_rows);
+  for (int64_t o = first + threadIdx.x; o < last; o += kThreads) {
+    float v = sum[o - first];
+    if (average) v = __fdiv_rn(v, ranks);
+    if (accumulate) v = to_f32(out[o]) + v;
+    out[o] = from_f32<O>(v);
+  }
+}
+
+Status check_rows(const Rows& rows, const Scratch& s, int32_t* errors, cudaStream_t stream) {
+  const int W = rows.p.num_rows;
+  const int64_t chunks = ceil_div(rows.p.capacity, kChunk);
+  header_kernel<<<ceil_div(W, 128), 128, 0, stream>>>(rows, s, errors);
+  DCT_CHECK_LAUNCH("decompress: header_kernel");
+  if (chunks == 0) return Status{};
+  const dim3 grid(static_cast<unsigned>(chunks), W);
+  chunk_max_kernel<<<grid, kThreads, 0, stream>>>(rows, s, chunks);
+  DCT_CHECK_LAUNCH("decompress: chunk_max_kernel");
+  chunk_scan_kernel<<<W, kThreads, 0, stream>>>(s, chunks);
+  DCT_CHECK_LAUNCH("decompress: chunk_scan_kernel");
+  highest_kernel<<<grid, kThreads, 0, stream>>>(rows, s, chunks, errors);
+  DCT_CHECK_LAUNCH("decompress: highest_kernel");
+  return Status{};
+}
+
+Status prepare(const PayloadRows& p, void* workspace, size_t workspace_bytes, Rows* rows,
+               Scratch* s) {
+  if (workspace_bytes < decompress_workspace_bytes(p.num_rows, p.capacity, p.numel))
+    return Status{cudaErrorInvalidValue, "decompress (workspace too small)"};
+  if (p.num_rows > 65535) return Status{cudaErrorInvalidValue, "decompress (more than 65535 rows)"};
+  rows->p = p;
+  rows->values_offset = (32 + 4 * p.capacity + 15) / 16 * 16;
+  scratch_layout(p.num_rows, p.capacity, p.numel, s, workspace);
+  return Status{};
+}
+
+size_t out_item_bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
+
+}  // namespace
+
+size_t decompress_workspace_bytes(int num_rows, int64_t capacity, int64_t numel) {
+  return scratch_layout(num_rows, capacity, numel, nullptr, nullptr);
+}
+
+Status decompress(const PayloadRows& p, void* out, DType out_dtype, bool accumulate,
+                  int32_t* errors, void* workspace, size_t workspace_bytes,
+                  cudaStream_t stream) {
+  Rows rows;
+  Scratch s;
+  Status st = prepare(p, workspace, workspace_bytes, &rows, &s);
+  if (!st.ok()) return st;
+  if (!accumulate && p.numel > 0)
+    DCT_CHECK("decompress: cudaMemsetAsync",
+              cudaMemsetAsync(out, 0, p.numel * out_item_bytes(out_dtype), stream));
+  st = check_rows(rows, s, errors, stream);
+  if (!st.ok() || p.capacity == 0) return st;
+  return dispatch_float(p.value_dtype, [&](auto vtag) {
+    using V = decltype(vtag);
+    return dispatch_float(out_dtype, [&](auto otag) {
+      using O = decltype(otag);
+      scatter_kernel<V, O><<<ceil_div(p.capacity, kThreads), kThreads, 0, stream>>>(
+          rows, s, static_cast<O*>(out), accumulate);
+      DCT_CHECK_LAUNCH("decompress: scatter_kernel");
+      return Status{};
+    });
+  });
+}
+
+Status decompress_many(const PayloadRows& p, void* out, DType out_dtype, bool accumulate,
+                       bool average, int32_t* errors, void* workspace, size_t workspace_bytes,
+                       cudaStream_t stream) {
+  Rows rows;
+  Scratch s;
+  Status st = prepare(p, workspace, workspace_bytes, &rows, &s);
+  if (!st.ok()) return st;
+  st = check_rows(rows, s, errors, stream);
+  if (!st.ok() || p.numel == 0) return st;
+  const int64_t tiles = ceil_div(p.numel, kTile);
+  if (p.capacity > 0) {
+    const dim3 grid(static_cast<unsigned>(ceil_div(tiles + 1, kThreads)), p.num_rows);
+    tile_starts_kernel<<<grid, kThreads, 0, stream>>>(rows, s, tiles);
+    DCT_CHECK_LAUNCH("decompress_many: tile_starts_kernel");
+  } else {
+    DCT_CHECK("decompress_many: cudaMemsetAsync",
+              cudaMemsetAsync(s.starts, 0, 4 * size_t(p.num_rows) * (tiles + 1), stream));
+  }
+  return dispatch_float(p.value_dtype, [&](auto vtag) {
+    using V = decltype(vtag);
+    return dispatch_float(out_dtype, [&](auto otag) {
+      using O = decltype(otag);
+      merge_kernel<V, O><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
+          rows, s, tiles, static_cast<O*>(out), accumulate, average);
+      DCT_CHECK_LAUNCH("decompress_many: merge_kernel");
+      return Status{};
+    });
+  });
+}
+
+}  // namespace dct
