@@ -263,6 +263,8 @@ def main():
     parser.add_argument("--ops", nargs="*",
                         default=["select", "compress+residual", "compress", "decompress_many",
                                  "rows"])
+    parser.add_argument("--backends", nargs="*", default=None,
+                        help="backends to time (default: every available one)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -277,6 +279,8 @@ def main():
                 and (device.type == "cuda" or b == "torch")]
     if device.type == "cuda":
         backends = [b for b in backends if b != "torch"]  # the torch baselines stand for it
+    if args.backends is not None:
+        backends = [b for b in backends if b in args.backends]
     gpu = device_name(device)
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                        gpu.replace(" ", "_"))

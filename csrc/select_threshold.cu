@@ -91,8 +91,8 @@ enum PassMode : int { kLevel0 = 0, kGatherOrHistogram = 1, kHistogramUnlessCandi
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kHistThreads)
 pass_kernel(const T* __restrict__ x, const int64_t* __restrict__ items, Workspace ws,
-            int num_segments, int mode, int level, int shift, int width,
-            int64_t candidate_capacity) {
+            int num_segments, int mode, int level, int shift, int width) {
+  constexpr int kUnroll = 4;  // vector loads in flight per thread
   __shared__ int32_t shared_hist[kMaxBins];
   const int64_t begin = items[3 * blockIdx.x], end = items[3 * blockIdx.x + 1];
   const int seg = static_cast<int>(items[3 * blockIdx.x + 2]);
@@ -102,31 +102,31 @@ pass_kernel(const T* __restrict__ x, const int64_t* __restrict__ items, Workspac
     if (mode == kHistogramUnlessCandidates && use) return;
     gather = use;
   }
-  const SegmentState st = ws.state[seg];
-  const int above = shift + width;
+  const uint32_t prefix = ws.state[seg].prefix;
+  const int above = mode == kLevel0 ? 32 : shift + width;  // 32: every key matches
   const uint32_t mask = (1u << width) - 1u;
   const bool use_shared = !gather && (end - begin) >= kSharedHistMinItem;
   int32_t* global_hist = ws.hist + (size_t(level) * num_segments + seg) * kMaxBins;
   if (use_shared) {
-    for (int i = threadIdx.x; i < (1 << width); i += blockDim.x) shared_hist[i] = 0;
+    for (int i = threadIdx.x; i <= mask; i += blockDim.x) shared_hist[i] = 0;
     __syncthreads();
   }
-  int32_t* hist = use_shared ? shared_hist : global_hist;
-  uint32_t* cand = ws.candidates;
   const int32_t cand_base = gather ? ws.cand_offset[seg] : 0;
 
   auto visit = [&](T v) {
     const uint32_t key = magnitude_key(v);
-    if (mode != kLevel0 && !shares_prefix(key, st.prefix, above)) return;
+    if (!shares_prefix(key, prefix, above)) return;
     if (gather) {
       // One atomic per warp for all of its lanes that matched (candidates cluster).
       cg::coalesced_group group = cg::coalesced_threads();
       int32_t first = 0;
       if (group.thread_rank() == 0) first = atomicAdd(ws.cand_fill + seg, int32_t(group.size()));
       first = group.shfl(first, 0);
-      cand[cand_base + first + group.thread_rank()] = key;
+      ws.candidates[cand_base + first + group.thread_rank()] = key;
+    } else if (use_shared) {
+      atomicAdd(shared_hist + ((key >> shift) & mask), 1);
     } else {
-      atomicAdd(hist + ((key >> shift) & mask), 1);
+      atomicAdd(global_hist + ((key >> shift) & mask), 1);
     }
   };
 
@@ -134,21 +134,29 @@ pass_kernel(const T* __restrict__ x, const int64_t* __restrict__ items, Workspac
   int64_t head_end = begin;
   if (VEC > 1) {
     const int64_t misalign = (reinterpret_cast<uintptr_t>(x + begin) / sizeof(T)) % VEC;
-    head_end = min(end, begin + (misalign ? VEC - misalign : 0));
+    head_end = min64(end, begin + (misalign ? VEC - misalign : 0));
   }
   for (int64_t i = begin + threadIdx.x; i < head_end; i += blockDim.x) visit(x[i]);
   const int64_t body = (end - head_end) / VEC;
   const Vec<T, VEC>* vx = reinterpret_cast<const Vec<T, VEC>*>(x + head_end);
-  for (int64_t j = threadIdx.x; j < body; j += blockDim.x) {
-    const Vec<T, VEC> pack = vx[j];
+  for (int64_t j = threadIdx.x; j < body; j += kUnroll * int64_t(blockDim.x)) {
+    Vec<T, VEC> pack[kUnroll];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) visit(pack.v[e]);
+    for (int u = 0; u < kUnroll; ++u)
+      if (j + u * blockDim.x < body) pack[u] = vx[j + u * blockDim.x];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (j + u * blockDim.x < body) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) visit(pack[u].v[e]);
+      }
+    }
   }
   for (int64_t i = head_end + body * VEC + threadIdx.x; i < end; i += blockDim.x) visit(x[i]);
 
   if (use_shared) {
     __syncthreads();
-    for (int i = threadIdx.x; i < (1 << width); i += blockDim.x) {
+    for (int i = threadIdx.x; i <= mask; i += blockDim.x) {
       if (shared_hist[i]) atomicAdd(global_hist + i, shared_hist[i]);
     }
   }
@@ -259,7 +267,7 @@ Status run(const T* x, const int64_t* items, int num_items, const int64_t* ks, i
   constexpr int VEC = 16 / sizeof(T);
   auto pass = [&](int mode, int level) {
     pass_kernel<T, VEC><<<num_items, kHistThreads, 0, stream>>>(
-        x, items, ws, S, mode, level, lv.shift[level], lv.width[level], candidate_capacity);
+        x, items, ws, S, mode, level, lv.shift[level], lv.width[level]);
   };
   pass(kLevel0, 0);
   DCT_CHECK_LAUNCH("select_threshold: histogram kernel (level 0)");
