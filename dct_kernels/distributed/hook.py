@@ -33,11 +33,12 @@ def _dense(state: DCTState, buffer: torch.Tensor, group, world: int) -> None:
 
 def _refresh(state: DCTState, layout: BucketLayout, buffer: torch.Tensor, early: bool) -> None:
     """Exact layer-wise τ for every parameter of the bucket, from (gradient + residual), with
-    one segmented selection. Dense segments get +inf (they never enter the payload)."""
+    one segmented selection. Dense segments get +inf (they never enter the payload), segments
+    with k = numel get -inf (everything passes, at every step)."""
     acc = buffer.to(torch.float32) + layout.residual
     taus = ops.select_threshold(acc, layout.ks_host, segments=layout.offsets)
-    layout.thresholds.copy_(torch.where(layout.sparse_mask, taus.to(torch.float32),
-                                        float("inf")))
+    taus = torch.where(layout.keep_all_mask, float("-inf"), taus.to(torch.float32))
+    layout.thresholds.copy_(torch.where(layout.sparse_mask, taus, float("inf")))
     for s in layout.states:
         if s is not None:
             s.refreshed_at = state.step
@@ -134,9 +135,9 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
     """
     buffer = bucket.buffer()
     params = list(bucket.parameters())
+    layout = state._layout(buffer, params)
     group = state._group()
     world = dist.get_world_size(group)
-    layout = state._layout(buffer, params)
     if state.step < state.warmup_steps or not layout.has_sparse:
         _dense(state, buffer, group, world)
     else:

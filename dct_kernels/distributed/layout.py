@@ -90,8 +90,16 @@ class BucketLayout:
             return
         # Device-side state, allocated once: residuals, thresholds, and the band check inputs.
         self.residual = torch.zeros(self.numel, dtype=torch.float32, device=device)
-        self.thresholds = torch.zeros(self.num_segments, dtype=torch.float32, device=device)
+        # Dense segments keep +inf (their zeroed entries must never take a slot); sparse ones
+        # get their parameter's τ at adoption.
+        self.thresholds = torch.tensor([0.0 if s else math.inf for s in sparse],
+                                       dtype=torch.float32).to(device)
         self.sparse_mask = torch.tensor(sparse, dtype=torch.bool).to(device)
+        # k = numel keeps everything: τ = -inf does so at every step, where the exact
+        # k-th magnitude would go stale (ratio = 1 then reproduces a dense all-reduce).
+        self.keep_all_mask = torch.tensor([s and k == n for s, k, n in
+                                           zip(sparse, self.ks, numels)],
+                                          dtype=torch.bool).to(device)
         low, high = band
         lows = [math.ceil(k * low) for k in self.ks]
         highs = [math.floor(k * high) for k in self.ks]

@@ -1,0 +1,567 @@
+"""Checks that run on every rank of a spawned gloo group (``dist_harness.run_group``).
+
+Each ``check_*(rank, world)`` raises on failure. Oracles are computed independently of the
+code under test: dense sums over the gathered inputs in rank order, masks from ``|acc| >= τ``,
+``torch.topk`` for thresholds, and the payloads each rank actually put on the wire (captured
+from the all-gather) for what was sent.
+"""
+
+import contextlib
+import io
+import math
+
+import torch
+import torch.distributed as dist
+
+import dct_kernels as dk
+from dct_kernels.distributed import DCTState, collectives, dct_hook, sparse_all_reduce
+from dct_kernels.payload import SparsePayload
+from helpers import assert_bitwise_equal
+
+# --------------------------------------------------------------------------------- helpers
+
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` stacked in rank order (equal shapes)."""
+    rows = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, t.contiguous())
+    return torch.stack(rows)
+
+
+def assert_same_on_all_ranks(t: torch.Tensor, what: str) -> None:
+    rows = gather(t.detach())
+    for w in range(1, rows.shape[0]):
+        assert_bitwise_equal(rows[w], rows[0], f"{what}: rank {w} vs rank 0")
+
+
+def rank_order_mean(rows: torch.Tensor) -> torch.Tensor:
+    """(0 + rows[0] + rows[1] + ...) / W in fp32, the order decompress_many promises."""
+    total = torch.zeros_like(rows[0], dtype=torch.float32)
+    for row in rows:
+        total = total + row.float()
+    return total / rows.shape[0]
+
+
+@contextlib.contextmanager
+def captured_rows():
+    """Record every [W, nbytes] payload all-gather made through the distributed package."""
+    rows = []
+    original = collectives.all_gather_rows
+
+    def recording(buffer, group=None):
+        out = original(buffer, group)
+        rows.append(out.clone())
+        return out
+
+    collectives.all_gather_rows = recording
+    try:
+        yield rows
+    finally:
+        collectives.all_gather_rows = original
+
+
+def decode(row: torch.Tensor) -> torch.Tensor:
+    """The dense fp32 tensor of one received wire buffer (validated)."""
+    return dk.decompress(SparsePayload.from_buffer(row), validate=True).float()
+
+
+class FakeBucket:
+    """What dct_hook uses of DDP's GradBucket: a flat buffer and its parameters."""
+
+    def __init__(self, params, grads, last=True):
+        self._params = list(params)
+        self._buffer = torch.cat([g.reshape(-1) for g in grads]).contiguous()
+        self._last = last
+
+    def buffer(self):
+        return self._buffer
+
+    def parameters(self):
+        return self._params
+
+    def is_last(self):
+        return self._last
+
+    def index(self):
+        return 0
+
+
+def expect_error(fn, *needles):
+    """fn() must raise ValueError whose message contains every needle."""
+    try:
+        fn()
+    except ValueError as error:
+        text = str(error)
+        missing = [n for n in needles if n not in text]
+        assert not missing, f"error message lacks {missing}: {text}"
+        return text
+    raise AssertionError(f"no ValueError raised (expected one mentioning {needles})")
+
+
+def rank_generator(seed: int, rank: int, step: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 1009 + step)
+
+
+# ------------------------------------------------------------------- sparse_all_reduce
+
+
+def check_sparse_all_reduce(rank, world):
+    """Against a dense oracle: plain, segmented with overflow, 16-bit wire, empty, in place."""
+    n = 5000
+    g = rank_generator(1, rank)
+    x = torch.randn(n, generator=g)
+    r0 = torch.randn(n, generator=g) * 0.5
+    acc = x + r0
+    accs = gather(acc)
+
+    # One threshold, enough capacity.
+    residual = r0.clone()
+    out, payload = sparse_all_reduce(x, 1.5, capacity=n, residual=residual)
+    masks = accs.abs() >= 1.5
+    assert_bitwise_equal(out, rank_order_mean(torch.where(masks, accs, 0.0)), "mean")
+    assert_bitwise_equal(residual, torch.where(masks[rank], 0.0, acc), "residual")
+    assert int(payload.count) == int(masks[rank].sum()) and int(payload.overflow) == 0
+    assert_same_on_all_ranks(out, "sparse_all_reduce result")
+
+    # Per-segment thresholds, a capacity that overflows, and each wire dtype.
+    segments = torch.tensor([0, 1000, 3000, n])
+    taus = torch.tensor([0.5, 1.0, 2.0])
+    per_element = taus.repeat_interleave(segments[1:] - segments[:-1])
+    capacity = 700
+    for value_dtype in (torch.float32, torch.float16, torch.bfloat16):
+        residual = r0.clone()
+        out, payload = sparse_all_reduce(x, taus, segments=segments, residual=residual,
+                                         capacity=capacity, value_dtype=value_dtype)
+        passing = accs.abs() >= per_element
+        kept = passing & (passing.cumsum(1) <= capacity)
+        sent = torch.where(kept, accs.to(value_dtype).float(), 0.0)
+        assert_bitwise_equal(out, rank_order_mean(sent), f"{value_dtype} mean")
+        assert_bitwise_equal(residual, acc - sent[rank], f"{value_dtype} residual")
+        assert int(passing[rank].sum()) > capacity, "the capacity should overflow here"
+        assert int(payload.count) == capacity
+        assert int(payload.overflow) == int(passing[rank].sum()) - capacity
+
+    # Nothing passes: an empty payload on every rank.
+    residual = r0.clone()
+    out, payload = sparse_all_reduce(x, 1e9, capacity=64, residual=residual)
+    assert int(payload.count) == 0
+    assert_bitwise_equal(out, torch.zeros(n), "empty")
+    assert_bitwise_equal(residual, acc, "empty residual")
+
+    # In place, without a residual, summing.
+    y = x.clone().view(50, 100)
+    out, _ = sparse_all_reduce(y, 1.0, capacity=n, out=y, average=False)
+    xs = gather(x)
+    want = torch.zeros(n)
+    for row in torch.where(xs.abs() >= 1.0, xs, 0.0):
+        want = want + row
+    assert out is y
+    assert_bitwise_equal(y.view(-1), want, "in place sum")
+
+    expect_error(lambda: sparse_all_reduce(x, 1.0, capacity=None), "capacity")
+
+
+# ----------------------------------------------------------------------- hook, ratio = 1
+
+
+def _small_params():
+    """Two sparse parameters around a small (dense) one."""
+    return [torch.nn.Parameter(torch.zeros(40, 30)), torch.nn.Parameter(torch.zeros(7)),
+            torch.nn.Parameter(torch.zeros(500))]
+
+
+def check_hook_ratio_one(rank, world):
+    """ratio = 1: every step equals a dense average, bitwise (sparse parameters: the rank-order
+    fp32 sum; small ones and warm-up: gloo's all-reduce, divided by W)."""
+    params = _small_params()
+    state = DCTState(ratio=1.0, warmup_steps=1, refresh_every=1000, min_numel=16,
+                     module=[(f"p{i}", p) for i, p in enumerate(params)])
+    for step in range(4):
+        g = rank_generator(2, rank, step)
+        grads = [torch.randn(p.shape, generator=g) * (step + 1) for p in params]
+        bucket = FakeBucket(params, grads)
+        local = bucket.buffer().clone()
+        dense = local.clone()
+        dist.all_reduce(dense)
+        dense = dense / world
+        result = dct_hook(state, bucket).wait()
+        assert result is bucket.buffer()
+        if step == 0:
+            assert_bitwise_equal(result, dense, "warm-up step")
+        else:
+            want = rank_order_mean(gather(local))
+            small = local[1200:1207].clone()  # the same all-reduce the hook makes
+            dist.all_reduce(small)
+            want[1200:1207] = small / world
+            assert_bitwise_equal(result, want, f"step {step}")
+        assert_same_on_all_ranks(result, f"step {step}")
+        oracle = gather(local).double().mean(0)
+        assert torch.allclose(result.double(), oracle, rtol=1e-6, atol=1e-6)
+    saved = state.state_dict()
+    assert sorted(saved["params"]) == ["p0", "p2"], sorted(saved["params"])
+    for key, entry in saved["params"].items():
+        assert torch.count_nonzero(entry["residual"]) == 0, f"{key}: residual left"
+    stats = state.stats()
+    assert stats["steps"] == 4 and stats["buckets_dense"] == 1 and stats["buckets_sparse"] == 3
+    assert stats["kept"] == 3 * 1700 and stats["kept_density"] == 1.0
+    assert stats["overflow"] == 0 and stats["payload_errors"] == 0
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self, widths, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        layers = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+        self.net = torch.nn.Sequential(*layers[:-1])
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _batch(widths, seed, rank, step, batch=16):
+    g = rank_generator(seed, rank, step)
+    return torch.randn(batch, widths[0], generator=g), torch.randn(batch, widths[-1], generator=g)
+
+
+def _train(ddp, optimizer, widths, seed, rank, steps, first_step=0):
+    for step in range(first_step, first_step + steps):
+        x, y = _batch(widths, seed, rank, step)
+        loss = (ddp(x) - y).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def _flat_params(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def check_ddp_ratio_one_matches_dense(rank, world):
+    """DDP with the hook at ratio 1 trains like DDP without it (to rounding)."""
+    widths = [32, 64, 48, 8]
+    results = []
+    for use_hook in (False, True):
+        model = _MLP(widths, seed=3)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        if use_hook:
+            state = DCTState(ratio=1.0, warmup_steps=2, min_numel=100, module=model)
+            ddp.register_comm_hook(state, dct_hook)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        _train(ddp, optimizer, widths, seed=3, rank=rank, steps=10)
+        results.append(_flat_params(model))
+    assert_same_on_all_ranks(results[1], "parameters with the hook")
+    assert torch.allclose(results[1], results[0], rtol=1e-5, atol=1e-6), \
+        f"max difference {(results[1] - results[0]).abs().max().item()}"
+    assert not torch.equal(results[1], _flat_params(_MLP(widths, seed=3))), "did not train"
+    assert state.stats()["buckets_sparse"] == 8
+
+
+# ------------------------------------------------------- DDP at ratio 0.01, audited
+
+
+class _Recorder:
+    """Wraps dct_hook: records each bucket's local gradients, parameters and wire rows."""
+
+    def __init__(self, state, names):
+        self.state = state
+        self.names = names
+        self.calls = []  # per hook call: (step, keys, local grads, own row or None)
+
+    def hook(self, state, bucket):
+        local = bucket.buffer().clone()
+        keys = [self.names[id(p)] for p in bucket.parameters()]
+        step = state.step
+        with captured_rows() as rows:
+            future = dct_hook(state, bucket)
+        own = rows[0][dist.get_rank()].clone() if rows else None
+        self.calls.append((step, keys, local, own, [p.numel() for p in bucket.parameters()]))
+        return future
+
+
+def _split(flat, numels):
+    return list(torch.split(flat, numels))
+
+
+def check_ddp_sparse_audited(rank, world, steps=50):
+    """ratio = 0.01 with DDP, warm-up 0 so that the first step's residuals must survive DDP's
+    bucket rebuild (one bucket in parameter order, then two in gradient order). Every step:
+    what each rank sent is exactly the entries with |grad + residual| >= τ (the first
+    `capacity` of them), τ at a refresh is the exact k-th magnitude, sent + residual ==
+    grad + residual_before bitwise; at the end every rank holds the same parameters and, per
+    parameter, sum of gradients == sum sent + residual (fp64)."""
+    # Reversed, the last layer alone fills DDP's 1 MiB first bucket: two buckets after rebuild.
+    widths = [100, 50, 5300]
+    model = _MLP(widths, seed=4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    min_numel = 100
+    state = DCTState(ratio=0.01, warmup_steps=0, refresh_every=10, min_numel=min_numel,
+                     module=model)
+    recorder = _Recorder(state, names)
+    ddp.register_comm_hook(state, recorder.hook)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    numel_of = {n: p.numel() for n, p in model.named_parameters()}
+    grad_sum = {n: torch.zeros(numel_of[n], dtype=torch.float64) for n in numel_of}
+    sent_sum = {n: torch.zeros(numel_of[n], dtype=torch.float64) for n in numel_of}
+    residual = {n: torch.zeros(numel_of[n]) for n in numel_of if numel_of[n] >= min_numel}
+    for step in range(steps):
+        first_call = len(recorder.calls)
+        _train(ddp, optimizer, widths, seed=4, rank=rank, steps=1, first_step=step)
+        saved = state.state_dict()["params"]
+        for _, keys, local, own, numels in recorder.calls[first_call:]:
+            grads = _split(local, numels)
+            sent_flat = decode(own)
+            sent = _split(sent_flat, numels)
+            passing = torch.zeros(local.numel(), dtype=torch.bool)
+            accs = {}
+            offset = 0
+            for key, grad, n in zip(keys, grads, numels):
+                grad_sum[key] += grad.double()
+                if n < min_numel:  # dense: all of it went in the batched all-reduce
+                    assert torch.count_nonzero(sent[keys.index(key)]) == 0
+                    sent_sum[key] += grad.double()
+                else:
+                    acc = grad + residual[key]
+                    accs[key] = acc
+                    entry = saved[key]
+                    tau = entry["threshold"]
+                    if entry["refreshed_at"] == step:
+                        k = max(1, math.ceil(0.01 * n))
+                        want = torch.topk(acc.abs(), k).values[-1:]
+                        assert_bitwise_equal(tau, want, f"step {step} {key}: τ")
+                    passing[offset:offset + n] = acc.abs() >= tau
+                offset += n
+            capacity = sum(min(n, math.ceil(1.5 * max(1, math.ceil(0.01 * n))))
+                           for n in numels if n >= min_numel)
+            kept = passing & (passing.cumsum(0) <= capacity)
+            acc_flat = torch.cat([accs[k] if k in accs else torch.zeros(n)
+                                  for k, n in zip(keys, numels)])
+            assert_bitwise_equal(sent_flat, torch.where(kept, acc_flat, 0.0),
+                                 f"step {step}: sent")
+            for key, n, s in zip(keys, numels, sent):
+                if n < min_numel:
+                    continue
+                after = saved[key]["residual"]
+                assert_bitwise_equal(s + after, accs[key], f"step {step} {key}: sent + residual")
+                sent_sum[key] += s.double()
+                residual[key] = after
+    assert_same_on_all_ranks(_flat_params(model), "parameters after training")
+    for key in numel_of:
+        left = residual[key].double() if key in residual else 0.0
+        error = (grad_sum[key] - (sent_sum[key] + left)).abs().max().item()
+        scale = grad_sum[key].abs().max().item() + 1.0
+        assert error <= 1e-5 * scale, f"{key}: sum of gradients - (sent + residual) = {error}"
+    layouts = [tuple(keys) for _, keys, _, _, _ in recorder.calls]
+    assert layouts[0] == tuple(n for n, _ in model.named_parameters()), layouts[0]
+    assert len(set(layouts[1:])) == 2 and len(layouts) == 1 + 2 * (steps - 1), set(layouts)
+    stats = state.stats()
+    assert stats["steps"] == steps and stats["refreshes"] > 0
+    assert 0.005 < stats["kept_density"] < 0.015 * 1.5, stats
+    assert stats["compression"] > 10, stats
+
+
+# ------------------------------------------------------------- empty payload, overflow
+
+
+def check_hook_empty_and_overflow(rank, world):
+    """A τ far above the new gradients sends nothing (an empty payload); gradients far above
+    it overflow the capacity. Either way the next step refreshes τ early, and nothing is
+    lost (sent + residual == acc, with bf16 values on the wire)."""
+    params = _small_params()
+    state = DCTState(ratio=0.02, warmup_steps=0, refresh_every=1000, min_numel=16,
+                     value_dtype=torch.bfloat16,
+                     module=[(f"p{i}", p) for i, p in enumerate(params)])
+    scales = [1.0, 1e-30, 1.0, 1e3, 1.0]
+    residuals = {0: torch.zeros(1200), 2: torch.zeros(500)}
+    segments = {0: slice(0, 1200), 2: slice(1207, 1707)}
+    history = []
+    for step, scale in enumerate(scales):
+        g = rank_generator(5, rank, step)
+        grads = [torch.randn(p.shape, generator=g) * scale for p in params]
+        bucket = FakeBucket(params, grads)
+        local = bucket.buffer().clone()
+        with captured_rows() as rows:
+            dct_hook(state, bucket).wait()
+        sent = decode(rows[0][rank])
+        saved = state.state_dict()
+        stats = state.stats()
+        for i, where in segments.items():
+            acc = local[where] + residuals[i]
+            after = saved["params"][f"p{i}"]["residual"]
+            assert_bitwise_equal(sent[where] + after, acc, f"step {step} p{i}")
+            residuals[i] = after
+        history.append((stats, int(torch.count_nonzero(sent)), sent))
+    (s0, _, _), (s1, sent1, out1), (s2, _, _), (s3, sent3, _), (s4, _, _) = history
+    assert sent1 == 0 and s1["kept"] == s0["kept"], "step 1 should send nothing"
+    assert s1["bucket_refreshes"] == 1, "no early refresh is decided within the step"
+    assert s2["early_refreshes"] == 1, "an empty payload must trigger an early refresh"
+    capacity = math.ceil(1.5 * 24) + math.ceil(1.5 * 10)
+    assert s3["overflow"] > 0 and s3["overflowed_buckets"] == 1 and sent3 == capacity, s3
+    assert s4["early_refreshes"] == 2, "an overflow must trigger an early refresh"
+    assert s4["bucket_refreshes"] == 3
+
+
+# ----------------------------------------------------------------------- checkpointing
+
+
+def _resume_run(rank, named, split):
+    """Train 12 steps straight, or `split` steps, checkpoint, rebuild everything, resume."""
+    widths = [32, 64, 48, 8]
+    kwargs = dict(ratio=0.05, warmup_steps=2, refresh_every=4, capacity_factor=4.0,
+                  refresh_band=(0.9, 1.5), min_numel=100)
+
+    def fresh(seed):
+        model = _MLP(widths, seed=seed)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        state = DCTState(module=model if named else None, **kwargs)
+        ddp.register_comm_hook(state, dct_hook)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return model, ddp, state, optimizer
+
+    model, ddp, state, optimizer = fresh(seed=6)
+    if split is None:
+        _train(ddp, optimizer, widths, 6, rank, steps=12)
+        return model, state
+    _train(ddp, optimizer, widths, 6, rank, steps=split)
+    blob = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "dct": state.state_dict()}, blob)
+    blob.seek(0)
+    checkpoint = torch.load(blob, weights_only=True)
+    model, ddp, state, optimizer = fresh(seed=7)  # other initial weights, overwritten
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    state.load_state_dict(checkpoint["dct"])
+    _train(ddp, optimizer, widths, 6, rank, steps=12 - split, first_step=split)
+    return model, state
+
+
+def check_checkpoint_resume(rank, world):
+    """A run checkpointed mid-way (state_dict through torch.save/load with weights_only) and
+    resumed in a fresh model, DDP and DCTState continues bit for bit: parameters, residuals,
+    thresholds, schedule and statistics. Parameters keyed by name and by first sight."""
+    for named in (True, False):
+        straight_model, straight = _resume_run(rank, named, None)
+        stats = straight.stats()
+        assert stats["early_refreshes"] > 0 and stats["overflow"] == 0, stats
+        for split in (5, 7):
+            model, state = _resume_run(rank, named, split)
+            what = f"named={named} split={split}"
+            assert_bitwise_equal(_flat_params(model), _flat_params(straight_model), what)
+            a, b = state.state_dict(), straight.state_dict()
+            assert a["step"] == b["step"] == 12 and a["stats"] == b["stats"], what
+            assert sorted(a["params"]) == sorted(b["params"]), what
+            for key, entry in a["params"].items():
+                other = b["params"][key]
+                assert_bitwise_equal(entry["residual"], other["residual"], f"{what} {key}")
+                assert_bitwise_equal(entry["threshold"], other["threshold"], f"{what} {key}")
+                assert entry["refreshed_at"] == other["refreshed_at"], what
+                assert entry["refresh_pending"] == other["refresh_pending"], what
+            assert state.stats() == straight.stats(), what
+    # A checkpoint of another configuration is refused.
+    other = DCTState(ratio=0.1)
+    expect_error(lambda: other.load_state_dict(straight.state_dict()), "ratio")
+
+
+# ---------------------------------------------------------------- mismatched configuration
+
+
+def check_mismatched_configurations(rank, world):
+    """Ranks that disagree get a clear ValueError on every rank, and the group stays usable."""
+    last = world - 1
+
+    def hook_once(state, shapes):
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+        g = rank_generator(8, rank)
+        bucket = FakeBucket(params, [torch.randn(s, generator=g) for s in shapes])
+        dct_hook(state, bucket).wait()
+
+    text = expect_error(lambda: hook_once(
+        DCTState(ratio=0.02 if rank == last else 0.01, min_numel=16), [(1200,), (7,)]),
+        "ratio", f"rank {last} has 0.02", "rank 0 has 0.01")
+    assert "disagree" in text
+    expect_error(lambda: hook_once(DCTState(min_numel=16),
+                                   [(1200 + (rank == last),), (7,)]),
+                 "bucket elements", "bucket parameter sizes")
+    expect_error(lambda: hook_once(
+        DCTState(min_numel=16, value_dtype=torch.float16 if rank == 0 else None),
+        [(1200,), (7,)]), "value_dtype")
+
+    # Inside DDP the error comes out of backward() on every rank.
+    model = _MLP([16, 32, 4], seed=9)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp.register_comm_hook(DCTState(warmup_steps=rank, min_numel=16, module=model), dct_hook)
+    x = torch.randn(4, 16, generator=rank_generator(9, rank))
+    expect_error(lambda: ddp(x).sum().backward(), "warmup_steps")
+
+    # Nothing is left half-done: the next collectives match up.
+    probe = torch.tensor([float(rank + 1)])
+    dist.all_reduce(probe)
+    assert probe.item() == world * (world + 1) / 2
+
+    # Agreeing ranks pass the check.
+    hook_once(DCTState(ratio=0.01, min_numel=16), [(1200,), (7,)])
+
+
+# ---------------------------------------------------------------------------- convergence
+
+
+def check_convergence(rank, world):
+    """DCT-DP at >= 100x fewer gradient bytes than dense fp32 reaches the dense loss within 2%
+    on a recommender-like task (a linear model over Zipf-distributed embedding-bag features),
+    from the same seed and data."""
+    rows, dim, features, batch, steps = 20000, 4, 4, 16, 300
+    g = torch.Generator().manual_seed(10)
+    teacher = torch.randn(rows, dim, generator=g)
+    popularity = 1.0 / torch.arange(1, rows + 1, dtype=torch.float64) ** 1.1
+
+    def draw(generator, n):
+        return torch.multinomial(popularity, n * features, replacement=True,
+                                 generator=generator).view(n, features)
+
+    def target(idx):
+        return teacher[idx].mean(1).sum(-1)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(11)
+            self.emb = torch.nn.EmbeddingBag(rows, dim, mode="mean")
+            self.out = torch.nn.Linear(dim, 1)
+            torch.nn.init.zeros_(self.emb.weight)
+
+        def forward(self, idx):
+            return self.out(self.emb(idx)).squeeze(-1)
+
+    test_idx = draw(torch.Generator().manual_seed(12), 4096)
+    losses, states = [], []
+    for sparse in (False, True):
+        model = Model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        state = None
+        if sparse:
+            state = DCTState(ratio=0.002, warmup_steps=0, refresh_every=50,
+                             capacity_factor=1.0, value_dtype=torch.bfloat16, min_numel=64,
+                             module=model)
+            ddp.register_comm_hook(state, dct_hook)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        data = rank_generator(13, rank)
+        with torch.no_grad():
+            initial = (model(test_idx) - target(test_idx)).pow(2).mean().item()
+        for _ in range(steps):
+            idx = draw(data, batch)
+            loss = (ddp(idx) - target(idx)).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            losses.append((model(test_idx) - target(test_idx)).pow(2).mean().item())
+        states.append(state)
+    dense, sparse = losses
+    stats = states[1].stats()
+    assert stats["compression"] >= 100, stats
+    assert dense < 0.5 * initial, (initial, dense)
+    assert sparse <= dense * 1.02, f"DCT-DP loss {sparse} vs dense {dense} (initial {initial})"
+    assert stats["kept_density"] > 0.001, stats

@@ -1,0 +1,135 @@
+"""dct_kernels.distributed on CPU: argument checks and layout arithmetic in this process, and
+the multi-process checks (tests/dist_checks.py) in one spawned gloo group of 2 ranks and one
+of 4, each running several checks (process start-up dominates the time)."""
+
+import pickle
+
+import pytest
+import torch
+
+import dist_checks
+from dct_kernels.distributed import DCTState, dct_hook, sparse_all_reduce
+from dct_kernels.distributed.layout import BucketLayout, k_of, share_of
+from dist_harness import assert_check_passed, run_group
+
+# ---------------------------------------------------------------------- in this process
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(ratio=0.0), "ratio"), (dict(ratio=1.01), "ratio"), (dict(ratio=float("nan")), "ratio"),
+    (dict(ratio="0.1"), "ratio"), (dict(refresh_every=0), "refresh_every"),
+    (dict(refresh_every=2.0), "refresh_every"), (dict(warmup_steps=-1), "warmup_steps"),
+    (dict(capacity_factor=0.99), "capacity_factor"), (dict(min_numel=-1), "min_numel"),
+    (dict(value_dtype=torch.float64), "value_dtype"), (dict(value_dtype="fp16"), "value_dtype"),
+    (dict(refresh_band=(1.1, 2.0)), "refresh_band"), (dict(refresh_band=(0.5, 0.9)),
+                                                       "refresh_band"),
+    (dict(refresh_band=0.5), "refresh_band"),
+])
+def test_state_rejects_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        DCTState(**kwargs)
+
+
+def test_state_accepts_the_documented_range():
+    for value_dtype in (None, torch.float32, torch.float16, torch.bfloat16):
+        DCTState(ratio=1, refresh_every=1, warmup_steps=0, capacity_factor=1,
+                 min_numel=0, value_dtype=value_dtype)
+    state = DCTState(capacity_factor=2.5)
+    assert state.refresh_band == (0.5, 2.5)
+    assert state.config()["value_dtype"] == "None"
+
+
+def test_k_and_capacity_share():
+    assert k_of(100, 0.07) == 7          # float 0.07 * 100 is 7.000000000000001
+    assert k_of(1000, 0.01) == 10
+    assert k_of(5, 0.01) == 1
+    assert k_of(12345, 1.0) == 12345
+    assert share_of(10, 1000, 1.5) == 15
+    assert share_of(7, 10, 1.5) == 10    # never more than the parameter
+    assert share_of(3, 1000, 1.1) == 4   # ceil(3.3)
+
+
+def test_bucket_layout():
+    layout = BucketLayout(["a", "b", "c", "d"], [1000, 10, 2000, 3], [True, False, True, False],
+                          ratio=0.01, capacity_factor=1.5, band=(0.5, 1.5),
+                          dtype=torch.float32, device=torch.device("cpu"))
+    assert layout.offsets.tolist() == [0, 1000, 1010, 3010, 3013]
+    assert layout.ks == [10, 1, 20, 1]
+    assert layout.capacity == 15 + 30
+    assert layout.sparse_numel == 3000 and layout.dense_numel == 13
+    assert layout.dense_index.tolist() == list(range(1000, 1010)) + [3010, 3011, 3012]
+    assert layout.band_low.tolist() == [5, 1, 10, 1]
+    assert layout.band_high.tolist() == [15, 1, 30, 1]
+
+
+def test_sparse_all_reduce_needs_a_capacity():
+    with pytest.raises(ValueError, match="capacity"):
+        sparse_all_reduce(torch.randn(10), 0.5, capacity=None)
+
+
+def test_state_dict_round_trip_without_a_group():
+    state = DCTState(ratio=0.05, module=[("w", torch.nn.Parameter(torch.zeros(3)))])
+    saved = {"version": 1, "config": state.config(), "step": 7,
+             "params": {"w": {"numel": 3, "residual": torch.tensor([1.0, -2.0, 3.0]),
+                              "threshold": torch.tensor([0.5]), "refreshed_at": 4,
+                              "refresh_pending": True}},
+             "stats": {"refreshes": 2, "kept": 9}}
+    state.load_state_dict(saved)
+    again = state.state_dict()
+    assert again["step"] == 7 and again["params"]["w"]["refresh_pending"] is True
+    assert torch.equal(again["params"]["w"]["residual"], torch.tensor([1.0, -2.0, 3.0]))
+    assert again["stats"]["refreshes"] == 2 and again["stats"]["kept"] == 9
+    assert state.stats()["kept"] == 9
+    copy = pickle.loads(pickle.dumps(state))
+    assert copy.state_dict()["step"] == 7 and copy.ratio == 0.05
+    with pytest.raises(ValueError, match="ratio"):
+        DCTState(ratio=0.1).load_state_dict(saved)
+    with pytest.raises(ValueError, match="version"):
+        state.load_state_dict(dict(saved, version=99))
+    bad = dict(saved, params={"w": dict(saved["params"]["w"], numel=4)})
+    with pytest.raises(ValueError, match="residual"):
+        state.load_state_dict(bad)
+
+
+def test_hook_rejects_a_bucket_that_is_not_flat():
+    state = DCTState(module=[("w", torch.nn.Parameter(torch.zeros(8)))])
+    bucket = dist_checks.FakeBucket(state._held, [torch.zeros(9)])
+    with pytest.raises(ValueError, match="bucket"):
+        dct_hook(state, bucket)
+
+
+def test_hook_rejects_an_unnamed_parameter():
+    state = DCTState(module=[("w", torch.nn.Parameter(torch.zeros(8)))])
+    stranger = torch.nn.Parameter(torch.zeros(8))
+    with pytest.raises(ValueError, match="module"):
+        dct_hook(state, dist_checks.FakeBucket([stranger], [torch.zeros(8)]))
+
+
+# ---------------------------------------------------------------------- spawned groups
+
+CHECKS_2 = ["check_sparse_all_reduce", "check_hook_ratio_one",
+            "check_ddp_ratio_one_matches_dense", "check_ddp_sparse_audited",
+            "check_hook_empty_and_overflow", "check_checkpoint_resume",
+            "check_mismatched_configurations", "check_convergence"]
+CHECKS_4 = ["check_sparse_all_reduce", "check_hook_ratio_one", "check_ddp_sparse_audited",
+            "check_mismatched_configurations"]
+
+
+@pytest.fixture(scope="module")
+def group_of_2(tmp_path_factory):
+    return run_group(2, "dist_checks", CHECKS_2, tmp_path_factory.mktemp("gloo2"))
+
+
+@pytest.fixture(scope="module")
+def group_of_4(tmp_path_factory):
+    return run_group(4, "dist_checks", CHECKS_4, tmp_path_factory.mktemp("gloo4"))
+
+
+@pytest.mark.parametrize("name", CHECKS_2)
+def test_two_ranks(group_of_2, name):
+    assert_check_passed(group_of_2, name, 2)
+
+
+@pytest.mark.parametrize("name", CHECKS_4)
+def test_four_ranks(group_of_4, name):
+    assert_check_passed(group_of_4, name, 4)
