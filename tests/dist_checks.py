@@ -402,28 +402,48 @@ def check_hook_empty_and_overflow(rank, world):
     assert s4["early_refreshes"] == 2, "an overflow must trigger an early refresh"
     assert s4["bucket_refreshes"] == 3
 
+    # Overflow alone: one parameter with k x capacity_factor = 15 slots and band high 1.5, so
+    # a full payload's count (15) is inside the band; only the overflow can ask for a refresh.
+    param = torch.nn.Parameter(torch.zeros(500))
+    state = DCTState(ratio=0.02, warmup_steps=0, min_numel=16, module=[("p", param)])
+    for step, scale in enumerate([1.0, 1e3, 1.0]):
+        g = rank_generator(6, rank, step)
+        dct_hook(state, FakeBucket([param], [torch.randn(500, generator=g) * scale])).wait()
+        stats = state.stats()
+        if step == 1:
+            assert stats["overflow"] > 0 and stats["kept"] == 10 + 15, stats
+    assert stats["early_refreshes"] == 1, stats
+
 
 # ----------------------------------------------------------------------- checkpointing
 
 
+RESUME_STEPS = 12
+RESUME_KWARGS = dict(ratio=0.05, warmup_steps=2, refresh_every=5, capacity_factor=4.0,
+                     refresh_band=(0.9, 1.2), min_numel=100)
+
+
 def _resume_run(rank, named, split):
-    """Train 12 steps straight, or `split` steps, checkpoint, rebuild everything, resume."""
+    """Train RESUME_STEPS steps straight (split None: returns the refresh_pending flags after
+    each step too), or `split` steps, checkpoint, rebuild everything, and resume."""
     widths = [32, 64, 48, 8]
-    kwargs = dict(ratio=0.05, warmup_steps=2, refresh_every=4, capacity_factor=4.0,
-                  refresh_band=(0.9, 1.5), min_numel=100)
 
     def fresh(seed):
         model = _MLP(widths, seed=seed)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        state = DCTState(module=model if named else None, **kwargs)
+        state = DCTState(module=model if named else None, **RESUME_KWARGS)
         ddp.register_comm_hook(state, dct_hook)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         return model, ddp, state, optimizer
 
     model, ddp, state, optimizer = fresh(seed=6)
     if split is None:
-        _train(ddp, optimizer, widths, 6, rank, steps=12)
-        return model, state
+        pending = []
+        for step in range(RESUME_STEPS):
+            _train(ddp, optimizer, widths, 6, rank, steps=1, first_step=step)
+            pending.append(any(e["refresh_pending"]
+                               for e in state.state_dict()["params"].values()))
+        return model, state, pending
     _train(ddp, optimizer, widths, 6, rank, steps=split)
     blob = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -434,24 +454,31 @@ def _resume_run(rank, named, split):
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     state.load_state_dict(checkpoint["dct"])
-    _train(ddp, optimizer, widths, 6, rank, steps=12 - split, first_step=split)
-    return model, state
+    _train(ddp, optimizer, widths, 6, rank, steps=RESUME_STEPS - split, first_step=split)
+    return model, state, None
 
 
 def check_checkpoint_resume(rank, world):
     """A run checkpointed mid-way (state_dict through torch.save/load with weights_only) and
     resumed in a fresh model, DDP and DCTState continues bit for bit: parameters, residuals,
-    thresholds, schedule and statistics. Parameters keyed by name and by first sight."""
+    thresholds, schedule and statistics. Parameters keyed by name and by first sight. One
+    checkpoint is taken while an early refresh is pending (decided on the device, not yet
+    acted on) and the next step is not a scheduled refresh, so the flag must travel too."""
+    warmup, every = RESUME_KWARGS["warmup_steps"], RESUME_KWARGS["refresh_every"]
     for named in (True, False):
-        straight_model, straight = _resume_run(rank, named, None)
+        straight_model, straight, pending = _resume_run(rank, named, None)
         stats = straight.stats()
         assert stats["early_refreshes"] > 0 and stats["overflow"] == 0, stats
-        for split in (5, 7):
-            model, state = _resume_run(rank, named, split)
+        # After step s (0-based) the checkpoint holds s + 1 steps.
+        flagged = [s + 1 for s in range(warmup, RESUME_STEPS - 1)
+                   if pending[s] and (s + 1 - warmup) % every]
+        assert flagged, f"no checkpoint with a pending early refresh: {pending}"
+        for split in (flagged[0], 3):
+            model, state, _ = _resume_run(rank, named, split)
             what = f"named={named} split={split}"
             assert_bitwise_equal(_flat_params(model), _flat_params(straight_model), what)
             a, b = state.state_dict(), straight.state_dict()
-            assert a["step"] == b["step"] == 12 and a["stats"] == b["stats"], what
+            assert a["step"] == b["step"] == RESUME_STEPS and a["stats"] == b["stats"], what
             assert sorted(a["params"]) == sorted(b["params"]), what
             for key, entry in a["params"].items():
                 other = b["params"][key]
