@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the CUDA extension, run the GPU tests, compute-sanitizer over
 # one small run of every CUDA kernel, and the benchmark. Everything lands in $OUT (at most 8
-# files) or ./device_check_out.
+# files) or ./device_check_out: build.log (with the environment), pytest.log, sanitize.log,
+# profile.log, bench.log, results.json, results.md, time_vs_n.png.
 #
 # Knobs (environment): ARCH (CUDA architectures, default 90), TESTS / TEST_FILTER (what pytest
 # runs), TEST_TIMEOUT, SANITIZERS ("memcheck racecheck synccheck"), SIZES (log2 sizes), RATIOS,
@@ -19,14 +20,14 @@ SECONDS=0
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   nvcc --version | tail -2
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+} > "$OUT/build.log" 2>&1
+cat "$OUT/build.log"
 
 DCT_KERNELS_CUDA=1 DCT_KERNELS_CUDA_ARCH="${ARCH:-90}" timeout 300 \
-  "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+  "$PY" setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 \
   && echo "[$SECONDS s] extension build: ok" \
   || { echo "[$SECONDS s] extension build: FAILED"; tail -40 "$OUT/build.log"; }
-"$PY" -c "import dct_kernels as d; print(d.available_backends())" 2>&1 | tee -a "$OUT/env.txt"
+"$PY" -c "import dct_kernels as d; print(d.available_backends())" 2>&1 | tee -a "$OUT/build.log"
 
 TESTS="${TESTS:-tests}"
 TEST_FILTER="${TEST_FILTER:-cuda-cuda or (test_gpu and not triton) or test_cuda_ext}"
@@ -43,6 +44,11 @@ for tool in ${SANITIZERS:-memcheck racecheck synccheck}; do
   echo "[$SECONDS s] compute-sanitizer $tool rc=$?"
 done
 grep -E "ERROR SUMMARY|mismatch|Error|error" "$OUT/sanitize.log" | sort | uniq -c | head -20
+
+if [ -z "${SKIP_PROFILE:-}" ]; then
+  timeout 90 "$PY" bench/profile_cuda.py > "$OUT/profile.log" 2>&1
+  echo "[$SECONDS s] profile rc=$?"; cat "$OUT/profile.log"
+fi
 
 timeout "${BENCH_TIMEOUT:-200}" "$PY" bench/run.py --sizes ${SIZES:-20 24 28} \
   --ratios ${RATIOS:-0.01} --backends ${BACKENDS:-cuda} ${OPS:+--ops $OPS} --out "$OUT" \

@@ -18,7 +18,10 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kIters = 4;  // vectors per lane and tile
+// Vectors per lane and tile: without a residual a tile moves a third of the bytes, so it takes
+// twice the elements to keep as many bytes in flight per look-back.
+template <bool RESIDUAL>
+__host__ __device__ constexpr int iters_for() { return RESIDUAL ? 4 : 8; }
 
 // Tile status word: flag in the high half, kept count in the low half (counts < 2^31).
 enum : unsigned long long { kAggregate = 1ull << 32, kPrefix = 2ull << 32 };
@@ -121,6 +124,7 @@ compress_kernel(const T* x, float* residual, int64_t n, Source src,
                 int32_t* __restrict__ out_indices, W* __restrict__ out_values,
                 int64_t capacity, int32_t* header, unsigned long long* status,
                 unsigned int* ticket, int64_t num_tiles) {
+  constexpr int kIters = iters_for<RESIDUAL>();
   constexpr int kTile = kWarps * kIters * 32 * VEC;
   __shared__ int64_t tile_s;
   __shared__ int warp_total[kWarps];
@@ -235,12 +239,12 @@ size_t scratch_layout(int64_t num_tiles, Scratch* s, void* base) {
   return status_bytes + 256;
 }
 
-constexpr int kMinTile = kWarps * kIters * 32;  // VEC = 1
+constexpr int kMinTile = kWarps * 4 * 32;  // the smallest tile: VEC = 1, 4 iterations
 
 template <typename T, typename W, int VEC, bool RESIDUAL>
 Status launch(const CompressArgs& a, const Source& src, uint8_t* payload, int64_t capacity,
               void* workspace, cudaStream_t stream) {
-  constexpr int kTile = kWarps * kIters * 32 * VEC;
+  constexpr int kTile = kWarps * iters_for<RESIDUAL>() * 32 * VEC;
   const int64_t num_tiles = ceil_div(a.n, kTile);
   Scratch s;
   const size_t bytes = scratch_layout(num_tiles, &s, workspace);

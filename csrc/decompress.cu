@@ -8,8 +8,9 @@
 // whatever the buffer holds, so no two write the same output and every write is in bounds.
 //
 // decompress_many merges over output tiles: a block owns TILE consecutive outputs in shared
-// memory, adds rank 0's entries that fall in the tile, then rank 1's, ... with a barrier
-// between ranks, then divides, adds to out and rounds once. Each rank's entries of a tile are
+// memory, stages several ranks' entries of the tile at once (their loads in flight together),
+// adds rank 0's, then rank 1's, ... with a barrier between ranks, then divides, adds to out and
+// rounds once. Each rank's entries of a tile are
 // found by binary search of its running highest (sorted even for a corrupted row). No float
 // atomics: the sum is 0 + d_0 + d_1 + ... in rank order, bitwise reproducible.
 #include <cub/block/block_reduce.cuh>
@@ -26,6 +27,7 @@ constexpr int kThreads = 256;
 constexpr int kSlotsPerThread = 8;
 constexpr int kChunk = kThreads * kSlotsPerThread;  // slots per block of the scans
 constexpr int kTile = 4096;                          // outputs per merge block
+constexpr int kStage = 320;                          // staged entries per rank and tile
 constexpr int32_t kPastCount = INT_MAX;             // running highest of slots past the count
 
 struct MaxOp {
@@ -202,32 +204,82 @@ __global__ void tile_starts_kernel(Rows rows, Scratch s, int64_t tiles) {
   s.starts[w * (tiles + 1) + g] = static_cast<int32_t>(lo);
 }
 
+// Adds rank w's usable entries of one tile to `sum`, straight from the payload (all threads).
+template <typename V>
+__device__ void add_rank_direct(const Rows& rows, const Scratch& s, int w, int64_t lo, int64_t hi,
+                                int64_t first, int64_t last, float* sum) {
+  const int32_t* indices = rows.indices(w);
+  const V* values =
+      reinterpret_cast<const V*>(rows.p.buffers + w * rows.p.row_bytes + rows.values_offset);
+  for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
+    const int32_t idx = indices[i];
+    if (idx >= first && idx < last && entry_used(rows, s, w, i, idx))
+      sum[idx - first] += to_f32(values[i]);
+  }
+}
+
+// One block per tile of kTile outputs. Ranks are taken kWarps at a time: each warp first
+// stages one rank's entries of the tile (positions and fp32 values) in shared memory, so the
+// global loads of all those ranks are in flight together; then the block adds the staged ranks
+// in rank order, with a barrier between ranks. A rank with more entries in the tile than the
+// stage holds is added straight from the payload in its turn.
 template <typename V, typename O>
 __global__ void __launch_bounds__(kThreads)
 merge_kernel(Rows rows, Scratch s, int64_t tiles, O* out, bool accumulate, bool average) {
+  constexpr int kWarps = kThreads / 32;
   __shared__ float sum[kTile];
+  __shared__ int32_t stage_pos[kWarps][kStage];
+  __shared__ float stage_val[kWarps][kStage];
+  __shared__ int32_t staged[kWarps];  // entries staged per warp; -1: too many, add directly
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t first = blockIdx.x * int64_t(kTile);
   const int64_t last = min64(first + kTile, rows.p.numel);
   for (int j = threadIdx.x; j < kTile; j += kThreads) sum[j] = 0.0f;
-  __syncthreads();
-  for (int w = 0; w < rows.p.num_rows; ++w) {
-    const int32_t count = s.count[w];
-    const int64_t lo = s.starts[w * (tiles + 1) + blockIdx.x];
-    const int64_t hi = min64(s.starts[w * (tiles + 1) + blockIdx.x + 1], count);
-    const int32_t* indices = rows.indices(w);
-    const V* values =
-        reinterpret_cast<const V*>(rows.p.buffers + w * rows.p.row_bytes + rows.values_offset);
-    for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
-      const int32_t idx = indices[i];
-      if (idx >= first && idx < last && entry_used(rows, s, w, i, idx))
-        sum[idx - first] += to_f32(values[i]);
+  auto range = [&](int w, int64_t* lo, int64_t* hi) {
+    *lo = s.starts[w * (tiles + 1) + blockIdx.x];
+    *hi = min64(s.starts[w * (tiles + 1) + blockIdx.x + 1], s.count[w]);
+  };
+  for (int w0 = 0; w0 < rows.p.num_rows; w0 += kWarps) {
+    const int w = w0 + warp;
+    if (w < rows.p.num_rows) {
+      int64_t lo, hi;
+      range(w, &lo, &hi);
+      const int64_t n = hi > lo ? hi - lo : 0;
+      if (n <= kStage) {
+        const int32_t* indices = rows.indices(w);
+        const V* values = reinterpret_cast<const V*>(rows.p.buffers + w * rows.p.row_bytes +
+                                                     rows.values_offset);
+        for (int64_t i = lo + lane; i < hi; i += 32) {
+          const int32_t idx = indices[i];
+          const float v = to_f32(values[i]);
+          const bool ok = idx >= first && idx < last && entry_used(rows, s, w, i, idx);
+          stage_pos[warp][i - lo] = ok ? static_cast<int32_t>(idx - first) : -1;
+          stage_val[warp][i - lo] = v;
+        }
+      }
+      if (lane == 0) staged[warp] = n <= kStage ? static_cast<int32_t>(n) : -1;
     }
-    __syncthreads();  // rank w's additions land before rank w + 1 adds to the same outputs
+    __syncthreads();
+    const int ranks = min64(kWarps, rows.p.num_rows - w0);
+    for (int r = 0; r < ranks; ++r) {
+      const int n = staged[r];
+      if (n >= 0) {
+        for (int j = threadIdx.x; j < n; j += kThreads) {
+          const int32_t p = stage_pos[r][j];
+          if (p >= 0) sum[p] += stage_val[r][j];
+        }
+      } else {
+        int64_t lo, hi;
+        range(w0 + r, &lo, &hi);
+        add_rank_direct<V>(rows, s, w0 + r, lo, hi, first, last, sum);
+      }
+      __syncthreads();  // rank r's additions land before the next rank adds to the same outputs
+    }
   }
-  const float ranks = static_cast<float>(rows.p.num_rows);
+  const float num_ranks = static_cast<float>(rows.p.num_rows);
   for (int64_t o = first + threadIdx.x; o < last; o += kThreads) {
     float v = sum[o - first];
-    if (average) v = __fdiv_rn(v, ranks);
+    if (average) v = __fdiv_rn(v, num_ranks);
     if (accumulate) v = to_f32(out[o]) + v;
     out[o] = from_f32<O>(v);
   }

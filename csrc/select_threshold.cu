@@ -3,11 +3,11 @@
 // Level 0 histograms the top 13 key bits of every element (one read of x). For each segment a
 // block then finds the deciding bucket (the digit where the count from the top reaches k).
 // If the deciding buckets of all segments together fit the candidate buffer, a second read of
-// x copies just their keys there, and one block per segment resolves the remaining key bits
-// from those few candidates. Otherwise (narrow ranges, where most elements share the top bits)
-// the same second read histograms the next 13 bits instead, and a third the last 5. Which path
-// runs is decided on the device: every kernel is launched and the ones not needed return at
-// once, so there is no host synchronization.
+// x copies just their keys there, and the remaining levels (13 + 5 bits for fp32, 2 bits for
+// fp16/bf16) are histogrammed from those few candidates. Otherwise (narrow ranges, where most
+// elements share the top bits) each remaining level reads x again. Which path runs is decided
+// on the device: every kernel is launched and those of the path not taken return at once, so
+// there is no host synchronization.
 #include <cooperative_groups.h>
 #include <cub/block/block_scan.cuh>
 
@@ -164,10 +164,9 @@ pass_kernel(const T* __restrict__ x, const int64_t* __restrict__ items, Workspac
 
 __global__ void __launch_bounds__(kResolveThreads)
 resolve_kernel(Workspace ws, int num_segments, const int64_t* __restrict__ ks, int level,
-               int shift, int width, int skip_if_candidates) {
+               int shift, int width) {
   using Finder = DigitFinder<kResolveThreads>;
   __shared__ typename Finder::Storage s;
-  if (skip_if_candidates && ws.plan->use_candidates) return;
   const int seg = blockIdx.x;
   SegmentState st;
   if (level == 0) {
@@ -212,33 +211,34 @@ plan_kernel(Workspace ws, int num_segments, int64_t candidate_capacity) {
   }
 }
 
-// One block per segment finishes the remaining levels on its candidates alone.
-__global__ void __launch_bounds__(kResolveThreads)
-resolve_candidates_kernel(Workspace ws, Levels levels) {
-  using Finder = DigitFinder<kResolveThreads>;
-  __shared__ typename Finder::Storage s;
-  __shared__ int32_t hist[kMaxBins];
+// Histogram of one level over the candidates: many blocks, global atomics (the candidates
+// are few and spread over many bins, so contention is low).
+__global__ void __launch_bounds__(kHistThreads)
+candidate_hist_kernel(Workspace ws, int num_segments, int level, int shift, int width) {
   if (!ws.plan->use_candidates) return;
-  const int seg = blockIdx.x;
-  SegmentState st = ws.state[seg];
-  const int32_t begin = ws.cand_offset[seg], end = ws.cand_offset[seg + 1];
-  for (int level = 1; level < levels.count; ++level) {
-    const int shift = levels.shift[level], width = levels.width[level];
-    const int above = shift + width;
-    for (int i = threadIdx.x; i < (1 << width); i += blockDim.x) hist[i] = 0;
-    __syncthreads();
-    for (int32_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-      const uint32_t key = ws.candidates[i];
-      if (shares_prefix(key, st.prefix, above)) atomicAdd(hist + ((key >> shift) & ((1u << width) - 1u)), 1);
+  const int32_t total = ws.plan->total;
+  const int above = shift + width;
+  const uint32_t mask = (1u << width) - 1u;
+  int seg = -1;
+  int32_t seg_end = 0;
+  uint32_t prefix = 0;
+  int32_t* hist = nullptr;
+  for (int32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += gridDim.x * blockDim.x) {
+    if (seg < 0 || i >= seg_end) {  // segment of candidate i: last offset <= i
+      int lo = 0, hi = num_segments - 1;
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (ws.cand_offset[mid] <= i) lo = mid; else hi = mid - 1;
+      }
+      seg = lo;
+      seg_end = ws.cand_offset[seg + 1];
+      prefix = ws.state[seg].prefix;
+      hist = ws.hist + (size_t(level) * num_segments + seg) * kMaxBins;
     }
-    __syncthreads();
-    Finder::find(hist, 1 << width, st.k, s);
-    st.prefix |= static_cast<uint32_t>(s.digit) << shift;
-    st.k = s.rank;
-    st.bucket = s.count;
-    __syncthreads();
+    const uint32_t key = ws.candidates[i];
+    if (shares_prefix(key, prefix, above)) atomicAdd(hist + ((key >> shift) & mask), 1);
   }
-  if (threadIdx.x == 0) ws.state[seg] = st;
 }
 
 template <typename T>
@@ -265,27 +265,29 @@ Status run(const T* x, const int64_t* items, int num_items, const int64_t* ks, i
   DCT_CHECK("select_threshold: cudaMemsetAsync", cudaMemsetAsync(workspace, 0, zeroed, stream));
   const Levels lv = levels_of<T>();
   constexpr int VEC = 16 / sizeof(T);
+  // Enough blocks to spread the candidates over the chip, few enough to be cheap when idle.
+  const int candidate_blocks =
+      static_cast<int>(min64(512, max64(1, ceil_div(candidate_capacity, kHistThreads * 8))));
   auto pass = [&](int mode, int level) {
     pass_kernel<T, VEC><<<num_items, kHistThreads, 0, stream>>>(
         x, items, ws, S, mode, level, lv.shift[level], lv.width[level]);
   };
   pass(kLevel0, 0);
   DCT_CHECK_LAUNCH("select_threshold: histogram kernel (level 0)");
-  resolve_kernel<<<S, kResolveThreads, 0, stream>>>(ws, S, ks, 0, lv.shift[0], lv.width[0], 0);
+  resolve_kernel<<<S, kResolveThreads, 0, stream>>>(ws, S, ks, 0, lv.shift[0], lv.width[0]);
   DCT_CHECK_LAUNCH("select_threshold: resolve kernel (level 0)");
   plan_kernel<<<1, kResolveThreads, 0, stream>>>(ws, S, candidate_capacity);
   DCT_CHECK_LAUNCH("select_threshold: plan kernel");
-  pass(kGatherOrHistogram, 1);
-  DCT_CHECK_LAUNCH("select_threshold: gather kernel (level 1)");
-  resolve_candidates_kernel<<<S, kResolveThreads, 0, stream>>>(ws, lv);
-  DCT_CHECK_LAUNCH("select_threshold: candidate resolve kernel");
+  // Each later level's histogram comes from the data (narrow ranges) or from the candidates;
+  // the kernel of the path not taken returns at once.
   for (int level = 1; level < lv.count; ++level) {
-    if (level > 1) {
-      pass(kHistogramUnlessCandidates, level);
-      DCT_CHECK_LAUNCH("select_threshold: histogram kernel (level 2)");
-    }
+    pass(level == 1 ? kGatherOrHistogram : kHistogramUnlessCandidates, level);
+    DCT_CHECK_LAUNCH("select_threshold: pass over x (level >= 1)");
+    candidate_hist_kernel<<<candidate_blocks, kHistThreads, 0, stream>>>(
+        ws, S, level, lv.shift[level], lv.width[level]);
+    DCT_CHECK_LAUNCH("select_threshold: candidate histogram kernel");
     resolve_kernel<<<S, kResolveThreads, 0, stream>>>(ws, S, ks, level, lv.shift[level],
-                                                      lv.width[level], 1);
+                                                      lv.width[level]);
     DCT_CHECK_LAUNCH("select_threshold: resolve kernel");
   }
   finalize_kernel<T><<<(S + 255) / 256, 256, 0, stream>>>(ws, S, out);
