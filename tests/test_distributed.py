@@ -23,7 +23,7 @@ from dist_harness import assert_check_passed, run_group
     (dict(value_dtype=torch.float64), "value_dtype"), (dict(value_dtype="fp16"), "value_dtype"),
     (dict(refresh_band=(1.1, 2.0)), "refresh_band"), (dict(refresh_band=(0.5, 0.9)),
                                                        "refresh_band"),
-    (dict(refresh_band=0.5), "refresh_band"),
+    (dict(refresh_band=0.5), "refresh_band"), (dict(backend="numpy"), "backend"),
 ])
 def test_state_rejects_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):

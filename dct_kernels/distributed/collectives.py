@@ -38,7 +38,8 @@ def sparse_all_reduce(tensor: torch.Tensor, threshold: Union[float, torch.Tensor
                       value_dtype: Optional[torch.dtype] = None, group=None,
                       out: Optional[torch.Tensor] = None, average: bool = True,
                       validate: bool = False,
-                      errors: Optional[torch.Tensor] = None
+                      errors: Optional[torch.Tensor] = None,
+                      backend: Optional[str] = None
                       ) -> Tuple[torch.Tensor, SparsePayload]:
     """Average (or sum) a tensor across ranks, sending only its entries above a threshold.
 
@@ -70,6 +71,8 @@ def sparse_all_reduce(tensor: torch.Tensor, threshold: Union[float, torch.Tensor
         validate: check every received buffer on the host first (synchronizes) and raise
             ValueError on a bad one; by default bad buffers or entries are skipped and counted in
             ``errors`` (default ``dct_kernels.payload_errors(device)``) without synchronizing.
+        backend: the kernel backend for compress and decompress_many (default: chosen as the
+            ops choose it, see ``dct_kernels.available_backends``).
 
     Returns:
         ``(out, payload)``: the reduced tensor and this rank's payload (its ``count`` and
@@ -86,11 +89,11 @@ def sparse_all_reduce(tensor: torch.Tensor, threshold: Union[float, torch.Tensor
         raise ValueError("capacity: required; a fixed capacity keeps every rank's buffer the "
                          "same size and avoids a host synchronization")
     payload = ops.compress(tensor, threshold, segments=segments, residual=residual,
-                           capacity=capacity, value_dtype=value_dtype)
+                           capacity=capacity, value_dtype=value_dtype, backend=backend)
     gathered = all_gather_rows(payload.buffer, group)
     if out is None:
         out = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
     ops.decompress_many(gathered, out=out, average=average, validate=validate,
                         capacity=payload.capacity, value_dtype=payload.value_dtype,
-                        errors=errors)
+                        errors=errors, backend=backend)
     return out, payload

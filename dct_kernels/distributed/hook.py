@@ -36,7 +36,8 @@ def _refresh(state: DCTState, layout: BucketLayout, buffer: torch.Tensor, early:
     one segmented selection. Dense segments get +inf (they never enter the payload), segments
     with k = numel get -inf (everything passes, at every step)."""
     acc = buffer.to(torch.float32) + layout.residual
-    taus = ops.select_threshold(acc, layout.ks_host, segments=layout.offsets)
+    taus = ops.select_threshold(acc, layout.ks_host, segments=layout.offsets,
+                                backend=state.backend)
     taus = torch.where(layout.keep_all_mask, float("-inf"), taus.to(torch.float32))
     layout.thresholds.copy_(torch.where(layout.sparse_mask, taus, float("inf")))
     for s in layout.states:
@@ -73,14 +74,14 @@ def _sparse(state: DCTState, layout: BucketLayout, buffer: torch.Tensor, group,
         buffer.index_fill_(0, layout.dense_index, 0)
     payload = ops.compress(buffer, layout.thresholds, segments=layout.offsets,
                            residual=layout.residual, capacity=layout.capacity,
-                           value_dtype=state.value_dtype)
+                           value_dtype=state.value_dtype, backend=state.backend)
     gathered = collectives.all_gather_rows(payload.buffer, group)
     if dense_values is not None:
         dist.all_reduce(dense_values, group=group)
         dense_values.div_(world)
     ops.decompress_many(gathered, out=buffer, average=True, validate=state.validate,
                         capacity=payload.capacity, value_dtype=payload.value_dtype,
-                        errors=state._error_counter(buffer.device))
+                        errors=state._error_counter(buffer.device), backend=state.backend)
     if dense_values is not None:
         buffer.index_copy_(0, layout.dense_index, dense_values)
     layout.stage_flags(payload)

@@ -64,6 +64,9 @@ class DCTState:
         validate: check received payloads on the host (synchronizes every step; for
             debugging). By default bad payloads are skipped and counted in the device-side
             error counter that ``stats()`` reports as ``payload_errors``.
+        backend: kernel backend for the ops ("cuda", "triton", "torch"; default: chosen per
+            device as the ops choose it). Not part of the cross-rank check: backends are
+            bitwise interchangeable.
 
     Raises:
         ValueError naming the argument for a value out of range or of the wrong type.
@@ -77,7 +80,7 @@ class DCTState:
                  value_dtype: Optional[torch.dtype] = None,
                  refresh_band: Tuple[float, Optional[float]] = (0.5, None),
                  module: Union[torch.nn.Module, Iterable[Tuple[str, torch.Tensor]], None] = None,
-                 validate: bool = False):
+                 validate: bool = False, backend: Optional[str] = None):
         _check_number(ratio, "ratio", integral=False)
         if not 0 < ratio <= 1:
             raise ValueError(f"ratio: must be in (0, 1], got {ratio}")
@@ -96,6 +99,9 @@ class DCTState:
         if not any(value_dtype is known for known in _VALUE_DTYPE_CODES):
             raise ValueError(f"value_dtype: expected None, torch.float32, torch.float16 or "
                              f"torch.bfloat16, got {value_dtype!r}")
+        if backend is not None and backend not in ("cuda", "triton", "torch"):
+            raise ValueError(f"backend: expected None, 'cuda', 'triton' or 'torch', "
+                             f"got {backend!r}")
         if not isinstance(refresh_band, (tuple, list)) or len(refresh_band) != 2:
             raise ValueError(f"refresh_band: expected (low, high), got {refresh_band!r}")
         low, high = refresh_band
@@ -116,6 +122,7 @@ class DCTState:
         self.value_dtype = value_dtype
         self.refresh_band = (float(low), float(high))
         self.validate = bool(validate)
+        self.backend = backend
 
         # Parameter keys: by name when given, else by order of first appearance. The
         # parameters are held so that their ids stay theirs.
