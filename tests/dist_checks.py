@@ -239,12 +239,13 @@ def _flat_params(model):
 
 
 def check_ddp_ratio_one_matches_dense(rank, world):
-    """DDP with the hook at ratio 1 trains like DDP without it (to rounding)."""
+    """DDP with the hook at ratio 1 trains like DDP without it (to rounding), with gradients
+    copied out of the buckets or viewing them."""
     widths = [32, 64, 48, 8]
     results = []
-    for use_hook in (False, True):
+    for use_hook, as_view in ((False, False), (True, False), (True, True)):
         model = _MLP(widths, seed=3)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=as_view)
         if use_hook:
             state = DCTState(ratio=1.0, warmup_steps=2, min_numel=100, module=model)
             ddp.register_comm_hook(state, dct_hook)
@@ -254,6 +255,7 @@ def check_ddp_ratio_one_matches_dense(rank, world):
     assert_same_on_all_ranks(results[1], "parameters with the hook")
     assert torch.allclose(results[1], results[0], rtol=1e-5, atol=1e-6), \
         f"max difference {(results[1] - results[0]).abs().max().item()}"
+    assert_bitwise_equal(results[2], results[1], "gradient_as_bucket_view=True")
     assert not torch.equal(results[1], _flat_params(_MLP(widths, seed=3))), "did not train"
     assert state.stats()["buckets_sparse"] == 8
 
