@@ -10,7 +10,6 @@ import zlib
 from typing import List, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 
 from .collectives import all_gather_rows
 

@@ -116,8 +116,10 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
     5. Each parameter's kept count is compared with its band on the device and staged to the
        host for the next step's decision; statistics accumulate on the device.
 
-    No host synchronization in the steady state (no refresh due): everything is sized from
-    host-known k; the only wait is for the one-step-old event of the staged flags.
+    No host synchronization on the per-step path: everything is sized from host-known k, and
+    the only wait is for the one-step-old event of the staged flags (refresh steps add the
+    segmented ``select_threshold``, which does not synchronize on the GPU backends). The first
+    step of each bucket layout (the cross-rank check) does synchronize.
 
     Args:
         state: a ``DCTState``.

@@ -85,7 +85,6 @@ class BucketLayout:
                             if dense_positions and self.has_sparse else None)
         self.states: List[Optional[ParamState]] = [None] * self.num_segments
         self.owned = 0
-        self.verified = False
         if not self.has_sparse:
             return
         # Device-side state, allocated once: residuals, thresholds, and the band check inputs.
@@ -186,5 +185,5 @@ class BucketLayout:
         flags &= self.sparse_mask
         self.host_flags.copy_(flags, non_blocking=True)
         if self.flags_event is not None:
-            self.flags_event.record()
+            self.flags_event.record(torch.cuda.current_stream(self.device))
         self.flags_valid = True
