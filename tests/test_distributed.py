@@ -111,7 +111,8 @@ CHECKS_2 = ["check_sparse_all_reduce", "check_hook_ratio_one",
             "check_ddp_ratio_one_matches_dense", "check_ddp_sparse_audited",
             "check_hook_empty_and_overflow", "check_checkpoint_resume",
             "check_mismatched_configurations", "check_convergence"]
-CHECKS_4 = ["check_sparse_all_reduce", "check_hook_ratio_one", "check_ddp_sparse_audited",
+CHECKS_4 = ["check_sparse_all_reduce", "check_hook_ratio_one",
+            "check_ddp_ratio_one_matches_dense", "check_ddp_sparse_audited",
             "check_mismatched_configurations"]
 
 
