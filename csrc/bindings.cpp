@@ -74,12 +74,13 @@ PYBIND11_MODULE(_cuda, m) {
   }, "Number of CUDA devices; RuntimeError naming the CUDA error when there is none usable.");
 
   m.def("select_threshold_workspace_bytes", &dct::select_threshold_workspace_bytes);
-  m.def("select_threshold", [](uintptr_t x, int dtype, uintptr_t items, int num_items,
-                               uintptr_t ks, int num_segments, int64_t candidate_capacity,
-                               uintptr_t out, uintptr_t workspace, size_t workspace_bytes,
-                               uintptr_t stream) {
-    check(dct::select_threshold(ptr<const void>(x), dtype_of(dtype), ptr<const int64_t>(items),
-                                num_items, ptr<const int64_t>(ks), num_segments,
+  m.def("select_threshold", [](uintptr_t x, int dtype, uintptr_t offsets, uintptr_t items,
+                               int num_items, uintptr_t ks, int num_segments,
+                               int64_t candidate_capacity, uintptr_t out, uintptr_t workspace,
+                               size_t workspace_bytes, uintptr_t stream) {
+    check(dct::select_threshold(ptr<const void>(x), dtype_of(dtype), ptr<const int64_t>(offsets),
+                                ptr<const int64_t>(items), num_items, ptr<const int64_t>(ks),
+                                num_segments,
                                 candidate_capacity, ptr<void>(out), ptr<void>(workspace),
                                 workspace_bytes, stream_of(stream)));
   });

@@ -100,13 +100,18 @@ __device__ __forceinline__ int warp_inclusive_sum(int v, int lane) {
 __device__ int64_t look_back(unsigned long long* status, int64_t tile, int lane) {
   int64_t exclusive = 0;
   int64_t window = tile - 1;
+  unsigned delay = 16;  // ns; backing off keeps waiting tiles from flooding L2 with polls
   while (true) {
     const int64_t t = window - lane;
     unsigned long long word = t >= 0
         ? *reinterpret_cast<volatile unsigned long long*>(status + t)
         : kPrefix;  // before tile 0: an inclusive prefix of 0
     const unsigned long long flag = word & ~0xFFFFFFFFull;
-    if (__any_sync(0xFFFFFFFFu, flag == 0)) continue;  // a predecessor has not published yet
+    if (__any_sync(0xFFFFFFFFu, flag == 0)) {  // a predecessor has not published yet
+      __nanosleep(delay);
+      delay = delay < 256 ? 2 * delay : delay;
+      continue;
+    }
     const unsigned prefixes = __ballot_sync(0xFFFFFFFFu, flag == kPrefix);
     const int stop = prefixes ? __ffs(prefixes) - 1 : 31;
     int part = lane <= stop ? static_cast<int>(word & 0xFFFFFFFFull) : 0;

@@ -23,15 +23,16 @@ struct Status {
 };
 
 // ---------------------------------------------------------------------------- select_threshold
-// items: [num_items][3] int64 (begin, end, segment): the elements split into chunks that never
-// cross a segment boundary. ks: [S] int64, 1 <= k <= segment length. out: [S] in x's dtype,
-// the k-th largest magnitude of each segment (bit pattern of |x|, NaN as the all-ones pattern).
-// candidate_capacity: how many keys the candidate buffer of the workspace holds.
+// offsets: [S+1] int64 segment offsets. items: [num_items][3] int64 (begin, end, segment): the
+// elements split into chunks that never cross a segment boundary. ks: [S] int64,
+// 1 <= k <= segment length. out: [S] in x's dtype, the k-th largest magnitude of each segment
+// (the bit pattern of |x|; NaN as the all-ones pattern). candidate_capacity: how many keys the
+// candidate pool of the workspace holds (more: fewer fallbacks to extra passes over x).
 size_t select_threshold_workspace_bytes(int num_segments, int64_t candidate_capacity);
-Status select_threshold(const void* x, DType dtype, const int64_t* items, int num_items,
-                        const int64_t* ks, int num_segments, int64_t candidate_capacity,
-                        void* out, void* workspace, size_t workspace_bytes,
-                        cudaStream_t stream);
+Status select_threshold(const void* x, DType dtype, const int64_t* offsets, const int64_t* items,
+                        int num_items, const int64_t* ks, int num_segments,
+                        int64_t candidate_capacity, void* out, void* workspace,
+                        size_t workspace_bytes, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------- compress
 // acc = x (+ residual) in fp32; keeps |acc| >= thresholds[segment] in magnitude order.

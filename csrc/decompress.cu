@@ -49,7 +49,8 @@ struct Scratch {
   int32_t* count;         // [W] usable count per row (0 for a void row)
   int32_t* chunk_max;     // [W][chunks]
   int32_t* chunk_before;  // [W][chunks]
-  int32_t* highest;       // [W][capacity] running highest through each slot
+  int32_t* highest;       // [W][stride] running highest through each slot
+  int64_t stride;         // capacity rounded up to 8 slots, so rows start 32-byte aligned
   int32_t* starts;        // [W][tiles + 1]
 };
 
@@ -65,7 +66,8 @@ size_t scratch_layout(int W, int64_t capacity, int64_t numel, Scratch* s, void* 
   size_t count = take(4 * size_t(W));
   size_t cmax = take(4 * size_t(W) * chunks);
   size_t cbefore = take(4 * size_t(W) * chunks);
-  size_t highest = take(4 * size_t(W) * capacity);
+  const int64_t stride = (capacity + 7) / 8 * 8;
+  size_t highest = take(4 * size_t(W) * stride);
   size_t starts = take(4 * size_t(W) * (tiles + 1));
   if (s) {
     char* b = static_cast<char*>(base);
@@ -73,6 +75,7 @@ size_t scratch_layout(int W, int64_t capacity, int64_t numel, Scratch* s, void* 
     s->chunk_max = reinterpret_cast<int32_t*>(b + cmax);
     s->chunk_before = reinterpret_cast<int32_t*>(b + cbefore);
     s->highest = reinterpret_cast<int32_t*>(b + highest);
+    s->stride = stride;
     s->starts = reinterpret_cast<int32_t*>(b + starts);
   }
   return off;
@@ -132,7 +135,8 @@ __global__ void __launch_bounds__(kThreads) chunk_scan_kernel(Scratch s, int64_t
   }
 }
 
-// Running highest through every slot, and the count of used-but-skipped entries.
+// Running highest through every slot, and the count of used-but-skipped entries. Each thread
+// takes 8 consecutive slots, moved as two 16-byte vectors where the whole group is in range.
 __global__ void __launch_bounds__(kThreads) highest_kernel(Rows rows, Scratch s, int64_t chunks,
                                                            int32_t* errors) {
   using Scan = cub::BlockScan<int32_t, kThreads>;
@@ -141,29 +145,45 @@ __global__ void __launch_bounds__(kThreads) highest_kernel(Rows rows, Scratch s,
     typename Scan::TempStorage scan;
     typename Reduce::TempStorage reduce;
   } tmp;
+  static_assert(kSlotsPerThread == 8, "two int4 per thread");
   const int w = blockIdx.y;
   const int32_t count = s.count[w];
   const int64_t first = blockIdx.x * int64_t(kChunk) + threadIdx.x * kSlotsPerThread;
   int32_t idx[kSlotsPerThread];
-  int32_t local = -1;
-  for (int e = 0; e < kSlotsPerThread; ++e) {
-    idx[e] = usable_index(rows, s, w, first + e, count);
-    local = max(local, idx[e]);
+  const bool aligned = (reinterpret_cast<uintptr_t>(rows.indices(w)) & 15) == 0;
+  if (aligned && first + kSlotsPerThread <= count) {
+    const int4* src = reinterpret_cast<const int4*>(rows.indices(w) + first);
+    const int4 a = src[0], b = src[1];
+    const int32_t raw[kSlotsPerThread] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int e = 0; e < kSlotsPerThread; ++e)
+      idx[e] = (raw[e] >= 0 && raw[e] < rows.p.numel) ? raw[e] : -1;
+  } else {
+#pragma unroll
+    for (int e = 0; e < kSlotsPerThread; ++e) idx[e] = usable_index(rows, s, w, first + e, count);
   }
+  int32_t local = -1;
+#pragma unroll
+  for (int e = 0; e < kSlotsPerThread; ++e) local = max(local, idx[e]);
   int32_t before;
   Scan(tmp.scan).ExclusiveScan(local, before, -1, MaxOp());
   before = max(before, s.chunk_before[w * chunks + blockIdx.x]);
   int32_t skipped = 0;
+  int32_t through[kSlotsPerThread];
+#pragma unroll
   for (int e = 0; e < kSlotsPerThread; ++e) {
-    const int64_t i = first + e;
-    if (i >= rows.p.capacity) break;
-    if (i < count) {
+    if (first + e < count) {
       skipped += idx[e] <= before;  // out of range (-1) or not above every earlier index
       before = max(before, idx[e]);
-      s.highest[w * rows.p.capacity + i] = before;
+      through[e] = before;
     } else {
-      s.highest[w * rows.p.capacity + i] = kPastCount;
+      through[e] = kPastCount;
     }
+  }
+  int32_t* dst = s.highest + w * s.stride + first;
+  if (first + kSlotsPerThread <= s.stride) {  // the row's padding absorbs slots past capacity
+    reinterpret_cast<int4*>(dst)[0] = make_int4(through[0], through[1], through[2], through[3]);
+    reinterpret_cast<int4*>(dst)[1] = make_int4(through[4], through[5], through[6], through[7]);
   }
   __syncthreads();
   const int32_t total = Reduce(tmp.reduce).Sum(skipped);
@@ -173,7 +193,7 @@ __global__ void __launch_bounds__(kThreads) highest_kernel(Rows rows, Scratch s,
 // Slot i is used iff below the count, in range and above the running highest before it.
 __device__ __forceinline__ bool entry_used(const Rows& rows, const Scratch& s, int w, int64_t i,
                                            int32_t idx) {
-  const int32_t before = i > 0 ? s.highest[w * rows.p.capacity + i - 1] : -1;
+  const int32_t before = i > 0 ? s.highest[w * s.stride + i - 1] : -1;
   return i < s.count[w] && idx >= 0 && idx < rows.p.numel && idx > before;
 }
 
@@ -195,7 +215,7 @@ __global__ void tile_starts_kernel(Rows rows, Scratch s, int64_t tiles) {
   const int w = blockIdx.y;
   if (g > tiles) return;
   const int64_t target = g * kTile;
-  const int32_t* h = s.highest + w * rows.p.capacity;
+  const int32_t* h = s.highest + w * s.stride;
   int64_t lo = 0, hi = rows.p.capacity;
   while (lo < hi) {
     const int64_t mid = (lo + hi) >> 1;

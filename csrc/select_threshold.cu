@@ -1,15 +1,29 @@
-// Exact k-th largest magnitude per segment: radix select on the magnitude keys.
+// Exact k-th largest magnitude per segment: radix select on the magnitude keys, guided by a
+// sample so that x is usually read once.
 //
-// Level 0 histograms the top 13 key bits of every element (one read of x). For each segment a
-// block then finds the deciding bucket (the digit where the count from the top reaches k).
-// If the deciding buckets of all segments together fit the candidate buffer, a second read of
-// x copies just their keys there, and the remaining levels (13 + 5 bits for fp32, 2 bits for
-// fp16/bf16) are histogrammed from those few candidates. Otherwise (narrow ranges, where most
-// elements share the top bits) each remaining level reads x again. Which path runs is decided
-// on the device: every kernel is launched and those of the path not taken return at once, so
-// there is no host synchronization.
+// Keys are split into digits: 13 + 13 + 5 bits for fp32, 13 + 2 for fp16/bf16. Level 0 is the
+// top 13 bits.
+//
+// Sampled path (one read of x). A block per segment histograms the level-0 digits of an evenly
+// spaced sample of its segment and picks a digit window [lo, hi] that holds the k-th largest
+// magnitude with a wide statistical margin. One pass over x then counts, per segment, the keys
+// above the window and copies the keys inside it (the "candidates", about a percent of x) to a
+// pool. If for every segment count(above) < k <= count(above) + count(inside), and the pool
+// held them all, every level is resolved from the candidates alone: histogram (many blocks,
+// global atomics), then one block per segment picks the digit where the count from the top
+// reaches k.
+//
+// Fallback (the sample misled: narrow ranges, adversarial data): a full radix select. Level 0
+// histograms x; a second read copies the keys of the deciding buckets to the pool when they
+// fit, and the last levels come from the pool; otherwise every level reads x again.
+//
+// Which path runs is decided on the device: every kernel is launched, and those of the path
+// not taken return at once, so nothing synchronizes with the host. The result is exact either
+// way, and deterministic (counts do not depend on the order of the atomics).
 #include <cooperative_groups.h>
-#include <cub/block/block_scan.cuh>
+#include <cub/block/block_reduce.cuh>
+
+#include <cmath>
 
 #include "common.cuh"
 #include "digit_finder.cuh"
@@ -23,7 +37,9 @@ constexpr int kDigitBits = 13;
 constexpr int kMaxBins = 1 << kDigitBits;
 constexpr int kHistThreads = 512;
 constexpr int kResolveThreads = 512;
+constexpr int kSample = 16384;                 // sampled elements per segment (at most)
 constexpr int64_t kSharedHistMinItem = 16384;  // smaller chunks add to the global histogram
+constexpr uint32_t kNoKey = 0xFFFFFFFFu;       // above every key (keys have at most 31 bits)
 
 struct Levels {
   int count;
@@ -38,24 +54,30 @@ Levels levels_of() {
 }
 
 struct SegmentState {
-  uint32_t prefix;  // key bits decided so far
-  int32_t k;        // rank still to find among the keys that share the prefix
-  int32_t bucket;   // how many keys share the prefix (after the last level resolved)
+  uint32_t prefix;   // key bits decided so far
+  int32_t k;         // rank still to find among the keys that share the prefix
+  int32_t bucket;    // how many keys share the prefix (after the last level resolved)
+  int32_t lo_digit;  // sampled window of level-0 digits
+  int32_t hi_digit;
+  int32_t above;     // keys of the segment above the window
+  int32_t inside;    // keys of the segment inside the window
   int32_t unused;
 };
 
 struct Plan {
-  int32_t use_candidates;
-  int32_t total;
+  int32_t sampled;         // the sampled path holds: resolve from the pool
+  int32_t bucket_pool;     // fallback: the deciding buckets went to the pool
+  int32_t total;           // keys in the pool to resolve from
+  int32_t fill;            // pool append counter
 };
 
 struct Workspace {
-  int32_t* hist;  // [3][S][kMaxBins]
+  int32_t* hist;  // [levels][S][kMaxBins]
   SegmentState* state;
-  int32_t* cand_offset;  // [S + 1]
-  int32_t* cand_fill;    // [S]
   Plan* plan;
-  uint32_t* candidates;
+  uint32_t* pool_keys;  // [capacity]
+  int32_t* pool_segment;
+  int64_t capacity;
 
   static size_t layout(int S, int64_t capacity, Workspace* ws, void* base) {
     size_t off = 0;
@@ -66,71 +88,42 @@ struct Workspace {
     };
     size_t hist = take(sizeof(int32_t) * 3 * size_t(S) * kMaxBins);
     size_t state = take(sizeof(SegmentState) * S);
-    size_t cand_offset = take(sizeof(int32_t) * (S + 1));
-    size_t cand_fill = take(sizeof(int32_t) * S);
     size_t plan = take(sizeof(Plan));
     size_t zeroed = off;  // everything above starts at zero
-    size_t candidates = take(sizeof(uint32_t) * capacity);
+    size_t keys = take(sizeof(uint32_t) * capacity);
+    size_t segment = take(sizeof(int32_t) * capacity);
     if (ws) {
       char* b = static_cast<char*>(base);
       ws->hist = reinterpret_cast<int32_t*>(b + hist);
       ws->state = reinterpret_cast<SegmentState*>(b + state);
-      ws->cand_offset = reinterpret_cast<int32_t*>(b + cand_offset);
-      ws->cand_fill = reinterpret_cast<int32_t*>(b + cand_fill);
       ws->plan = reinterpret_cast<Plan*>(b + plan);
-      ws->candidates = reinterpret_cast<uint32_t*>(b + candidates);
+      ws->pool_keys = reinterpret_cast<uint32_t*>(b + keys);
+      ws->pool_segment = reinterpret_cast<int32_t*>(b + segment);
+      ws->capacity = capacity;
       return zeroed;
     }
     return off;
   }
 };
 
-// Per-level behaviour of the pass over x.
-enum PassMode : int { kLevel0 = 0, kGatherOrHistogram = 1, kHistogramUnlessCandidates = 2 };
-
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kHistThreads)
-pass_kernel(const T* __restrict__ x, const int64_t* __restrict__ items, Workspace ws,
-            int num_segments, int mode, int level, int shift, int width) {
-  constexpr int kUnroll = 4;  // vector loads in flight per thread
-  __shared__ int32_t shared_hist[kMaxBins];
-  const int64_t begin = items[3 * blockIdx.x], end = items[3 * blockIdx.x + 1];
-  const int seg = static_cast<int>(items[3 * blockIdx.x + 2]);
-  bool gather = false;
-  if (mode != kLevel0) {
-    const bool use = ws.plan->use_candidates != 0;
-    if (mode == kHistogramUnlessCandidates && use) return;
-    gather = use;
+// Appends a key to the pool: one atomic per warp for all of its lanes that append. Keys past
+// the capacity are counted but not stored (the plan then rejects the pool).
+__device__ __forceinline__ void pool_append(const Workspace& ws, uint32_t key, int seg) {
+  cg::coalesced_group group = cg::coalesced_threads();
+  int32_t first = 0;
+  if (group.thread_rank() == 0) first = atomicAdd(&ws.plan->fill, int32_t(group.size()));
+  const int64_t slot = int64_t(group.shfl(first, 0)) + group.thread_rank();
+  if (slot < ws.capacity) {
+    ws.pool_keys[slot] = key;
+    ws.pool_segment[slot] = seg;
   }
-  const uint32_t prefix = ws.state[seg].prefix;
-  const int above = mode == kLevel0 ? 32 : shift + width;  // 32: every key matches
-  const uint32_t mask = (1u << width) - 1u;
-  const bool use_shared = !gather && (end - begin) >= kSharedHistMinItem;
-  int32_t* global_hist = ws.hist + (size_t(level) * num_segments + seg) * kMaxBins;
-  if (use_shared) {
-    for (int i = threadIdx.x; i <= mask; i += blockDim.x) shared_hist[i] = 0;
-    __syncthreads();
-  }
-  const int32_t cand_base = gather ? ws.cand_offset[seg] : 0;
+}
 
-  auto visit = [&](T v) {
-    const uint32_t key = magnitude_key(v);
-    if (!shares_prefix(key, prefix, above)) return;
-    if (gather) {
-      // One atomic per warp for all of its lanes that matched (candidates cluster).
-      cg::coalesced_group group = cg::coalesced_threads();
-      int32_t first = 0;
-      if (group.thread_rank() == 0) first = atomicAdd(ws.cand_fill + seg, int32_t(group.size()));
-      first = group.shfl(first, 0);
-      ws.candidates[cand_base + first + group.thread_rank()] = key;
-    } else if (use_shared) {
-      atomicAdd(shared_hist + ((key >> shift) & mask), 1);
-    } else {
-      atomicAdd(global_hist + ((key >> shift) & mask), 1);
-    }
-  };
-
-  // Scalar head up to VEC alignment, vector body, scalar tail.
+// Calls visit(element) for x[begin, end), 16-byte loads, kUnroll of them in flight per thread.
+template <typename T, int VEC, typename F>
+__device__ __forceinline__ void for_each(const T* __restrict__ x, int64_t begin, int64_t end,
+                                         F&& visit) {
+  constexpr int kUnroll = 4;
   int64_t head_end = begin;
   if (VEC > 1) {
     const int64_t misalign = (reinterpret_cast<uintptr_t>(x + begin) / sizeof(T)) % VEC;
@@ -153,7 +146,146 @@ pass_kernel(const T* __restrict__ x, const int64_t* __restrict__ items, Workspac
     }
   }
   for (int64_t i = head_end + body * VEC + threadIdx.x; i < end; i += blockDim.x) visit(x[i]);
+}
 
+// ------------------------------------------------------------------------------ sampled path
+
+// One block per segment: the level-0 digit window from an evenly spaced sample.
+template <typename T>
+__global__ void __launch_bounds__(kResolveThreads)
+sample_kernel(const T* __restrict__ x, const int64_t* __restrict__ offsets,
+              const int64_t* __restrict__ ks, Workspace ws, int shift0) {
+  using Finder = DigitFinder<kResolveThreads>;
+  __shared__ typename Finder::Storage finder;
+  __shared__ int32_t hist[kMaxBins];
+  const int seg = blockIdx.x;
+  const int64_t begin = offsets[seg], length = offsets[seg + 1] - begin;
+  const int m = static_cast<int>(min64(length, kSample));
+  for (int i = threadIdx.x; i < kMaxBins; i += blockDim.x) hist[i] = 0;
+  __syncthreads();
+  constexpr int kUnroll = 4;  // independent loads in flight per thread
+  for (int j = threadIdx.x; j < m; j += kUnroll * blockDim.x) {
+    uint32_t keys[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = j + u * int64_t(blockDim.x);
+      keys[u] = i < m ? magnitude_key(x[begin + i * length / m]) : kNoKey;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (keys[u] != kNoKey) atomicAdd(hist + (keys[u] >> shift0), 1);
+  }
+  __syncthreads();
+  // Expected sample rank of the k-th largest, and a margin of 4 binomial deviations + 8.
+  const double rank = double(ks[seg]) * m / double(length);
+  const double margin = 4.0 * sqrt(rank * (1.0 - rank / m)) + 8.0;
+  const int64_t rank_hi = static_cast<int64_t>(floor(rank - margin));
+  const int64_t rank_lo = static_cast<int64_t>(ceil(rank + margin));
+  int32_t hi = kMaxBins - 1, lo = 0;
+  if (rank_hi >= 1) {
+    Finder::find(hist, kMaxBins, static_cast<int32_t>(rank_hi), finder);
+    hi = finder.digit;
+  }
+  if (rank_lo <= m) {
+    Finder::find(hist, kMaxBins, static_cast<int32_t>(rank_lo), finder);
+    lo = finder.digit;
+  }
+  if (threadIdx.x == 0) {
+    ws.state[seg].lo_digit = lo;
+    ws.state[seg].hi_digit = hi;
+  }
+}
+
+// One read of x: per segment, count the keys above the window, pool the keys inside it.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kHistThreads)
+window_pass_kernel(const T* __restrict__ x, const int64_t* __restrict__ items, Workspace ws,
+                   int shift0) {
+  using Reduce = cub::BlockReduce<int32_t, kHistThreads>;
+  __shared__ typename Reduce::TempStorage reduce;
+  const int64_t begin = items[3 * blockIdx.x], end = items[3 * blockIdx.x + 1];
+  const int seg = static_cast<int>(items[3 * blockIdx.x + 2]);
+  const uint32_t lo = ws.state[seg].lo_digit, hi = ws.state[seg].hi_digit;
+  int32_t above = 0, inside = 0;
+  for_each<T, VEC>(x, begin, end, [&](T v) {
+    const uint32_t key = magnitude_key(v);
+    const uint32_t digit = key >> shift0;
+    if (digit > hi) {
+      ++above;
+    } else if (digit >= lo) {
+      ++inside;
+      pool_append(ws, key, seg);
+    }
+  });
+  const int32_t block_above = Reduce(reduce).Sum(above);
+  __syncthreads();
+  const int32_t block_inside = Reduce(reduce).Sum(inside);
+  if (threadIdx.x == 0) {
+    if (block_above) atomicAdd(&ws.state[seg].above, block_above);
+    if (block_inside) atomicAdd(&ws.state[seg].inside, block_inside);
+  }
+}
+
+// Does the window hold every segment's k-th largest, and did the pool hold the window?
+// Sets each segment's starting rank for level 0 either way.
+__global__ void __launch_bounds__(kResolveThreads)
+check_kernel(Workspace ws, int num_segments, const int64_t* __restrict__ ks) {
+  bool ok = ws.plan->fill <= ws.capacity;
+  for (int seg = threadIdx.x; seg < num_segments; seg += blockDim.x) {
+    const SegmentState st = ws.state[seg];
+    const int64_t k = ks[seg];
+    ok = ok && st.above < k && k <= int64_t(st.above) + st.inside;
+  }
+  const bool sampled = __syncthreads_and(ok);
+  for (int seg = threadIdx.x; seg < num_segments; seg += blockDim.x) {
+    ws.state[seg].prefix = 0;
+    ws.state[seg].k = static_cast<int32_t>(ks[seg] - (sampled ? ws.state[seg].above : 0));
+  }
+  if (threadIdx.x == 0) {
+    ws.plan->sampled = sampled;
+    ws.plan->total = sampled ? ws.plan->fill : 0;
+  }
+}
+
+// ---------------------------------------------------------------------------------- fallback
+
+// Per-level behaviour of a fallback pass over x.
+enum PassMode : int { kLevel0 = 0, kGatherOrHistogram = 1, kHistogramUnlessPooled = 2 };
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kHistThreads)
+pass_kernel(const T* __restrict__ x, const int64_t* __restrict__ items, Workspace ws,
+            int num_segments, int mode, int level, int shift, int width) {
+  __shared__ int32_t shared_hist[kMaxBins];
+  if (ws.plan->sampled) return;
+  bool gather = false;
+  if (mode != kLevel0) {
+    const bool pooled = ws.plan->bucket_pool != 0;
+    if (mode == kHistogramUnlessPooled && pooled) return;
+    gather = pooled;
+  }
+  const int64_t begin = items[3 * blockIdx.x], end = items[3 * blockIdx.x + 1];
+  const int seg = static_cast<int>(items[3 * blockIdx.x + 2]);
+  const uint32_t prefix = ws.state[seg].prefix;
+  const int above = mode == kLevel0 ? 32 : shift + width;  // 32: every key matches
+  const uint32_t mask = (1u << width) - 1u;
+  const bool use_shared = !gather && (end - begin) >= kSharedHistMinItem;
+  int32_t* global_hist = ws.hist + (size_t(level) * num_segments + seg) * kMaxBins;
+  if (use_shared) {
+    for (int i = threadIdx.x; i <= mask; i += blockDim.x) shared_hist[i] = 0;
+    __syncthreads();
+  }
+  for_each<T, VEC>(x, begin, end, [&](T v) {
+    const uint32_t key = magnitude_key(v);
+    if (!shares_prefix(key, prefix, above)) return;
+    if (gather) {
+      pool_append(ws, key, seg);
+    } else if (use_shared) {
+      atomicAdd(shared_hist + ((key >> shift) & mask), 1);
+    } else {
+      atomicAdd(global_hist + ((key >> shift) & mask), 1);
+    }
+  });
   if (use_shared) {
     __syncthreads();
     for (int i = threadIdx.x; i <= mask; i += blockDim.x) {
@@ -162,82 +294,56 @@ pass_kernel(const T* __restrict__ x, const int64_t* __restrict__ items, Workspac
   }
 }
 
+// Fallback: do the deciding buckets of all segments fit the pool?
 __global__ void __launch_bounds__(kResolveThreads)
-resolve_kernel(Workspace ws, int num_segments, const int64_t* __restrict__ ks, int level,
-               int shift, int width) {
+plan_kernel(Workspace ws, int num_segments) {
+  using Reduce = cub::BlockReduce<int64_t, kResolveThreads>;
+  __shared__ typename Reduce::TempStorage reduce;
+  if (ws.plan->sampled) return;
+  int64_t sum = 0;
+  for (int seg = threadIdx.x; seg < num_segments; seg += blockDim.x) sum += ws.state[seg].bucket;
+  const int64_t total = Reduce(reduce).Sum(sum);
+  if (threadIdx.x == 0) {
+    const bool fits = total <= ws.capacity;
+    ws.plan->bucket_pool = fits;
+    ws.plan->total = fits ? static_cast<int32_t>(total) : 0;
+    ws.plan->fill = 0;
+  }
+}
+
+// --------------------------------------------------------------------------------- resolving
+
+// Histogram of one level over the pooled keys: many blocks, global atomics (the keys are few
+// and spread over many bins, so contention is low).
+__global__ void __launch_bounds__(kHistThreads)
+pool_hist_kernel(Workspace ws, int num_segments, int level, int shift, int width) {
+  if (!ws.plan->sampled && !ws.plan->bucket_pool) return;
+  const int32_t total = ws.plan->total;
+  const int above = level == 0 ? 32 : shift + width;
+  const uint32_t mask = (1u << width) - 1u;
+  for (int32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += gridDim.x * blockDim.x) {
+    const int seg = ws.pool_segment[i];
+    const uint32_t key = ws.pool_keys[i];
+    if (shares_prefix(key, ws.state[seg].prefix, above))
+      atomicAdd(ws.hist + (size_t(level) * num_segments + seg) * kMaxBins + ((key >> shift) & mask),
+                1);
+  }
+}
+
+// One block per segment: the digit of this level that holds the segment's k-th largest key.
+__global__ void __launch_bounds__(kResolveThreads)
+resolve_kernel(Workspace ws, int num_segments, int level, int shift, int width) {
   using Finder = DigitFinder<kResolveThreads>;
   __shared__ typename Finder::Storage s;
   const int seg = blockIdx.x;
-  SegmentState st;
-  if (level == 0) {
-    st.prefix = 0;
-    st.k = static_cast<int32_t>(ks[seg]);
-  } else {
-    st = ws.state[seg];
-  }
+  SegmentState st = ws.state[seg];
   Finder::find(ws.hist + (size_t(level) * num_segments + seg) * kMaxBins, 1 << width, st.k, s);
   if (threadIdx.x == 0) {
     st.prefix |= static_cast<uint32_t>(s.digit) << shift;
     st.k = s.rank;
     st.bucket = s.count;
     ws.state[seg] = st;
-  }
-}
-
-// Candidate offsets of every segment (exclusive scan of the bucket sizes), and whether they
-// all fit the candidate buffer.
-__global__ void __launch_bounds__(kResolveThreads)
-plan_kernel(Workspace ws, int num_segments, int64_t candidate_capacity) {
-  using Scan = cub::BlockScan<int64_t, kResolveThreads>;
-  __shared__ typename Scan::TempStorage scan;
-  int64_t carried = 0;
-  for (int first = 0; first < num_segments; first += kResolveThreads) {
-    const int seg = first + threadIdx.x;
-    const int64_t size = seg < num_segments ? ws.state[seg].bucket : 0;
-    int64_t before, tile_total;
-    Scan(scan).ExclusiveSum(size, before, tile_total);
-    if (seg < num_segments) {
-      const int64_t at = carried + before;
-      ws.cand_offset[seg] = static_cast<int32_t>(min(at, candidate_capacity));
-    }
-    carried += tile_total;
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    const bool fits = carried <= candidate_capacity;
-    ws.cand_offset[num_segments] = static_cast<int32_t>(min(carried, candidate_capacity));
-    ws.plan->use_candidates = fits ? 1 : 0;
-    ws.plan->total = static_cast<int32_t>(fits ? carried : 0);
-  }
-}
-
-// Histogram of one level over the candidates: many blocks, global atomics (the candidates
-// are few and spread over many bins, so contention is low).
-__global__ void __launch_bounds__(kHistThreads)
-candidate_hist_kernel(Workspace ws, int num_segments, int level, int shift, int width) {
-  if (!ws.plan->use_candidates) return;
-  const int32_t total = ws.plan->total;
-  const int above = shift + width;
-  const uint32_t mask = (1u << width) - 1u;
-  int seg = -1;
-  int32_t seg_end = 0;
-  uint32_t prefix = 0;
-  int32_t* hist = nullptr;
-  for (int32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total;
-       i += gridDim.x * blockDim.x) {
-    if (seg < 0 || i >= seg_end) {  // segment of candidate i: last offset <= i
-      int lo = 0, hi = num_segments - 1;
-      while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (ws.cand_offset[mid] <= i) lo = mid; else hi = mid - 1;
-      }
-      seg = lo;
-      seg_end = ws.cand_offset[seg + 1];
-      prefix = ws.state[seg].prefix;
-      hist = ws.hist + (size_t(level) * num_segments + seg) * kMaxBins;
-    }
-    const uint32_t key = ws.candidates[i];
-    if (shares_prefix(key, prefix, above)) atomicAdd(hist + ((key >> shift) & mask), 1);
   }
 }
 
@@ -255,43 +361,43 @@ __global__ void finalize_kernel(Workspace ws, int num_segments, T* out) {
 }
 
 template <typename T>
-Status run(const T* x, const int64_t* items, int num_items, const int64_t* ks, int S,
-           int64_t candidate_capacity, T* out, void* workspace, size_t workspace_bytes,
-           cudaStream_t stream) {
-  if (workspace_bytes < select_threshold_workspace_bytes(S, candidate_capacity))
+Status run(const T* x, const int64_t* offsets, const int64_t* items, int num_items,
+           const int64_t* ks, int S, int64_t pool_capacity, T* out, void* workspace,
+           size_t workspace_bytes, cudaStream_t stream) {
+  if (workspace_bytes < select_threshold_workspace_bytes(S, pool_capacity))
     return Status{cudaErrorInvalidValue, "select_threshold (workspace too small)"};
   Workspace ws;
-  const size_t zeroed = Workspace::layout(S, candidate_capacity, &ws, workspace);
+  const size_t zeroed = Workspace::layout(S, pool_capacity, &ws, workspace);
   DCT_CHECK("select_threshold: cudaMemsetAsync", cudaMemsetAsync(workspace, 0, zeroed, stream));
   const Levels lv = levels_of<T>();
   constexpr int VEC = 16 / sizeof(T);
-  // Enough blocks to spread the candidates over the chip, few enough to be cheap when idle.
-  const int candidate_blocks =
-      static_cast<int>(min64(512, max64(1, ceil_div(candidate_capacity, kHistThreads * 8))));
-  auto pass = [&](int mode, int level) {
-    pass_kernel<T, VEC><<<num_items, kHistThreads, 0, stream>>>(
-        x, items, ws, S, mode, level, lv.shift[level], lv.width[level]);
-  };
-  pass(kLevel0, 0);
-  DCT_CHECK_LAUNCH("select_threshold: histogram kernel (level 0)");
-  resolve_kernel<<<S, kResolveThreads, 0, stream>>>(ws, S, ks, 0, lv.shift[0], lv.width[0]);
-  DCT_CHECK_LAUNCH("select_threshold: resolve kernel (level 0)");
-  plan_kernel<<<1, kResolveThreads, 0, stream>>>(ws, S, candidate_capacity);
-  DCT_CHECK_LAUNCH("select_threshold: plan kernel");
-  // Each later level's histogram comes from the data (narrow ranges) or from the candidates;
-  // the kernel of the path not taken returns at once.
-  for (int level = 1; level < lv.count; ++level) {
-    pass(level == 1 ? kGatherOrHistogram : kHistogramUnlessCandidates, level);
-    DCT_CHECK_LAUNCH("select_threshold: pass over x (level >= 1)");
-    candidate_hist_kernel<<<candidate_blocks, kHistThreads, 0, stream>>>(
-        ws, S, level, lv.shift[level], lv.width[level]);
-    DCT_CHECK_LAUNCH("select_threshold: candidate histogram kernel");
-    resolve_kernel<<<S, kResolveThreads, 0, stream>>>(ws, S, ks, level, lv.shift[level],
-                                                      lv.width[level]);
-    DCT_CHECK_LAUNCH("select_threshold: resolve kernel");
+  const int pool_blocks =
+      static_cast<int>(min64(1024, max64(1, ceil_div(pool_capacity, kHistThreads * 8))));
+
+  sample_kernel<T><<<S, kResolveThreads, 0, stream>>>(x, offsets, ks, ws, lv.shift[0]);
+  DCT_CHECK_LAUNCH("select_threshold: sample_kernel");
+  window_pass_kernel<T, VEC><<<num_items, kHistThreads, 0, stream>>>(x, items, ws, lv.shift[0]);
+  DCT_CHECK_LAUNCH("select_threshold: window_pass_kernel");
+  check_kernel<<<1, kResolveThreads, 0, stream>>>(ws, S, ks);
+  DCT_CHECK_LAUNCH("select_threshold: check_kernel");
+  for (int level = 0; level < lv.count; ++level) {
+    const int shift = lv.shift[level], width = lv.width[level];
+    const int mode = level == 0 ? kLevel0 : level == 1 ? kGatherOrHistogram
+                                                       : kHistogramUnlessPooled;
+    pass_kernel<T, VEC><<<num_items, kHistThreads, 0, stream>>>(x, items, ws, S, mode, level,
+                                                                shift, width);
+    DCT_CHECK_LAUNCH("select_threshold: pass_kernel");
+    pool_hist_kernel<<<pool_blocks, kHistThreads, 0, stream>>>(ws, S, level, shift, width);
+    DCT_CHECK_LAUNCH("select_threshold: pool_hist_kernel");
+    resolve_kernel<<<S, kResolveThreads, 0, stream>>>(ws, S, level, shift, width);
+    DCT_CHECK_LAUNCH("select_threshold: resolve_kernel");
+    if (level == 0) {
+      plan_kernel<<<1, kResolveThreads, 0, stream>>>(ws, S);
+      DCT_CHECK_LAUNCH("select_threshold: plan_kernel");
+    }
   }
   finalize_kernel<T><<<(S + 255) / 256, 256, 0, stream>>>(ws, S, out);
-  DCT_CHECK_LAUNCH("select_threshold: finalize kernel");
+  DCT_CHECK_LAUNCH("select_threshold: finalize_kernel");
   return Status{};
 }
 
@@ -301,14 +407,14 @@ size_t select_threshold_workspace_bytes(int num_segments, int64_t candidate_capa
   return Workspace::layout(num_segments, candidate_capacity, nullptr, nullptr);
 }
 
-Status select_threshold(const void* x, DType dtype, const int64_t* items, int num_items,
-                        const int64_t* ks, int num_segments, int64_t candidate_capacity,
-                        void* out, void* workspace, size_t workspace_bytes,
-                        cudaStream_t stream) {
+Status select_threshold(const void* x, DType dtype, const int64_t* offsets, const int64_t* items,
+                        int num_items, const int64_t* ks, int num_segments,
+                        int64_t candidate_capacity, void* out, void* workspace,
+                        size_t workspace_bytes, cudaStream_t stream) {
   if (num_items <= 0 || num_segments <= 0) return Status{};
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    return run<T>(static_cast<const T*>(x), items, num_items, ks, num_segments,
+    return run<T>(static_cast<const T*>(x), offsets, items, num_items, ks, num_segments,
                   candidate_capacity, static_cast<T*>(out), workspace, workspace_bytes, stream);
   });
 }

@@ -46,7 +46,7 @@ def test_without_gpu_calls_raise_naming_the_kernel():
     with pytest.raises(RuntimeError, match="compress_rows_kernel"):
         ext._cuda.compress_rows(0, 0, 1, 8, 2, 0, 2, 0, 0, 0)
     with pytest.raises(RuntimeError, match="select_threshold"):
-        ext._cuda.select_threshold(0, 0, 0, 1, 0, 1, 16, 0, 0, 1 << 24, 0)
+        ext._cuda.select_threshold(0, 0, 0, 0, 1, 0, 1, 16, 0, 0, 1 << 24, 0)
 
 
 def test_cuda_backend_refuses_cpu_tensors():

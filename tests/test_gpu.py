@@ -62,6 +62,61 @@ def test_select_segmented_large(backend):
     assert_bitwise_equal(got, want)
 
 
+def _select_cases(n, seed):
+    """Inputs that drive the CUDA selection down each of its paths: a wide distribution (the
+    sampled window holds), a moderately narrow one (the window does not fit its pool, but the
+    deciding bucket does), a very narrow one (every level reads x again), and data whose
+    large values sit only where an evenly spaced sample never looks."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    wide = torch.randn(n, device=DEVICE, generator=g)
+    moderate = 1.0 + torch.rand(n, device=DEVICE, generator=g)
+    narrow = 1.0 + 1e-6 * torch.rand(n, device=DEVICE, generator=g)
+    hidden = torch.randn(n, device=DEVICE, generator=g)
+    hidden[1::64] *= 1000.0
+    return {"wide": wide, "moderate": moderate, "narrow": narrow, "hidden": hidden}
+
+
+@pytest.mark.parametrize("backend", _device_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_every_path(backend, dtype):
+    n = (1 << 22) + 77
+    for name, x in _select_cases(n, seed=40).items():
+        x = x.to(dtype)
+        for k in (1, 3, n // 64, n // 100, n // 2, n - 1, n):
+            got = dk.select_threshold(x, k, backend=backend)
+            want = dk.select_threshold(x, k, backend="torch")
+            assert_bitwise_equal(got, want, f"{name} k={k}")
+        offsets = torch.tensor([0, 1, 1000, 70000, n // 2, n], dtype=torch.int64)
+        lengths = offsets[1:] - offsets[:-1]
+        for ks in (torch.ones_like(lengths), (lengths + 63) // 64, lengths):
+            got = dk.select_threshold(x, ks, segments=offsets, backend=backend)
+            want = dk.select_threshold(x, ks, segments=offsets, backend="torch")
+            assert_bitwise_equal(got, want, f"{name} segmented ks={ks.tolist()}")
+
+
+@pytest.mark.parametrize("backend", _device_backends())
+def test_decompress_unaligned_buffer(backend):
+    n = (1 << 20) + 3
+    x = _data(n, torch.float32, seed=41)
+    payload = dk.compress(x, 1.5, capacity=n // 8, backend="torch")
+    for shift in (4, 8, 12):
+        holder = torch.zeros(payload.nbytes + 16, dtype=torch.uint8, device=DEVICE)
+        view = holder[shift:shift + payload.nbytes]
+        view.copy_(payload.buffer)
+        moved = dk.SparsePayload.from_buffer(view)
+        got = dk.decompress(moved, backend=backend)
+        want = dk.decompress(payload, backend="torch")
+        assert_bitwise_equal(got, want, f"buffer shifted by {shift} bytes")
+        flat = torch.zeros(2 * payload.nbytes + 16, dtype=torch.uint8, device=DEVICE)
+        rows = flat[shift:shift + 2 * payload.nbytes].view(2, payload.nbytes)
+        rows.copy_(payload.buffer.expand(2, -1))
+        out_got = torch.empty(n, device=DEVICE)
+        out_want = torch.empty(n, device=DEVICE)
+        dk.decompress_many(rows, out=out_got, backend=backend)
+        dk.decompress_many(rows.clone(), out=out_want, backend="torch")
+        assert_bitwise_equal(out_got, out_want, f"rows shifted by {shift} bytes")
+
+
 @pytest.mark.parametrize("backend", _device_backends())
 @pytest.mark.parametrize("dtype,value_dtype", [(torch.float32, None),
                                                (torch.float32, torch.bfloat16),
