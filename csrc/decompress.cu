@@ -27,7 +27,7 @@ constexpr int kThreads = 256;
 constexpr int kSlotsPerThread = 8;
 constexpr int kChunk = kThreads * kSlotsPerThread;  // slots per block of the scans
 constexpr int kTile = 4096;                          // outputs per merge block
-constexpr int kStage = 320;                          // staged entries per rank and tile
+constexpr int kStage = 448;                          // staged entries per rank and tile
 constexpr int32_t kPastCount = INT_MAX;             // running highest of slots past the count
 
 struct MaxOp {

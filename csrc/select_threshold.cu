@@ -40,6 +40,7 @@ constexpr int kResolveThreads = 512;
 constexpr int kSample = 16384;                 // sampled elements per segment (at most)
 constexpr int64_t kSharedHistMinItem = 16384;  // smaller chunks add to the global histogram
 constexpr uint32_t kNoKey = 0xFFFFFFFFu;       // above every key (keys have at most 31 bits)
+constexpr int kWindowStage = 4096;             // candidates a block stages in shared memory
 
 struct Levels {
   int count;
@@ -185,6 +186,7 @@ sample_kernel(const T* __restrict__ x, const int64_t* __restrict__ offsets,
   if (rank_hi >= 1) {
     Finder::find(hist, kMaxBins, static_cast<int32_t>(rank_hi), finder);
     hi = finder.digit;
+    __syncthreads();  // every thread has read the result before the next search resets it
   }
   if (rank_lo <= m) {
     Finder::find(hist, kMaxBins, static_cast<int32_t>(rank_lo), finder);
@@ -196,16 +198,23 @@ sample_kernel(const T* __restrict__ x, const int64_t* __restrict__ offsets,
   }
 }
 
-// One read of x: per segment, count the keys above the window, pool the keys inside it.
+// One read of x: per segment, count the keys above the window, pool the keys inside it. A
+// block stages its candidates in shared memory (shared atomics, one per warp and visit), then
+// reserves room in the pool with one global atomic and copies them out; candidates past the
+// stage go to the pool one warp at a time.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kHistThreads)
 window_pass_kernel(const T* __restrict__ x, const int64_t* __restrict__ items, Workspace ws,
                    int shift0) {
   using Reduce = cub::BlockReduce<int32_t, kHistThreads>;
   __shared__ typename Reduce::TempStorage reduce;
+  __shared__ uint32_t stage[kWindowStage];
+  __shared__ int32_t staged, base;
   const int64_t begin = items[3 * blockIdx.x], end = items[3 * blockIdx.x + 1];
   const int seg = static_cast<int>(items[3 * blockIdx.x + 2]);
   const uint32_t lo = ws.state[seg].lo_digit, hi = ws.state[seg].hi_digit;
+  if (threadIdx.x == 0) staged = 0;
+  __syncthreads();
   int32_t above = 0, inside = 0;
   for_each<T, VEC>(x, begin, end, [&](T v) {
     const uint32_t key = magnitude_key(v);
@@ -214,15 +223,30 @@ window_pass_kernel(const T* __restrict__ x, const int64_t* __restrict__ items, W
       ++above;
     } else if (digit >= lo) {
       ++inside;
-      pool_append(ws, key, seg);
+      cg::coalesced_group group = cg::coalesced_threads();
+      int32_t first = 0;
+      if (group.thread_rank() == 0) first = atomicAdd(&staged, int32_t(group.size()));
+      const int32_t slot = group.shfl(first, 0) + group.thread_rank();
+      if (slot < kWindowStage) stage[slot] = key;
+      else pool_append(ws, key, seg);
     }
   });
   const int32_t block_above = Reduce(reduce).Sum(above);
   __syncthreads();
   const int32_t block_inside = Reduce(reduce).Sum(inside);
+  const int32_t n = min(staged, kWindowStage);
   if (threadIdx.x == 0) {
     if (block_above) atomicAdd(&ws.state[seg].above, block_above);
     if (block_inside) atomicAdd(&ws.state[seg].inside, block_inside);
+    base = n ? atomicAdd(&ws.plan->fill, n) : 0;
+  }
+  __syncthreads();
+  for (int32_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const int64_t slot = int64_t(base) + j;
+    if (slot < ws.capacity) {
+      ws.pool_keys[slot] = stage[j];
+      ws.pool_segment[slot] = seg;
+    }
   }
 }
 
@@ -325,9 +349,15 @@ pool_hist_kernel(Workspace ws, int num_segments, int level, int shift, int width
        i += gridDim.x * blockDim.x) {
     const int seg = ws.pool_segment[i];
     const uint32_t key = ws.pool_keys[i];
-    if (shares_prefix(key, ws.state[seg].prefix, above))
-      atomicAdd(ws.hist + (size_t(level) * num_segments + seg) * kMaxBins + ((key >> shift) & mask),
-                1);
+    if (shares_prefix(key, ws.state[seg].prefix, above)) {
+      // Candidates crowd into few bins (level 0 spans a narrow window): lanes of a warp that
+      // hit the same bin add together, one atomic per distinct bin.
+      const unsigned long long bin =
+          (static_cast<unsigned long long>(level) * num_segments + seg) * kMaxBins +
+          ((key >> shift) & mask);
+      const unsigned peers = __match_any_sync(__activemask(), bin);
+      if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(ws.hist + bin, __popc(peers));
+    }
   }
 }
 
