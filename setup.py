@@ -6,7 +6,8 @@ Environment:
                          unset: build it when nvcc (and cmake) are found, else skip with a line.
   DCT_KERNELS_CUDA_ARCH  CMAKE_CUDA_ARCHITECTURES, e.g. "90", "80;90", "native"
                          (default: "native" when nvidia-smi lists a GPU, else "80;90").
-  CUDACXX, CUDA_HOME     where nvcc is, when it is not on the PATH.
+  CUDACXX, CUDA_HOME     where nvcc is, when it is not on the PATH (a CUDACXX that does not
+                         exist counts as no nvcc).
 
 The extension links only the static CUDA runtime (no libtorch), so it needs neither a CUDA
 build of torch nor --no-build-isolation.
@@ -27,15 +28,18 @@ def _log(message: str) -> None:
     print(f"dct_kernels: {message}", file=sys.stderr, flush=True)
 
 
+def _executable(path) -> bool:
+    return bool(path) and os.path.isfile(path) and os.access(path, os.X_OK)
+
+
 def _find_nvcc():
-    candidates = [os.environ.get("CUDACXX")]
+    if os.environ.get("CUDACXX"):  # named explicitly: that one or none
+        return os.environ["CUDACXX"] if _executable(os.environ["CUDACXX"]) else None
+    candidates = []
     if os.environ.get("CUDA_HOME"):
         candidates.append(os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"))
     candidates += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
-    for path in candidates:
-        if path and os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    return None
+    return next((path for path in candidates if _executable(path)), None)
 
 
 def _default_arch() -> str:
