@@ -10,9 +10,9 @@
 // decompress_many merges over output tiles: a block owns TILE consecutive outputs in shared
 // memory, stages several ranks' entries of the tile at once (their loads in flight together),
 // adds rank 0's, then rank 1's, ... with a barrier between ranks, then divides, adds to out and
-// rounds once. Each rank's entries of a tile are
-// found by binary search of its running highest (sorted even for a corrupted row). No float
-// atomics: the sum is 0 + d_0 + d_1 + ... in rank order, bitwise reproducible.
+// rounds once. Each rank's entries of a tile are found by binary search of its running highest
+// (sorted even for a corrupted row). No float atomics: the sum is 0 + d_0 + d_1 + ... in rank
+// order, bitwise reproducible.
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
