@@ -22,13 +22,16 @@ _CONFIG_FIELDS = ("ratio", "refresh_every", "warmup_steps", "capacity_factor", "
                   "value_dtype", "refresh_band")
 
 
-def _check_number(value, name: str, integral: bool) -> None:
+def _check_number(value, name: str, integral: bool, minimum=None) -> None:
+    """A finite int (or number) at least ``minimum``; ValueError naming the argument."""
     kinds = (int,) if integral else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise ValueError(f"{name}: expected {'an int' if integral else 'a number'}, "
                          f"got {value!r}")
     if not integral and not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
 
 
 class DCTState:
@@ -84,18 +87,10 @@ class DCTState:
         _check_number(ratio, "ratio", integral=False)
         if not 0 < ratio <= 1:
             raise ValueError(f"ratio: must be in (0, 1], got {ratio}")
-        _check_number(refresh_every, "refresh_every", integral=True)
-        if refresh_every < 1:
-            raise ValueError(f"refresh_every: must be >= 1, got {refresh_every}")
-        _check_number(warmup_steps, "warmup_steps", integral=True)
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps: must be >= 0, got {warmup_steps}")
-        _check_number(capacity_factor, "capacity_factor", integral=False)
-        if capacity_factor < 1:
-            raise ValueError(f"capacity_factor: must be >= 1, got {capacity_factor}")
-        _check_number(min_numel, "min_numel", integral=True)
-        if min_numel < 0:
-            raise ValueError(f"min_numel: must be >= 0, got {min_numel}")
+        _check_number(refresh_every, "refresh_every", integral=True, minimum=1)
+        _check_number(warmup_steps, "warmup_steps", integral=True, minimum=0)
+        _check_number(capacity_factor, "capacity_factor", integral=False, minimum=1)
+        _check_number(min_numel, "min_numel", integral=True, minimum=0)
         if not any(value_dtype is known for known in _VALUE_DTYPE_CODES):
             raise ValueError(f"value_dtype: expected None, torch.float32, torch.float16 or "
                              f"torch.bfloat16, got {value_dtype!r}")
