@@ -119,21 +119,21 @@ def select_threshold(x: torch.Tensor, ks: List[int], offsets: List[int]) -> torc
 # --------------------------------------------------------------------------------- compress
 
 def _compress_args(x, thresholds, offsets, seg_dev, residual) -> Tuple:
-    thresholds = thresholds.to(device=x.device, dtype=torch.float32).contiguous()
+    """The core's compress arguments; thresholds arrive fp32, contiguous, on x's device."""
     return (x.data_ptr(), _code(x.dtype), x.numel(),
             residual.data_ptr() if residual is not None else 0, thresholds.data_ptr(),
-            seg_dev.data_ptr() if seg_dev is not None else 0, len(offsets) - 1), thresholds
+            seg_dev.data_ptr() if seg_dev is not None else 0, len(offsets) - 1)
 
 
 def count_kept(x, thresholds, offsets, seg_dev, residual) -> torch.Tensor:
-    args, _keep_alive = _compress_args(x, thresholds, offsets, seg_dev, residual)
+    args = _compress_args(x, thresholds, offsets, seg_dev, residual)
     count = torch.zeros((), dtype=torch.int64, device=x.device)
     _cuda.count_kept(*args, count.data_ptr(), _stream())
     return count
 
 
 def compress(x, thresholds, offsets, seg_dev, residual, payload: wire.SparsePayload) -> None:
-    args, _keep_alive = _compress_args(x, thresholds, offsets, seg_dev, residual)
+    args = _compress_args(x, thresholds, offsets, seg_dev, residual)
     nbytes = _cuda.compress_workspace_bytes(x.numel())
     workspace = _workspace(nbytes, x.device)
     _cuda.compress(*args, payload.buffer.data_ptr(), payload.capacity,
