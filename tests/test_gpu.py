@@ -283,3 +283,30 @@ def test_decompress_many_dense_and_corrupted_rows(backend):
     assert_bitwise_equal(results[0][0], results[2][0], "vs reference")
     assert_bitwise_equal(results[1][0], results[0][0], "rerun")
     assert results[0][1] == results[1][1] == results[2][1] > 0
+
+
+@pytest.mark.parametrize("backend", _device_backends())
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_decompress_many_sparse_with_a_dense_tile(backend, out_dtype, offset):
+    """About 1% kept (the merge's small stage) with one fully kept 4096-output run per rank
+    (more entries in a tile than the stage holds), five ranks (a divisor that is not a power of
+    two), out aligned and not, a last partial tile: same bits as the reference."""
+    n = (1 << 21) + 3
+    ranks = 5
+    payloads = []
+    for w in range(ranks):
+        x = _data(n, torch.float32, seed=60 + w, specials=False)
+        start = 4096 * (3 + w) + 100 * w
+        x[start:start + 4096] = 10.0 + x[start:start + 4096]
+        payloads.append(dk.compress(x, 2.5, capacity=n // 60, backend="torch"))
+        assert int(payloads[-1].overflow) == 0
+    buffers = torch.stack([p.buffer for p in payloads])
+    for accumulate in (False, True):
+        base = _data(n + offset, out_dtype, seed=70, specials=False)
+        got, want = base.clone(), base.clone()
+        dk.decompress_many(buffers, out=got[offset:], accumulate=accumulate, average=True,
+                           backend=backend)
+        dk.decompress_many(buffers, out=want[offset:], accumulate=accumulate, average=True,
+                           backend="torch")
+        assert_bitwise_equal(got, want, f"accumulate={accumulate}")
