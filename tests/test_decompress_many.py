@@ -178,6 +178,44 @@ def test_corrupted_row(backend_device, how):
                          f"{backend}-{device} vs reference")
 
 
+@pytest.mark.parametrize("how", ("magic", "version", "numel", "value_code", "capacity"))
+def test_bad_row_zero_without_configuration(backend_device, how):
+    """Without capacity=/value_dtype= the configuration is the one most rows' headers carry, so
+    a corrupted row 0 (even one claiming another wire dtype of the same size) is one invalid
+    row: skipped and counted with validate=False, a ValueError naming the buffers with
+    validate=True."""
+    backend, device = backend_device
+    seed = seed_of("many-row0", how)
+    world, n, capacity, value_dtype = 3, 300, 40, DTYPES[seed % 3]
+    buffers, _ = gathered(world, n, capacity, value_dtype, seed, kinds=("normal",), k=30)
+    bad = _corrupt_row(buffers, 0, how, n, capacity)
+    usable = [oracle.usable_entries(bad[w], n, capacity, value_dtype) for w in range(world)]
+    assert usable[0][2] == 1 and sum(u[2] for u in usable) == 1  # row 0 void, counted once
+    with pytest.raises(ValueError, match="^buffers:"):
+        dct_kernels.decompress_many(bad.to(device), out=torch.zeros(n, device=device),
+                                    backend=backend)
+    big, out = oracle.guarded(n, torch.float32, device, seed)
+    before = big.cpu().clone()
+    counter = torch.zeros((), dtype=torch.int32, device=device)
+    dct_kernels.decompress_many(bad.to(device), out=out, accumulate=True, validate=False,
+                                errors=counter, backend=backend)
+    (guards_before, out_before), (guards, result) = oracle.unguard(before), \
+        oracle.unguard(big.cpu())
+    assert_bitwise_equal(guards, guards_before, "written outside out")
+    assert_bitwise_equal(result, oracle.merge([u[:2] for u in usable], out_before, True, False),
+                         "out vs oracle")
+    assert int(counter) == 1
+
+
+def test_no_row_describes_a_payload_for_out(backend_device):
+    backend, device = backend_device
+    buffers, _ = gathered(2, 300, 40, torch.float32, seed_of("many-none"), kinds=("normal",),
+                          k=30)
+    with pytest.raises(ValueError, match="^buffers: no row .* 299 elements"):
+        dct_kernels.decompress_many(buffers.to(device), out=torch.zeros(299, device=device),
+                                    validate=False, backend=backend)
+
+
 def test_valid_rows_count_no_errors(backend_device):
     backend, device = backend_device
     seed = seed_of("many-valid-errors")
