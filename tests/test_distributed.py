@@ -2,6 +2,7 @@
 the multi-process checks (tests/dist_checks.py) in one spawned gloo group of 2 ranks and one
 of 4, each running several checks (process start-up dominates the time)."""
 
+import math
 import pickle
 
 import pytest
@@ -40,7 +41,10 @@ def test_state_accepts_the_documented_range():
 
 
 def test_k_and_capacity_share():
-    assert k_of(100, 0.07) == 7          # float 0.07 * 100 is 7.000000000000001
+    assert k_of(100, 0.07) == 8          # DESIGN's formula in float: 0.07 * 100 = 7.000000000000001
+    for ratio in (0.001, 0.003, 0.01, 0.07, 0.1, 0.3, 0.999):
+        for numel in (1, 2, 99, 100, 1023, 1024, 4097, 123457):
+            assert k_of(numel, ratio) == max(1, math.ceil(ratio * numel))
     assert k_of(1000, 0.01) == 10
     assert k_of(5, 0.01) == 1
     assert k_of(12345, 1.0) == 12345

@@ -13,7 +13,6 @@ re-points the views, so nothing is lost and the per-step path never gathers or s
 """
 
 import math
-from fractions import Fraction
 from typing import List, Optional
 
 import torch
@@ -22,14 +21,15 @@ from .. import payload as wire
 
 
 def k_of(numel: int, ratio: float) -> int:
-    """k = max(1, ceil(ratio x numel)), with the ratio taken as the decimal it prints as
-    (so 0.07 x 100 is 7, not the 8 that float rounding would give)."""
-    return max(1, math.ceil(Fraction(repr(ratio)) * numel))
+    """k = max(1, ceil(ratio x numel)), the product in Python float as written (so 0.07 x 100,
+    which is 7.000000000000001 in float, gives 8): any rank or tool that evaluates the same
+    formula gets the same k."""
+    return max(1, math.ceil(ratio * numel))
 
 
 def share_of(k: int, numel: int, capacity_factor: float) -> int:
     """A parameter's share of the wire capacity: ceil(k x capacity_factor), at most numel."""
-    return min(numel, math.ceil(Fraction(repr(capacity_factor)) * k))
+    return min(numel, math.ceil(capacity_factor * k))
 
 
 class ParamState:
