@@ -221,7 +221,8 @@ def select_threshold(x: torch.Tensor, k, *, segments: Optional[torch.Tensor] = N
 
     Raises:
         TypeError for a non-float x or non-integer k; ValueError for k out of range or bad
-        segments.
+        segments, and on the triton and cuda backends for x of 2^31 or more elements (their
+        kernels index with int32; the torch backend has no such limit).
 
     Sync: segment offsets and a tensor k are read on the host (a copy if they live on the
     GPU); the selection itself does not synchronize on the triton/cuda backends.
