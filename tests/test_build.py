@@ -3,8 +3,10 @@ with DCT_KERNELS_CUDA=1 it fails loudly; DCT_KERNELS_CUDA=0 skips the extension.
 extension itself is checked by test_cuda_ext where nvcc exists.)"""
 
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,3 +41,24 @@ def test_disabled_build_skips(tmp_path):
     assert "DCT_KERNELS_CUDA=0" in result.stderr
     assert not list((tmp_path / "lib").rglob("_cuda*"))
 
+
+
+def test_sdist_carries_the_cuda_sources(tmp_path):
+    """A source distribution can build the extension: CMakeLists.txt and every file of csrc/
+    are in it (setuptools leaves out what MANIFEST.in does not name). Built from a copy of the
+    sources, so that no earlier egg-info's file list stands in for MANIFEST.in."""
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "*.so", "bench", "tests"))
+    environment = dict(os.environ, DCT_KERNELS_CUDA="0")
+    result = subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist"),
+         "--formats", "gztar"], cwd=source, env=environment, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr
+    (archive,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    csrc = os.listdir(os.path.join(ROOT, "csrc"))
+    wanted = {"CMakeLists.txt"} | {f"csrc/{name}" for name in csrc}
+    assert wanted <= names, f"missing from the sdist: {sorted(wanted - names)}"
