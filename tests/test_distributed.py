@@ -41,16 +41,19 @@ def test_state_accepts_the_documented_range():
 
 
 def test_k_and_capacity_share():
-    assert k_of(100, 0.07) == 8          # DESIGN's formula in float: 0.07 * 100 = 7.000000000000001
-    for ratio in (0.001, 0.003, 0.01, 0.07, 0.1, 0.3, 0.999):
-        for numel in (1, 2, 99, 100, 1023, 1024, 4097, 123457):
-            assert k_of(numel, ratio) == max(1, math.ceil(ratio * numel))
+    # DESIGN's k = max(1, ceil(ratio x numel)) with the product in float64, as in the oracle of
+    # dist_checks: 0.07 * 100 is 7.000000000000001 there, 0.07 * 200 is 14.000000000000002.
+    assert k_of(100, 0.07) == 8
+    assert k_of(200, 0.07) == 15
+    assert k_of(1000, 0.07) == 70
+    assert k_of(300, 0.1) == 30
     assert k_of(1000, 0.01) == 10
     assert k_of(5, 0.01) == 1
     assert k_of(12345, 1.0) == 12345
     assert share_of(10, 1000, 1.5) == 15
     assert share_of(7, 10, 1.5) == 10    # never more than the parameter
     assert share_of(3, 1000, 1.1) == 4   # ceil(3.3)
+    assert share_of(50, 1000, 1.1) == 56  # 1.1 * 50 is 55.00000000000001 in float64
 
 
 def test_bucket_layout():

@@ -43,13 +43,15 @@ class DCTState:
         process_group: the group to communicate in (default: the world, looked up at the first
             step).
         ratio: fraction of each parameter's entries to send, in (0, 1]: each sparse parameter
-            of n elements gets k = max(1, ceil(ratio x n)) and a threshold τ, the exact k-th
-            largest magnitude of its (gradient + residual) when τ is computed.
+            of n elements gets k = max(1, ceil(ratio x n)) (the product in float64) and a
+            threshold τ, the exact k-th largest magnitude of its (gradient + residual) when τ
+            is computed.
         refresh_every: recompute every τ at least every this many steps (>= 1).
         warmup_steps: the first steps are plain dense all-reduces (>= 0).
-        capacity_factor: the wire buffer of a bucket holds sum of ceil(k x capacity_factor)
-            entries over its sparse parameters (>= 1); entries that pass τ but do not fit stay
-            in the residual and are counted as overflow.
+        capacity_factor: the wire buffer of a bucket holds the sum of
+            min(n, ceil(k x capacity_factor)) entries over its sparse parameters (>= 1);
+            entries that pass τ but do not fit stay in the residual and are counted as
+            overflow.
         min_numel: parameters with fewer elements are sent dense, in one batched all-reduce per
             bucket (>= 0).
         value_dtype: wire dtype of the sent values: None (the gradient's dtype), torch.float32,
