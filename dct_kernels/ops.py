@@ -361,10 +361,9 @@ def decompress(payload: SparsePayload, *, out: Optional[torch.Tensor] = None,
     return out
 
 
-def _buffers_config(buffers: torch.Tensor, numel: int, capacity,
-                    value_dtype) -> Tuple[int, torch.dtype]:
+def _buffers_config(buffers: torch.Tensor, capacity, value_dtype) -> Tuple[int, torch.dtype]:
     """The rows' (capacity, value dtype): as given, or the one carried by most rows whose
-    headers describe a payload of this numel and row size (the lowest rank's on a tie)."""
+    headers describe a payload of this row size (the lowest rank's on a tie)."""
     nbytes = buffers.shape[1]
     if capacity is not None or value_dtype is not None:
         if capacity is None or value_dtype is None:
@@ -380,17 +379,21 @@ def _buffers_config(buffers: torch.Tensor, numel: int, capacity,
                for raw in buffers[:, :wire.HEADER_BYTES].cpu().numpy()]
     votes = {}  # insertion-ordered: ties go to the lowest rank
     for header in headers:
-        if header.problems() or header.numel != numel:
-            continue
-        config = header.capacity, wire.dtype_of_code(header.value_code)
-        if wire.layout(*config)[1] == nbytes:
-            votes[config] = votes.get(config, 0) + 1
+        if not header.problems():
+            config = header.capacity, wire.dtype_of_code(header.value_code)
+            if wire.layout(*config)[1] == nbytes:
+                votes[config] = votes.get(config, 0) + 1
     if votes:
         return max(votes, key=votes.get)
-    row0 = "; ".join(headers[0].problems()) or \
-        f"numel {headers[0].numel}, capacity {headers[0].capacity}"
-    raise ValueError(f"buffers: no row is a dct_kernels payload of {numel} elements in rows of "
-                     f"{nbytes} bytes (row 0: {row0}); pass capacity= and value_dtype=")
+    row0 = headers[0]
+    why = "; ".join(row0.problems())
+    if not why:
+        row0_dtype = wire.dtype_of_code(row0.value_code)
+        why = (f"capacity {row0.capacity} with {row0_dtype} needs "
+               f"{wire.layout(row0.capacity, row0_dtype)[1]} bytes")
+    raise ValueError(f"buffers: no row is a dct_kernels payload in rows of {nbytes} bytes "
+                     f"(row 0: {why}); pass capacity= and value_dtype= to decode them as "
+                     "payloads of that configuration")
 
 
 def decompress_many(buffers: torch.Tensor, *, out: torch.Tensor, accumulate: bool = False,
@@ -409,9 +412,9 @@ def decompress_many(buffers: torch.Tensor, *, out: torch.Tensor, accumulate: boo
         validate: True checks every row first and raises ValueError, writing nothing
             (synchronizes); False skips bad rows/entries and counts them in ``errors``.
         capacity, value_dtype: the rows' configuration; when omitted it is the one most rows'
-            headers carry among those that describe a payload of out's numel and the rows'
-            size (one small device-to-host copy of the headers, which synchronizes; ValueError
-            when no row does). Rows that differ are invalid rows, as with capacity= given.
+            headers carry among those that describe a payload of the rows' size (one small
+            device-to-host copy of the headers, which synchronizes; ValueError when no row
+            does). Rows that differ, or whose numel is not out's, are invalid rows.
 
     The sum is ``0 + d_0 + d_1 + ... + d_{W-1}`` in fp32 (d_w the dense tensor of row w; a sum
     of zeros is +0), then ``/ W`` with ``average`` (IEEE division), then added to out in fp32
@@ -433,7 +436,7 @@ def decompress_many(buffers: torch.Tensor, *, out: torch.Tensor, accumulate: boo
     device = buffers.device
     _check_out(out, out.numel(), device)
     buffers = buffers.contiguous()
-    capacity, value_dtype = _buffers_config(buffers, out.numel(), capacity, value_dtype)
+    capacity, value_dtype = _buffers_config(buffers, capacity, value_dtype)
     counter = _errors_for(errors, device)
     impl = resolve(backend, device)
     if validate:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import dct_kernels
+from dct_kernels import payload as wire
 import oracle
 from helpers import assert_bitwise_equal
 from oracle import DTYPES, dtype_id, make_tensor, seed_of
@@ -207,12 +208,27 @@ def test_bad_row_zero_without_configuration(backend_device, how):
     assert int(counter) == 1
 
 
-def test_no_row_describes_a_payload_for_out(backend_device):
+def test_rows_for_another_numel_or_row_size(backend_device):
+    """Rows of another numel than out's are invalid rows (counted with validate=False, a
+    ValueError with validate=True); rows whose headers need another row size describe no
+    payload at all: a ValueError that says what row 0 needs."""
     backend, device = backend_device
-    buffers, _ = gathered(2, 300, 40, torch.float32, seed_of("many-none"), kinds=("normal",),
-                          k=30)
-    with pytest.raises(ValueError, match="^buffers: no row .* 299 elements"):
-        dct_kernels.decompress_many(buffers.to(device), out=torch.zeros(299, device=device),
+    world, capacity = 3, 40
+    buffers, _ = gathered(world, 300, capacity, torch.float32, seed_of("many-numel"),
+                          kinds=("normal",), k=30)
+    buffers = buffers.to(device)
+    with pytest.raises(ValueError, match="^buffers:.*numel"):
+        dct_kernels.decompress_many(buffers, out=torch.zeros(299, device=device),
+                                    backend=backend)
+    out = torch.full((299,), 7.0, device=device)
+    counter = torch.zeros((), dtype=torch.int32, device=device)
+    dct_kernels.decompress_many(buffers, out=out, validate=False, errors=counter,
+                                backend=backend)
+    assert int(counter) == world
+    assert_bitwise_equal(out.cpu(), torch.zeros(299), "a sum of no valid row")
+    needs = wire.layout(capacity, torch.float32)[1]
+    with pytest.raises(ValueError, match=f"^buffers: no row .*needs {needs} bytes"):
+        dct_kernels.decompress_many(buffers[:, :needs - 16], out=torch.zeros(300, device=device),
                                     validate=False, backend=backend)
 
 
