@@ -42,9 +42,8 @@ def test_disabled_build_skips(tmp_path):
     assert not list((tmp_path / "lib").rglob("_cuda*"))
 
 
-
 def test_sdist_carries_the_cuda_sources(tmp_path):
-    """A source distribution can build the extension: CMakeLists.txt and every file of csrc/
+    """A source distribution can build the extension: CMakeLists.txt and every source of csrc/
     are in it (setuptools leaves out what MANIFEST.in does not name). Built from a copy of the
     sources, so that no earlier egg-info's file list stands in for MANIFEST.in."""
     source = tmp_path / "src"
@@ -59,6 +58,7 @@ def test_sdist_carries_the_cuda_sources(tmp_path):
     (archive,) = (tmp_path / "dist").glob("*.tar.gz")
     with tarfile.open(archive) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    csrc = os.listdir(os.path.join(ROOT, "csrc"))
+    csrc = [name for name in os.listdir(os.path.join(ROOT, "csrc"))
+            if name.endswith((".h", ".cuh", ".cu", ".cpp"))]
     wanted = {"CMakeLists.txt"} | {f"csrc/{name}" for name in csrc}
     assert wanted <= names, f"missing from the sdist: {sorted(wanted - names)}"
