@@ -132,6 +132,17 @@ def _corrupt_row(buffers, row, how, n, capacity):
     return bad
 
 
+def _one_bad_row(tag, how, row):
+    """Three ranks' payloads (n = 300, capacity 40) with row ``row`` corrupted, and each row's
+    usable entries and error count by the oracle."""
+    seed = seed_of(tag, how)
+    world, n, capacity, value_dtype = 3, 300, 40, DTYPES[seed % 3]
+    buffers, _ = gathered(world, n, capacity, value_dtype, seed, kinds=("normal",), k=30)
+    bad = _corrupt_row(buffers, row, how, n, capacity)
+    usable = [oracle.usable_entries(bad[w], n, capacity, value_dtype) for w in range(world)]
+    return seed, n, capacity, value_dtype, bad, usable
+
+
 ROW_CORRUPTIONS = ("index_high", "index_negative", "unsorted", "duplicate", "count_high",
                    "count_negative", "magic", "numel", "value_code")
 
@@ -142,11 +153,7 @@ def test_corrupted_row(backend_device, how):
     bad entries (or the whole row), counts them, still sums the other rows, and writes only
     inside out."""
     backend, device = backend_device
-    seed = seed_of("many-corrupt", how)
-    world, n, capacity, value_dtype = 3, 300, 40, DTYPES[seed % 3]
-    buffers, _ = gathered(world, n, capacity, value_dtype, seed, kinds=("normal",), k=30)
-    bad = _corrupt_row(buffers, 1, how, n, capacity)
-    usable = [oracle.usable_entries(bad[w], n, capacity, value_dtype) for w in range(world)]
+    seed, n, capacity, value_dtype, bad, usable = _one_bad_row("many-corrupt", how, 1)
     errors = sum(u[2] for u in usable)
     assert errors > 0 and usable[1][2] > 0
 
@@ -186,11 +193,7 @@ def test_bad_row_zero_without_configuration(backend_device, how):
     row: skipped and counted with validate=False, a ValueError naming the buffers with
     validate=True."""
     backend, device = backend_device
-    seed = seed_of("many-row0", how)
-    world, n, capacity, value_dtype = 3, 300, 40, DTYPES[seed % 3]
-    buffers, _ = gathered(world, n, capacity, value_dtype, seed, kinds=("normal",), k=30)
-    bad = _corrupt_row(buffers, 0, how, n, capacity)
-    usable = [oracle.usable_entries(bad[w], n, capacity, value_dtype) for w in range(world)]
+    seed, n, _, _, bad, usable = _one_bad_row("many-row0", how, 0)
     assert usable[0][2] == 1 and sum(u[2] for u in usable) == 1  # row 0 void, counted once
     with pytest.raises(ValueError, match="^buffers:"):
         dct_kernels.decompress_many(bad.to(device), out=torch.zeros(n, device=device),
