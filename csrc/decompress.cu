@@ -29,8 +29,8 @@ constexpr int kChunk = kThreads * kSlotsPerThread;  // slots per block of the sc
 constexpr int kTile = 4096;                          // outputs per merge block
 // Staged entries per rank and tile. Each tile waits on its loads, so the more tiles an SM holds
 // at once the better: on sm_90 (228 KB of shared memory per SM) 8 blocks fit with the small
-// stage (24.6 KB, at most 32 registers), 5 with the large one (45 KB). The large stage keeps dense payloads (about 10%
-// kept) off the slower direct path.
+// stage (24.6 KB, at most 32 registers), 5 with the large one (45 KB). The large stage keeps
+// dense payloads (about 10% kept) off the slower direct path.
 constexpr int kStageSmall = 128;
 constexpr int kStageLarge = 448;
 // The small stage is taken when the capacity spreads at most this many entries per rank over

@@ -370,9 +370,10 @@ def _buffers_config(buffers: torch.Tensor, capacity, value_dtype) -> Tuple[int, 
             raise ValueError("capacity, value_dtype: give both or neither")
         capacity = _check_capacity(capacity)
         value_dtype = _check_value_dtype(value_dtype, torch.float32)
-        if wire.layout(capacity, value_dtype)[1] != nbytes:
+        needed = wire.layout(capacity, value_dtype)[1]
+        if needed != nbytes:
             raise ValueError(f"buffers: rows of {nbytes} bytes, but capacity {capacity} with "
-                             f"{value_dtype} needs {wire.layout(capacity, value_dtype)[1]}")
+                             f"{value_dtype} needs {needed}")
         return capacity, value_dtype
     # One copy of all the headers; a corrupted row is then one invalid row, whichever it is.
     headers = [wire.Header.parse(raw.tobytes())
