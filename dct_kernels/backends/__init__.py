@@ -25,15 +25,13 @@ from typing import Dict
 
 import torch
 
+from .interpreter import triton_interpreting
+
 NAMES = ("cuda", "triton", "torch")
 ENV_VAR = "DCT_KERNELS_BACKEND"
 
 _modules: Dict[str, object] = {}
 _reasons: Dict[str, str] = {}
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _load(name: str):

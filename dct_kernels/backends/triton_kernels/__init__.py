@@ -14,7 +14,7 @@ Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (for tests).
 import torch
 import triton  # noqa: F401  (ImportError here means "not installed")
 
-from .. import triton_interpreting
+from ..interpreter import triton_interpreting
 # The backend functions shadow their modules' names here; tools that tune a module's tile sizes
 # reach it with importlib.import_module("dct_kernels.backends.triton_kernels.<op>").
 from .compress import compress, count_kept
