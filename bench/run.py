@@ -1,22 +1,24 @@
 """Microbenchmarks of the dct_kernels ops against the torch code a user would write.
 
-For each op, backend, n and kept ratio: the median (and p20/p80) of many CUDA-event timings,
-after warm-up, on random data (never zeros), rotating among several input sets when one set
-would fit in L2. Every time is also given as a fraction of the bandwidth floor: the fewest
-bytes the op must move (DESIGN.md section 5) over the device-to-device copy bandwidth measured
-at the start of the run.
+For each op, backend, n and kept ratio: the median (and p20/p80) of many timings (CUDA events on
+a GPU, wall clock on a CPU), after warm-up, on random data (never zeros), rotating among several
+input sets when one set would fit in L2. Every time is also given as a fraction of the
+bandwidth floor: the fewest bytes the op must move (docs/design.md, "Performance model") over
+the device-to-device copy bandwidth measured at the start of the run.
 
-Writes ``results.json`` (one row per measurement), ``results.md`` (a table) and ``time_vs_n.png``
-into ``--out`` (default ``bench/results/<gpu name>``).
+Every available backend that runs on the device is timed (``dk.available_backends()``), next
+to the torch baselines of bench/results_table.py. The rows go into the card's results file,
+``bench/results/<card>/results.csv`` (or ``--csv``), updated by key: a rerun replaces the rows
+it measures again and keeps the others. ``--out DIR`` also writes this run's table
+(``results.md``), a copy of the updated results file and its plot (bench/plot.py) into DIR.
 
     python bench/run.py                       # full sweep (GPU)
-    python bench/run.py --quick               # small sweep, for a smoke run
-    python bench/run.py --device cpu --quick  # CPU demo (torch backend, wall clock)
+    python bench/run.py --quick               # small sweep, for a smoke run (GPU or CPU)
+    python bench/run.py --device cpu --quick  # CPU demo (wall clock)
 """
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -28,6 +30,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import dct_kernels as dk  # noqa: E402
+
+import results_table  # noqa: E402
+from results_table import BASELINES  # noqa: E402
 
 L2_FLUSH_BYTES = 256 << 20  # rotate inputs until one round touches this much memory
 
@@ -96,17 +101,24 @@ def random_tensor(n, device, dtype=torch.float32, seed=0):
     return torch.randn(n, device=device, dtype=torch.float32, generator=g).to(dtype)
 
 
+def measure(op, provider, floor_bytes, timing, **config):
+    """One result row (the fixed fields of bench/results_table.py), less the run's metadata."""
+    p20, p50, p80 = timing
+    return dict(op=op, provider=provider, dtype="float32", p20_ms=p20, p50_ms=p50, p80_ms=p80,
+                floor_bytes=floor_bytes, **config)
+
+
 def bench_select(n, ratio, device, backends):
     k = max(1, int(ratio * n))
     sets = [(random_tensor(n, device, seed=s),) for s in range(num_sets(4 * n))]
     floor = 4 * n
-    rows = []
-    for b in backends:
-        rows.append(("select_threshold", b, floor,
-                     time_op(lambda x: dk.select_threshold(x, k, backend=b), sets, device)))
-    rows.append(("select_threshold", "torch.topk", floor,
-                 time_op(lambda x: torch.topk(x.abs(), k, sorted=False).values.min(), sets,
-                         device)))
+    config = dict(n=n, ratio=ratio, k=k)
+    rows = [measure("select_threshold", b, floor,
+                    time_op(lambda x: dk.select_threshold(x, k, backend=b), sets, device),
+                    **config) for b in backends]
+    rows.append(measure("select_threshold", BASELINES["select_threshold"], floor,
+                        time_op(lambda x: torch.topk(x.abs(), k, sorted=False).values.min(),
+                                sets, device), **config))
     return rows
 
 
@@ -121,8 +133,8 @@ def bench_compress(n, ratio, device, backends, with_residual):
             else torch.topk(x.abs(), k).values[-1]
         saved = residual.clone() if with_residual else None
         sets.append((x, residual if with_residual else None, threshold, saved))
-    op = "compress+residual" if with_residual else "compress"
     floor = (12 if with_residual else 4) * n + 8 * k
+    config = dict(n=n, ratio=ratio, k=k, residual=int(with_residual))
 
     def restore(x, r, t, saved):
         # Every call must see the same residual, or the kept fraction drifts away from k / n.
@@ -132,7 +144,8 @@ def bench_compress(n, ratio, device, backends, with_residual):
     for b in backends:
         fn = lambda x, r, t, _: dk.compress(x, t, residual=r, capacity=capacity,  # noqa
                                             backend=b)
-        rows.append((op, b, floor, time_op(fn, sets, device, setup=restore)))
+        rows.append(measure("compress", b, floor, time_op(fn, sets, device, setup=restore),
+                            **config))
 
     def torch_baseline(x, r, t, _):
         acc = x + r if r is not None else x
@@ -142,8 +155,8 @@ def bench_compress(n, ratio, device, backends, with_residual):
         if r is not None:
             r.copy_(acc.masked_fill(mask, 0))
         return idx, vals
-    rows.append((op, "torch (abs,ge,nonzero,index)", floor,
-                 time_op(torch_baseline, sets, device, setup=restore)))
+    rows.append(measure("compress", BASELINES["compress"], floor,
+                        time_op(torch_baseline, sets, device, setup=restore), **config))
     return rows
 
 
@@ -154,27 +167,27 @@ def bench_decompress_many(n, ratio, device, backends, ranks=8):
     for w in range(ranks):
         x = random_tensor(n, device, seed=100 + w)
         t = torch.topk(x.abs(), k).values[-1]
-        payloads.append(dk.compress(x, t, capacity=capacity, backend="torch"
-                                    if device.type == "cpu" else None))
+        payloads.append(dk.compress(x, t, capacity=capacity))
     buffers = torch.stack([p.buffer for p in payloads])
     indices = torch.cat([p.indices[:int(p.count)].long() for p in payloads])
     values = torch.cat([p.values[:int(p.count)] for p in payloads])
     out = torch.empty(n, device=device)
     floor = 4 * n + 8 * k * ranks
     sets = [(buffers,)]
+    config = dict(n=n, ratio=ratio, k=k, W=ranks)
     rows = []
     for b in backends:
         fn = lambda bufs: dk.decompress_many(bufs, out=out, average=True, validate=False,  # noqa
                                              capacity=capacity, value_dtype=torch.float32,
                                              backend=b)
-        rows.append(("decompress_many(W=8)", b, floor, time_op(fn, sets, device)))
+        rows.append(measure("decompress_many", b, floor, time_op(fn, sets, device), **config))
 
     def torch_baseline(_):
         out.zero_()
         out.index_put_((indices,), values, accumulate=True)
         out.div_(ranks)
-    rows.append(("decompress_many(W=8)", "torch (index_put_ accumulate)", floor,
-                 time_op(torch_baseline, sets, device)))
+    rows.append(measure("decompress_many", BASELINES["decompress_many"], floor,
+                        time_op(torch_baseline, sets, device), **config))
     return rows
 
 
@@ -184,16 +197,16 @@ def bench_rows(n, ratio, device, backends, columns=4096):
     sets = [(random_tensor(rows_count * columns, device, seed=7 + s).view(rows_count, columns),)
             for s in range(num_sets(4 * rows_count * columns))]
     floor = 4 * rows_count * columns + rows_count * k * (2 + 4)
-    out = []
-    for b in backends:
-        out.append(("compress_rows(D=4096)", b, floor,
-                    time_op(lambda x: dk.compress_rows(x, k, backend=b), sets, device)))
+    config = dict(n=rows_count * columns, ratio=ratio, k=k, D=columns)
+    out = [measure("compress_rows", b, floor,
+                   time_op(lambda x: dk.compress_rows(x, k, backend=b), sets, device), **config)
+           for b in backends]
 
     def torch_baseline(x):
         idx = torch.topk(x.abs(), k, dim=1, sorted=False).indices.sort(dim=1).values
         return idx.to(torch.int16), torch.gather(x, 1, idx)
-    out.append(("compress_rows(D=4096)", "torch.topk", floor,
-                time_op(torch_baseline, sets, device)))
+    out.append(measure("compress_rows", BASELINES["compress_rows"], floor,
+                       time_op(torch_baseline, sets, device), **config))
     return out
 
 
@@ -205,52 +218,36 @@ def device_name(device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def write_markdown(path, rows, meta):
-    lines = [f"# dct_kernels microbenchmarks: {meta['gpu']}", "",
-             f"{meta['date']}, dct_kernels {meta['version']}, torch {meta['torch']}, "
-             f"triton {meta['triton']}; copy bandwidth {meta['copy_gbps']:.0f} GB/s "
-             "(read + write). Times are CUDA-event medians (p20-p80 in brackets); "
-             "% floor = minimal bytes / copy bandwidth / time.", "",
-             "| op | backend | n | kept | p50 ms | [p20, p80] | GB/s | % floor | vs torch |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    baseline = {}
-    for r in rows:
-        if r["backend"].startswith("torch") and r["backend"] != "torch":
-            baseline[(r["op"], r["n"], r["ratio"])] = r["p50_ms"]
-    for r in rows:
-        base = baseline.get((r["op"], r["n"], r["ratio"]))
-        speedup = f"{base / r['p50_ms']:.1f}x" if base and r["p50_ms"] > 0 else ""
-        lines.append(f"| {r['op']} | {r['backend']} | 2^{int(math.log2(r['n']))} | "
-                     f"{r['ratio'] * 100:g}% | {r['p50_ms']:.3f} | "
-                     f"[{r['p20_ms']:.3f}, {r['p80_ms']:.3f}] | {r['gbps']:.0f} | "
-                     f"{r['pct_floor']:.0f}% | {speedup} |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+def backends_for(device, wanted=None):
+    """Every available backend (``dk.available_backends()``, whatever names it lists) that
+    runs on ``device``, found by trying one small op, so a backend added later is timed without
+    a change here; ``wanted`` (names) narrows the list."""
+    found = []
+    for name, why in dk.available_backends().items():
+        if wanted is not None and name not in wanted:
+            continue
+        if why != "available":
+            print(f"backend {name}: not timed ({why})")
+            continue
+        try:
+            dk.select_threshold(random_tensor(64, device), 1, backend=name)
+        except ValueError as e:
+            print(f"backend {name}: not timed ({e})")
+            continue
+        found.append(name)
+    return found
 
 
-def plot(path, rows):
+def run_metadata(device, bandwidth) -> dict:
+    meta = {"card": device_name(device), "date": datetime.date.today().isoformat(),
+            "version": dk.__version__, "torch": torch.__version__,
+            "copy_gbps": bandwidth / 1e9}
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import triton
+        meta["triton"] = triton.__version__
     except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    ops = sorted({r["op"] for r in rows})
-    fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4), squeeze=False)
-    for ax, op in zip(axes[0], ops):
-        for backend in sorted({r["backend"] for r in rows if r["op"] == op}):
-            pts = sorted((r["n"], r["p50_ms"]) for r in rows
-                         if r["op"] == op and r["backend"] == backend and r["ratio"] == 0.01)
-            if pts:
-                ax.loglog([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
-        ax.set_title(f"{op} (1% kept)")
-        ax.set_xlabel("n (elements)")
-        ax.set_ylabel("median ms")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        meta["triton"] = "-"
+    return meta
 
 
 def main():
@@ -260,12 +257,16 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a few small sizes only")
     parser.add_argument("--sizes", type=int, nargs="*", help="log2 of the sizes to run")
     parser.add_argument("--ratios", type=float, nargs="*", default=[0.001, 0.01, 0.1])
-    parser.add_argument("--ops", nargs="*",
-                        default=["select", "compress+residual", "compress", "decompress_many",
-                                 "rows"])
+    parser.add_argument("--ops", nargs="*", choices=OPS, default=list(OPS))
     parser.add_argument("--backends", nargs="*", default=None,
-                        help="backends to time (default: every available one)")
-    parser.add_argument("--out", default=None)
+                        help="backends to time (default: every available one that runs on "
+                             "the device)")
+    parser.add_argument("--csv", default=None,
+                        help="results file to update by key (default: "
+                             "bench/results/<card>/results.csv)")
+    parser.add_argument("--out", default=None,
+                        help="also write this run's table (results.md), a copy of the updated "
+                             "results file and its plot into this folder")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -275,58 +276,55 @@ def main():
         sizes = [1 << 16, 1 << 20] if device.type == "cuda" else [1 << 16, 1 << 18]
     else:
         sizes = [1 << s for s in (16, 20, 24, 26, 28)]
-    backends = [b for b, why in dk.available_backends().items() if why == "available"
-                and (device.type == "cuda" or b == "torch")]
-    if device.type == "cuda":
-        backends = [b for b in backends if b != "torch"]  # the torch baselines stand for it
-    if args.backends is not None:
-        backends = [b for b in backends if b in args.backends]
-    gpu = device_name(device)
-    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                       gpu.replace(" ", "_"))
-    os.makedirs(out_dir, exist_ok=True)
+    backends = backends_for(device, args.backends)
     bandwidth = copy_bandwidth(device)
-    meta = {"gpu": gpu, "date": datetime.date.today().isoformat(), "version": dk.__version__,
-            "torch": torch.__version__, "copy_gbps": bandwidth / 1e9}
-    try:
-        import triton
-        meta["triton"] = triton.__version__
-    except ImportError:
-        meta["triton"] = "-"
-    print(f"{gpu}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; backends {backends}; "
+    meta = run_metadata(device, bandwidth)
+    csv_path = args.csv or results_table.default_path(meta["card"])
+    print(f"{meta['card']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; backends {backends}; "
           f"sizes {sizes}", flush=True)
 
     rows = []
     for n in sizes:
         for ratio in args.ratios:
-            results = []
-            if "select" in args.ops:
-                results += bench_select(n, ratio, device, backends)
-            if "compress+residual" in args.ops:
-                results += bench_compress(n, ratio, device, backends, with_residual=True)
-            if "compress" in args.ops:
-                results += bench_compress(n, ratio, device, backends, with_residual=False)
-            if "decompress_many" in args.ops:
-                results += bench_decompress_many(n, ratio, device, backends)
-            if "rows" in args.ops:
-                results += bench_rows(n, ratio, device, backends)
-            for op, backend, floor_bytes, (p20, p50, p80) in results:
-                row = dict(op=op, backend=backend, dtype="float32", n=n, ratio=ratio,
-                           p20_ms=p20, p50_ms=p50, p80_ms=p80, floor_bytes=floor_bytes,
-                           gbps=floor_bytes / (p50 * 1e-3) / 1e9,
-                           pct_floor=100 * floor_bytes / bandwidth / (p50 * 1e-3), **meta)
-                rows.append(row)
-                print(f"{op:24s} {backend:30s} n=2^{int(math.log2(n)):2d} kept={ratio:<6g} "
-                      f"{p50:9.3f} ms  {row['pct_floor']:5.1f}% of floor", flush=True)
+            for op in args.ops:
+                for row in OPS[op](n, ratio, device, backends):
+                    row.update(meta,
+                               gbps=row["floor_bytes"] / (row["p50_ms"] * 1e-3) / 1e9,
+                               pct_floor=100 * row["floor_bytes"] / bandwidth
+                               / (row["p50_ms"] * 1e-3))
+                    rows.append(row)
+                    print(f"{results_table.describe(row):40s} {row['provider']:30s} "
+                          f"n=2^{int(math.log2(n)):2d} kept={ratio:<6g} {row['p50_ms']:9.3f} ms"
+                          f"  {row['pct_floor']:5.1f}% of floor", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    write_markdown(os.path.join(out_dir, "results.md"), rows, meta)
-    plot(os.path.join(out_dir, "time_vs_n.png"), rows)
-    with open(os.path.join(out_dir, "results.md")) as f:
-        print("\n" + f.read())
-    print(f"wrote {out_dir}")
+    all_rows = results_table.update(csv_path, rows)
+    table = (f"# dct_kernels microbenchmarks: {meta['card']}\n\n"
+             f"{meta['date']}, dct_kernels {meta['version']}, torch {meta['torch']}, "
+             f"triton {meta['triton']}; copy bandwidth {meta['copy_gbps']:.0f} GB/s "
+             f"(read + write). Times: {'CUDA-event' if device.type == 'cuda' else 'wall-clock'}"
+             " medians (p20-p80 in brackets); % floor = minimal bytes / copy bandwidth / time; "
+             "vs baseline = the torch code a user would write, same run.\n\n"
+             + results_table.markdown(rows))
+    print("\n" + table)
+    print(f"updated {csv_path} ({len(rows)} rows measured, {len(all_rows)} in the file)")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(table)
+        results_table.write(os.path.join(args.out, "results.csv"), all_rows)
+        import plot
+        plot.plot(all_rows, os.path.join(args.out, "time_vs_n.png"))
+        print(f"wrote {args.out}")
+
+
+OPS = {
+    "select": bench_select,
+    "compress+residual": lambda *a: bench_compress(*a, with_residual=True),
+    "compress": lambda *a: bench_compress(*a, with_residual=False),
+    "decompress_many": bench_decompress_many,
+    "rows": bench_rows,
+}
 
 
 if __name__ == "__main__":
