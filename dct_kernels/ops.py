@@ -21,7 +21,7 @@ from .wire_check import check_rows, describe
 
 __all__ = ["available_backends", "select_threshold", "compress", "decompress",
            "decompress_many", "compress_rows", "decompress_rows", "gather_rows",
-           "payload_errors", "reset_payload_errors"]
+           "payload_errors", "reset_payload_errors", "Segments"]
 
 Number = Union[int, float]
 
@@ -72,8 +72,64 @@ def _check_value_dtype(value_dtype, x_dtype: torch.dtype) -> torch.dtype:
     return value_dtype
 
 
+class Segments:
+    """Segment offsets validated once, for ops called every step on the same layout.
+
+    ``Segments(offsets, device=None)``: offsets are S+1 ints (a list, tuple or 1-D int64
+    tensor) rising strictly from 0 to numel, so no segment is empty. The object keeps them as a
+    host list (``offsets``), as a device tensor (``tensor``, on ``device``, default CPU) and
+    their lengths, so ``select_threshold`` and ``compress`` given ``segments=Segments(...)``
+    neither re-validate nor copy offsets to the host (no host synchronization for device
+    offsets). Immutable by convention: build a new one for another layout.
+
+    Attributes: ``offsets`` (list of S+1 ints), ``numel`` (int), ``lengths`` (list of S ints),
+    ``tensor`` (int64 [S+1] on ``device``), ``num_segments`` (S).
+
+    Raises:
+        TypeError for offsets that are not ints or an int64 tensor; ValueError for offsets
+        that do not rise strictly from 0 (the message names ``segments``).
+    """
+
+    def __init__(self, offsets, device=None):
+        if isinstance(offsets, Segments):
+            offsets = offsets.offsets
+        if isinstance(offsets, torch.Tensor):
+            host = _check_segments(offsets, int(offsets[-1]) if offsets.numel() else 0)
+        else:
+            if not isinstance(offsets, (list, tuple)) or \
+                    any(isinstance(o, bool) or not isinstance(o, numbers.Integral)
+                        for o in offsets):
+                raise TypeError("segments: expected a list of int offsets or an int64 tensor")
+            host = [int(o) for o in offsets]
+            if len(host) < 2:
+                raise ValueError(f"segments: expected S+1 >= 2 offsets, got {len(host)}")
+            if host[0] != 0:
+                raise ValueError(f"segments: offsets must start at 0, got {host[0]}")
+            if any(b <= a for a, b in zip(host[:-1], host[1:])):
+                raise ValueError("segments: offsets must rise strictly (no empty segment)")
+        self.offsets: List[int] = host
+        self.numel = host[-1]
+        self.num_segments = len(host) - 1
+        self.lengths = [b - a for a, b in zip(host[:-1], host[1:])]
+        device = torch.device("cpu") if device is None else torch.device(device)
+        self.tensor = torch.tensor(host, dtype=torch.int64).to(device)
+
+    def __len__(self) -> int:
+        return self.num_segments
+
+    def __repr__(self) -> str:
+        return (f"Segments(num_segments={self.num_segments}, numel={self.numel}, "
+                f"device={self.tensor.device})")
+
+
 def _check_segments(segments, numel: int) -> List[int]:
-    """Validated segment offsets as a host list (copies device offsets to the host)."""
+    """Validated segment offsets as a host list (copies device offsets to the host; a
+    ``Segments`` object was validated when built and is only checked against numel)."""
+    if isinstance(segments, Segments):
+        if segments.numel != numel:
+            raise ValueError(f"segments: offsets must run from 0 to numel={numel}, got "
+                             f"0 .. {segments.numel}")
+        return segments.offsets
     if not isinstance(segments, torch.Tensor):
         raise TypeError(f"segments: expected an int64 tensor of offsets, got "
                         f"{type(segments).__name__}")
@@ -100,6 +156,13 @@ def _check_k(k, offsets: List[int], segmented: bool) -> List[int]:
             raise ValueError(f"k: expected {len(lengths)} values (one per segment), "
                              f"got {k.numel()}")
         ks = [int(v) for v in k.cpu().tolist()]
+    elif isinstance(k, (list, tuple)):
+        if not segmented:
+            raise ValueError("k: a list of per-segment k needs segments=")
+        if len(k) != len(lengths):
+            raise ValueError(f"k: expected {len(lengths)} values (one per segment), "
+                             f"got {len(k)}")
+        ks = [_check_int(v, "k") for v in k]
     else:
         ks = [_check_int(k, "k")] * len(lengths)
     for s, (kk, length) in enumerate(zip(ks, lengths)):
@@ -211,8 +274,9 @@ def select_threshold(x: torch.Tensor, k, *, segments: Optional[torch.Tensor] = N
     Args:
         x: fp32, fp16 or bf16 tensor of any shape (flattened in C order).
         k: 1 <= k <= x.numel(); with ``segments``, an int for every segment or an integer
-            tensor of S values, each within its segment's length.
-        segments: optional int64 tensor of S+1 offsets rising strictly from 0 to x.numel().
+            tensor (or list) of S values, each within its segment's length.
+        segments: optional int64 tensor of S+1 offsets rising strictly from 0 to x.numel(),
+            or a ``Segments`` object (validated once, no host copy of the offsets).
 
     Returns:
         A 0-d tensor τ equal to ``torch.topk(x.abs().flatten(), k).values[-1]`` (NaN ranks
@@ -245,6 +309,7 @@ def select_threshold(x: torch.Tensor, k, *, segments: Optional[torch.Tensor] = N
 def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
              segments: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
              capacity: Optional[int] = None, value_dtype: Optional[torch.dtype] = None,
+             out: Optional[torch.Tensor] = None,
              backend: Optional[str] = None) -> SparsePayload:
     """Keep the entries of x (+ residual) whose magnitude reaches the threshold.
 
@@ -266,9 +331,14 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
         value_dtype: wire dtype of the values (default x.dtype); fp16/bf16 saturate finite
             values at their largest finite value; every NaN is sent as the wire dtype's
             canonical quiet NaN, so all backends write the same bytes.
+        segments: also a ``Segments`` object (offsets validated once, device offsets kept).
+        out: optional 1-D contiguous uint8 tensor on x's device of exactly the wire size of
+            (capacity, value_dtype) — e.g. a row of a preallocated ``[W, nbytes]`` send
+            tensor: the payload is written there (zeroed, header, entries) and the returned
+            payload views it, so nothing is copied before a collective. Needs ``capacity``.
 
     Returns:
-        A ``SparsePayload``: kept indices ascending, in one wire buffer.
+        A ``SparsePayload``: kept indices ascending, in one wire buffer (``out`` when given).
 
     Raises:
         TypeError/ValueError naming the argument for a bad dtype, device, residual, capacity,
@@ -300,17 +370,51 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
         if _overlap(residual, x) and not (residual.data_ptr() == x.data_ptr()
                                           and residual.dtype == x.dtype):
             raise ValueError("residual: must not overlap x (other than being x itself)")
+    if out is not None:
+        if capacity is None:
+            raise ValueError("out: needs a fixed capacity= (the buffer's size depends on it)")
+        needed = wire.layout(capacity, value_dtype)[1]
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.uint8 or out.dim() != 1 \
+                or out.numel() != needed:
+            raise ValueError(f"out: expected a 1-D uint8 tensor of {needed} bytes (capacity "
+                             f"{capacity}, {value_dtype}), got "
+                             f"{tuple(getattr(out, 'shape', ()))} {getattr(out, 'dtype', out)}")
+        if out.device != device:
+            raise ValueError(f"out: expected a tensor on {device} (like x), got {out.device}")
+        if not out.is_contiguous():
+            raise ValueError("out: must be contiguous (the payload is written in place)")
+        if _overlap(out, x) or (residual is not None and _overlap(out, residual)):
+            raise ValueError("out: must not overlap x or residual")
     impl = resolve(backend, device)
     thresholds = _thresholds(threshold, num_segments, device)
     flat = x.detach().contiguous().view(-1)
     residual_flat = residual.detach().view(-1) if residual is not None else None
     if numel == 0:
-        return wire.new_payload(0, capacity or 0, value_dtype, tuple(x.shape), x.dtype, device)
-    seg_dev = _device_offsets(offsets, device) if segmented else None
+        payload = wire.new_payload(0, capacity or 0, value_dtype, tuple(x.shape), x.dtype,
+                                   device)
+        if out is not None:
+            out.copy_(payload.buffer)
+            payload = wire.SparsePayload(out, numel=0, capacity=capacity,
+                                         value_dtype=value_dtype, shape=tuple(x.shape),
+                                         dtype=x.dtype)
+        return payload
+    if isinstance(segments, Segments) and segments.tensor.device == device:
+        seg_dev = segments.tensor
+    else:
+        seg_dev = _device_offsets(offsets, device) if segmented else None
     if capacity is None:
         capacity = int(library.count_kept(flat, thresholds, offsets, seg_dev, residual_flat,
                                           impl.NAME))
-    payload = wire.new_payload(numel, capacity, value_dtype, tuple(x.shape), x.dtype, device)
+    if out is not None:
+        out.zero_()
+        words = torch.tensor(wire.header_words(numel, capacity, value_dtype), dtype=torch.int32)
+        out[:wire.HEADER_BYTES].view(torch.int32).copy_(words, non_blocking=True)
+        payload = wire.SparsePayload(out, numel=numel, capacity=capacity,
+                                     value_dtype=value_dtype, shape=tuple(x.shape),
+                                     dtype=x.dtype)
+    else:
+        payload = wire.new_payload(numel, capacity, value_dtype, tuple(x.shape), x.dtype,
+                                   device)
     library.compress(flat, thresholds, offsets, seg_dev, residual_flat, payload.buffer,
                      capacity, wire.value_code(value_dtype), impl.NAME)
     return payload

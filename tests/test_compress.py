@@ -302,3 +302,56 @@ def test_bf16_subnormals_compress(backend_device, x_dtype):
     threshold = float(x[5].float())  # the 6th smallest subnormal: keeps 0x0006 and up
     check_compress(backend, device, x, threshold, residual=torch.zeros(x.numel()),
                    value_dtype=torch.bfloat16, what="bf16 subnormals")
+
+
+# ------------------------------------------------------------- precomputed segments, out=
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_compress_with_segments_object_and_out(backend_device, dtype):
+    """A ``Segments`` object gives what the offsets tensor gives, and ``out=`` (a row of a
+    preallocated send tensor, dirty from an earlier use) holds the same bytes in its live part,
+    zeroed past ``count``, with the other rows untouched."""
+    backend, device = backend_device
+    seed = seed_of("compress-segments-out", dtype)
+    offsets = oracle.make_segments(5000, seed)
+    n = offsets[-1]
+    x = make_tensor(("normal", "specials", "ties")[seed % 3], n, dtype, seed).to(device)
+    residual = (make_tensor("normal", n, torch.float32, seed + 1) * 0.1).to(device)
+    threshold = torch.full((len(offsets) - 1,), 0.7)
+    threshold[0] = -1.0
+    segments = dct_kernels.ops.Segments(offsets, device=device)
+    capacity = 300
+    want_res = residual.clone()
+    want = dct_kernels.compress(x, threshold, segments=torch.tensor(offsets), residual=want_res,
+                                capacity=capacity, backend=backend)
+    send = torch.full((3, want.nbytes), 0xAB, dtype=torch.uint8, device=device)
+    got_res = residual.clone()
+    got = dct_kernels.compress(x, threshold, segments=segments, residual=got_res,
+                               capacity=capacity, out=send[1], backend=backend)
+    assert got.buffer.data_ptr() == send[1].data_ptr()
+    count = int(got.count)
+    assert count == int(want.count) and int(got.overflow) == int(want.overflow)
+    assert bytes(send[1, :32].cpu().numpy()) == bytes(want.buffer[:32].cpu().numpy())
+    assert_bitwise_equal(got.indices[:count].cpu(), want.indices[:count].cpu(), "indices")
+    assert_bitwise_equal(got.values[:count].cpu(), want.values[:count].cpu(), "values")
+    assert_bitwise_equal(got_res.cpu(), want_res.cpu(), "residual")
+    assert int((got.indices[count:] != 0).sum()) == 0, "slots past count not zeroed"
+    assert bool((send[0] == 0xAB).all()) and bool((send[2] == 0xAB).all()), "other rows"
+
+
+def test_compress_out_and_segments_errors():
+    x = torch.randn(100)
+    good = torch.zeros(dct_kernels.compress(x, 0.5, capacity=10).nbytes, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="out"):
+        dct_kernels.compress(x, 0.5, out=good)  # no capacity
+    with pytest.raises(ValueError, match="out"):
+        dct_kernels.compress(x, 0.5, capacity=40, out=good)  # wrong size
+    with pytest.raises(ValueError, match="out"):
+        dct_kernels.compress(x, 0.5, capacity=10, out=good.float())
+    with pytest.raises(ValueError, match="segments"):
+        dct_kernels.compress(x, 0.5, segments=dct_kernels.ops.Segments([0, 50, 99]))
+    for bad in ([0], [1, 100], [0, 50, 50, 100]):
+        with pytest.raises(ValueError, match="segments"):
+            dct_kernels.ops.Segments(bad)
+    with pytest.raises(TypeError, match="segments"):
+        dct_kernels.ops.Segments([0, 2.5, 100])

@@ -135,3 +135,20 @@ def test_segmented_select_follows_c_order(backend_device):
     segments = torch.tensor(offsets, dtype=torch.int64)
     reference = _check_select(backend, device, x, 1, "c-order", segments)
     assert_bitwise_equal(reference, oracle.segmented_kth(x, offsets, [1] * 5), "oracle")
+
+
+def test_segmented_select_with_segments_object(backend_device):
+    """A ``Segments`` object (validated once) and a list of k give what offsets and a k tensor
+    give; a Segments of another numel is refused naming ``segments``."""
+    backend, device = backend_device
+    seed = seed_of("segmented-select-object")
+    offsets = _segments("varied", seed)
+    x = make_tensor("ties", offsets[-1], torch.float32, seed)
+    ks = [max(1, (b - a) // 3) for a, b in zip(offsets[:-1], offsets[1:])]
+    segments = dct_kernels.ops.Segments(offsets, device=device)
+    got = dct_kernels.select_threshold(x.to(device), ks, segments=segments, backend=backend)
+    assert_bitwise_equal(got.cpu(), oracle.segmented_kth(x, offsets, ks), "oracle")
+    with pytest.raises(ValueError, match="segments"):
+        dct_kernels.select_threshold(x[:-1], ks, segments=dct_kernels.ops.Segments(offsets))
+    with pytest.raises(ValueError, match="k"):
+        dct_kernels.select_threshold(x, ks[:-1], segments=dct_kernels.ops.Segments(offsets))
