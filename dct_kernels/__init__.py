@@ -8,11 +8,13 @@ from .ops import (available_backends, compress, compress_rows, decompress, decom
                   decompress_rows, gather_rows, payload_errors, reset_payload_errors,
                   select_threshold)
 from .payload import RowPayload, SparsePayload
-from .mp import pack_rows, sparsify_rows, unpack_rows
+from .mp import (SparseAllToAll, all_to_all_bytes, pack_rows, sparse_all_to_all, sparsify_rows,
+                 unpack_rows)
 
 __version__ = "0.1.0"
 
 __all__ = ["available_backends", "select_threshold", "compress", "decompress",
            "decompress_many", "compress_rows", "decompress_rows", "gather_rows",
            "payload_errors", "reset_payload_errors", "SparsePayload", "RowPayload",
-           "sparsify_rows", "pack_rows", "unpack_rows", "__version__"]
+           "sparsify_rows", "pack_rows", "unpack_rows", "sparse_all_to_all", "all_to_all_bytes",
+           "SparseAllToAll", "__version__"]

@@ -22,8 +22,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import ops
-from .payload import RowPayload
+from .. import ops
+from ..payload import RowPayload
 
 __all__ = ["sparsify_rows", "pack_rows", "unpack_rows"]
 
