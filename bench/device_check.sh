@@ -2,7 +2,9 @@
 # One call on a GPU machine: build the CUDA extension, run the GPU tests, compute-sanitizer over
 # one small run of every CUDA kernel, and the benchmark. Everything lands in $OUT (at most 8
 # files) or ./device_check_out: build.log (with the environment), pytest.log, sanitize.log,
-# profile.log, bench.log, results.json, results.md, time_vs_n.png.
+# profile.log, bench.log, results.md (this run's table), results.csv (the card's results file,
+# bench/results/<card>/results.csv, with this run's rows replacing those of the same key: copy it
+# back over the tracked one) and time_vs_n.png (bench/plot.py). Record the run in bench/NOTES.md.
 #
 # Knobs (environment): ARCH (CUDA architectures, default 90), TESTS / TEST_FILTER (what pytest
 # runs), TEST_TIMEOUT, SANITIZERS ("memcheck racecheck synccheck"), SIZES (log2 sizes), RATIOS,

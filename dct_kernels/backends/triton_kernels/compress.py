@@ -22,8 +22,8 @@ from ... import payload as wire
 from .common import f32_key, threshold_key, to_f32, to_wire
 
 # Elements per tile and warps per program (module attributes so bench/sweep_blocks.py can sweep
-# them). H100, n = 2^28 fp32, 1% kept: 4096/8 warps 3.96 ms with residual, 2.42 ms without;
-# 16384/16 warps 3.25 ms and 1.85 ms (fewer links in the look-back chain).
+# them). Larger tiles mean fewer links in the look-back chain; the sweep that chose these is in
+# bench/NOTES.md ("Triton backend", the tile-size sweep).
 BLOCK = 16384
 NUM_WARPS = 16
 
