@@ -34,9 +34,14 @@ _UNSUPPORTED = -1  # the code of a dtype, k or shape the exchange does not take
 # an old one was destroyed can never be mistaken for it (ids would be reused, objects are not).
 _AGREED = set()
 
-# torch 2.13 deprecates all_gather_into_tensor in favour of all_gather_single, which older
-# releases (2.11 on the GPU machines) lack; both take (output, input, group).
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _all_gather_flat(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
+    # torch 2.13 deprecates all_gather_into_tensor in favour of all_gather_single, which older
+    # releases (2.11 on the GPU machines) lack; both take (output, input, group). Looked up at
+    # each call, so that a caller who wraps the collective to count it sees this one too.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, tensor, group=group)
 
 
 def _code(dtype) -> int:
