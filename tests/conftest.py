@@ -21,6 +21,12 @@ TRITON_DEVICE = "cuda" if HAS_GPU else "cpu"
 
 # (backend, device) pairs compared against the reference.
 BACKEND_DEVICES = [("torch", "cpu"), ("triton", TRITON_DEVICE)]
+HAS_CPU_EXT = dct_kernels.available_backends()["cpu"] == "available"
+if HAS_CPU_EXT:
+    BACKEND_DEVICES.append(("cpu", "cpu"))
+# The cpu backend runs every generic test at these thread counts (its results must not depend
+# on them); the other backends at torch's default.
+CPU_THREADS = (1, 2)
 if HAS_GPU:
     BACKEND_DEVICES.append(("torch", "cuda"))
     if dct_kernels.available_backends()["cuda"] == "available":
@@ -36,7 +42,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(params=BACKEND_DEVICES, ids=lambda p: f"{p[0]}-{p[1]}")
+def _backend_params():
+    params = []
+    for backend, device in BACKEND_DEVICES:
+        if backend == "cpu":
+            params += [pytest.param((backend, device, t), id=f"cpu-cpu-t{t}")
+                       for t in CPU_THREADS]
+        else:
+            params.append(pytest.param((backend, device, None), id=f"{backend}-{device}"))
+    return params
+
+
+@pytest.fixture(params=_backend_params())
 def backend_device(request):
-    """A (backend name, device) pair; tests move their inputs to the device."""
-    return request.param
+    """A (backend name, device) pair; tests move their inputs to the device. For the cpu
+    backend, torch's thread count (which that backend uses) is set for the test's duration."""
+    backend, device, threads = request.param
+    if threads is None:
+        yield backend, device
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield backend, device
+    finally:
+        torch.set_num_threads(before)

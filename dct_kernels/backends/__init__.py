@@ -15,7 +15,9 @@ without segments), ``thresholds`` an fp32 tensor of S, ``seg_dev`` the offsets o
 - ``compress_rows(x, k, value_dtype) -> (indices, values)``;
 - ``decompress_rows(indices, values, out)``; ``gather_rows(y, indices) -> tensor``.
 
-``torch_ref`` is the reference implementation of that contract.
+``torch_ref`` is the reference implementation of that contract; ``cuda_ext`` and ``cpu_ext``
+bind the compiled cores of csrc/ (CUDA and host C++), ``triton_kernels`` holds the Triton
+kernels.
 """
 
 import importlib
@@ -27,7 +29,7 @@ import torch
 
 from .interpreter import triton_interpreting
 
-NAMES = ("cuda", "triton", "torch")
+NAMES = ("cuda", "triton", "cpu", "torch")
 ENV_VAR = "DCT_KERNELS_BACKEND"
 
 _modules: Dict[str, object] = {}
@@ -46,10 +48,11 @@ def _load(name: str):
             return None
         module = importlib.import_module(".triton_kernels", __name__)
     else:
+        extension = {"cuda": "cuda_ext", "cpu": "cpu_ext"}[name]
         try:
-            module = importlib.import_module(".cuda_ext", __name__)
+            module = importlib.import_module(f".{extension}", __name__)
         except ImportError:
-            _reasons[name] = "extension not built (dct_kernels._cuda is missing)"
+            _reasons[name] = f"extension not built (dct_kernels._{name} is missing)"
             return None
     reason = module.available()
     if reason != "available":
@@ -73,6 +76,8 @@ def _runs_on(name: str, device: torch.device) -> bool:
         return True
     if name == "triton":
         return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
+    if name == "cpu":
+        return device.type == "cpu"
     return device.type == "cuda"
 
 
@@ -81,7 +86,7 @@ def resolve(backend, device: torch.device):
 
     ``backend`` (or the DCT_KERNELS_BACKEND environment variable) names one explicitly;
     otherwise CUDA tensors use "cuda" when the extension is built, else "triton", and CPU
-    tensors use "torch".
+    tensors use "cpu" when its extension is built, else "torch".
     """
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
@@ -104,4 +109,8 @@ def resolve(backend, device: torch.device):
             module = _load(name)
             if module is not None:
                 return module
+    elif device.type == "cpu":
+        module = _load("cpu")
+        if module is not None:
+            return module
     return _load("torch")

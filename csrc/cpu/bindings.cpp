@@ -1,0 +1,166 @@
+// Python bindings of the host core (module dct_kernels._cpu).
+//
+// Pointers arrive as integers (tensor.data_ptr()); nothing here knows torch. Every kernel
+// runs with the GIL released, on up to `threads` threads. A failed status raises
+// RuntimeError naming the kernel.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "dct_cpu.h"
+
+namespace py = pybind11;
+using dct_cpu::DType;
+
+namespace {
+
+template <typename P>
+P* ptr(uintptr_t address) {
+  return reinterpret_cast<P*>(address);
+}
+
+DType dtype_of(int code) {
+  if (code < 0 || code > 2) throw std::invalid_argument("dtype code must be 0, 1 or 2");
+  return static_cast<DType>(code);
+}
+
+void check(const dct_cpu::Status& status) {
+  if (status.ok()) return;
+  throw std::runtime_error(std::string("dct_kernels cpu core: ") + status.where + " failed: " +
+                           status.what);
+}
+
+// Runs a kernel with the GIL released, then raises for a failed status (holding the GIL).
+template <typename F>
+void run(F&& kernel) {
+  dct_cpu::Status status;
+  {
+    py::gil_scoped_release release;
+    status = kernel();
+  }
+  check(status);
+}
+
+dct_cpu::CompressArgs compress_args(uintptr_t x, int dtype, int64_t n, uintptr_t residual,
+                                    uintptr_t thresholds, uintptr_t offsets, int num_segments) {
+  dct_cpu::CompressArgs a;
+  a.x = ptr<const void>(x);
+  a.dtype = dtype_of(dtype);
+  a.n = n;
+  a.residual = ptr<float>(residual);
+  a.thresholds = ptr<const float>(thresholds);
+  a.offsets = ptr<const int64_t>(offsets);
+  a.num_segments = num_segments;
+  return a;
+}
+
+dct_cpu::PayloadRows payload_rows(uintptr_t buffers, int num_rows, int64_t row_bytes,
+                                  int64_t numel, int64_t capacity, int value_dtype,
+                                  const std::vector<int32_t>& header) {
+  if (header.size() != 4) throw std::invalid_argument("header: expected 4 int32 words");
+  dct_cpu::PayloadRows p;
+  p.buffers = ptr<const uint8_t>(buffers);
+  p.num_rows = num_rows;
+  p.row_bytes = row_bytes;
+  p.numel = numel;
+  p.capacity = capacity;
+  p.value_dtype = dtype_of(value_dtype);
+  for (int i = 0; i < 4; ++i) p.expected_header[i] = header[i];
+  return p;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "dct_kernels host core: kernels over raw host pointers, run with the GIL released";
+
+  m.def("select_threshold", [](uintptr_t x, int dtype, const std::vector<int64_t>& offsets,
+                               const std::vector<int64_t>& ks, uintptr_t out, int threads) {
+    if (offsets.size() != ks.size() + 1 || ks.empty())
+      throw std::invalid_argument("select_threshold: need S >= 1 ks and S + 1 offsets");
+    const DType d = dtype_of(dtype);
+    run([&] {
+      return dct_cpu::select_threshold(ptr<const void>(x), d, offsets.data(), ks.data(),
+                                       static_cast<int>(ks.size()), ptr<void>(out), threads);
+    });
+  }, "Per segment, the k-th largest magnitude of x into out (x's dtype).");
+
+  m.def("count_kept", [](uintptr_t x, int dtype, int64_t n, uintptr_t residual,
+                         uintptr_t thresholds, uintptr_t offsets, int num_segments,
+                         int threads) {
+    const dct_cpu::CompressArgs a =
+        compress_args(x, dtype, n, residual, thresholds, offsets, num_segments);
+    int64_t count = 0;
+    run([&] { return dct_cpu::count_kept(a, &count, threads); });
+    return count;
+  }, "Number of entries of x (+ residual) whose magnitude reaches their threshold.");
+
+  m.def("compress", [](uintptr_t x, int dtype, int64_t n, uintptr_t residual,
+                       uintptr_t thresholds, uintptr_t offsets, int num_segments,
+                       uintptr_t payload, int64_t capacity, int value_dtype, int threads) {
+    const dct_cpu::CompressArgs a =
+        compress_args(x, dtype, n, residual, thresholds, offsets, num_segments);
+    const DType w = dtype_of(value_dtype);
+    run([&] { return dct_cpu::compress(a, ptr<uint8_t>(payload), capacity, w, threads); });
+  }, "Threshold, compaction into the wire buffer and the residual update.");
+
+  m.def("decompress", [](uintptr_t buffers, int64_t row_bytes, int64_t numel, int64_t capacity,
+                         int value_dtype, const std::vector<int32_t>& header, uintptr_t out,
+                         int out_dtype, bool accumulate, uintptr_t errors, int threads) {
+    const dct_cpu::PayloadRows p =
+        payload_rows(buffers, 1, row_bytes, numel, capacity, value_dtype, header);
+    const DType o = dtype_of(out_dtype);
+    run([&] {
+      return dct_cpu::decompress(p, ptr<void>(out), o, accumulate, ptr<int32_t>(errors),
+                                 threads);
+    });
+  }, "Checked scatter of one wire buffer into out.");
+
+  m.def("decompress_many", [](uintptr_t buffers, int num_rows, int64_t row_bytes, int64_t numel,
+                              int64_t capacity, int value_dtype,
+                              const std::vector<int32_t>& header, uintptr_t out, int out_dtype,
+                              bool accumulate, bool average, uintptr_t errors, int threads) {
+    const dct_cpu::PayloadRows p =
+        payload_rows(buffers, num_rows, row_bytes, numel, capacity, value_dtype, header);
+    const DType o = dtype_of(out_dtype);
+    run([&] {
+      return dct_cpu::decompress_many(p, ptr<void>(out), o, accumulate, average,
+                                      ptr<int32_t>(errors), threads);
+    });
+  }, "Rank-ordered fp32 sum of W wire buffers into out.");
+
+  m.def("compress_rows", [](uintptr_t x, int dtype, int64_t rows, int64_t columns, int64_t k,
+                            uintptr_t indices, int index_bytes, uintptr_t values,
+                            int value_dtype, int threads) {
+    const DType d = dtype_of(dtype), w = dtype_of(value_dtype);
+    run([&] {
+      return dct_cpu::compress_rows(ptr<const void>(x), d, rows, columns, k, ptr<void>(indices),
+                                    index_bytes, ptr<void>(values), w, threads);
+    });
+  }, "Per row, the k largest magnitudes (ties to the lower column), columns ascending.");
+
+  m.def("decompress_rows", [](uintptr_t indices, int index_bytes, uintptr_t values,
+                              int value_dtype, int64_t rows, int64_t columns, int64_t k,
+                              uintptr_t out, int out_dtype, int threads) {
+    const DType v = dtype_of(value_dtype), o = dtype_of(out_dtype);
+    run([&] {
+      return dct_cpu::decompress_rows(ptr<const void>(indices), index_bytes,
+                                      ptr<const void>(values), v, rows, columns, k,
+                                      ptr<void>(out), o, threads);
+    });
+  }, "Dense [B, D] rows from a row payload.");
+
+  m.def("gather_rows", [](uintptr_t y, int dtype, int64_t rows, int64_t columns, int64_t k,
+                          uintptr_t indices, int index_bytes, uintptr_t out, int threads) {
+    const DType d = dtype_of(dtype);
+    run([&] {
+      return dct_cpu::gather_rows(ptr<const void>(y), d, rows, columns, k,
+                                  ptr<const void>(indices), index_bytes, ptr<void>(out),
+                                  threads);
+    });
+  }, "y at a row payload's positions.");
+}

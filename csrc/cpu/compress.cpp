@@ -1,0 +1,183 @@
+// compress and count_kept: threshold, index-ordered compaction into the wire buffer and the
+// error-feedback residual update.
+//
+// One pass over x and the residual, cut into fixed chunks that threads take in any order:
+// each chunk forms acc = x + residual in fp32, writes the residual as if every kept entry of
+// it were sent (acc minus the wire value; acc elsewhere), and lists its kept entries (index,
+// acc). A short second step, also per chunk, places each chunk's list after the lists of the
+// chunks before it: entries that land below the capacity go to the wire buffer, the others
+// (overflow, rare) get all of acc back in the residual. The residual is read and written
+// once, the list and the payload cost 8 bytes per kept entry each.
+#include <vector>
+
+#include "common.h"
+
+namespace dct_cpu {
+namespace {
+
+constexpr int64_t kChunk = 1 << 16;  // elements per task
+constexpr int kBlock = 64;           // elements tested together (a vectorizable loop)
+
+struct Kept {
+  int32_t index;
+  float acc;
+};
+
+// Calls f(begin, end, threshold key) for the runs of [begin, end) that lie in one segment.
+template <typename F>
+void for_each_run(const CompressArgs& a, int64_t begin, int64_t end, F&& f) {
+  if (a.offsets == nullptr) {
+    f(begin, end, threshold_key(a.thresholds[0]));
+    return;
+  }
+  int lo = 0, hi = a.num_segments - 1;  // the segment of `begin`: last offset <= begin
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (a.offsets[mid] <= begin) lo = mid; else hi = mid - 1;
+  }
+  for (int s = lo; begin < end; ++s) {
+    const int64_t stop = min64(end, a.offsets[s + 1]);
+    if (stop > begin) f(begin, stop, threshold_key(a.thresholds[s]));
+    begin = stop;
+  }
+}
+
+template <typename T, bool RESIDUAL>
+inline void load_acc(const T* x, const float* residual, int64_t i, int len, float* acc) {
+  for (int e = 0; e < len; ++e) acc[e] = to_f32(x[i + e]);
+  if (RESIDUAL)
+    for (int e = 0; e < len; ++e) acc[e] += residual[i + e];
+}
+
+// Keys compared as int32: every key and threshold key is below 2^31.
+inline int32_t acc_key(float v) {
+  int32_t b = static_cast<int32_t>(bits_of(v) & 0x7FFFFFFFu);
+  return b > 0x7F800000 ? 0x7FFFFFFF : b;
+}
+
+template <typename T, bool RESIDUAL>
+int64_t count_range(const CompressArgs& a, int64_t begin, int64_t end) {
+  const T* x = static_cast<const T*>(a.x);
+  int64_t total = 0;
+  for_each_run(a, begin, end, [&](int64_t b, int64_t e, uint32_t tkey) {
+    const int32_t t = static_cast<int32_t>(tkey);
+    float acc[kBlock];
+    for (int64_t i = b; i < e; i += kBlock) {
+      const int len = static_cast<int>(min64(kBlock, e - i));
+      load_acc<T, RESIDUAL>(x, a.residual, i, len, acc);
+      int32_t c = 0;
+      for (int j = 0; j < len; ++j) c += acc_key(acc[j]) >= t;
+      total += c;
+    }
+  });
+  return total;
+}
+
+template <typename T, typename W, bool RESIDUAL>
+void compress_range(const CompressArgs& a, int64_t begin, int64_t end, std::vector<Kept>* kept) {
+  const T* x = static_cast<const T*>(a.x);
+  float* residual = a.residual;
+  for_each_run(a, begin, end, [&](int64_t b, int64_t e, uint32_t tkey) {
+    const int32_t t = static_cast<int32_t>(tkey);
+    float acc[kBlock];
+    for (int64_t i = b; i < e; i += kBlock) {
+      const int len = static_cast<int>(min64(kBlock, e - i));
+      load_acc<T, RESIDUAL>(x, residual, i, len, acc);
+      int32_t c = 0;
+      for (int j = 0; j < len; ++j) c += acc_key(acc[j]) >= t;
+      if (RESIDUAL)
+        for (int j = 0; j < len; ++j) residual[i + j] = acc[j];
+      if (c == 0) continue;
+      for (int j = 0; j < len; ++j) {
+        if (acc_key(acc[j]) < t) continue;
+        kept->push_back(Kept{static_cast<int32_t>(i + j), acc[j]});
+        // Sent inf/NaN leave 0 behind; finite values leave the rounding error. An entry that
+        // turns out not to fit gets all of acc back in the second step.
+        if (RESIDUAL)
+          residual[i + j] = is_finite(acc[j]) ? acc[j] - to_f32(to_wire<W>(acc[j])) : 0.0f;
+      }
+    }
+  });
+}
+
+template <typename T, typename W>
+Status compress_typed(const CompressArgs& a, uint8_t* payload, int64_t capacity, int threads) {
+  const int64_t tasks = ceil_div(a.n, kChunk);
+  std::vector<std::vector<Kept>> kept(tasks);
+  parallel_for(threads, tasks, [&](int64_t t) {
+    const int64_t begin = t * kChunk, end = min64(a.n, begin + kChunk);
+    if (a.residual) compress_range<T, W, true>(a, begin, end, &kept[t]);
+    else compress_range<T, W, false>(a, begin, end, &kept[t]);
+  });
+  std::vector<int64_t> start(tasks + 1, 0);
+  for (int64_t t = 0; t < tasks; ++t)
+    start[t + 1] = start[t] + static_cast<int64_t>(kept[t].size());
+  const int64_t total = start[tasks];
+  const int64_t count = min64(total, capacity);
+  uint8_t* indices = payload + 32;
+  uint8_t* values = payload + (32 + 4 * capacity + 15) / 16 * 16;
+  auto place = [&](int64_t t) {
+    const std::vector<Kept>& list = kept[t];
+    for (size_t j = 0; j < list.size(); ++j) {
+      const int64_t slot = start[t] + static_cast<int64_t>(j);
+      if (slot < capacity) {
+        store<int32_t>(indices + 4 * slot, list[j].index);
+        store<W>(values + sizeof(W) * slot, to_wire<W>(list[j].acc));
+      } else if (a.residual) {
+        a.residual[list[j].index] = list[j].acc;
+      }
+    }
+  };
+  // Placing is a few bytes per kept entry: threads only when there is much of it.
+  if (total >= (1 << 16)) parallel_for(threads, tasks, place);
+  else for (int64_t t = 0; t < tasks; ++t) place(t);
+  store<int32_t>(payload + 20, static_cast<int32_t>(count));
+  store<int32_t>(payload + 24, static_cast<int32_t>(total - count));
+  return Status{};
+}
+
+bool valid_args(const CompressArgs& a) {
+  return valid_dtype(a.dtype) && a.n >= 0 && a.n < (int64_t(1) << 31) && a.thresholds &&
+         a.num_segments >= 1 && (a.offsets == nullptr || a.offsets[a.num_segments] == a.n);
+}
+
+}  // namespace
+
+Status count_kept(const CompressArgs& a, int64_t* count, int threads) {
+  if (!valid_args(a)) return Status{1, "count_kept", "bad arguments"};
+  return guarded("count_kept", [&] {
+    return dispatch_float(a.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t tasks = ceil_div(a.n, kChunk);
+      std::vector<int64_t> counts(tasks, 0);
+      parallel_for(threads, tasks, [&](int64_t t) {
+        const int64_t begin = t * kChunk, end = min64(a.n, begin + kChunk);
+        counts[t] = a.residual ? count_range<T, true>(a, begin, end)
+                               : count_range<T, false>(a, begin, end);
+      });
+      int64_t total = 0;
+      for (int64_t c : counts) total += c;
+      *count = total;
+      return Status{};
+    });
+  });
+}
+
+Status compress(const CompressArgs& a, uint8_t* payload, int64_t capacity, DType value_dtype,
+                int threads) {
+  if (!valid_args(a) || !valid_dtype(value_dtype) || capacity < 0 ||
+      capacity >= (int64_t(1) << 31))
+    return Status{1, "compress", "bad arguments"};
+  if (a.n == 0) return Status{};
+  return guarded("compress", [&] {
+    return dispatch_float(a.dtype, [&](auto xtag) {
+      using T = decltype(xtag);
+      return dispatch_float(value_dtype, [&](auto wtag) {
+        using W = decltype(wtag);
+        return compress_typed<T, W>(a, payload, capacity, threads);
+      });
+    });
+  });
+}
+
+}  // namespace dct_cpu

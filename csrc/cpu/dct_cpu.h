@@ -1,0 +1,95 @@
+// dct_kernels host (CPU) core: the kernels of every op over raw host pointers.
+//
+// The host counterpart of csrc/dct_core.h, with the same argument conventions and semantics
+// (DESIGN.md section 3) and nothing from torch or CUDA: callers pass pointers, element counts,
+// dtype codes (the wire's: 0 fp32, 1 fp16, 2 bf16) and the number of threads that may work
+// on the call (the caller's thread included; 1 runs everything on the caller's thread).
+// Results are bitwise the same for every thread count: work is cut into pieces by size alone
+// and pieces are combined in a fixed order. Scratch memory is allocated here (host
+// allocations are cheap next to the passes over the data). Every function returns a Status
+// naming the kernel that failed (a bad argument, or memory that could not be allocated).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dct_cpu {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct Status {
+  int code = 0;            // 0: success
+  const char* where = "";  // the kernel (and step) that failed
+  const char* what = "";   // why
+  bool ok() const { return code == 0; }
+};
+
+// ---------------------------------------------------------------------------- select_threshold
+// offsets: [S+1] segment offsets, strictly rising from 0 to n. ks: [S], 1 <= k <= segment
+// length. out: [S] in x's dtype, the k-th largest magnitude of each segment (the bit pattern
+// of |x|; NaN as the all-ones pattern). Exact for every input.
+Status select_threshold(const void* x, DType dtype, const int64_t* offsets, const int64_t* ks,
+                        int num_segments, void* out, int threads);
+
+// ---------------------------------------------------------------------------------- compress
+// acc = x (+ residual) in fp32; an entry is kept when |acc| >= thresholds[segment] in
+// magnitude order. offsets: [S+1] host offsets, or nullptr for one segment (thresholds[0]).
+// x and residual may be the same fp32 array.
+struct CompressArgs {
+  const void* x = nullptr;
+  DType dtype = DType::kFloat32;
+  int64_t n = 0;
+  float* residual = nullptr;           // updated in place by compress, may be nullptr
+  const float* thresholds = nullptr;   // [S]
+  const int64_t* offsets = nullptr;    // [S+1] or nullptr
+  int num_segments = 1;
+};
+
+// *count = the number of kept entries.
+Status count_kept(const CompressArgs& args, int64_t* count, int threads);
+
+// payload: the wire buffer, header already written, slots zeroed; writes the first
+// min(kept, capacity) kept entries in index order, count and overflow, and updates the
+// residual (acc minus what was sent; all of acc where nothing was sent; 0 for a sent inf/NaN).
+Status compress(const CompressArgs& args, uint8_t* payload, int64_t capacity, DType value_dtype,
+                int threads);
+
+// -------------------------------------------------------------------------------- decompress
+// W wire buffers of row_bytes each (rows of one [W, row_bytes] uint8 array; any alignment).
+// A row is used only when its header matches the expected one (else it counts one error); a
+// count outside [0, capacity] counts one error and is clamped; an entry below the count is
+// skipped (and counted) when its index is outside [0, numel) or not above every earlier
+// in-range index. Nothing outside out is ever written.
+struct PayloadRows {
+  const uint8_t* buffers = nullptr;
+  int num_rows = 1;
+  int64_t row_bytes = 0;
+  int64_t numel = 0;
+  int64_t capacity = 0;
+  DType value_dtype = DType::kFloat32;
+  int32_t expected_header[4] = {0, 0, 0, 0};  // magic, version|codes, numel lo, numel hi
+};
+
+// out: numel elements of out_dtype; overwritten (zeros elsewhere), or added to at the used
+// positions (in fp32, one rounding) with accumulate. *errors is added to.
+Status decompress(const PayloadRows& rows, void* out, DType out_dtype, bool accumulate,
+                  int32_t* errors, int threads);
+// out = [out +] (0 + d_0 + ... + d_{W-1}) [/ W], summed in fp32 in rank order, rounded once.
+Status decompress_many(const PayloadRows& rows, void* out, DType out_dtype, bool accumulate,
+                       bool average, int32_t* errors, int threads);
+
+// ------------------------------------------------------------------------------------- rows
+// x: [B, D]; writes [B, k] column indices (int16 when index_bytes == 2, else int32) ascending
+// and values in value_dtype: the k largest magnitudes of each row, ties to the lower column.
+Status compress_rows(const void* x, DType dtype, int64_t rows, int64_t columns, int64_t k,
+                     void* indices, int index_bytes, void* values, DType value_dtype,
+                     int threads);
+// out: [B, D] zeroed, then the entries whose column lies in [0, D) (a later duplicate wins).
+Status decompress_rows(const void* indices, int index_bytes, const void* values,
+                       DType value_dtype, int64_t rows, int64_t columns, int64_t k, void* out,
+                       DType out_dtype, int threads);
+// out: [B, k] = y at the given columns, 0 for a column outside [0, D).
+Status gather_rows(const void* y, DType dtype, int64_t rows, int64_t columns, int64_t k,
+                   const void* indices, int index_bytes, void* out, int threads);
+
+}  // namespace dct_cpu

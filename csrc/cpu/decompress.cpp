@@ -1,0 +1,194 @@
+// decompress and decompress_many: checked scatter and the rank-ordered merge.
+//
+// Payloads are untrusted. Per row, the header must match the expected one (or the whole row
+// is void) and the count is clamped to [0, capacity]. An entry is used only when its index
+// lies in [0, numel) and is above every in-range index before it: one scan per row keeps
+// that running highest. The used entries are then strictly ascending whatever the buffer
+// holds, so every write is in bounds and no output is written twice by one row.
+//
+// decompress_many first lists each row's used entries (rows in parallel), then cuts the
+// output into tiles that threads take in any order: a tile sums its outputs in an fp32
+// buffer, rank 0's entries first, then rank 1's, ... (each row's entries of the tile found by
+// binary search), then divides, adds to out and rounds once. Every output is
+// 0 + d_0 + d_1 + ... in rank order whichever thread computed it: bitwise reproducible.
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+
+namespace dct_cpu {
+namespace {
+
+constexpr int64_t kTile = 1 << 14;        // outputs per merge task
+constexpr int64_t kZeroChunk = 1 << 18;   // outputs zeroed per task
+
+int64_t values_offset(int64_t capacity) { return (32 + 4 * capacity + 15) / 16 * 16; }
+
+size_t item_bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
+
+bool rows_fit(const PayloadRows& p) {
+  return p.num_rows >= 1 && p.capacity >= 0 && p.numel >= 0 && p.buffers != nullptr &&
+         valid_dtype(p.value_dtype) &&
+         p.row_bytes >= values_offset(p.capacity) +
+                            static_cast<int64_t>(item_bytes(p.value_dtype)) * p.capacity;
+}
+
+// The usable count of row w (0 for a void row); *errors gets 1 for a bad header or count.
+int64_t row_count(const PayloadRows& p, int w, int64_t* errors) {
+  const uint8_t* row = p.buffers + w * p.row_bytes;
+  bool header_ok = load<int32_t>(row + 16) == static_cast<int32_t>(p.capacity);
+  for (int i = 0; i < 4; ++i) header_ok &= load<int32_t>(row + 4 * i) == p.expected_header[i];
+  const int64_t claimed = load<int32_t>(row + 20);
+  const bool count_ok = claimed >= 0 && claimed <= p.capacity;
+  if (!header_ok || !count_ok) ++*errors;
+  return header_ok ? min64(max64(claimed, 0), p.capacity) : 0;
+}
+
+// Calls use(slot, index) for every used entry of row w, in slot order; returns the number of
+// entries below the count that were skipped.
+template <typename F>
+int64_t scan_row(const PayloadRows& p, int w, int64_t count, F&& use) {
+  const uint8_t* indices = p.buffers + w * p.row_bytes + 32;
+  int64_t highest = -1, skipped = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t idx = load<int32_t>(indices + 4 * i);
+    if (idx > highest && idx < p.numel) {  // highest >= -1, so idx >= 0
+      use(i, idx);
+      highest = idx;
+    } else {
+      ++skipped;
+    }
+  }
+  return skipped;
+}
+
+template <typename O>
+void zero(O* out, int64_t n, int threads) {
+  const int64_t tasks = ceil_div(n, kZeroChunk);
+  parallel_for(threads, tasks, [&](int64_t t) {
+    const int64_t begin = t * kZeroChunk, end = min64(n, begin + kZeroChunk);
+    std::memset(static_cast<void*>(out + begin), 0, sizeof(O) * (end - begin));  // +0 bits
+  });
+}
+
+template <typename V, typename O>
+void decompress_typed(const PayloadRows& p, O* out, bool accumulate, int64_t* errors,
+                      int threads) {
+  if (!accumulate) zero(out, p.numel, threads);
+  const int64_t count = row_count(p, 0, errors);
+  const uint8_t* values = p.buffers + values_offset(p.capacity);
+  *errors += scan_row(p, 0, count, [&](int64_t i, int64_t idx) {
+    float v = to_f32(load<V>(values + sizeof(V) * i));
+    if (accumulate) v = to_f32(out[idx]) + v;
+    out[idx] = from_f32<O>(v);
+  });
+}
+
+struct Entries {
+  std::vector<int32_t> index;
+  std::vector<float> value;
+};
+
+template <typename O, bool ACCUMULATE, bool DIVIDE>
+void finish(const float* sum, O* out, int64_t len, float scale, float ranks) {
+  for (int64_t j = 0; j < len; ++j) {
+    // x / W, correctly rounded; for a power of two W that is exactly x * (1 / W).
+    float v = DIVIDE ? sum[j] / ranks : sum[j] * scale;
+    if (ACCUMULATE) v = to_f32(out[j]) + v;
+    out[j] = from_f32<O>(v);
+  }
+}
+
+template <typename V, typename O>
+void decompress_many_typed(const PayloadRows& p, O* out, bool accumulate, bool average,
+                           int64_t* errors, int threads) {
+  const int W = p.num_rows;
+  std::vector<Entries> rows(W);
+  std::vector<int64_t> row_errors(W, 0);
+  parallel_for(threads, p.capacity >= 4096 ? W : 1, [&](int64_t task) {
+    const int first = p.capacity >= 4096 ? static_cast<int>(task) : 0;
+    const int last = p.capacity >= 4096 ? first + 1 : W;
+    for (int w = first; w < last; ++w) {
+      int64_t e = 0;
+      const int64_t count = row_count(p, w, &e);
+      const uint8_t* values = p.buffers + w * p.row_bytes + values_offset(p.capacity);
+      Entries& r = rows[w];
+      r.index.reserve(count);
+      r.value.reserve(count);
+      e += scan_row(p, w, count, [&](int64_t i, int64_t idx) {
+        r.index.push_back(static_cast<int32_t>(idx));
+        r.value.push_back(to_f32(load<V>(values + sizeof(V) * i)));
+      });
+      row_errors[w] = e;
+    }
+  });
+  for (int64_t e : row_errors) *errors += e;
+
+  const bool power_of_two = (W & (W - 1)) == 0;
+  const bool divide = average && !power_of_two;
+  const float ranks = static_cast<float>(W);
+  const float scale = average ? 1.0f / ranks : 1.0f;  // exact for a power of two
+  const int64_t tiles = ceil_div(p.numel, kTile);
+  parallel_for(threads, tiles, [&](int64_t t) {
+    const int64_t first = t * kTile, last = min64(p.numel, first + kTile);
+    thread_local std::vector<float> buffer;
+    buffer.assign(kTile, 0.0f);
+    float* sum = buffer.data();
+    for (int w = 0; w < W; ++w) {
+      const std::vector<int32_t>& index = rows[w].index;
+      size_t j = std::lower_bound(index.begin(), index.end(), first) - index.begin();
+      const float* value = rows[w].value.data();
+      for (; j < index.size() && index[j] < last; ++j) sum[index[j] - first] += value[j];
+    }
+    const int64_t len = last - first;
+    if (accumulate) {
+      if (divide) finish<O, true, true>(sum, out + first, len, scale, ranks);
+      else finish<O, true, false>(sum, out + first, len, scale, ranks);
+    } else {
+      if (divide) finish<O, false, true>(sum, out + first, len, scale, ranks);
+      else finish<O, false, false>(sum, out + first, len, scale, ranks);
+    }
+  });
+}
+
+}  // namespace
+
+Status decompress(const PayloadRows& p, void* out, DType out_dtype, bool accumulate,
+                  int32_t* errors, int threads) {
+  if (!rows_fit(p) || p.num_rows != 1 || !valid_dtype(out_dtype))
+    return Status{1, "decompress", "bad arguments (rows shorter than the capacity needs?)"};
+  return guarded("decompress", [&] {
+    int64_t e = 0;
+    dispatch_float(p.value_dtype, [&](auto vtag) {
+      using V = decltype(vtag);
+      return dispatch_float(out_dtype, [&](auto otag) {
+        using O = decltype(otag);
+        decompress_typed<V, O>(p, static_cast<O*>(out), accumulate, &e, threads);
+        return 0;
+      });
+    });
+    *errors += static_cast<int32_t>(e);
+    return Status{};
+  });
+}
+
+Status decompress_many(const PayloadRows& p, void* out, DType out_dtype, bool accumulate,
+                       bool average, int32_t* errors, int threads) {
+  if (!rows_fit(p) || !valid_dtype(out_dtype))
+    return Status{1, "decompress_many", "bad arguments (rows shorter than the capacity needs?)"};
+  return guarded("decompress_many", [&] {
+    int64_t e = 0;
+    dispatch_float(p.value_dtype, [&](auto vtag) {
+      using V = decltype(vtag);
+      return dispatch_float(out_dtype, [&](auto otag) {
+        using O = decltype(otag);
+        decompress_many_typed<V, O>(p, static_cast<O*>(out), accumulate, average, &e, threads);
+        return 0;
+      });
+    });
+    *errors += static_cast<int32_t>(e);
+    return Status{};
+  });
+}
+
+}  // namespace dct_cpu

@@ -1,0 +1,115 @@
+"""Backend "cpu": the host C++ core in csrc/cpu/, bound with pybind11 as ``dct_kernels._cpu``.
+
+The core knows nothing of torch: this module passes it data pointers, sizes, dtype codes and
+the number of threads it may use (``torch.get_num_threads()``, so ``torch.set_num_threads``
+governs it too), and receives inputs the op layer has already validated (see
+``dct_kernels/backends/__init__.py`` for the contract). Kernels run with the GIL released on
+a small persistent pool of std::threads (no second OpenMP runtime beside torch's); results
+are bitwise the same for every thread count, and bitwise those of the torch reference. A
+failure raises RuntimeError naming the kernel. Everything here is synchronous.
+"""
+
+from functools import lru_cache
+from typing import List
+
+import torch
+
+from .. import payload as wire
+
+try:
+    from .. import _cpu  # the compiled extension
+except ImportError as exc:  # not built on this machine
+    raise ImportError(f"dct_kernels._cpu not found: {exc}") from exc
+
+NAME = "cpu"
+
+_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def available() -> str:
+    return "available"
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+@lru_cache(maxsize=256)
+def _header(numel: int, capacity: int, value_dtype: torch.dtype) -> List[int]:
+    return wire.header_words(numel, capacity, value_dtype)[:4]
+
+
+def _ptr(t) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def select_threshold(x: torch.Tensor, ks: List[int], offsets: List[int]) -> torch.Tensor:
+    out = torch.empty(len(ks), dtype=x.dtype)
+    _cpu.select_threshold(x.data_ptr(), _CODE[x.dtype], offsets, ks, out.data_ptr(), _threads())
+    return out
+
+
+def _segments(offsets: List[int], seg_dev) -> tuple:
+    """(offsets pointer, S): the core reads host offsets, or none for one segment."""
+    if seg_dev is None:
+        return 0, len(offsets) - 1
+    return seg_dev.data_ptr(), seg_dev.numel() - 1
+
+
+def count_kept(x, thresholds, offsets, seg_dev, residual) -> torch.Tensor:
+    seg_ptr, segments = _segments(offsets, seg_dev)
+    count = _cpu.count_kept(x.data_ptr(), _CODE[x.dtype], x.numel(), _ptr(residual),
+                            thresholds.data_ptr(), seg_ptr, segments, _threads())
+    return torch.tensor(count, dtype=torch.int64)
+
+
+def compress(x, thresholds, offsets, seg_dev, residual, payload: wire.SparsePayload) -> None:
+    seg_ptr, segments = _segments(offsets, seg_dev)
+    _cpu.compress(x.data_ptr(), _CODE[x.dtype], x.numel(), _ptr(residual),
+                  thresholds.data_ptr(), seg_ptr, segments, payload.buffer.data_ptr(),
+                  payload.capacity, _CODE[payload.value_dtype], _threads())
+
+
+def decompress(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
+               value_dtype: torch.dtype, accumulate: bool, errors: torch.Tensor) -> None:
+    buffer = buffer.contiguous()
+    _cpu.decompress(buffer.data_ptr(), buffer.numel(), numel, capacity, _CODE[value_dtype],
+                    _header(numel, capacity, value_dtype), out.data_ptr(), _CODE[out.dtype],
+                    accumulate, errors.data_ptr(), _threads())
+
+
+def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int,
+                    value_dtype: torch.dtype, accumulate: bool, average: bool,
+                    errors: torch.Tensor) -> None:
+    buffers = buffers.contiguous()
+    numel = out.numel()
+    _cpu.decompress_many(buffers.data_ptr(), buffers.shape[0], buffers.shape[1], numel,
+                         capacity, _CODE[value_dtype], _header(numel, capacity, value_dtype),
+                         out.data_ptr(), _CODE[out.dtype], accumulate, average,
+                         errors.data_ptr(), _threads())
+
+
+def compress_rows(x: torch.Tensor, k: int, value_dtype: torch.dtype):
+    rows, columns = x.shape
+    indices = torch.empty(rows, k, dtype=wire.row_index_dtype(columns))
+    values = torch.empty(rows, k, dtype=value_dtype)
+    _cpu.compress_rows(x.data_ptr(), _CODE[x.dtype], rows, columns, k, indices.data_ptr(),
+                       indices.element_size(), values.data_ptr(), _CODE[value_dtype],
+                       _threads())
+    return indices, values
+
+
+def decompress_rows(indices: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
+    rows, columns = out.shape
+    _cpu.decompress_rows(indices.data_ptr(), indices.element_size(), values.data_ptr(),
+                         _CODE[values.dtype], rows, columns, indices.shape[1], out.data_ptr(),
+                         _CODE[out.dtype], _threads())
+
+
+def gather_rows(y: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    rows, columns = y.shape
+    k = indices.shape[1]
+    out = torch.empty(rows, k, dtype=y.dtype)
+    _cpu.gather_rows(y.data_ptr(), _CODE[y.dtype], rows, columns, k, indices.data_ptr(),
+                     indices.element_size(), out.data_ptr(), _threads())
+    return out
