@@ -398,3 +398,16 @@ def test_world_of_one(group_of_one):
         assert_bitwise_equal(y, want_y, "forward")
         assert_bitwise_equal(grad, want_grad, "gradient")
     assert_bitwise_equal(_run(x, 7, None, upstream)[0], dk.sparsify_rows(x, 7), "sparsify_rows")
+
+
+def test_gradcheck_world_of_one(group_of_one):
+    """torch.autograd.gradcheck of the exchange (finite differences in fp32): magnitudes are
+    distinct integers, so a perturbation of eps never changes which entries are kept."""
+    from dct_kernels.mp import sparse_all_to_all
+    g = torch.Generator().manual_seed(5)
+    magnitudes = torch.randperm(60, generator=g).float().reshape(4, 15) + 1
+    signs = torch.where(torch.rand(4, 15, generator=g) < 0.5, -1.0, 1.0)
+    x = (magnitudes * signs).requires_grad_(True)
+    with pytest.warns(UserWarning, match="double precision"):
+        assert torch.autograd.gradcheck(lambda t: sparse_all_to_all(t, 4), (x,), eps=1e-2,
+                                        atol=1e-3, rtol=1e-3)

@@ -6,6 +6,7 @@ The fingerprint has a fixed size (9 int64) because collectives of unequal sizes 
 what must not run while ranks disagree: gloo raises on some, NCCL can hang or read garbage.
 """
 
+import numbers
 from typing import Optional
 
 import torch
@@ -53,10 +54,10 @@ def _fingerprint(world: int, x: torch.Tensor, k, value_dtype) -> list:
     (``_UNSUPPORTED`` or their raw shape), so that the ranks can compare them."""
     rows = x.shape[0] if x.dim() >= 1 else _UNSUPPORTED
     columns = x.shape[-1] if x.dim() >= 2 else _UNSUPPORTED
-    if isinstance(k, bool) or not isinstance(k, int) or not -2**62 < k < 2**62:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not -2**62 < k < 2**62:
         k = _UNSUPPORTED
     value_code = _code(x.dtype if value_dtype is None else value_dtype)
-    return [MAGIC, VERSION, world, x.dim(), rows, columns, k, _code(x.dtype), value_code]
+    return [MAGIC, VERSION, world, x.dim(), rows, columns, int(k), _code(x.dtype), value_code]
 
 
 def _shown(field: str, value: int):

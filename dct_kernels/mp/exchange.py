@@ -17,6 +17,7 @@ with int32 indices, fp32 values with int16 indices); pad bytes are sent as zeros
 rows are the ``[W*B, k]`` gradient values alone (value_dtype), sent as their bytes.
 """
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -91,8 +92,9 @@ def _check_arguments(x, k, world: int, value_dtype) -> ExchangeLayout:
         raise ValueError(f"x: expected D >= 1 columns, got shape {tuple(x.shape)}")
     if x.numel() > wire.MAX_NUMEL:
         raise ValueError(f"x: {x.numel()} elements; at most 2^31 - 1 are supported")
-    if isinstance(k, bool) or not isinstance(k, int):
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k: expected an int, got {type(k).__name__}")
+    k = int(k)
     if not 1 <= k <= columns:
         raise ValueError(f"k: must satisfy 1 <= k <= D ({columns}), got {k}")
     if value_dtype is None:
@@ -135,8 +137,9 @@ def all_to_all_bytes(x: torch.Tensor, k: int, world: int, *,
     Raises:
         TypeError / ValueError naming the argument, as sparse_all_to_all. No sync (host only).
     """
-    if isinstance(world, bool) or not isinstance(world, int):
+    if isinstance(world, bool) or not isinstance(world, numbers.Integral):
         raise TypeError(f"world: expected an int, got {type(world).__name__}")
+    world = int(world)
     if world < 1:
         raise ValueError(f"world: expected an int >= 1, got {world}")
     layout = _check_arguments(x, k, world, value_dtype)
@@ -337,8 +340,9 @@ class SparseAllToAll(torch.nn.Module):
     def __init__(self, k: int, group=None, value_dtype: Optional[torch.dtype] = None,
                  backend: Optional[str] = None):
         super().__init__()
-        if isinstance(k, bool) or not isinstance(k, int):
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
             raise TypeError(f"k: expected an int, got {type(k).__name__}")
+        k = int(k)
         if k < 1:
             raise ValueError(f"k: expected an int >= 1, got {k}")
         if value_dtype is not None and value_dtype not in wire.VALUE_DTYPES:
