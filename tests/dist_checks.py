@@ -17,6 +17,7 @@ import dct_kernels as dk
 from dct_kernels.distributed import DCTState, collectives, dct_hook, sparse_all_reduce
 from dct_kernels.payload import SparsePayload
 from helpers import assert_bitwise_equal
+from wire_tap import WireTap
 
 # --------------------------------------------------------------------------------- helpers
 
@@ -44,20 +45,12 @@ def rank_order_mean(rows: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def captured_rows():
-    """Record every [W, nbytes] payload all-gather made through the distributed package."""
-    rows = []
-    original = collectives.all_gather_rows
-
-    def recording(buffer, group=None):
-        out = original(buffer, group)
-        rows.append(out.clone())
-        return out
-
-    collectives.all_gather_rows = recording
-    try:
+    """The wire buffers this rank put into uint8 all-gathers while the block ran (captured by
+    wrapping torch.distributed's collectives, see wire_tap)."""
+    with WireTap(dist.get_world_size()) as tap:
+        rows = []
         yield rows
-    finally:
-        collectives.all_gather_rows = original
+        rows.extend(tap.of("all_gather"))
 
 
 def decode(row: torch.Tensor) -> torch.Tensor:
@@ -170,12 +163,12 @@ def _small_params():
             torch.nn.Parameter(torch.zeros(500))]
 
 
-def check_hook_ratio_one(rank, world):
+def check_hook_ratio_one(rank, world, exchange="allgather"):
     """ratio = 1: every step equals a dense average, bitwise (sparse parameters: the rank-order
     fp32 sum; small ones and warm-up: gloo's all-reduce, divided by W)."""
     params = _small_params()
     state = DCTState(ratio=1.0, warmup_steps=1, refresh_every=1000, min_numel=16,
-                     module=[(f"p{i}", p) for i, p in enumerate(params)])
+                     exchange=exchange, module=[(f"p{i}", p) for i, p in enumerate(params)])
     for step in range(4):
         g = rank_generator(2, rank, step)
         grads = [torch.randn(p.shape, generator=g) * (step + 1) for p in params]
@@ -205,6 +198,11 @@ def check_hook_ratio_one(rank, world):
     assert stats["steps"] == 4 and stats["buckets_dense"] == 1 and stats["buckets_sparse"] == 3
     assert stats["kept"] == 3 * 1700 and stats["kept_density"] == 1.0
     assert stats["overflow"] == 0 and stats["payload_errors"] == 0
+    assert stats[f"buckets_{exchange}"] == 3, stats
+
+
+def check_hook_ratio_one_reduce_scatter(rank, world):
+    check_hook_ratio_one(rank, world, exchange="reduce_scatter")
 
 
 class _MLP(torch.nn.Module):
@@ -277,7 +275,7 @@ class _Recorder:
         step = state.step
         with captured_rows() as rows:
             future = dct_hook(state, bucket)
-        own = rows[0][dist.get_rank()].clone() if rows else None
+        own = rows[0] if rows else None
         self.calls.append((step, keys, local, own, [p.numel() for p in bucket.parameters()]))
         return future
 
@@ -300,7 +298,7 @@ def check_ddp_sparse_audited(rank, world, steps=50):
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     min_numel = 100
     state = DCTState(ratio=0.01, warmup_steps=0, refresh_every=10, min_numel=min_numel,
-                     module=model)
+                     exchange="allgather", module=model)
     recorder = _Recorder(state, names)
     ddp.register_comm_hook(state, recorder.hook)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -373,7 +371,7 @@ def check_hook_empty_and_overflow(rank, world):
     lost (sent + residual == acc, with bf16 values on the wire)."""
     params = _small_params()
     state = DCTState(ratio=0.02, warmup_steps=0, refresh_every=1000, min_numel=16,
-                     value_dtype=torch.bfloat16,
+                     value_dtype=torch.bfloat16, exchange="allgather",
                      module=[(f"p{i}", p) for i, p in enumerate(params)])
     scales = [1.0, 1e-30, 1.0, 1e3, 1.0]
     residuals = {0: torch.zeros(1200), 2: torch.zeros(500)}
@@ -386,7 +384,7 @@ def check_hook_empty_and_overflow(rank, world):
         local = bucket.buffer().clone()
         with captured_rows() as rows:
             dct_hook(state, bucket).wait()
-        sent = decode(rows[0][rank])
+        sent = decode(rows[0])
         saved = state.state_dict()
         stats = state.stats()
         for i, where in segments.items():
@@ -407,7 +405,8 @@ def check_hook_empty_and_overflow(rank, world):
     # Overflow alone: one parameter with k x capacity_factor = 15 slots and band high 1.5, so
     # a full payload's count (15) is inside the band; only the overflow can ask for a refresh.
     param = torch.nn.Parameter(torch.zeros(500))
-    state = DCTState(ratio=0.02, warmup_steps=0, min_numel=16, module=[("p", param)])
+    state = DCTState(ratio=0.02, warmup_steps=0, min_numel=16, exchange="allgather",
+                     module=[("p", param)])
     for step, scale in enumerate([1.0, 1e3, 1.0]):
         g = rank_generator(6, rank, step)
         dct_hook(state, FakeBucket([param], [torch.randn(500, generator=g) * scale])).wait()
@@ -425,7 +424,7 @@ RESUME_KWARGS = dict(ratio=0.05, warmup_steps=2, refresh_every=5, capacity_facto
                      refresh_band=(0.9, 1.2), min_numel=100)
 
 
-def _resume_run(rank, named, split):
+def _resume_run(rank, named, split, exchange="allgather"):
     """Train RESUME_STEPS steps straight (split None: returns the refresh_pending flags after
     each step too), or `split` steps, checkpoint, rebuild everything, and resume."""
     widths = [32, 64, 48, 8]
@@ -433,7 +432,7 @@ def _resume_run(rank, named, split):
     def fresh(seed):
         model = _MLP(widths, seed=seed)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        state = DCTState(module=model if named else None, **RESUME_KWARGS)
+        state = DCTState(module=model if named else None, exchange=exchange, **RESUME_KWARGS)
         ddp.register_comm_hook(state, dct_hook)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         return model, ddp, state, optimizer
@@ -460,7 +459,7 @@ def _resume_run(rank, named, split):
     return model, state, None
 
 
-def check_checkpoint_resume(rank, world):
+def check_checkpoint_resume(rank, world, exchange="allgather"):
     """A run checkpointed mid-way (state_dict through torch.save/load with weights_only) and
     resumed in a fresh model, DDP and DCTState continues bit for bit: parameters, residuals,
     thresholds, schedule and statistics. Parameters keyed by name and by first sight. One
@@ -468,7 +467,7 @@ def check_checkpoint_resume(rank, world):
     acted on) and the next step is not a scheduled refresh, so the flag must travel too."""
     warmup, every = RESUME_KWARGS["warmup_steps"], RESUME_KWARGS["refresh_every"]
     for named in (True, False):
-        straight_model, straight, pending = _resume_run(rank, named, None)
+        straight_model, straight, pending = _resume_run(rank, named, None, exchange)
         stats = straight.stats()
         assert stats["early_refreshes"] > 0 and stats["overflow"] == 0, stats
         # After step s (0-based) the checkpoint holds s + 1 steps.
@@ -476,7 +475,7 @@ def check_checkpoint_resume(rank, world):
                    if pending[s] and (s + 1 - warmup) % every]
         assert flagged, f"no checkpoint with a pending early refresh: {pending}"
         for split in (flagged[0], 3):
-            model, state, _ = _resume_run(rank, named, split)
+            model, state, _ = _resume_run(rank, named, split, exchange)
             what = f"named={named} split={split}"
             assert_bitwise_equal(_flat_params(model), _flat_params(straight_model), what)
             a, b = state.state_dict(), straight.state_dict()
@@ -488,10 +487,26 @@ def check_checkpoint_resume(rank, world):
                 assert_bitwise_equal(entry["threshold"], other["threshold"], f"{what} {key}")
                 assert entry["refreshed_at"] == other["refreshed_at"], what
                 assert entry["refresh_pending"] == other["refresh_pending"], what
+                if exchange == "reduce_scatter":
+                    mine, theirs = entry["shard"], other["shard"]
+                    assert (mine is None) == (theirs is None), what
+                    if mine is not None:
+                        assert_bitwise_equal(mine["residual"], theirs["residual"],
+                                             f"{what} {key} shard residual")
+                        assert_bitwise_equal(mine["threshold"], theirs["threshold"], what)
+                        assert mine["refreshed_at"] == theirs["refreshed_at"] >= 0, what
+                        assert mine["start"] == theirs["start"], what
             assert state.stats() == straight.stats(), what
     # A checkpoint of another configuration is refused.
     other = DCTState(ratio=0.1)
     expect_error(lambda: other.load_state_dict(straight.state_dict()), "ratio")
+    if exchange == "reduce_scatter":
+        assert straight.stats()["buckets_reduce_scatter"] > 0
+        assert any(e["shard"] is not None for e in straight.state_dict()["params"].values())
+
+
+def check_checkpoint_resume_reduce_scatter(rank, world):
+    check_checkpoint_resume(rank, world, exchange="reduce_scatter")
 
 
 # ---------------------------------------------------------------- mismatched configuration
@@ -537,7 +552,7 @@ def check_mismatched_configurations(rank, world):
 # ---------------------------------------------------------------------------- convergence
 
 
-def check_convergence(rank, world):
+def check_convergence(rank, world, exchange="allgather"):
     """DCT-DP at >= 100x fewer gradient bytes than dense fp32 reaches the dense loss within 2%
     on a recommender-like task (a linear model over Zipf-distributed embedding-bag features),
     from the same seed and data."""
@@ -573,18 +588,20 @@ def check_convergence(rank, world):
         if sparse:
             state = DCTState(ratio=0.002, warmup_steps=0, refresh_every=50,
                              capacity_factor=1.0, value_dtype=torch.bfloat16, min_numel=64,
-                             module=model)
+                             exchange=exchange, module=model)
             ddp.register_comm_hook(state, dct_hook)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         data = rank_generator(13, rank)
         with torch.no_grad():
             initial = (model(test_idx) - target(test_idx)).pow(2).mean().item()
-        for _ in range(steps):
+        for step in range(steps):
             idx = draw(data, batch)
             loss = (ddp(idx) - target(idx)).pow(2).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if sparse:
+                assert_same_on_all_ranks(_flat_params(model), f"parameters at step {step}")
         with torch.no_grad():
             losses.append((model(test_idx) - target(test_idx)).pow(2).mean().item())
         states.append(state)
@@ -594,3 +611,7 @@ def check_convergence(rank, world):
     assert dense < 0.5 * initial, (initial, dense)
     assert sparse <= dense * 1.02, f"DCT-DP loss {sparse} vs dense {dense} (initial {initial})"
     assert stats["kept_density"] > 0.001, stats
+
+
+def check_convergence_reduce_scatter(rank, world):
+    check_convergence(rank, world, exchange="reduce_scatter")

@@ -1,13 +1,16 @@
 """DCT-DP over torch.distributed: sparse gradient exchange with error feedback.
 
-- ``sparse_all_reduce``: compress a tensor against a threshold into a fixed-capacity wire
-  buffer, all-gather the buffers, and average them with ``decompress_many``; usable alone.
-- ``DCTState`` + ``dct_hook``: a DDP communication hook with layer-wise thresholds, error
-  feedback keyed by parameter, dense warm-up, checkpointing and statistics::
+- ``sparse_all_reduce``: compress a tensor against a threshold into fixed-capacity wire
+  buffers and average them across ranks, with one all-gather ("allgather") or an all-to-all
+  of W shards and an all-gather of the reduced shards ("reduce_scatter"); usable alone.
+- ``DCTState`` + ``dct_hook``: an asynchronous DDP communication hook with layer-wise
+  thresholds, error feedback keyed by parameter, both exchanges ("auto" picks per bucket),
+  dense warm-up, checkpointing and traffic statistics::
 
       ddp.register_comm_hook(DCTState(ratio=0.01, module=model), dct_hook)
 
-Works with NCCL (CUDA tensors) and gloo (CPU tensors). See docs/distributed.md.
+Works with NCCL (CUDA tensors) and gloo (CPU tensors). ``sizing`` holds the host arithmetic
+(capacities, shards, bytes per rank) shared with bench/traffic.py. See docs/distributed.md.
 """
 
 from .collectives import all_gather_rows, sparse_all_reduce

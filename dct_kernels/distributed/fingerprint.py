@@ -12,9 +12,10 @@ from typing import List, Sequence, Tuple
 import torch
 
 from .collectives import all_gather_rows
+from .sizing import EXCHANGES
 
 MAGIC = 0x44435444  # "DCTD"
-VERSION = 1
+VERSION = 2
 
 # (field name, how to show its value in an error): "int", "float" (bits of a float64) or
 # "crc" (a checksum, shown as hex).
@@ -35,7 +36,13 @@ FIELDS: Tuple[Tuple[str, str], ...] = (
     ("bucket parameter keys (checksum)", "crc"),
     ("bucket gradient dtype", "int"),
     ("wire capacity", "int"),
+    ("exchange", "exchange"),
+    ("exchange chosen for the bucket", "exchange"),
+    ("reduce_scatter row capacity", "int"),
 )
+
+# Codes of the exchange fields (the order of sizing.EXCHANGES).
+EXCHANGE_CODES = {name: i for i, name in enumerate(EXCHANGES)}
 
 
 def float_bits(value: float) -> int:
@@ -70,6 +77,8 @@ def verify_across_ranks(values: List[int], group, device: torch.device, what: st
             continue
         if kind == "float":
             shown = [_from_bits(v) for v in seen]
+        elif kind == "exchange":
+            shown = [EXCHANGES[v] if 0 <= v < len(EXCHANGES) else v for v in seen]
         elif kind == "crc":
             shown = [f"{v:#010x}" for v in seen]
         else:

@@ -1,15 +1,20 @@
 """Per-parameter state and the flat layout of one DDP bucket.
 
 A ``ParamState`` is the error-feedback state of one sparse parameter, keyed by a stable name:
-its residual (fp32, flat), its threshold τ, the step τ was last computed at, and whether its
-kept count left the band on the last step. A ``BucketLayout`` is the flat view of one bucket
-(the parameters in ``bucket.parameters()`` order, back to back in ``bucket.buffer()``) with
-everything the per-step path needs precomputed on the device.
+its residual (fp32, flat), its threshold τ, the step τ was last computed at, whether a refresh
+is pending (the single owner of that fact), and, with the ``"reduce_scatter"`` exchange, the
+piece of the parameter this rank owns as a shard owner (``ShardPiece``: its position, its
+second-level residual and τ', and their schedule).
 
-The residuals and thresholds of a bucket's parameters live in the layout's flat tensors, and
-each ``ParamState`` holds views into them; the layout "owns" those parameters. When DDP
-rebuilds its buckets, a new layout adopts each parameter: it copies the residual and τ over and
-re-points the views, so nothing is lost and the per-step path never gathers or scatters.
+A ``BucketLayout`` is the flat view of one bucket (the parameters in ``bucket.parameters()``
+order, back to back in ``bucket.buffer()``), sized once for the world size by
+``sizing.plan``, with the device constants the per-step path needs. The residuals and
+thresholds of a bucket's parameters live in the layout's flat tensors, and each ``ParamState``
+holds views into them: the layout "owns" those parameters. When DDP rebuilds its buckets, a new
+layout adopts each parameter (``adopt``): it copies the residual and τ over and re-points the
+views, so nothing is lost and the per-step path never gathers or scatters. A shard piece that
+does not fit the new layout's shard is folded into the parameter's own residual (the mass it
+holds is then sent again by this rank, and summed once by the new owner: nothing is lost).
 """
 
 import math
@@ -17,67 +22,91 @@ from typing import List, Optional
 
 import torch
 
-from .. import payload as wire
+from .. import ops
+from .band import BandCheck
+from .sizing import Plan, k_of, plan as make_plan, share_of
+
+__all__ = ["ParamState", "ShardPiece", "BucketLayout", "k_of", "share_of", "FLOOR"]
+
+# The smallest positive fp32 magnitude (a denormal): every τ is at least this, so an entry
+# that is exactly ±0 never passes |acc| >= τ and never takes a payload slot.
+FLOOR = 2.0 ** -149
 
 
-def k_of(numel: int, ratio: float) -> int:
-    """k = max(1, ceil(ratio x numel)), the product in Python float as written (so 0.07 x 100,
-    which is 7.000000000000001 in float, gives 8): any rank or tool that evaluates the same
-    formula gets the same k."""
-    return max(1, math.ceil(ratio * numel))
+class ShardPiece:
+    """The piece [start, start + numel) of a parameter (positions within the parameter) that
+    this rank owns in the reduce_scatter exchange, with its second-level error feedback."""
 
+    def __init__(self, start: int, residual: torch.Tensor, threshold: torch.Tensor,
+                 refreshed_at: int = -1, pending: bool = False):
+        self.start = start
+        self.residual = residual        # fp32 [numel]: a view into the owner's shard residual
+        self.threshold = threshold      # fp32 [1]: τ', a view into the owner's shard τ'
+        self.refreshed_at = refreshed_at
+        self.pending = pending
 
-def share_of(k: int, numel: int, capacity_factor: float) -> int:
-    """A parameter's share of the wire capacity: ceil(k x capacity_factor), at most numel."""
-    return min(numel, math.ceil(capacity_factor * k))
+    @property
+    def numel(self) -> int:
+        return self.residual.numel()
 
 
 class ParamState:
     """Error-feedback state of one sparse parameter (see the module docstring)."""
 
     def __init__(self, key: str, numel: int, residual: torch.Tensor,
-                 threshold: torch.Tensor, refreshed_at: int = -1, pending: bool = False):
+                 threshold: torch.Tensor, refreshed_at: int = -1, pending: bool = False,
+                 shard: Optional[ShardPiece] = None):
         self.key = key
         self.numel = numel
         self.residual = residual      # fp32 [numel]: a view into owner.residual when owned
         self.threshold = threshold    # fp32 [1]: a view into owner.thresholds when owned
         self.refreshed_at = refreshed_at  # step τ was last computed at; -1: never
-        self.pending = pending        # kept count out of band (valid while not owned)
+        self.pending = pending        # an early refresh of τ is due (band left, overflow)
+        self.shard = shard            # this rank's reduce_scatter piece, or None
         self.owner: Optional["BucketLayout"] = None
         self.slot = -1                # segment index in the owner
 
 
 class BucketLayout:
-    """The flat layout of one bucket and its device-side constants and buffers.
+    """The flat layout of one bucket, its plan for the world size, and its device storage.
 
     Segments: one per parameter of the bucket, in order. A segment is *sparse* (thresholded,
     with a ``ParamState``) when its parameter has at least ``min_numel`` elements, else *dense*
     (all-reduced in one batch). Dense segments get the threshold +inf and zeroed inputs in the
-    compress, so they never enter the payload.
+    compress, so they never enter a payload.
+
+    ``exchange`` is the exchange this bucket uses ("allgather" or "reduce_scatter", resolved
+    from "auto" by ``Plan.choose``); with "reduce_scatter" the layout also holds this rank's
+    shard: its pieces, ``Segments`` and second-level residual and thresholds.
     """
 
     def __init__(self, keys: List[str], numels: List[int], sparse: List[bool], *,
-                 ratio: float, capacity_factor: float, band: tuple,
-                 dtype: torch.dtype, device: torch.device):
+                 ratio: float, capacity_factor: float, band: tuple, dtype: torch.dtype,
+                 device: torch.device, world: int = 1, rank: int = 0,
+                 value_dtype: Optional[torch.dtype] = None, exchange: str = "allgather"):
         self.keys = keys
         self.numels = numels
         self.sparse = sparse
         self.dtype = dtype
         self.device = device
+        self.world, self.rank = world, rank
+        self.value_dtype = value_dtype or dtype
         self.numel = sum(numels)
+        self.plan: Plan = make_plan(numels, sparse, ratio=ratio,
+                                    capacity_factor=capacity_factor, world=world,
+                                    dtype=dtype, value_dtype=self.value_dtype)
+        self.exchange = self.plan.choose(exchange)
         offsets = [0]
         for n in numels:
             offsets.append(offsets[-1] + n)
         self.offsets_list = offsets
-        # Host offsets and k: the op layer reads both on the host, so CPU tensors cost no sync.
-        self.offsets = torch.tensor(offsets, dtype=torch.int64)
+        self.offsets = torch.tensor(offsets, dtype=torch.int64)  # host copy, for reference
+        self.segments = ops.Segments(offsets, device=device)
         self.ks = [k_of(n, ratio) if s else 1 for n, s in zip(numels, sparse)]
-        self.ks_host = torch.tensor(self.ks, dtype=torch.int64)
         self.num_segments = len(numels)
         self.sparse_numel = sum(n for n, s in zip(numels, sparse) if s)
         self.has_sparse = self.sparse_numel > 0
-        self.capacity = sum(share_of(k, n, capacity_factor)
-                            for k, n, s in zip(self.ks, numels, sparse) if s)
+        self.capacity = self.plan.capacity
         dense_positions = [i for (a, b), s in zip(zip(offsets[:-1], offsets[1:]), sparse)
                            if not s for i in range(a, b)]
         self.dense_numel = len(dense_positions)
@@ -87,51 +116,32 @@ class BucketLayout:
         self.owned = 0
         if not self.has_sparse:
             return
-        # Device-side state, allocated once: residuals, thresholds, and the band check inputs.
         self.residual = torch.zeros(self.numel, dtype=torch.float32, device=device)
         # Dense segments keep +inf (their zeroed entries must never take a slot); sparse ones
         # get their parameter's τ at adoption.
         self.thresholds = torch.tensor([0.0 if s else math.inf for s in sparse],
                                        dtype=torch.float32).to(device)
         self.sparse_mask = torch.tensor(sparse, dtype=torch.bool).to(device)
-        # k = numel keeps everything: τ = -inf does so at every step, where the exact
+        # k = numel keeps every nonzero: τ = FLOOR does so at every step, where the exact
         # k-th magnitude would go stale (ratio = 1 then reproduces a dense all-reduce).
         self.keep_all_mask = torch.tensor([s and k == n for s, k, n in
                                            zip(sparse, self.ks, numels)],
                                           dtype=torch.bool).to(device)
-        low, high = band
-        lows = [math.ceil(k * low) for k in self.ks]
-        highs = [math.floor(k * high) for k in self.ks]
-        self.band_low = torch.tensor(lows, dtype=torch.int64).to(device)
-        self.band_high = torch.tensor(highs, dtype=torch.int64).to(device)
-        self.segment_starts = torch.tensor(offsets[:-1], dtype=torch.int64).to(device)
-        self.slot_numbers = torch.arange(self.capacity, dtype=torch.int32, device=device)
-        # Out-of-band flags of the last step, staged for a one-step-delayed host read.
-        pin = device.type == "cuda"
-        self.host_flags = torch.zeros(self.num_segments, dtype=torch.bool, pin_memory=pin)
-        self.flags_event = torch.cuda.Event() if pin else None
-        self.flags_valid = False
+        self.band = BandCheck(offsets, self.ks, sparse, band, device)
+        self.shard = None
+        if self.exchange == "reduce_scatter":
+            self.shard = _Shard(self, band)
 
     # ------------------------------------------------------------------ ownership of states
 
     def adopt(self, states: List[Optional[ParamState]]) -> None:
         """Make this layout the owner of the given states (one per segment, None for dense
-        segments): copy each residual and τ into the flat tensors and re-point the views."""
-        if all(state is None or state.owner is self for state in states):
-            return
-        if self.flags_valid:
-            # The staged flags are about to describe a different set of parameters: keep those
-            # of the parameters owned so far with their states.
-            for state in self.states:
-                if state is not None:
-                    state.pending = self.flag(state.slot)
-            self.flags_valid = False
+        segments): copy each residual, τ and shard piece in and re-point the views."""
         for slot, state in enumerate(states):
             if state is None or state.owner is self:
                 continue
             old = state.owner
             if old is not None:
-                state.pending = old.flag(state.slot)
                 old.owned -= 1
                 old.states[state.slot] = None
             a, b = self.offsets_list[slot], self.offsets_list[slot + 1]
@@ -142,48 +152,86 @@ class BucketLayout:
             state.owner, state.slot = self, slot
             self.states[slot] = state
             self.owned += 1
+            piece = self.shard.piece_of(slot) if self.shard is not None else None
+            old_piece = state.shard
+            if old_piece is not None and (piece is None or piece != (old_piece.start,
+                                                                     old_piece.numel)):
+                # The shard moved: this rank sends the piece's mass again itself.
+                lo = old_piece.start
+                state.residual[lo:lo + old_piece.numel] += old_piece.residual.reshape(-1)
+                old_piece = None
+            state.shard = self.shard.adopt(slot, old_piece) if piece is not None else None
 
     def owns_all(self) -> bool:
         return self.owned == sum(self.sparse)
 
-    # ------------------------------------------------------------- the out-of-band flags
+    @property
+    def band_low(self) -> torch.Tensor:
+        """int64 [S]: ceil(k x low) per segment (the band's low side)."""
+        return self.band.low
 
-    def _wait_flags(self) -> None:
-        if self.flags_event is not None:
-            # Recorded one step ago, so normally long complete: this waits only when the host
-            # runs more than a step ahead of the device. Not a stream/device sync.
-            self.flags_event.synchronize()
+    @property
+    def band_high(self) -> torch.Tensor:
+        """int64 [S]: floor(k x high) per segment (the band's high side)."""
+        return self.band.high
 
-    def flag(self, slot: int) -> bool:
-        """Whether segment ``slot``'s kept count left its band on the last step."""
-        state = self.states[slot]
-        if not self.flags_valid:
-            return bool(state.pending) if state is not None else False
-        self._wait_flags()
-        return bool(self.host_flags[slot])
 
-    def any_flag(self) -> bool:
-        """Whether any segment's kept count left its band (or the payload overflowed) on the
-        last step."""
-        if not self.flags_valid:
-            return any(s.pending for s in self.states if s is not None)
-        self._wait_flags()
-        return bool(self.host_flags.any())
+class _Shard:
+    """This rank's shard of a reduce_scatter bucket: position, pieces, second-level storage."""
 
-    def stage_flags(self, payload: wire.SparsePayload) -> None:
-        """Per-segment kept counts of ``payload``, compared with the band, staged to the host
-        without synchronizing (read on the next step by ``flag``/``any_flag``)."""
-        indices = payload.indices.to(torch.int64)
-        used = self.slot_numbers < payload.count
-        segment = torch.searchsorted(self.segment_starts, indices, right=True) - 1
-        # Unused slots count into an extra bin that is dropped.
-        segment = torch.where(used, segment, self.num_segments)
-        counts = torch.zeros(self.num_segments + 1, dtype=torch.int64, device=self.device)
-        counts.scatter_add_(0, segment, torch.ones_like(segment))
-        counts = counts[:self.num_segments]
-        flags = (counts < self.band_low) | (counts > self.band_high) | (payload.overflow > 0)
-        flags &= self.sparse_mask
-        self.host_flags.copy_(flags, non_blocking=True)
-        if self.flags_event is not None:
-            self.flags_event.record(torch.cuda.current_stream(self.device))
-        self.flags_valid = True
+    def __init__(self, layout: BucketLayout, band):
+        plan = layout.plan
+        device = layout.device
+        self.start, self.end = plan.cuts[layout.rank], plan.cuts[layout.rank + 1]
+        self.numel = self.end - self.start
+        self.pieces = list(plan.shards[layout.rank])
+        # Every shard's pieces and thresholds for stage 1 (compress shard by shard).
+        self.all_pieces = [list(p) for p in plan.shards]
+        self.all_segments = [ops.Segments([0] + [q.end - lo for q in pieces], device=device)
+                             if pieces else None
+                             for pieces, lo in zip(self.all_pieces, plan.cuts[:-1])]
+        flat = [q.segment for pieces in self.all_pieces for q in pieces]
+        self.piece_param = torch.tensor(flat, dtype=torch.int64).to(device)
+        bounds = [0]
+        for pieces in self.all_pieces:
+            bounds.append(bounds[-1] + len(pieces))
+        self.piece_bounds = bounds
+        self.cut_starts = torch.tensor(list(plan.cuts[:-1]), dtype=torch.int64).to(device)
+        self.capacity = plan.shard_capacity
+        # Second level: only this rank's shard.
+        self.residual = torch.zeros(self.numel, dtype=torch.float32, device=device)
+        self.thresholds = torch.tensor([0.0 if q.sparse else math.inf for q in self.pieces],
+                                       dtype=torch.float32).to(device)
+        self.ks = [q.k for q in self.pieces]
+        self.keep_all_mask = torch.tensor([q.sparse and q.k == q.end - q.start
+                                           for q in self.pieces], dtype=torch.bool).to(device)
+        self.sparse_mask = torch.tensor([q.sparse for q in self.pieces],
+                                        dtype=torch.bool).to(device)
+        offsets = [0] + [q.end - self.start for q in self.pieces]
+        self.segments = ops.Segments(offsets, device=device) if self.pieces else None
+        self.band = BandCheck(offsets, self.ks, [q.sparse for q in self.pieces], band,
+                              device) if self.pieces else None
+        self.piece_slot = {q.segment: i for i, q in enumerate(self.pieces)}
+        self.param_start = layout.offsets_list
+        self.states: List[Optional[ShardPiece]] = [None] * len(self.pieces)
+
+    def piece_of(self, slot: int):
+        """(start within the parameter, numel) of parameter ``slot``'s piece here, or None."""
+        i = self.piece_slot.get(slot)
+        if i is None or not self.pieces[i].sparse:
+            return None
+        q = self.pieces[i]
+        return q.start - self.param_start[slot], q.end - q.start
+
+    def adopt(self, slot: int, old: Optional[ShardPiece]) -> ShardPiece:
+        i = self.piece_slot[slot]
+        q = self.pieces[i]
+        a, b = q.start - self.start, q.end - self.start
+        piece = ShardPiece(q.start - self.param_start[slot], self.residual[a:b],
+                           self.thresholds[i:i + 1])
+        if old is not None:
+            piece.residual.copy_(old.residual.reshape(-1))
+            piece.threshold.copy_(old.threshold.reshape(-1))
+            piece.refreshed_at, piece.pending = old.refreshed_at, old.pending
+        self.states[i] = piece
+        return piece

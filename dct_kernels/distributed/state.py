@@ -1,4 +1,6 @@
-"""``DCTState``: the configuration and all per-parameter state of the DCT-DP DDP hook."""
+"""``DCTState``: the configuration of the DCT-DP DDP hook and everything it keeps between steps
+(bucket layouts, per-parameter error feedback and thresholds, the step counter, statistics),
+behind the public methods ``dct_hook`` calls."""
 
 import logging
 import math
@@ -7,9 +9,15 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from .. import ops
 from .. import payload as wire
+from ..backends import NAMES as BACKEND_NAMES
 from . import fingerprint
-from .layout import BucketLayout, ParamState
+from .allgather import AllGatherExchange
+from .futures import StepOrder
+from .layout import FLOOR, BucketLayout, ParamState, ShardPiece
+from .reduce_scatter import ReduceScatterExchange
+from .sizing import EXCHANGES
 from .stats import Stats
 
 __all__ = ["DCTState"]
@@ -17,9 +25,8 @@ __all__ = ["DCTState"]
 logger = logging.getLogger(__name__)
 
 STATE_DICT_VERSION = 1
-_VALUE_DTYPE_CODES = {None: -1, torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _CONFIG_FIELDS = ("ratio", "refresh_every", "warmup_steps", "capacity_factor", "min_numel",
-                  "value_dtype", "refresh_band")
+                  "value_dtype", "refresh_band", "exchange")
 
 
 def _check_number(value, name: str, integral: bool, minimum=None) -> None:
@@ -34,6 +41,10 @@ def _check_number(value, name: str, integral: bool, minimum=None) -> None:
         raise ValueError(f"{name}: must be >= {minimum}, got {value}")
 
 
+def _dtype_code(dtype: Optional[torch.dtype]) -> int:
+    return wire.value_code(dtype) if dtype in wire.VALUE_DTYPES else -1
+
+
 class DCTState:
     """State of the DCT-DP communication hook: configuration, per-parameter error feedback and
     thresholds, step counter and statistics. Pass it with ``dct_hook`` to
@@ -45,7 +56,7 @@ class DCTState:
         ratio: fraction of each parameter's entries to send, in (0, 1]: each sparse parameter
             of n elements gets k = max(1, ceil(ratio x n)) (the product in float64) and a
             threshold τ, the exact k-th largest magnitude of its (gradient + residual) when τ
-            is computed.
+            is computed, and never below 2^-149 (so exact zeros are never sent).
         refresh_every: recompute every τ at least every this many steps (>= 1).
         warmup_steps: the first steps are plain dense all-reduces (>= 0).
         capacity_factor: the wire buffer of a bucket holds the sum of
@@ -58,24 +69,32 @@ class DCTState:
             torch.float16 or torch.bfloat16. fp16/bf16 saturate finite values; the rounding
             error stays in the residual.
         refresh_band: (low, high) with 0 <= low <= 1 <= high: a bucket's τ are recomputed
-            early (on the next step) when a parameter's kept count falls below low x k or rises
-            above high x k, or when the bucket's payload overflowed. high=None means
-            capacity_factor.
+            early (on the next step) when a parameter's kept count falls below low x k while
+            its (gradient + residual) has at least k nonzeros, or rises above high x k, or when
+            the bucket's payload overflowed. high=None means capacity_factor.
+        exchange: "allgather", "reduce_scatter" or "auto" (default): how a bucket's payloads
+            cross the network (see docs/distributed.md). "auto" takes, per bucket, whichever
+            moves fewer bytes per rank for its layout and the world size
+            (``sizing.Plan.choose``: reduce_scatter only when it moves at most 0.9 of
+            allgather's bytes, as allgather needs one collective instead of two).
         module: optional ``nn.Module`` (the model or the DDP wrapper) or iterable of
             (name, parameter): parameters are then keyed by name. Without it they are keyed
             "param.0", "param.1", ... in the order the hook first sees them, which is the same
             in every run of the same model and DDP configuration; names are sturdier for
             checkpoints.
         validate: check received payloads on the host (synchronizes every step; for
-            debugging). By default bad payloads are skipped and counted in the device-side
-            error counter that ``stats()`` reports as ``payload_errors``.
-        backend: kernel backend for the ops ("cuda", "triton", "torch"; default: chosen per
-            device as the ops choose it). Not part of the cross-rank check: backends are
-            bitwise interchangeable.
+            debugging). By default bad payloads are skipped and counted in the ops' device-side
+            error counter (``dct_kernels.payload_errors``), which ``stats()`` reports as
+            ``payload_errors``.
+        backend: kernel backend for the ops (one of ``dct_kernels.backends.NAMES``; default:
+            chosen per device as the ops choose it). Not part of the cross-rank check: backends
+            are bitwise interchangeable.
 
     Raises:
         ValueError naming the argument for a value out of range or of the wrong type.
 
+    Every rank must use the same arguments (except ``backend`` and ``validate``): the first
+    step of every bucket layout checks it and raises on every rank when they differ.
     Checkpointing: ``state_dict()`` / ``load_state_dict()`` (the process group is not saved).
     Statistics: ``stats()``.
     """
@@ -84,6 +103,7 @@ class DCTState:
                  warmup_steps: int = 10, capacity_factor: float = 1.5, min_numel: int = 1024,
                  value_dtype: Optional[torch.dtype] = None,
                  refresh_band: Tuple[float, Optional[float]] = (0.5, None),
+                 exchange: str = "auto",
                  module: Union[torch.nn.Module, Iterable[Tuple[str, torch.Tensor]], None] = None,
                  validate: bool = False, backend: Optional[str] = None):
         _check_number(ratio, "ratio", integral=False)
@@ -93,12 +113,14 @@ class DCTState:
         _check_number(warmup_steps, "warmup_steps", integral=True, minimum=0)
         _check_number(capacity_factor, "capacity_factor", integral=False, minimum=1)
         _check_number(min_numel, "min_numel", integral=True, minimum=0)
-        if not any(value_dtype is known for known in _VALUE_DTYPE_CODES):
+        if value_dtype is not None and not any(value_dtype is d for d in wire.VALUE_DTYPES):
             raise ValueError(f"value_dtype: expected None, torch.float32, torch.float16 or "
                              f"torch.bfloat16, got {value_dtype!r}")
-        if backend is not None and backend not in ("cuda", "triton", "torch"):
-            raise ValueError(f"backend: expected None, 'cuda', 'triton' or 'torch', "
+        if backend is not None and backend not in BACKEND_NAMES:
+            raise ValueError(f"backend: expected None or one of {BACKEND_NAMES}, "
                              f"got {backend!r}")
+        if not isinstance(exchange, str) or exchange not in EXCHANGES:
+            raise ValueError(f"exchange: expected one of {EXCHANGES}, got {exchange!r}")
         if not isinstance(refresh_band, (tuple, list)) or len(refresh_band) != 2:
             raise ValueError(f"refresh_band: expected (low, high), got {refresh_band!r}")
         low, high = refresh_band
@@ -118,6 +140,7 @@ class DCTState:
         self.min_numel = int(min_numel)
         self.value_dtype = value_dtype
         self.refresh_band = (float(low), float(high))
+        self.exchange = exchange
         self.validate = bool(validate)
         self.backend = backend
 
@@ -137,7 +160,8 @@ class DCTState:
         self.step = 0  # completed iterations (the hook advances it at each last bucket)
         self._states: Dict[str, ParamState] = {}
         self._layouts: Dict[tuple, BucketLayout] = {}
-        self._errors: Dict[torch.device, torch.Tensor] = {}
+        self._exchanges: Dict[int, object] = {}  # id(layout) -> its exchange
+        self._order: Optional[StepOrder] = None
         self._stats = Stats()
 
         logger.info("DCTState: %s", self.config())
@@ -149,22 +173,24 @@ class DCTState:
         return {"ratio": self.ratio, "refresh_every": self.refresh_every,
                 "warmup_steps": self.warmup_steps, "capacity_factor": self.capacity_factor,
                 "min_numel": self.min_numel, "value_dtype": str(self.value_dtype),
-                "refresh_band": list(self.refresh_band)}
+                "refresh_band": list(self.refresh_band), "exchange": self.exchange}
 
-    def _group(self):
+    def group(self):
+        """The process group the hook communicates in."""
         return self.process_group if self.process_group is not None else dist.group.WORLD
 
     def _fingerprint(self, layout: BucketLayout, keys: List[str]) -> List[int]:
-        dtype_code = wire.value_code(layout.dtype) if layout.dtype in wire.VALUE_DTYPES else -1
+        codes = fingerprint.EXCHANGE_CODES
         return [fingerprint.MAGIC, fingerprint.VERSION, fingerprint.float_bits(self.ratio),
                 self.refresh_every, self.warmup_steps,
                 fingerprint.float_bits(self.capacity_factor), self.min_numel,
-                _VALUE_DTYPE_CODES[self.value_dtype],
+                _dtype_code(self.value_dtype),
                 fingerprint.float_bits(self.refresh_band[0]),
                 fingerprint.float_bits(self.refresh_band[1]), layout.numel,
                 layout.num_segments, fingerprint.checksum(layout.numels),
-                fingerprint.checksum(keys) if self._named else 0, dtype_code,
-                layout.capacity]
+                fingerprint.checksum(keys) if self._named else 0, _dtype_code(layout.dtype),
+                layout.capacity, codes[self.exchange], codes[layout.exchange],
+                layout.plan.shard_capacity]
 
     # ------------------------------------------------------------------ parameters, layouts
 
@@ -193,71 +219,235 @@ class DCTState:
                              f"{state.numel}")
         return state
 
-    def _layout(self, buffer: torch.Tensor, params: List[torch.Tensor]) -> BucketLayout:
-        """The layout of a bucket, created (and checked across ranks) at its first sight, and
-        made the owner of its parameters' states."""
+    def _collect_flags(self, layout: BucketLayout) -> None:
+        """Move the band flags a layout staged on its last step into its states' ``pending``
+        (the one place a pending refresh is kept)."""
+        if not layout.has_sparse:
+            return
+        flags = layout.band.take()
+        if flags is not None:
+            for state in layout.states:
+                if state is not None:
+                    state.pending = flags[state.slot]
+        if layout.shard is not None and layout.shard.band is not None:
+            flags = layout.shard.band.take()
+            if flags is not None:
+                for i, piece in enumerate(layout.shard.states):
+                    if piece is not None:
+                        piece.pending = flags[i]
+
+    def bucket_layout(self, bucket) -> BucketLayout:
+        """The layout of a DDP ``GradBucket``: created (and checked across ranks: a
+        collective, so every rank must call it) at its first sight, made the owner of its
+        parameters' states, with the band flags of its last step collected.
+
+        Raises:
+            ValueError when the buffer is not the parameters back to back, a parameter is not
+            among the named ones, or the ranks disagree on the configuration or the layout.
+        """
+        buffer = bucket.buffer()
+        params = list(bucket.parameters())
         keys = [self._key(p) for p in params]
         numels = [p.numel() for p in params]
         ident = (tuple(keys), buffer.dtype, buffer.device)
         layout = self._layouts.get(ident)
+        group = self.group()
         if layout is None:
             if sum(numels) != buffer.numel():
                 raise ValueError(f"bucket: its buffer has {buffer.numel()} elements but its "
                                  f"parameters {sum(numels)}; dct_hook expects DDP's flat "
                                  f"bucket layout (parameters back to back)")
+            world = dist.get_world_size(group)
+            self._stats.set_world(world)
             sparse = [n >= self.min_numel for n in numels]
             layout = BucketLayout(keys, numels, sparse, ratio=self.ratio,
                                   capacity_factor=self.capacity_factor,
                                   band=self.refresh_band, dtype=buffer.dtype,
-                                  device=buffer.device)
+                                  device=buffer.device, world=world,
+                                  rank=dist.get_rank(group), value_dtype=self.value_dtype,
+                                  exchange=self.exchange)
             fingerprint.verify_across_ranks(
-                self._fingerprint(layout, keys), self._group(), buffer.device,
+                self._fingerprint(layout, keys), group, buffer.device,
                 f"bucket of {len(params)} parameters, {buffer.numel()} elements")
+            for other in self._layouts.values():
+                self._collect_flags(other)
             self._layouts[ident] = layout
+        self._collect_flags(layout)
         if layout.has_sparse and not layout.owns_all():
             layout.adopt([self._state(key, n, buffer.device) if s else None
                           for key, n, s in zip(keys, numels, layout.sparse)])
             # Layouts that own nothing any more (buckets DDP rebuilt away) are dropped.
             for other_ident, other in list(self._layouts.items()):
                 if other.has_sparse and other.owned == 0 and other is not layout:
+                    self._exchanges.pop(id(other), None)
                     del self._layouts[other_ident]
         return layout
 
-    def _error_counter(self, device: torch.device) -> torch.Tensor:
-        counter = self._errors.get(device)
-        if counter is None:
-            counter = torch.zeros((), dtype=torch.int32, device=device)
-            self._errors[device] = counter
-        return counter
+    # --------------------------------------------------------------------- the step's work
+
+    def dense_now(self, layout: BucketLayout) -> bool:
+        """Whether this bucket goes dense this step (warm-up, or no parameter of min_numel)."""
+        return self.step < self.warmup_steps or not layout.has_sparse
+
+    def update_thresholds(self, layout: BucketLayout, buffer: torch.Tensor) -> bool:
+        """Recompute the bucket's τ_p when due: scheduled (never computed, or
+        ``refresh_every`` steps old) or early (a pending flag: the last step's kept counts left
+        the band, or its payload overflowed). τ_p = max(exact k_p-th largest |gradient +
+        residual|, 2^-149), in one segmented ``select_threshold``; dense segments get +inf.
+        Returns whether it refreshed."""
+        scheduled = any(s is not None and (s.refreshed_at < 0 or
+                                           self.step - s.refreshed_at >= self.refresh_every)
+                        for s in layout.states)
+        early = not scheduled and any(s is not None and s.pending for s in layout.states)
+        if not (scheduled or early):
+            return False
+        acc = buffer.to(torch.float32) + layout.residual
+        taus = ops.select_threshold(acc, layout.ks, segments=layout.segments,
+                                    backend=self.backend).to(torch.float32)
+        # The floor keeps exact zeros out; torch.clamp_min keeps a NaN τ (it selects NaNs).
+        taus = torch.where(layout.keep_all_mask, FLOOR, torch.clamp_min(taus, FLOOR))
+        layout.thresholds.copy_(torch.where(layout.sparse_mask, taus, float("inf")))
+        for s in layout.states:
+            if s is not None:
+                s.refreshed_at = self.step
+                s.pending = False
+        self._stats.add(refreshes=layout.owned, bucket_refreshes=1, early_refreshes=int(early))
+        return True
+
+    def exchange_of(self, layout: BucketLayout):
+        """The exchange object of a sparse bucket (``AllGatherExchange`` or
+        ``ReduceScatterExchange``), created once per layout."""
+        exchange = self._exchanges.get(id(layout))
+        if exchange is None:
+            common = dict(group=self.group(), value_dtype=layout.value_dtype,
+                          backend=self.backend, validate=self.validate,
+                          errors=ops.payload_errors(layout.device))
+            if layout.exchange == "reduce_scatter":
+                exchange = ReduceScatterExchange(
+                    layout, on_shard=lambda p, refreshed: self._after_shard(layout, p),
+                    **common)
+            else:
+                exchange = AllGatherExchange(layout, **common)
+            self._exchanges[id(layout)] = exchange
+        return exchange
+
+    def shard_refresh(self, layout: BucketLayout, step: int) -> bool:
+        """Whether this rank's τ' of a reduce_scatter bucket are due at ``step`` (scheduled or
+        pending, as for τ_p); when they are, they count as refreshed at ``step``. Called from
+        the stage-2 callback."""
+        shard = layout.shard
+        self._collect_flags_shard(layout)
+        pieces = [p for p in shard.states if p is not None]
+        due = any(p.refreshed_at < 0 or step - p.refreshed_at >= self.refresh_every or
+                  p.pending for p in pieces)
+        if due:
+            for p in pieces:
+                p.refreshed_at, p.pending = step, False
+            self._stats.add(shard_refreshes=1)
+        return due
+
+    def _collect_flags_shard(self, layout: BucketLayout) -> None:
+        band = layout.shard.band
+        flags = band.take() if band is not None else None
+        if flags is not None:
+            for i, piece in enumerate(layout.shard.states):
+                if piece is not None:
+                    piece.pending = flags[i]
+
+    def _after_shard(self, layout: BucketLayout, payload: wire.SparsePayload) -> None:
+        shard = layout.shard
+        slots = torch.arange(payload.capacity, device=layout.device)
+        shard.band.stage(payload.indices, slots < payload.count, shard.residual,
+                         payload.overflow > 0)
+        self._stats.add_device(shard_kept=payload.count, shard_overflow=payload.overflow)
+
+    def record_sparse(self, layout: BucketLayout, exchange, sent) -> None:
+        """After stage 1 of a sparse step: stage the band flags of what this rank sent
+        (``sent``: its payload, or with reduce_scatter its send rows) and count the step."""
+        if layout.exchange == "reduce_scatter":
+            positions, valid, count, overflow = exchange.stage1_positions()
+            count, overflow = count.sum(), overflow.sum()
+            # Per-shard overflow alone says little about τ; an overflow that one buffer of
+            # the allgather capacity would also have had does.
+            overflowed = count + overflow > layout.capacity
+        else:
+            slots = torch.arange(sent.capacity, device=layout.device)
+            positions, valid = sent.indices, slots < sent.count
+            count, overflow = sent.count, sent.overflow
+            overflowed = overflow > 0
+        layout.band.stage(positions, valid, layout.residual, overflowed)
+        self._stats.add_device(kept=count, overflow=overflow,
+                               overflowed_buckets=(overflow > 0).to(torch.int64))
+        sent_bytes, received = exchange.traffic()
+        dense_sent, dense_received = layout.plan.dense_part()
+        self._stats.add_bytes(sent_bytes + dense_sent, received + dense_received,
+                              layout.plan.ring())
+        self._stats.add(buckets_sparse=1, elements_sparse=layout.sparse_numel,
+                        **{f"buckets_{layout.exchange}": 1})
+
+    def record_dense(self, layout: BucketLayout) -> None:
+        """Count a dense step of a bucket (a ring all-reduce of the whole bucket)."""
+        sent, received = layout.plan.dense()
+        self._stats.add_bytes(sent, received, layout.plan.ring())
+        self._stats.add(buckets_dense=1)
+
+    def step_order(self) -> StepOrder:
+        """The issue order of the current step (see ``futures.StepOrder``)."""
+        if self._order is None:
+            self._order = StepOrder()
+        return self._order
+
+    def bucket_done(self, bucket, failed: bool = False) -> None:
+        """After the hook's calling-thread work on a bucket: at the step's last bucket (or on
+        an error) the step's callback collectives may go, and the step counter advances."""
+        if bucket.is_last() or failed:
+            if self._order is not None:
+                self._order.close()
+                self._order = None
+        if bucket.is_last() and not failed:
+            self.step += 1
 
     # -------------------------------------------------------------------------- statistics
 
     def stats(self) -> Dict[str, float]:
         """Totals since construction, ``reset_stats`` or the loaded checkpoint.
 
-        Keys: ``steps`` (completed iterations); ``buckets_sparse`` / ``buckets_dense``
-        (bucket exchanges of each kind); ``elements_sparse`` (elements of sparse parameters in
-        the sparse exchanges); ``kept`` (entries sent) and ``kept_density`` (kept /
-        elements_sparse); ``bytes_sent`` (bytes this rank contributed: wire buffers at their
-        fixed capacity, dense all-reduces at the gradient dtype) vs ``bytes_dense`` (what a
-        dense all-reduce of every bucket would have contributed) and their ratio
-        ``compression``; ``refreshes`` (τ computations, per parameter), ``bucket_refreshes``,
+        Traffic, per rank, as DESIGN §4 counts it, over every collective of the hook (dense
+        warm-up steps and small dense parameters included; not the one-off agreement check of
+        a new bucket layout): ``bytes_sent``, ``bytes_received`` (an all-gather of N bytes per
+        rank: N sent, (W - 1) N received; an all-to-all: the rows to and from the other ranks;
+        an all-reduce of M bytes as a ring: 2 (W - 1) / W M each way), ``bytes_ring`` (what a
+        ring all-reduce of the same buckets in their dtype would send plus receive,
+        4 (W - 1) / W x bucket bytes) and ``compression`` = bytes_ring / (bytes_sent +
+        bytes_received) (0.0 when nothing moved, as at W = 1).
+
+        Other keys: ``steps`` (completed iterations); ``buckets_sparse`` / ``buckets_dense``
+        and ``buckets_allgather`` / ``buckets_reduce_scatter`` (bucket exchanges of each
+        kind); ``elements_sparse`` (elements of sparse parameters in the sparse exchanges);
+        ``kept`` (entries this rank sent in the first stage) and ``kept_density`` (kept /
+        elements_sparse); ``refreshes`` (τ computations, per parameter), ``bucket_refreshes``,
         ``early_refreshes`` (bucket refreshes triggered by the band or by overflow);
         ``overflow`` (entries that passed τ but did not fit) and ``overflowed_buckets``;
-        ``payload_errors`` (bad received entries skipped).
+        ``shard_kept``, ``shard_overflow``, ``shard_refreshes`` (the second stage of
+        reduce_scatter on this rank's shards); ``payload_errors`` (bad received entries
+        skipped, from ``dct_kernels.payload_errors`` of the devices used).
 
         Sync: reads device counters, so it synchronizes; call it when logging.
         """
         out = self._stats.as_dict()
         out["steps"] = self.step
-        out["payload_errors"] = sum(int(c) for c in self._errors.values())
+        devices = {layout.device for layout in self._layouts.values()}
+        out["payload_errors"] = sum(int(ops.payload_errors(d)) for d in devices)
         return out
 
     def reset_stats(self) -> None:
-        """Zero the statistics (not the step counter or any error-feedback state)."""
+        """Zero the statistics (not the step counter or any error-feedback state), and the
+        payload error counters of the devices in use."""
+        world = self._stats.world
         self._stats.reset()
-        for counter in self._errors.values():
-            counter.zero_()
+        self._stats.world = world
+        for device in {layout.device for layout in self._layouts.values()}:
+            ops.reset_payload_errors(device)
 
     # ------------------------------------------------------------------------ checkpointing
 
@@ -269,27 +459,38 @@ class DCTState:
             {"version": 1, "config": {...the tunables...}, "step": int,
              "params": {key: {"numel": int, "residual": fp32 tensor [numel],
                               "threshold": fp32 tensor [1], "refreshed_at": int (-1: never),
-                              "refresh_pending": bool}},
+                              "refresh_pending": bool,
+                              "shard": None or {"start": int, "residual": fp32 [n],
+                                                "threshold": fp32 [1], "refreshed_at": int,
+                                                "refresh_pending": bool}}},
              "stats": {counter: int}}
 
         Keys are parameter names (with ``module=``) or "param.<i>" in order of first sight.
-        Reads device state (synchronizes).
+        "shard" is this rank's reduce_scatter piece of the parameter (its second-level error
+        feedback), so each rank saves its own state_dict. Reads device state (synchronizes).
         """
+        for layout in self._layouts.values():
+            self._collect_flags(layout)
         params = {}
         for key, state in self._states.items():
-            pending = state.owner.flag(state.slot) if state.owner is not None \
-                else state.pending
+            piece = state.shard
+            shard = None if piece is None else {
+                "start": piece.start, "residual": piece.residual.detach().cpu().clone(),
+                "threshold": piece.threshold.detach().cpu().clone().reshape(1),
+                "refreshed_at": piece.refreshed_at, "refresh_pending": bool(piece.pending)}
             params[key] = {"numel": state.numel,
                            "residual": state.residual.detach().cpu().clone().reshape(-1),
                            "threshold": state.threshold.detach().cpu().clone().reshape(1),
                            "refreshed_at": state.refreshed_at,
-                           "refresh_pending": bool(pending)}
+                           "refresh_pending": bool(state.pending), "shard": shard}
         return {"version": STATE_DICT_VERSION, "config": self.config(), "step": self.step,
                 "params": params, "stats": self._stats.state_dict()}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Restore a ``state_dict()``: step, statistics and every parameter's residual, τ and
-        refresh schedule. Call it before the first step of the resumed run (or between steps).
+        """Restore a ``state_dict()``: step, statistics and every parameter's residual, τ,
+        shard piece and refresh schedule. Call it between steps (e.g. before the first step of
+        the resumed run) on every rank: the bucket layouts are rebuilt, and checked across
+        ranks, at the next step.
 
         Raises:
             ValueError when the saved configuration differs from this state's (a resumed run
@@ -300,39 +501,43 @@ class DCTState:
             raise ValueError(f"state_dict: version {state_dict.get('version')!r}, expected "
                              f"{STATE_DICT_VERSION}")
         saved, mine = state_dict["config"], self.config()
+        # A field missing from an older checkpoint ("exchange") is not a difference.
         differing = [f"{name}: saved {saved.get(name)!r}, this state {mine[name]!r}"
-                     for name in _CONFIG_FIELDS if saved.get(name) != mine[name]]
+                     for name in _CONFIG_FIELDS if name in saved and saved[name] != mine[name]]
         if differing:
             raise ValueError("state_dict: the saved configuration differs: " +
                              "; ".join(differing))
+        loaded = {}
         for key, entry in state_dict["params"].items():
             numel = int(entry["numel"])
             residual = entry["residual"].to(torch.float32).reshape(-1)
             if residual.numel() != numel:
                 raise ValueError(f"state_dict: parameter {key!r} has a residual of "
                                  f"{residual.numel()} elements, expected {numel}")
-            state = self._states.get(key)
-            if state is None:
-                self._states[key] = ParamState(key, numel, residual.clone(),
-                                               entry["threshold"].to(torch.float32)
-                                               .reshape(1).clone(),
-                                               int(entry["refreshed_at"]),
-                                               bool(entry["refresh_pending"]))
-                continue
-            if state.numel != numel:
+            current = self._states.get(key)
+            if current is not None and current.numel != numel:
                 raise ValueError(f"state_dict: parameter {key!r} has {numel} elements, "
-                                 f"this model's has {state.numel}")
-            state.residual.copy_(residual)
-            state.threshold.copy_(entry["threshold"].reshape(1))
-            state.refreshed_at = int(entry["refreshed_at"])
-            state.pending = bool(entry["refresh_pending"])
-            if state.owner is not None:
-                owner = state.owner
-                # The owner's staged flags predate the load: use the loaded ones.
-                for other in owner.states:
-                    if other is not None and other is not state and owner.flags_valid:
-                        other.pending = owner.flag(other.slot)
-                owner.flags_valid = False
+                                 f"this model's has {current.numel}")
+            shard = entry.get("shard")
+            piece = None
+            if shard is not None:
+                piece = ShardPiece(int(shard["start"]),
+                                   shard["residual"].to(torch.float32).reshape(-1).clone(),
+                                   shard["threshold"].to(torch.float32).reshape(1).clone(),
+                                   int(shard["refreshed_at"]), bool(shard["refresh_pending"]))
+                if piece.start < 0 or piece.start + piece.numel > numel:
+                    raise ValueError(f"state_dict: parameter {key!r} has a shard piece "
+                                     f"outside its {numel} elements")
+            loaded[key] = ParamState(key, numel, residual.clone(),
+                                     entry["threshold"].to(torch.float32).reshape(1).clone(),
+                                     int(entry["refreshed_at"]),
+                                     bool(entry["refresh_pending"]), piece)
+        # The layouts are rebuilt at the next step and adopt the loaded states.
+        for state in self._states.values():
+            state.owner, state.slot = None, -1
+        self._layouts.clear()
+        self._exchanges.clear()
+        self._states.update(loaded)
         self.step = int(state_dict["step"])
         self._stats.load_state_dict(state_dict.get("stats", {}))
 
@@ -344,7 +549,7 @@ class DCTState:
 
     def __setstate__(self, saved: Dict[str, Any]) -> None:
         config = dict(saved["config"])
-        dtypes = {str(d): d for d in _VALUE_DTYPE_CODES}
+        dtypes = {str(d): d for d in (None,) + wire.VALUE_DTYPES}
         config["value_dtype"] = dtypes[config["value_dtype"]]
         config["refresh_band"] = tuple(config["refresh_band"])
         self.__init__(**config)

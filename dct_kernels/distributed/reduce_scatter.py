@@ -1,0 +1,247 @@
+"""The ``"reduce_scatter"`` exchange: bytes per rank that do not grow with the world size.
+
+The bucket's index range is cut into W contiguous shards (``sizing.shard_cuts``: the same on
+every rank, fixed per bucket layout, balanced by the kept-count targets k_p). Per step:
+
+1. Each rank compresses its (gradient + residual) shard by shard, each shard's pieces against
+   their parameters' τ_p, into W fixed-capacity wire buffers — the rows of one ``[W, nbytes]``
+   send tensor, written in place — and one ``all_to_all_single`` sends row s to rank s.
+2. In the all-to-all's callback, rank s sums the W payloads of its shard in rank order
+   (``decompress_many``), compresses that sum with its shard residual (fp32, the second error
+   feedback, which rank s owns) against τ' (per piece of a parameter in the shard: the k-th
+   largest of the piece's sum + residual, k the piece's share of k_p, refreshed on the same
+   schedule and band as τ_p), keeps the rest in the shard residual, and rebases the payload's
+   indices to bucket positions.
+3. One all-gather of the W shard payloads; ``decompress_many(average=True)`` of the W disjoint
+   shards gives every rank the whole bucket, divided by W, bitwise the same everywhere.
+
+Per rank: (W - 1) rows sent and received in stage 1 and one row sent, W - 1 received in stage
+3, each row about 1/W of the allgather buffer: about 3 allgather buffers whatever W is.
+Stage 3 is issued from a callback, in the step's ``StepOrder`` (after every bucket's stage 1,
+in bucket order), so every rank issues its collectives in the same order.
+"""
+
+from typing import List
+
+import torch
+
+from .. import ops
+from .. import payload as wire
+from . import collectives
+from .futures import new_future
+from .layout import FLOOR
+
+_NUMEL_WORDS = slice(2, 4)  # header words 2-3: numel (int64), see payload.header_words
+
+
+def rebase(buffer: torch.Tensor, start: int, numel: int, capacity: int) -> None:
+    """Turn a wire buffer of a range's payload into one of the whole tensor: indices += start
+    and the header's numel := ``numel`` (count, overflow and values are left as they are)."""
+    words = torch.tensor(wire.header_words(numel, capacity, torch.float32)[_NUMEL_WORDS],
+                         dtype=torch.int32)
+    buffer[8:16].view(torch.int32).copy_(words, non_blocking=True)
+    if start:
+        buffer[wire.HEADER_BYTES:wire.HEADER_BYTES + 4 * capacity].view(torch.int32).add_(start)
+
+
+def write_empty(buffer: torch.Tensor, numel: int, capacity: int,
+                value_dtype: torch.dtype) -> None:
+    """An empty payload (count 0) of ``capacity`` slots for a tensor of ``numel`` elements."""
+    buffer.zero_()
+    words = torch.tensor(wire.header_words(numel, capacity, value_dtype), dtype=torch.int32)
+    buffer[:wire.HEADER_BYTES].view(torch.int32).copy_(words, non_blocking=True)
+
+
+def row_fields(rows: torch.Tensor, capacity: int):
+    """(indices int32 [W, capacity], count int32 [W], overflow int32 [W]) views of wire rows."""
+    indices = rows[:, wire.HEADER_BYTES:wire.HEADER_BYTES + 4 * capacity].view(torch.int32)
+    count = rows[:, 20:24].view(torch.int32)[:, 0]
+    overflow = rows[:, 24:28].view(torch.int32)[:, 0]
+    return indices, count, overflow
+
+
+class ReduceScatterExchange:
+    """Sized once from a bucket layout (its ``shard``); ``start`` once per sparse step.
+
+    ``start(buffer, step, order, refresh_due)`` runs stage 1 on the calling thread and chains
+    stages 2 and 3 in ``order``; it returns (future of the bucket's average, send rows).
+    ``refresh_due(pieces)`` says whether τ' must be recomputed this step (schedule or a
+    pending flag); it is called in the callback with this rank's ``ShardPiece`` states.
+    """
+
+    name = "reduce_scatter"
+
+    def __init__(self, layout, *, group, value_dtype, backend, validate, errors, on_shard):
+        self.layout = layout
+        self.shard = layout.shard
+        self.group = group
+        self.value_dtype = value_dtype
+        self.backend = backend
+        self.validate = validate
+        self.errors = errors
+        self.on_shard = on_shard  # (stage-2 payload, refreshed) -> None: statistics, flags
+        world = layout.world
+        self.capacity = self.shard.capacity
+        row = layout.plan.shard_row_bytes
+        device = layout.device
+        self.send = torch.zeros(world, row, dtype=torch.uint8, device=device)
+        self.recv = torch.zeros(world, row, dtype=torch.uint8, device=device)
+        self.own = torch.zeros(row, dtype=torch.uint8, device=device)
+        self.gathered = torch.zeros(world, row, dtype=torch.uint8, device=device)
+        self.sum = torch.zeros(self.shard.numel, dtype=torch.float32, device=device)
+
+    def traffic(self):
+        """(sent, received) bytes per rank of one step (without the dense part)."""
+        w, r = self.layout.world, self.send.shape[1]
+        return (w - 1) * r + r, 2 * (w - 1) * r
+
+    def stage1(self, buffer: torch.Tensor) -> None:
+        """Compress the bucket shard by shard into the rows of ``send`` (no sync)."""
+        layout, shard = self.layout, self.shard
+        taus = layout.thresholds.index_select(0, shard.piece_param)
+        value_dtype = self.value_dtype
+        cuts = layout.plan.cuts
+        for s, segments in enumerate(shard.all_segments):
+            lo, hi = cuts[s], cuts[s + 1]
+            if segments is None:
+                write_empty(self.send[s], 0, self.capacity, value_dtype)
+                continue
+            ops.compress(buffer[lo:hi], taus[shard.piece_bounds[s]:shard.piece_bounds[s + 1]],
+                         segments=segments, residual=layout.residual[lo:hi],
+                         capacity=self.capacity, value_dtype=value_dtype, out=self.send[s],
+                         backend=self.backend)
+
+    def stage2(self, refresh: bool) -> None:
+        """Sum this rank's shard over the ranks, add the shard residual, threshold at τ'
+        (recomputed first when ``refresh``), rebase to bucket positions into ``own``."""
+        layout, shard = self.layout, self.shard
+        if shard.segments is None:
+            write_empty(self.own, layout.numel, self.capacity, self.value_dtype)
+            return
+        ops.decompress_many(self.recv, out=self.sum, validate=self.validate,
+                            capacity=self.capacity, value_dtype=self.value_dtype,
+                            errors=self.errors, backend=self.backend)
+        if refresh:
+            acc = self.sum + shard.residual
+            taus = ops.select_threshold(acc, shard.ks, segments=shard.segments,
+                                        backend=self.backend).to(torch.float32)
+            taus = torch.where(shard.keep_all_mask, FLOOR, torch.clamp_min(taus, FLOOR))
+            shard.thresholds.copy_(torch.where(shard.sparse_mask, taus, float("inf")))
+        payload = ops.compress(self.sum, shard.thresholds, segments=shard.segments,
+                               residual=shard.residual, capacity=self.capacity,
+                               value_dtype=self.value_dtype, out=self.own,
+                               backend=self.backend)
+        self.on_shard(payload, refresh)
+        rebase(self.own, shard.start, layout.numel, self.capacity)
+
+    def start(self, buffer: torch.Tensor, order, refresh_due):
+        layout = self.layout
+        device = buffer.device
+        self.stage1(buffer)
+        exchanged = collectives.all_to_all_rows_async(self.send, self.recv, self.group)
+        result = new_future(device)
+
+        def issue_stage3():
+            try:
+                exchanged.wait()
+                self.stage2(refresh_due())
+                gathered = collectives.all_gather_rows_async(self.own, self.group,
+                                                             out=self.gathered)[1]
+            except Exception as error:
+                result.set_exception(error)
+                return
+
+            def finish(_):
+                try:
+                    gathered.wait()
+                    ops.decompress_many(self.gathered, out=buffer, average=True,
+                                        validate=self.validate, capacity=self.capacity,
+                                        value_dtype=self.value_dtype, errors=self.errors,
+                                        backend=self.backend)
+                    result.set_result(buffer)
+                except Exception as error:
+                    result.set_exception(error)
+
+            gathered.then(finish)
+
+        order.chain([exchanged], issue_stage3)
+        return result, self.send
+
+    def stage1_positions(self):
+        """(bucket positions int64 [W, capacity], valid bool [W, capacity], count [W],
+        overflow [W]) of the rows this rank sent in stage 1."""
+        indices, count, overflow = row_fields(self.send, self.capacity)
+        positions = indices.to(torch.int64) + self.shard.cut_starts[:, None]
+        slots = torch.arange(self.capacity, device=self.send.device)
+        return positions, slots[None, :] < count[:, None], count, overflow
+
+
+def sparse_shards(numel: int, world: int) -> List[int]:
+    """Equal-length cuts of [0, numel) into W shards (for ``sparse_all_reduce``)."""
+    return [numel * s // world for s in range(world)] + [numel]
+
+
+def plain_reduce_scatter(tensor, threshold, *, capacity, residual, segments, value_dtype,
+                         group, out, average, validate, errors, shard_threshold,
+                         shard_residual, backend):
+    """``sparse_all_reduce(exchange="reduce_scatter")`` (see its docstring), synchronous."""
+    import torch.distributed as dist
+
+    if segments is not None:
+        raise ValueError("segments: not supported with exchange='reduce_scatter' in "
+                         "sparse_all_reduce (use DCTState for layer-wise thresholds)")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    numel = tensor.numel()
+    device = tensor.device
+    value_dtype = value_dtype or tensor.dtype
+    if shard_residual is not None and (not isinstance(shard_residual, torch.Tensor) or
+                                       shard_residual.dtype != torch.float32 or
+                                       shard_residual.numel() != numel or
+                                       not shard_residual.is_contiguous()):
+        raise ValueError(f"shard_residual: expected a contiguous fp32 tensor of {numel} "
+                         f"elements")
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
+        raise ValueError(f"capacity: expected an int >= 0, got {capacity!r}")
+    cuts = sparse_shards(numel, world)
+    row_capacity = -(-capacity // world)
+    row = wire.layout(row_capacity, value_dtype)[1]
+    send = torch.zeros(world, row, dtype=torch.uint8, device=device)
+    recv = torch.empty_like(send)
+    flat = tensor.detach().contiguous().view(-1)
+    res = residual.view(-1) if residual is not None else None
+    for s in range(world):
+        lo, hi = cuts[s], cuts[s + 1]
+        if lo == hi:
+            write_empty(send[s], 0, row_capacity, value_dtype)
+            continue
+        ops.compress(flat[lo:hi], threshold, residual=None if res is None else res[lo:hi],
+                     capacity=row_capacity, value_dtype=value_dtype, out=send[s],
+                     backend=backend)
+    collectives.all_to_all_rows_async(send, recv, group).wait()
+    lo, hi = cuts[rank], cuts[rank + 1]
+    own = torch.zeros(row, dtype=torch.uint8, device=device)
+    if lo == hi:
+        write_empty(own, numel, row_capacity, value_dtype)
+        payload = wire.SparsePayload(own, numel=numel, capacity=row_capacity,
+                                     value_dtype=value_dtype, shape=(numel,),
+                                     dtype=tensor.dtype)
+    else:
+        total = torch.zeros(hi - lo, dtype=torch.float32, device=device)
+        ops.decompress_many(recv, out=total, validate=validate, capacity=row_capacity,
+                            value_dtype=value_dtype, errors=errors, backend=backend)
+        level2 = threshold if shard_threshold is None else shard_threshold
+        payload = ops.compress(total, level2,
+                               residual=None if shard_residual is None
+                               else shard_residual.view(-1)[lo:hi],
+                               capacity=row_capacity, value_dtype=value_dtype, out=own,
+                               backend=backend)
+        rebase(own, lo, numel, row_capacity)
+        payload = wire.SparsePayload(own, numel=numel, capacity=row_capacity,
+                                     value_dtype=value_dtype, shape=(numel,),
+                                     dtype=tensor.dtype)
+    gathered, future = collectives.all_gather_rows_async(own, group)
+    future.wait()
+    ops.decompress_many(gathered, out=out.view(-1), average=average, validate=validate,
+                        capacity=row_capacity, value_dtype=value_dtype, errors=errors,
+                        backend=backend)
+    return out, payload

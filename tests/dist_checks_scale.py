@@ -1,0 +1,537 @@
+"""Checks of DCT-DP at scale, run on every rank of a spawned gloo group
+(``dist_harness.run_group``): zeros never sent, the reduce_scatter exchange against an
+independent oracle, the collective issue order, bytes counted by wrapping torch.distributed
+(``wire_tap``) against ``stats()``, disagreeing ``exchange`` settings, unused parameters and
+sparse embeddings under DDP.
+
+Oracles: masks from ``|acc| >= τ`` in plain torch, ``torch.topk`` for thresholds, rank-order
+fp32 sums, what each rank put on the wire captured from the wrapped collectives.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+import dct_kernels as dk
+from dct_kernels.distributed import DCTState, dct_hook, sizing
+from dct_kernels.payload import SparsePayload
+from dist_checks import (FakeBucket, assert_same_on_all_ranks, expect_error, gather,
+                         rank_generator)
+from helpers import assert_bitwise_equal
+from wire_tap import WireTap
+
+FLOOR = 2.0 ** -149
+
+
+def decode(row: torch.Tensor) -> torch.Tensor:
+    return dk.decompress(SparsePayload.from_buffer(row), validate=True).float()
+
+
+def live_values(row: torch.Tensor) -> torch.Tensor:
+    payload = SparsePayload.from_buffer(row)
+    return payload.values[:int(payload.count)].float()
+
+
+def kth(acc: torch.Tensor, k: int) -> torch.Tensor:
+    """max(k-th largest |acc|, 2^-149) as fp32 [1] (the contract's τ)."""
+    tau = torch.topk(acc.abs(), k).values[-1:]
+    return torch.clamp_min(tau, FLOOR)
+
+
+def first_fitting(mask: torch.Tensor, capacity: int) -> torch.Tensor:
+    return mask & (mask.cumsum(0) <= capacity)
+
+
+def run_step(state, buckets):
+    """Call the hook on each bucket of a step (the last one marked last), then wait."""
+    futures = [dct_hook(state, b) for b in buckets]
+    return [f.wait() for f in futures]
+
+
+# ------------------------------------------------------------------------ zeros never sent
+
+
+def check_zeros_never_sent(rank, world):
+    """An all-zero parameter before a normal one (ratio 0.01): the payload carries no zero
+    and the normal parameter sends its k entries; a parameter with fewer than k nonzeros
+    sends exactly its nonzeros, and none of this triggers early refreshes. Both exchanges."""
+    n = 5000
+    k = math.ceil(0.01 * n)
+    for exchange in ("allgather", "reduce_scatter"):
+        params = [torch.nn.Parameter(torch.zeros(n)) for _ in range(3)]
+        state = DCTState(ratio=0.01, warmup_steps=0, refresh_every=100, min_numel=16,
+                         exchange=exchange,
+                         module=[(f"p{i}", p) for i, p in enumerate(params)])
+        overflows = 0
+        for step in range(6):
+            g = rank_generator(20, rank, step)
+            normal = torch.randn(n, generator=g)
+            few = torch.zeros(n)
+            few[torch.randperm(n, generator=g)[:3]] = torch.randn(3, generator=g)
+            grads = [torch.zeros(n), few, normal]
+            before = state.state_dict()["params"]
+            with WireTap(world) as tap:
+                out, = run_step(state, [FakeBucket(params, grads)])
+            rows = tap.of("all_gather") if exchange == "allgather" else tap.of("all_to_all")
+            own = rows[0].view(world, -1) if exchange == "reduce_scatter" else rows[0][None]
+            values = torch.cat([live_values(r) for r in own])
+            assert bool((values != 0).all()), f"{exchange} step {step}: a zero was sent"
+            if exchange == "allgather":
+                sent = decode(rows[0])
+            else:
+                cuts = sizing.plan([n] * 3, [True] * 3, ratio=0.01, capacity_factor=1.5,
+                                   world=world, dtype=torch.float32,
+                                   value_dtype=torch.float32).cuts
+                sent = torch.cat([decode(r)[:cuts[s + 1] - cuts[s]]
+                                  for s, r in enumerate(own)])
+            assert int(torch.count_nonzero(sent[:n])) == 0, "the zero parameter sent entries"
+            acc_few = few + (before["p1"]["residual"] if step else 0)
+            assert_bitwise_equal(sent[n:2 * n], acc_few, f"{exchange} step {step}: few")
+            acc_normal = normal + (before["p2"]["residual"] if step else 0)
+            if step == 0:
+                passing = acc_normal.abs() >= kth(acc_normal, k)
+                assert_bitwise_equal(sent[2 * n:], torch.where(passing, acc_normal, 0.0),
+                                     "normal parameter at its refresh")
+            assert int(torch.count_nonzero(sent[2 * n:])) >= k, "normal parameter starved"
+            assert_same_on_all_ranks(out, f"{exchange} result")
+            saved = state.state_dict()["params"]
+            now = state.stats()
+            overflowed = now["overflowed_buckets"] + now["shard_overflow"] > overflows
+            overflows = now["overflowed_buckets"] + now["shard_overflow"]
+            # Fresh random gradients move the normal parameter's kept count, so the band (or
+            # an overflow, which flags the whole bucket) may ask for refreshes; the zero and
+            # the few-nonzeros parameters never do by themselves.
+            assert overflowed or not (saved["p0"]["refresh_pending"] or
+                                      saved["p1"]["refresh_pending"]), step
+            if exchange == "reduce_scatter":
+                for key in ("p0", "p1"):
+                    shard = saved[key]["shard"]
+                    assert overflowed or shard is None or not shard["refresh_pending"], key
+        assert saved["p0"]["threshold"].item() == FLOOR, saved["p0"]["threshold"]
+        assert saved["p1"]["threshold"].item() == FLOOR, saved["p1"]["threshold"]
+
+
+def check_few_nonzeros_no_refresh(rank, world):
+    """Only parameters with fewer than k nonzeros (and an all-zero one): no early refresh in
+    20 steps, every nonzero sent every step, nothing left in the residuals."""
+    n = 4000
+    for exchange in ("allgather", "reduce_scatter"):
+        params = [torch.nn.Parameter(torch.zeros(n)) for _ in range(2)]
+        state = DCTState(ratio=0.02, warmup_steps=0, refresh_every=1000, min_numel=16,
+                         exchange=exchange,
+                         module=[(f"p{i}", p) for i, p in enumerate(params)])
+        for step in range(20):
+            g = rank_generator(21, rank, step)
+            grad = torch.zeros(n)
+            grad[torch.randperm(n, generator=g)[:10 + step]] = torch.randn(10 + step,
+                                                                           generator=g)
+            out, = run_step(state, [FakeBucket(params, [torch.zeros(n), grad])])
+            want = sum(gather(grad)) / world if world > 1 else grad
+            assert torch.allclose(out[n:], want, rtol=1e-6, atol=1e-7), f"step {step}"
+        stats = state.stats()
+        assert stats["early_refreshes"] == 0 and stats["bucket_refreshes"] == 1, stats
+        for key, entry in state.state_dict()["params"].items():
+            assert int(torch.count_nonzero(entry["residual"])) == 0, key
+
+
+# --------------------------------------------------------------- reduce_scatter, audited
+
+
+def _buckets_of(params, grads, groups):
+    """FakeBuckets over consecutive groups of parameters, the last one marked last."""
+    out, i = [], 0
+    for j, size in enumerate(groups):
+        out.append(FakeBucket(params[i:i + size], grads[i:i + size],
+                              last=j == len(groups) - 1))
+        i += size
+    return out
+
+
+def check_reduce_scatter_audited(rank, world, steps=6):
+    """Three buckets per step with the reduce_scatter exchange, bf16 on the wire, every step
+    against an oracle written from the contract: stage 1 (each rank's rows: entries with
+    |grad + residual| >= τ_p shard by shard, the first that fit; τ_p at a refresh the exact
+    k-th magnitude), stage 2 (the shard owner's rank-order sum + shard residual, τ' the exact
+    k-th of each piece at a refresh, the first that fit), the result (sum of the shard
+    payloads / W, small parameters all-reduced), EF at both levels bit for bit, the result
+    identical on every rank; shards balanced by k."""
+    shapes = [(60, 50), (7,), (2000,), (4000,), (1500,), (30,)]
+    groups = [3, 1, 2]
+    ratio, cf, min_numel = 0.02, 1.5, 16
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    names = [f"p{i}" for i in range(len(params))]
+    state = DCTState(ratio=ratio, warmup_steps=1, refresh_every=3, min_numel=min_numel,
+                     value_dtype=torch.bfloat16, exchange="reduce_scatter",
+                     module=list(zip(names, params)))
+    for step in range(steps):
+        g = rank_generator(22, rank, step)
+        grads = [torch.randn(s, generator=g) * (1 + step % 2) for s in shapes]
+        buckets = _buckets_of(params, grads, groups)
+        locals_ = [b.buffer().clone() for b in buckets]
+        before = state.state_dict()["params"] if step else None
+        with WireTap(world) as tap:
+            results = run_step(state, buckets)
+        after = state.state_dict()["params"]
+        if step == 0:
+            continue  # warm-up: dense
+        a2a, ag = tap.of("all_to_all"), tap.of("all_gather")
+        assert len(a2a) == len(ag) == len(buckets), (len(a2a), len(ag))
+        first = 0
+        for b, (bucket, local, result) in enumerate(zip(buckets, locals_, results)):
+            keys = names[first:first + groups[b]]
+            numels = [p.numel() for p in params[first:first + groups[b]]]
+            first += groups[b]
+            _audit_bucket(rank, world, step, keys, numels, local, result, before, after,
+                          a2a[b], ag[b], ratio, cf, min_numel)
+    stats = state.stats()
+    assert stats["buckets_reduce_scatter"] == 3 * (steps - 1) and stats["overflow"] >= 0
+    assert stats["shard_refreshes"] >= 2, stats
+
+
+def _audit_bucket(rank, world, step, keys, numels, local, result, before, after, a2a_row,
+                  ag_row, ratio, cf, min_numel):
+    sparse = [n >= min_numel for n in numels]
+    plan = sizing.plan(numels, sparse, ratio=ratio, capacity_factor=cf, world=world,
+                       dtype=torch.float32, value_dtype=torch.bfloat16)
+    cuts, cap = plan.cuts, plan.shard_capacity
+    offsets = [0]
+    for n in numels:
+        offsets.append(offsets[-1] + n)
+    numel = offsets[-1]
+    # Shards: contiguous, covering, balanced by k (within one piece's rounding).
+    ks = [sizing.k_of(n, ratio) if s else 0 for n, s in zip(numels, sparse)]
+    mass = [sum(k * max(0, min(hi, offsets[i + 1]) - max(lo, offsets[i])) / numels[i]
+                for i, k in enumerate(ks)) for lo, hi in zip(cuts[:-1], cuts[1:])]
+    assert cuts[0] == 0 and cuts[-1] == numel and list(cuts) == sorted(cuts)
+    # Each cut lies within one element's share of k (k / n <= 1) of its target s K / W.
+    assert all(abs(m - sum(ks) / world) <= 2 + 1e-9 for m in mass), (mass, sum(ks) / world)
+    # Stage 1 oracle for every rank (accs and τ gathered from the ranks).
+    acc = torch.zeros(numel)
+    tau = torch.full((numel,), math.inf)
+    for i, (key, s) in enumerate(zip(keys, sparse)):
+        if not s:
+            continue
+        a, b = offsets[i], offsets[i + 1]
+        acc[a:b] = local[a:b] + before[key]["residual"]
+        tau[a:b] = after[key]["threshold"]
+        if after[key]["refreshed_at"] == step:
+            assert_bitwise_equal(after[key]["threshold"], kth(acc[a:b], ks[i]),
+                                 f"step {step} {key}: τ at refresh")
+    accs, taus = gather(acc), gather(tau)
+    sent1 = torch.zeros(world, numel)
+    for r in range(world):
+        for s in range(world):
+            lo, hi = cuts[s], cuts[s + 1]
+            kept = first_fitting(accs[r, lo:hi].abs() >= taus[r, lo:hi], cap)
+            sent1[r, lo:hi] = torch.where(kept, accs[r, lo:hi].bfloat16().float(), 0.0)
+    rows = a2a_row.view(world, -1)
+    for s in range(world):
+        lo, hi = cuts[s], cuts[s + 1]
+        if hi > lo:
+            assert_bitwise_equal(decode(rows[s]), sent1[rank, lo:hi],
+                                 f"step {step}: stage-1 row {s}")
+    for i, (key, s) in enumerate(zip(keys, sparse)):
+        if s:
+            a, b = offsets[i], offsets[i + 1]
+            assert_bitwise_equal(sent1[rank, a:b] + after[key]["residual"], acc[a:b],
+                                 f"step {step} {key}: EF level 1")
+    # Stage 2 on this rank's shard.
+    lo, hi = cuts[rank], cuts[rank + 1]
+    total = torch.zeros(hi - lo)
+    for r in range(world):
+        total = total + sent1[r, lo:hi]
+    res2 = torch.zeros(hi - lo)
+    tau2 = torch.full((hi - lo,), math.inf)
+    for i, (key, s) in enumerate(zip(keys, sparse)):
+        a, b = max(lo, offsets[i]), min(hi, offsets[i + 1])
+        if not s or a >= b:
+            continue
+        shard_before, shard_after = before[key]["shard"], after[key]["shard"]
+        assert shard_after["start"] == a - offsets[i] and shard_after["residual"].numel() == b - a
+        if shard_before is not None:
+            res2[a - lo:b - lo] = shard_before["residual"]
+        piece_acc = total[a - lo:b - lo] + res2[a - lo:b - lo]
+        if shard_after["refreshed_at"] == step:
+            k = sizing.piece_k(ks[i], numels[i], b - a)
+            want = torch.tensor([FLOOR]) if k == b - a else kth(piece_acc, k)
+            assert_bitwise_equal(shard_after["threshold"], want, f"step {step} {key}: τ'")
+        tau2[a - lo:b - lo] = shard_after["threshold"]
+    acc2 = total + res2
+    kept2 = first_fitting(acc2.abs() >= tau2, cap)
+    sent2 = torch.where(kept2, acc2.bfloat16().float(), 0.0)
+    own = decode(ag_row)
+    assert_bitwise_equal(own[lo:hi], sent2, f"step {step}: stage-2 payload")
+    assert int(torch.count_nonzero(own[:lo])) + int(torch.count_nonzero(own[hi:])) == 0
+    for i, (key, s) in enumerate(zip(keys, sparse)):
+        a, b = max(lo, offsets[i]), min(hi, offsets[i + 1])
+        if s and a < b:
+            assert_bitwise_equal(sent2[a - lo:b - lo] + after[key]["shard"]["residual"],
+                                 acc2[a - lo:b - lo], f"step {step} {key}: EF level 2")
+    # The result: the shard payloads' sum / W; the small parameters' all-reduce / W.
+    shards = gather(own)
+    want = torch.zeros(numel)
+    for row in shards:
+        want = want + row
+    want = want / torch.tensor(float(world))
+    small = torch.cat([local[offsets[i]:offsets[i + 1]] for i, s in enumerate(sparse)
+                       if not s]) if not all(sparse) else None
+    if small is not None:
+        dist.all_reduce(small)
+        small = small / world
+        j = 0
+        for i, s in enumerate(sparse):
+            if not s:
+                n = numels[i]
+                want[offsets[i]:offsets[i] + n] = small[j:j + n]
+                j += n
+    assert_bitwise_equal(result, want, f"step {step}: result")
+    assert_same_on_all_ranks(result, f"step {step}: result")
+
+
+# --------------------------------------------------------------------------- issue order
+
+
+def check_issue_order(rank, world):
+    """Several reduce_scatter buckets per step, with ranks slowed down differently between
+    buckets: every rank issues the same sequence of collectives (op, bytes), and the results
+    agree on every rank; bucket futures complete only after the last bucket is hooked."""
+    import time
+
+    shapes = [(3000,), (2500,), (2000,), (1500,)]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    state = DCTState(ratio=0.02, warmup_steps=0, min_numel=16, exchange="reduce_scatter",
+                     module=[(f"p{i}", p) for i, p in enumerate(params)])
+    for step in range(4):
+        g = rank_generator(23, rank, step)
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        buckets = _buckets_of(params, grads, [1, 1, 1, 1])
+        with WireTap(world) as tap:
+            futures = []
+            for b, bucket in enumerate(buckets):
+                futures.append(dct_hook(state, bucket))
+                if b < len(buckets) - 1:
+                    assert not futures[0].done(), "stage 3 ran before the last bucket"
+                # Odd ranks dawdle between buckets: without a fixed order their callbacks
+                # would issue stage 3 before the next bucket's stage 1.
+                time.sleep(0.05 if rank % 2 else 0.0)
+            results = [f.wait() for f in futures]
+        sequence = torch.tensor([[("all_gather", "all_to_all", "all_reduce").index(c.op),
+                                  c.input.numel(), c.input.dtype == torch.int64]
+                                 for c in tap.calls], dtype=torch.int64)
+        rows = gather(sequence)
+        for r in range(1, world):
+            assert torch.equal(rows[r], rows[0]), f"rank {r} issued {rows[r].tolist()} vs " \
+                                                  f"rank 0 {rows[0].tolist()}"
+        ops = [op for op, _, check in rows[0].tolist() if not check]
+        assert ops == [1, 1, 1, 1, 0, 0, 0, 0], rows[0].tolist()
+        for b, result in enumerate(results):
+            assert_same_on_all_ranks(result, f"step {step} bucket {b}")
+
+
+# ------------------------------------------------------------------- bytes on the wire
+
+
+def _bytes_run(rank, world, exchange, group, steps, shapes, **kwargs):
+    """(tap sent, tap received, stats) per rank over ``steps`` steps of FakeBuckets."""
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    state = DCTState(group, exchange=exchange, module=[(f"p{i}", p)
+                                                       for i, p in enumerate(params)],
+                     **kwargs)
+    sent = received = 0.0
+    ring = 0.0
+    for step in range(steps):
+        g = rank_generator(24, rank, step)
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        buckets = _buckets_of(params, grads, [len(shapes) - 1, 1])
+        with WireTap(world) as tap:
+            run_step(state, buckets)
+        sent += tap.sent
+        received += tap.received
+        ring += sum(4 * (world - 1) / world * b.buffer().numel() * 4 for b in buckets)
+    return sent, received, ring, state.stats()
+
+
+def _close(a, b):
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1.0)
+
+
+def check_bytes_counted(rank, world):
+    """stats() bytes equal what the wrapped collectives moved (dense warm-up and small dense
+    parameters included), for both exchanges and "auto"; bytes_ring and compression as
+    DESIGN §4 defines them; "auto" picks the exchange the cost model says is cheaper."""
+    shapes = [(120, 100), (50,), (9000,), (3000,)]
+    kwargs = dict(ratio=0.01, warmup_steps=2, refresh_every=4, min_numel=64)
+    totals = {}
+    for exchange in ("allgather", "reduce_scatter", "auto"):
+        sent, received, ring, stats = _bytes_run(rank, world, exchange, None, 6, shapes,
+                                                 **kwargs)
+        assert _close(stats["bytes_sent"], sent), (exchange, stats["bytes_sent"], sent)
+        assert _close(stats["bytes_received"], received), (exchange, stats, received)
+        assert _close(stats["bytes_ring"], ring), (exchange, stats["bytes_ring"], ring)
+        assert _close(stats["compression"], ring / (sent + received)), stats
+        totals[exchange] = sent + received
+    chosen = "reduce_scatter" if totals["reduce_scatter"] <= 0.9 * totals["allgather"] \
+        else "allgather"
+    assert _close(totals["auto"], totals[chosen]), (totals, chosen)
+
+
+def check_scale_bytes(rank, world):
+    """Bytes per rank of reduce_scatter at W = world vs W = world / 2 (a subgroup), counted by
+    wrapping the collectives: at most 1.25x; compression >= 100 at ratio 0.003, capacity
+    factor 1.5, bf16 values; allgather's bytes per rank grow with W."""
+    half = world // 2
+    subgroup = dist.new_group(list(range(half)))
+    shapes = [(400, 500), (400,), (500, 100), (100,)]
+    kwargs = dict(ratio=0.003, capacity_factor=1.5, value_dtype=torch.bfloat16,
+                  warmup_steps=0, refresh_every=100, min_numel=1024)
+    per_rank = {}
+    for exchange in ("reduce_scatter", "allgather"):
+        for w, group in ((world, None), (half, subgroup)):
+            if rank < w:
+                sent, received, ring, stats = _bytes_run(rank, w, exchange, group, 3, shapes,
+                                                         **kwargs)
+                assert _close(stats["bytes_sent"] + stats["bytes_received"], sent + received)
+                value = torch.tensor([sent + received, stats["compression"]],
+                                     dtype=torch.float64)
+            else:
+                value = torch.zeros(2, dtype=torch.float64)
+            rows = gather(value)[:w]
+            per_rank[exchange, w] = (rows[:, 0].max().item(), rows[:, 1].min().item())
+    rs_big, rs_small = per_rank["reduce_scatter", world], per_rank["reduce_scatter", half]
+    assert rs_big[0] <= 1.25 * rs_small[0], per_rank
+    assert rs_big[1] >= 100, per_rank
+    ag_big, ag_small = per_rank["allgather", world], per_rank["allgather", half]
+    assert ag_big[0] > 1.5 * ag_small[0], per_rank
+    if rank == 0:
+        print("scale bytes per rank and compression:", per_rank)
+
+
+# ---------------------------------------------------------------- disagreeing exchange
+
+
+def check_mismatched_exchange(rank, world):
+    """A rank configured with another ``exchange`` (or "auto" against the explicit choice it
+    would make) gets a ValueError naming it on every rank; a bad value is refused at once."""
+    last = world - 1
+
+    def hook_once(**kwargs):
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in ((3000,), (7,))]
+        g = rank_generator(25, rank)
+        bucket = FakeBucket(params, [torch.randn(p.shape, generator=g) for p in params])
+        run_step(DCTState(min_numel=16, warmup_steps=0, **kwargs), [bucket])
+
+    expect_error(lambda: hook_once(
+        exchange="reduce_scatter" if rank == last else "allgather"),
+        "exchange", f"rank {last} has reduce_scatter", "rank 0 has allgather")
+    expect_error(lambda: hook_once(exchange="auto" if rank == 0 else "allgather"),
+                 "exchange", "rank 0 has auto")
+    expect_error(lambda: DCTState(exchange="ring"), "exchange")
+    expect_error(lambda: dk.distributed.sparse_all_reduce(torch.ones(8), 0.5, capacity=4,
+                                                          exchange="ring"), "exchange")
+    probe = torch.tensor([float(rank + 1)])
+    dist.all_reduce(probe)
+    assert probe.item() == world * (world + 1) / 2
+    hook_once(exchange="reduce_scatter")
+
+
+# ---------------------------------------------------- sparse_all_reduce, reduce_scatter
+
+
+def check_sparse_all_reduce_reduce_scatter(rank, world):
+    """sparse_all_reduce(exchange="reduce_scatter") against a dense oracle with a generous
+    capacity (equal shards; both levels keep what passes), EF at both levels."""
+    n = 3001
+    g = rank_generator(26, rank)
+    x = torch.randn(n, generator=g)
+    r0 = torch.randn(n, generator=g) * 0.3
+    residual, shard_residual = r0.clone(), torch.zeros(n)
+    out, payload = dk.distributed.sparse_all_reduce(
+        x, 1.0, capacity=n, residual=residual, exchange="reduce_scatter",
+        shard_threshold=0.5, shard_residual=shard_residual)
+    accs = gather(x + r0)
+    sent1 = torch.where(accs.abs() >= 1.0, accs, 0.0)
+    assert_bitwise_equal(residual, (x + r0) - sent1[rank], "level-1 residual")
+    total = torch.zeros(n)
+    for row in sent1:
+        total = total + row
+    kept = torch.where(total.abs() >= 0.5, total, 0.0)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    assert_bitwise_equal(shard_residual[lo:hi], total[lo:hi] - kept[lo:hi], "level 2")
+    assert int(torch.count_nonzero(shard_residual[:lo])) == 0
+    assert_bitwise_equal(out, kept / torch.tensor(float(world)), "result")
+    assert int(payload.overflow) == 0
+    expect_error(lambda: dk.distributed.sparse_all_reduce(
+        x, 1.0, capacity=10, segments=torch.tensor([0, 5, n]), exchange="reduce_scatter"),
+        "segments")
+
+
+# --------------------------------------------- DDP: unused parameters, sparse embeddings
+
+
+class _Sparse(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(27)
+        self.emb = torch.nn.Embedding(5000, 8)
+        self.hidden = torch.nn.Linear(8, 64)
+        self.unused = torch.nn.Linear(64, 64)
+        self.out = torch.nn.Linear(64, 1)
+
+    def forward(self, idx):
+        return self.out(torch.tanh(self.hidden(self.emb(idx).mean(1)))).squeeze(-1)
+
+
+def check_unused_and_embedding(rank, world, steps=30):
+    """DDP with find_unused_parameters=True, an unused layer and an embedding whose batches
+    touch few rows (fewer nonzeros than its k): every used parameter's entries are sent every
+    step (the embedding's: all its nonzeros), nothing is sent for the unused layer, no zero
+    is sent, and early refreshes stay at a few beyond the scheduled ones. Both exchanges."""
+    for exchange in ("allgather", "reduce_scatter"):
+        model = _Sparse()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        state = DCTState(ratio=0.01, warmup_steps=0, refresh_every=10, min_numel=256,
+                         exchange=exchange, module=model)
+        ddp.register_comm_hook(state, dct_hook)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        explained = 0
+        for step in range(steps):
+            g = rank_generator(28, rank, step)
+            idx = torch.randint(0, 5000, (8, 3), generator=g)
+            y = torch.randn(8, generator=g)
+            with WireTap(world) as tap:
+                loss = (ddp(idx) - y).pow(2).mean()
+                optimizer.zero_grad()
+                loss.backward()
+            rows = tap.of("all_gather") if exchange == "allgather" else tap.of("all_to_all")
+            values = torch.cat([live_values(r) for row in rows
+                                for r in (row.view(world, -1) if exchange != "allgather"
+                                          else row[None])])
+            assert bool((values != 0).all()), f"step {step}: a zero was sent"
+            optimizer.step()
+            assert model.unused.weight.grad is None or \
+                int(torch.count_nonzero(model.unused.weight.grad)) == 0
+            touched = torch.unique(gather(idx).reshape(-1))
+            emb_grad = model.emb.weight.grad
+            # Every touched row arrived (all of the embedding's nonzeros were sent).
+            assert int((emb_grad[touched].abs().sum(1) > 0).sum()) >= len(touched) - 1, step
+            assert int(torch.count_nonzero(model.hidden.weight.grad)) > 0, step
+            saved = state.state_dict()["params"]
+            # The only parameter that may ask for an early refresh is the normal one (k = 6,
+            # fresh random gradients each step): never the embedding or the unused layer.
+            for key in ("emb.weight", "unused.weight"):
+                assert not saved[key]["refresh_pending"], (step, key)
+                shard = saved[key]["shard"]
+                assert shard is None or not shard["refresh_pending"], (step, key)
+            explained += bool(saved["hidden.weight"]["refresh_pending"]) and step + 1 < steps
+        stats = state.stats()
+        assert saved["emb.weight"]["threshold"].item() == FLOOR, saved["emb.weight"]
+        assert saved["unused.weight"]["threshold"].item() == FLOOR
+        assert torch.count_nonzero(saved["emb.weight"]["residual"]) == 0
+        # Every early refresh follows a step where the normal parameter asked for it.
+        assert stats["early_refreshes"] <= explained, (explained, stats)
+        # Scheduled refreshes count from the last refresh, early ones included.
+        assert 1 <= stats["bucket_refreshes"] - stats["early_refreshes"] <= 3, stats
+        assert stats["overflow"] == 0, stats
+        assert_same_on_all_ranks(torch.cat([p.detach().reshape(-1)
+                                            for p in model.parameters()]), exchange)
