@@ -11,6 +11,10 @@
 
 #include "dct_cpu.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace dct_cpu {
 
 // Storage types: the 16-bit formats are handled as their bit patterns.
@@ -123,6 +127,27 @@ inline T load(const void* p) {
 template <typename T>
 inline void store(void* p, T v) {
   std::memcpy(p, &v, sizeof(T));
+}
+
+// Bit j set when the magnitude key of acc[j] reaches tkey (int32 compare: every key and
+// threshold key is below 2^31), for 16 consecutive fp32 values.
+inline uint32_t keep_mask16(const float* acc, uint32_t tkey) {
+#if defined(__SSE2__)
+  const __m128i abs_mask = _mm_set1_epi32(0x7FFFFFFF), inf = _mm_set1_epi32(0x7F800000);
+  const __m128i below = _mm_set1_epi32(static_cast<int32_t>(tkey) - 1);  // key >= t: key > t-1
+  uint32_t mask = 0;
+  for (int q = 0; q < 4; ++q) {
+    __m128i key = _mm_and_si128(_mm_castps_si128(_mm_loadu_ps(acc + 4 * q)), abs_mask);
+    key = _mm_or_si128(key, _mm_and_si128(_mm_cmpgt_epi32(key, inf), abs_mask));  // NaN: top
+    const __m128i keep = _mm_cmpgt_epi32(key, below);
+    mask |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(keep))) << (4 * q);
+  }
+  return mask;
+#else
+  uint32_t mask = 0;
+  for (int j = 0; j < 16; ++j) mask |= static_cast<uint32_t>(magnitude_key(acc[j]) >= tkey) << j;
+  return mask;
+#endif
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

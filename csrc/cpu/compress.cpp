@@ -16,7 +16,7 @@ namespace dct_cpu {
 namespace {
 
 constexpr int64_t kChunk = 1 << 16;  // elements per task
-constexpr int kBlock = 64;           // elements tested together (a vectorizable loop)
+constexpr int kBlock = 16;           // elements tested together (one bit mask)
 
 struct Kept {
   int32_t index;
@@ -49,25 +49,63 @@ inline void load_acc(const T* x, const float* residual, int64_t i, int len, floa
     for (int e = 0; e < len; ++e) acc[e] += residual[i + e];
 }
 
-// Keys compared as int32: every key and threshold key is below 2^31.
-inline int32_t acc_key(float v) {
-  int32_t b = static_cast<int32_t>(bits_of(v) & 0x7FFFFFFFu);
-  return b > 0x7F800000 ? 0x7FFFFFFF : b;
+// acc of the block at i (kBlock values, or fewer at the end of a run: the rest are padded
+// and masked off) and the bit mask of its kept entries. Full blocks take fixed-length loops
+// (vector code; a variable-length loop of scalar stores read back as vectors stalls on
+// store forwarding).
+template <typename T, bool RESIDUAL>
+inline uint32_t block_mask(const T* x, const float* residual, int64_t i, int len, uint32_t tkey,
+                           float* acc) {
+  if (len == kBlock) {
+    for (int e = 0; e < kBlock; ++e) acc[e] = to_f32(x[i + e]);
+    if (RESIDUAL)
+      for (int e = 0; e < kBlock; ++e) acc[e] += residual[i + e];
+    return keep_mask16(acc, tkey);
+  }
+  load_acc<T, RESIDUAL>(x, residual, i, len, acc);
+  for (int e = len; e < kBlock; ++e) acc[e] = 0.0f;
+  return keep_mask16(acc, tkey) & ((1u << len) - 1u);
 }
+
+#if defined(__SSE2__)
+template <>
+inline uint32_t block_mask<float, true>(const float* x, const float* residual, int64_t i,
+                                        int len, uint32_t tkey, float* acc) {
+  if (len != kBlock) {
+    load_acc<float, true>(x, residual, i, len, acc);
+    for (int e = len; e < kBlock; ++e) acc[e] = 0.0f;
+    return keep_mask16(acc, tkey) & ((1u << len) - 1u);
+  }
+  for (int q = 0; q < 4; ++q)
+    _mm_storeu_ps(acc + 4 * q, _mm_add_ps(_mm_loadu_ps(x + i + 4 * q),
+                                          _mm_loadu_ps(residual + i + 4 * q)));
+  return keep_mask16(acc, tkey);
+}
+
+template <>
+inline uint32_t block_mask<float, false>(const float* x, const float* residual, int64_t i,
+                                         int len, uint32_t tkey, float* acc) {
+  if (len != kBlock) {
+    load_acc<float, false>(x, residual, i, len, acc);
+    for (int e = len; e < kBlock; ++e) acc[e] = 0.0f;
+    return keep_mask16(acc, tkey) & ((1u << len) - 1u);
+  }
+  // Without a residual acc is x itself: test it in place; acc is filled only when needed.
+  const uint32_t mask = keep_mask16(x + i, tkey);
+  if (mask) std::memcpy(acc, x + i, sizeof(float) * kBlock);
+  return mask;
+}
+#endif
 
 template <typename T, bool RESIDUAL>
 int64_t count_range(const CompressArgs& a, int64_t begin, int64_t end) {
   const T* x = static_cast<const T*>(a.x);
   int64_t total = 0;
   for_each_run(a, begin, end, [&](int64_t b, int64_t e, uint32_t tkey) {
-    const int32_t t = static_cast<int32_t>(tkey);
     float acc[kBlock];
     for (int64_t i = b; i < e; i += kBlock) {
       const int len = static_cast<int>(min64(kBlock, e - i));
-      load_acc<T, RESIDUAL>(x, a.residual, i, len, acc);
-      int32_t c = 0;
-      for (int j = 0; j < len; ++j) c += acc_key(acc[j]) >= t;
-      total += c;
+      total += __builtin_popcount(block_mask<T, RESIDUAL>(x, a.residual, i, len, tkey, acc));
     }
   });
   return total;
@@ -78,18 +116,20 @@ void compress_range(const CompressArgs& a, int64_t begin, int64_t end, std::vect
   const T* x = static_cast<const T*>(a.x);
   float* residual = a.residual;
   for_each_run(a, begin, end, [&](int64_t b, int64_t e, uint32_t tkey) {
-    const int32_t t = static_cast<int32_t>(tkey);
     float acc[kBlock];
     for (int64_t i = b; i < e; i += kBlock) {
       const int len = static_cast<int>(min64(kBlock, e - i));
-      load_acc<T, RESIDUAL>(x, residual, i, len, acc);
-      int32_t c = 0;
-      for (int j = 0; j < len; ++j) c += acc_key(acc[j]) >= t;
-      if (RESIDUAL)
-        for (int j = 0; j < len; ++j) residual[i + j] = acc[j];
-      if (c == 0) continue;
-      for (int j = 0; j < len; ++j) {
-        if (acc_key(acc[j]) < t) continue;
+      uint32_t mask = block_mask<T, RESIDUAL>(x, residual, i, len, tkey, acc);
+      if (RESIDUAL) {
+        if (len == kBlock) {  // fixed length: vector stores (a memcpy call here costs more)
+          for (int j = 0; j < kBlock; ++j) residual[i + j] = acc[j];
+        } else {
+          for (int j = 0; j < len; ++j) residual[i + j] = acc[j];
+        }
+      }
+      while (mask) {
+        const int j = __builtin_ctz(mask);
+        mask &= mask - 1;
         kept->push_back(Kept{static_cast<int32_t>(i + j), acc[j]});
         // Sent inf/NaN leave 0 behind; finite values leave the rounding error. An entry that
         // turns out not to fit gets all of acc back in the second step.

@@ -92,6 +92,48 @@ uint32_t select_radix(const T* x, int64_t n, int64_t k, int threads) {
   return (top << 15) | find_digit(low, &k);
 }
 
+// Over x[begin, end): counts the keys above hi into *over and appends the keys in [lo, hi]
+// to out at *count (out has room for end - begin more).
+void window_pass(const float* x, int64_t begin, int64_t end, uint32_t lo, uint32_t hi,
+                 uint32_t* out, int64_t* count, int64_t* over) {
+  const uint32_t width = hi - lo;
+  int64_t i = begin, n_out = *count, n_over = 0;
+#if defined(__SSE2__)
+  // Unsigned compares as signed ones on keys with the top bit flipped.
+  const __m128i flip = _mm_set1_epi32(static_cast<int32_t>(0x80000000u));
+  const __m128i abs_mask = _mm_set1_epi32(0x7FFFFFFF), inf = _mm_set1_epi32(0x7F800000);
+  const __m128i hi_f = _mm_set1_epi32(static_cast<int32_t>(hi ^ 0x80000000u));
+  const __m128i lo_v = _mm_set1_epi32(static_cast<int32_t>(lo));
+  const __m128i width_f = _mm_set1_epi32(static_cast<int32_t>(width ^ 0x80000000u));
+  __m128i above = _mm_setzero_si128();
+  for (; i + 4 <= end; i += 4) {
+    __m128i key = _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)),
+                                abs_mask);
+    key = _mm_or_si128(key, _mm_and_si128(_mm_cmpgt_epi32(key, inf), abs_mask));
+    above = _mm_sub_epi32(above, _mm_cmpgt_epi32(_mm_xor_si128(key, flip), hi_f));
+    const __m128i offset = _mm_xor_si128(_mm_sub_epi32(key, lo_v), flip);
+    const __m128i outside = _mm_cmpgt_epi32(offset, width_f);
+    int inside = ~_mm_movemask_ps(_mm_castsi128_ps(outside)) & 0xF;
+    while (inside) {
+      const int j = __builtin_ctz(inside);
+      inside &= inside - 1;
+      out[n_out++] = magnitude_key(x[i + j]);
+    }
+  }
+  int32_t lanes[4];
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(lanes), above);
+  n_over += int64_t(lanes[0]) + lanes[1] + lanes[2] + lanes[3];
+#endif
+  for (; i < end; ++i) {
+    const uint32_t key = magnitude_key(x[i]);
+    n_over += key > hi;
+    out[n_out] = key;  // kept only when inside: branch-free append
+    n_out += (key - lo) <= width;
+  }
+  *count = n_out;
+  *over += n_over;
+}
+
 // The sampled path for fp32; false when it cannot decide (then the radix select runs).
 bool select_sampled(const float* x, int64_t n, int64_t k, int threads, uint32_t* result) {
   const int64_t m = min64(n / 4, max64(16384, n >> 8));
@@ -115,7 +157,6 @@ bool select_sampled(const float* x, int64_t n, int64_t k, int threads, uint32_t*
                      std::greater<uint32_t>());
     lo = sample[last - 1];
   }
-  const uint32_t width = hi - lo;
   // Room for four times the expected share of the window in each task, plus slack.
   const double share = static_cast<double>(last - first + 1) / static_cast<double>(m);
   const int64_t tasks = ceil_div(n, kPassChunk);
@@ -129,17 +170,11 @@ bool select_sampled(const float* x, int64_t n, int64_t k, int threads, uint32_t*
     out.resize(room + 256);
     int64_t count = 0, over = 0;
     for (int64_t i = begin; i < end; i += 256) {
-      const int64_t stop = min64(end, i + 256);
       if (count > room) {  // the window holds far more than the sample said
         full[t] = 1;
         return;
       }
-      for (int64_t j = i; j < stop; ++j) {
-        const uint32_t key = magnitude_key(x[j]);
-        over += key > hi;
-        out[count] = key;  // kept only when inside: branch-free append
-        count += (key - lo) <= width;
-      }
+      window_pass(x, i, min64(end, i + 256), lo, hi, out.data(), &count, &over);
     }
     out.resize(count);
     above[t] = over;
