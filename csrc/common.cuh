@@ -20,6 +20,20 @@ namespace dct {
   } while (0)
 #define DCT_CHECK_LAUNCH(where) DCT_CHECK(where, cudaGetLastError())
 
+// Rejects an argument before any CUDA call: `what` names the op and the argument.
+inline Status invalid_argument(const char* what) {
+  return Status{cudaErrorInvalidValue, what, true};
+}
+#define DCT_REQUIRE(condition, what)                     \
+  do {                                                   \
+    if (!(condition)) return ::dct::invalid_argument(what); \
+  } while (0)
+
+inline bool known_dtype(DType d) {
+  return d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kBFloat16;
+}
+inline bool known_index_bytes(int bytes) { return bytes == 2 || bytes == 4; }
+
 using bf16 = __nv_bfloat16;
 
 // Magnitude keys: |v|'s bit pattern with every NaN mapped to the largest key, so integer order
@@ -114,14 +128,16 @@ __host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Calls f with the C++ element type of a dtype code.
+// Calls f (returning a Status) with the C++ element type of a dtype code; an unknown code is
+// an error, never read as fp32 (the entry points reject it before this is reached).
 template <typename F>
-auto dispatch_float(DType dtype, F&& f) {
+Status dispatch_float(DType dtype, F&& f) {
   switch (dtype) {
+    case DType::kFloat32: return f(float{});
     case DType::kFloat16: return f(__half{});
     case DType::kBFloat16: return f(bf16{});
-    default: return f(float{});
   }
+  return invalid_argument("unknown dtype code");
 }
 
 }  // namespace dct

@@ -173,8 +173,8 @@ compress_kernel(const T* x, float* residual, int64_t n, Source src,
       if (tile == num_tiles - 1) {
         const int64_t total = prefix + tile_total;
         const int64_t count = total < capacity ? total : capacity;
-        header[5] = static_cast<int32_t>(count);
-        header[6] = static_cast<int32_t>(total - count);
+        header[wire::kWordCount] = static_cast<int32_t>(count);
+        header[wire::kWordOverflow] = static_cast<int32_t>(total - count);
       }
     }
   }
@@ -255,9 +255,8 @@ Status launch(const CompressArgs& a, const Source& src, uint8_t* payload, int64_
   const size_t bytes = scratch_layout(num_tiles, &s, workspace);
   DCT_CHECK("compress: cudaMemsetAsync", cudaMemsetAsync(workspace, 0, bytes, stream));
   int32_t* header = reinterpret_cast<int32_t*>(payload);
-  auto* indices = reinterpret_cast<int32_t*>(payload + 32);
-  const int64_t values_offset = (32 + 4 * capacity + 15) / 16 * 16;
-  auto* values = reinterpret_cast<W*>(payload + values_offset);
+  auto* indices = reinterpret_cast<int32_t*>(payload + wire::kHeaderBytes);
+  auto* values = reinterpret_cast<W*>(payload + wire::values_offset(capacity));
   compress_kernel<T, W, VEC, RESIDUAL><<<num_tiles, kThreads, 0, stream>>>(
       static_cast<const T*>(a.x), a.residual, a.n, src, indices, values, capacity, header,
       s.status, s.ticket, num_tiles);
@@ -284,6 +283,8 @@ size_t compress_workspace_bytes(int64_t n) {
 
 Status compress(const CompressArgs& a, uint8_t* payload, int64_t capacity, DType value_dtype,
                 void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  DCT_REQUIRE(known_dtype(a.dtype), "compress: dtype code is not 0, 1 or 2");
+  DCT_REQUIRE(known_dtype(value_dtype), "compress: value_dtype code is not 0, 1 or 2");
   if (a.n <= 0) return Status{};
   if (workspace_bytes < compress_workspace_bytes(a.n))
     return Status{cudaErrorInvalidValue, "compress (workspace too small)"};
@@ -305,6 +306,7 @@ Status compress(const CompressArgs& a, uint8_t* payload, int64_t capacity, DType
 }
 
 Status count_kept(const CompressArgs& a, unsigned long long* count, cudaStream_t stream) {
+  DCT_REQUIRE(known_dtype(a.dtype), "count_kept: dtype code is not 0, 1 or 2");
   if (a.n <= 0) return Status{};
   const Source src{a.thresholds, a.offsets, a.num_segments};
   return dispatch_float(a.dtype, [&](auto xtag) {

@@ -4,7 +4,9 @@
 // element counts, dtype codes (the wire's: 0 fp32, 1 fp16, 2 bf16) and a cudaStream_t, and
 // allocate the scratch ("workspace") whose size the *_workspace_bytes functions report.
 // Every function only enqueues work on the stream (no host synchronization) and returns a
-// Status naming the first CUDA call or kernel launch that failed.
+// Status naming the first CUDA call or kernel launch that failed. Arguments the core cannot
+// take (a dtype code other than 0, 1, 2; an index width other than 2 or 4 bytes) are rejected
+// before any CUDA call, with a Status whose bad_argument is set.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,13 +14,23 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "wire_format.h"
+
 namespace dct {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// The wire's value dtype codes (wire_format.h).
+enum class DType : int {
+  kFloat32 = wire::kCodeFloat32,
+  kFloat16 = wire::kCodeFloat16,
+  kBFloat16 = wire::kCodeBFloat16,
+};
 
 struct Status {
   cudaError_t code = cudaSuccess;
   const char* where = "";
+  // Set when an argument was rejected before any CUDA call; code is then
+  // cudaErrorInvalidValue and `where` names the op and the argument.
+  bool bad_argument = false;
   bool ok() const { return code == cudaSuccess; }
 };
 
@@ -67,7 +79,8 @@ struct PayloadRows {
   int64_t numel = 0;
   int64_t capacity = 0;
   DType value_dtype = DType::kFloat32;
-  int32_t expected_header[4] = {0, 0, 0, 0};  // magic, version|codes, numel lo, numel hi
+  // Header words kWordMagic .. kWordNumelHigh (wire_format.h) that every row must carry.
+  int32_t expected_header[4] = {0, 0, 0, 0};
 };
 
 size_t decompress_workspace_bytes(int num_rows, int64_t capacity, int64_t numel);
@@ -81,7 +94,7 @@ Status decompress_many(const PayloadRows& rows, void* out, DType out_dtype, bool
                        cudaStream_t stream);
 
 // ------------------------------------------------------------------------------------- rows
-// x: [B, D]; writes [B, k] column indices (int16 when index_bytes == 2, else int32) ascending
+// x: [B, D]; writes [B, k] column indices (int16 when index_bytes == 2, int32 when 4) ascending
 // and values in value_dtype: the k largest magnitudes of each row, ties to the lower column.
 Status compress_rows(const void* x, DType dtype, int64_t rows, int64_t columns, int64_t k,
                      void* indices, int index_bytes, void* values, DType value_dtype,

@@ -50,7 +50,7 @@ struct Rows {
   __device__ const int32_t* header(int w) const {
     return reinterpret_cast<const int32_t*>(p.buffers + w * p.row_bytes);
   }
-  __device__ const int32_t* indices(int w) const { return header(w) + 8; }
+  __device__ const int32_t* indices(int w) const { return header(w) + wire::kHeaderWords; }
 };
 
 struct Scratch {
@@ -93,10 +93,15 @@ __global__ void header_kernel(Rows rows, Scratch s, int32_t* errors) {
   const int w = blockIdx.x * blockDim.x + threadIdx.x;
   if (w >= rows.p.num_rows) return;
   const int32_t* h = rows.header(w);
-  const bool header_ok = h[0] == rows.p.expected_header[0] && h[1] == rows.p.expected_header[1] &&
-                         h[2] == rows.p.expected_header[2] && h[3] == rows.p.expected_header[3] &&
-                         h[4] == static_cast<int32_t>(rows.p.capacity);
-  const int32_t claimed = h[5];
+  static_assert(wire::kWordMagic == 0 && wire::kWordNumelHigh == 3,
+                "expected_header holds header words 0 to 3");
+  const bool header_ok = h[wire::kWordMagic] == rows.p.expected_header[wire::kWordMagic] &&
+                         h[wire::kWordVersionCodes] ==
+                             rows.p.expected_header[wire::kWordVersionCodes] &&
+                         h[wire::kWordNumelLow] == rows.p.expected_header[wire::kWordNumelLow] &&
+                         h[wire::kWordNumelHigh] == rows.p.expected_header[wire::kWordNumelHigh] &&
+                         h[wire::kWordCapacity] == static_cast<int32_t>(rows.p.capacity);
+  const int32_t claimed = h[wire::kWordCount];
   const bool count_ok = claimed >= 0 && claimed <= rows.p.capacity;
   int32_t count = 0;
   if (header_ok) count = static_cast<int32_t>(min64(max(claimed, 0), rows.p.capacity));
@@ -355,7 +360,7 @@ Status prepare(const PayloadRows& p, void* workspace, size_t workspace_bytes, Ro
     return Status{cudaErrorInvalidValue, "decompress (workspace too small)"};
   if (p.num_rows > 65535) return Status{cudaErrorInvalidValue, "decompress (more than 65535 rows)"};
   rows->p = p;
-  rows->values_offset = (32 + 4 * p.capacity + 15) / 16 * 16;
+  rows->values_offset = wire::values_offset(p.capacity);
   scratch_layout(p.num_rows, p.capacity, p.numel, s, workspace);
   return Status{};
 }
@@ -371,6 +376,8 @@ size_t decompress_workspace_bytes(int num_rows, int64_t capacity, int64_t numel)
 Status decompress(const PayloadRows& p, void* out, DType out_dtype, bool accumulate,
                   int32_t* errors, void* workspace, size_t workspace_bytes,
                   cudaStream_t stream) {
+  DCT_REQUIRE(known_dtype(p.value_dtype), "decompress: value_dtype code is not 0, 1 or 2");
+  DCT_REQUIRE(known_dtype(out_dtype), "decompress: out_dtype code is not 0, 1 or 2");
   Rows rows;
   Scratch s;
   Status st = prepare(p, workspace, workspace_bytes, &rows, &s);
@@ -395,6 +402,8 @@ Status decompress(const PayloadRows& p, void* out, DType out_dtype, bool accumul
 Status decompress_many(const PayloadRows& p, void* out, DType out_dtype, bool accumulate,
                        bool average, int32_t* errors, void* workspace, size_t workspace_bytes,
                        cudaStream_t stream) {
+  DCT_REQUIRE(known_dtype(p.value_dtype), "decompress_many: value_dtype code is not 0, 1 or 2");
+  DCT_REQUIRE(known_dtype(out_dtype), "decompress_many: out_dtype code is not 0, 1 or 2");
   Rows rows;
   Scratch s;
   Status st = prepare(p, workspace, workspace_bytes, &rows, &s);

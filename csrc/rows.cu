@@ -108,10 +108,13 @@ __global__ void gather_rows_kernel(const T* __restrict__ y, int64_t rows, int64_
   out[g] = (col >= 0 && col < columns) ? y[r * columns + col] : from_f32<T>(0.0f);
 }
 
+// Calls f (returning a Status) with the index type of an index width; any width but 2 or 4
+// bytes is an error, never read as int32 (the entry points reject it before this is reached).
 template <typename F>
-auto dispatch_index(int index_bytes, F&& f) {
+Status dispatch_index(int index_bytes, F&& f) {
   if (index_bytes == 2) return f(int16_t{});
-  return f(int32_t{});
+  if (index_bytes == 4) return f(int32_t{});
+  return invalid_argument("unknown index width");
 }
 
 }  // namespace
@@ -119,6 +122,9 @@ auto dispatch_index(int index_bytes, F&& f) {
 Status compress_rows(const void* x, DType dtype, int64_t rows, int64_t columns, int64_t k,
                      void* indices, int index_bytes, void* values, DType value_dtype,
                      cudaStream_t stream) {
+  DCT_REQUIRE(known_dtype(dtype), "compress_rows: dtype code is not 0, 1 or 2");
+  DCT_REQUIRE(known_dtype(value_dtype), "compress_rows: value_dtype code is not 0, 1 or 2");
+  DCT_REQUIRE(known_index_bytes(index_bytes), "compress_rows: index_bytes is not 2 or 4");
   if (rows == 0 || k == 0) return Status{};
   return dispatch_float(dtype, [&](auto t) {
     using T = decltype(t);
@@ -139,6 +145,9 @@ Status compress_rows(const void* x, DType dtype, int64_t rows, int64_t columns, 
 Status decompress_rows(const void* indices, int index_bytes, const void* values,
                        DType value_dtype, int64_t rows, int64_t columns, int64_t k, void* out,
                        DType out_dtype, cudaStream_t stream) {
+  DCT_REQUIRE(known_index_bytes(index_bytes), "decompress_rows: index_bytes is not 2 or 4");
+  DCT_REQUIRE(known_dtype(value_dtype), "decompress_rows: value_dtype code is not 0, 1 or 2");
+  DCT_REQUIRE(known_dtype(out_dtype), "decompress_rows: out_dtype code is not 0, 1 or 2");
   if (rows == 0 || columns == 0) return Status{};
   return dispatch_float(value_dtype, [&](auto v) {
     using V = decltype(v);
@@ -158,6 +167,8 @@ Status decompress_rows(const void* indices, int index_bytes, const void* values,
 
 Status gather_rows(const void* y, DType dtype, int64_t rows, int64_t columns, int64_t k,
                    const void* indices, int index_bytes, void* out, cudaStream_t stream) {
+  DCT_REQUIRE(known_dtype(dtype), "gather_rows: dtype code is not 0, 1 or 2");
+  DCT_REQUIRE(known_index_bytes(index_bytes), "gather_rows: index_bytes is not 2 or 4");
   const int64_t total = rows * k;
   if (total == 0) return Status{};
   return dispatch_float(dtype, [&](auto t) {

@@ -441,6 +441,7 @@ Status select_threshold(const void* x, DType dtype, const int64_t* offsets, cons
                         int num_items, const int64_t* ks, int num_segments,
                         int64_t candidate_capacity, void* out, void* workspace,
                         size_t workspace_bytes, cudaStream_t stream) {
+  DCT_REQUIRE(known_dtype(dtype), "select_threshold: dtype code is not 0, 1 or 2");
   if (num_items <= 0 || num_segments <= 0) return Status{};
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);

@@ -534,7 +534,7 @@ def decompress_many(buffers: torch.Tensor, *, out: torch.Tensor, accumulate: boo
     if buffers.dtype != torch.uint8 or buffers.dim() != 2 or buffers.shape[0] < 1:
         raise ValueError(f"buffers: expected a [W >= 1, nbytes] uint8 tensor, got "
                          f"{tuple(buffers.shape)} {buffers.dtype}")
-    if buffers.shape[1] < wire.HEADER_BYTES or buffers.shape[1] % 16:
+    if buffers.shape[1] < wire.HEADER_BYTES or buffers.shape[1] % wire.ALIGN_BYTES:
         raise ValueError(f"buffers: rows of {buffers.shape[1]} bytes are not wire buffers")
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")

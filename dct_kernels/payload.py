@@ -18,6 +18,10 @@ bytes  field
 32...  indices (4 x capacity bytes); values start at the next multiple of 16;
        the buffer ends at the next multiple of 16 after them
 ====== =====================================================================
+
+This module is the one Python definition of that layout (docs/design.md, "Wire format"), used
+by every Python backend and the Triton kernels; ``csrc/wire_format.h`` is the one C++
+definition, and tests/test_payload.py checks that the two agree.
 """
 
 from __future__ import annotations
@@ -31,14 +35,35 @@ import torch
 MAGIC = b"DCTK"
 FORMAT_VERSION = 1
 HEADER_BYTES = 32
+HEADER_WORDS = HEADER_BYTES // 4
+
+# Kernels read the header as eight little-endian int32 words; the indices start right after
+# them (at word HEADER_WORDS).
+WORD_MAGIC = 0
+WORD_VERSION_CODES = 1   # version (uint16) | value code << 16 | index code << 24
+WORD_NUMEL_LOW = 2       # numel, int64, low word first
+WORD_NUMEL_HIGH = 3
+WORD_CAPACITY = 4
+WORD_COUNT = 5
+WORD_OVERFLOW = 6
+WORD_RESERVED = 7
+VALUE_CODE_SHIFT = 16    # byte 6
+INDEX_CODE_SHIFT = 24    # byte 7
+
+MAGIC_WORD = struct.unpack("<i", MAGIC)[0]  # the value of word WORD_MAGIC
+
+# Value dtype codes (byte 6) and the index dtype code (byte 7).
+CODE_FLOAT32 = 0
+CODE_FLOAT16 = 1
+CODE_BFLOAT16 = 2
 INDEX_CODE_INT32 = 0
 
-# Kernels read the header as eight little-endian int32 words: magic, version | codes,
-# numel low, numel high, capacity, count, overflow, reserved; the indices start at word 8.
-MAGIC_WORD = struct.unpack("<i", MAGIC)[0]
+INDEX_BYTES = 4    # int32 indices
+ALIGN_BYTES = 16   # the values start, and the buffer ends, on a multiple of this
 
 VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CODE_OF = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_CODE_OF = {torch.float32: CODE_FLOAT32, torch.float16: CODE_FLOAT16,
+            torch.bfloat16: CODE_BFLOAT16}
 _DTYPE_OF = {code: dtype for dtype, code in _CODE_OF.items()}
 
 MAX_NUMEL = 2**31 - 1  # indices are int32
@@ -60,13 +85,16 @@ def _round_up(n: int, multiple: int) -> int:
 
 def layout(capacity: int, value_dtype: torch.dtype) -> Tuple[int, int]:
     """Byte offset of the values and total buffer size for a payload of ``capacity`` slots."""
-    values_offset = _round_up(HEADER_BYTES + 4 * capacity, 16)
-    return values_offset, _round_up(values_offset + value_dtype.itemsize * capacity, 16)
+    values_offset = _round_up(HEADER_BYTES + INDEX_BYTES * capacity, ALIGN_BYTES)
+    return values_offset, _round_up(values_offset + value_dtype.itemsize * capacity,
+                                    ALIGN_BYTES)
 
 
 def version_codes_word(value_dtype: torch.dtype) -> int:
-    """Header word 1: version (uint16) | value code << 16 | index code << 24 (fits int32)."""
-    return FORMAT_VERSION | (value_code(value_dtype) << 16) | (INDEX_CODE_INT32 << 24)
+    """Header word WORD_VERSION_CODES: version (uint16) | value code << 16 | index code << 24
+    (fits int32)."""
+    return (FORMAT_VERSION | (value_code(value_dtype) << VALUE_CODE_SHIFT)
+            | (INDEX_CODE_INT32 << INDEX_CODE_SHIFT))
 
 
 def _as_int32(value: int) -> int:
@@ -75,9 +103,14 @@ def _as_int32(value: int) -> int:
 
 
 def header_words(numel: int, capacity: int, value_dtype: torch.dtype) -> list:
-    """The header as eight int32 words, with count = overflow = 0."""
-    return [MAGIC_WORD, version_codes_word(value_dtype), _as_int32(numel), _as_int32(numel >> 32),
-            capacity, 0, 0, 0]
+    """The header as HEADER_WORDS int32 words (in WORD_* order), with count = overflow = 0."""
+    words = [0] * HEADER_WORDS
+    words[WORD_MAGIC] = MAGIC_WORD
+    words[WORD_VERSION_CODES] = version_codes_word(value_dtype)
+    words[WORD_NUMEL_LOW] = _as_int32(numel)
+    words[WORD_NUMEL_HIGH] = _as_int32(numel >> 32)
+    words[WORD_CAPACITY] = capacity
+    return words
 
 
 @dataclass(frozen=True)
@@ -151,7 +184,8 @@ class SparsePayload:
 
     @property
     def indices(self) -> torch.Tensor:
-        return self.buffer[HEADER_BYTES:HEADER_BYTES + 4 * self.capacity].view(torch.int32)
+        end = HEADER_BYTES + INDEX_BYTES * self.capacity
+        return self.buffer[HEADER_BYTES:end].view(torch.int32)
 
     @property
     def values(self) -> torch.Tensor:
@@ -160,11 +194,11 @@ class SparsePayload:
 
     @property
     def count(self) -> torch.Tensor:
-        return self.buffer[20:24].view(torch.int32)[0]
+        return self.buffer[:HEADER_BYTES].view(torch.int32)[WORD_COUNT]
 
     @property
     def overflow(self) -> torch.Tensor:
-        return self.buffer[24:28].view(torch.int32)[0]
+        return self.buffer[:HEADER_BYTES].view(torch.int32)[WORD_OVERFLOW]
 
     @property
     def nbytes(self) -> int:

@@ -97,7 +97,7 @@ def check_rows(buffers: torch.Tensor, numel: int, capacity: int,
 
     device = buffers.device
     counts_t = torch.tensor(counts, dtype=torch.int64, device=device)
-    index_bytes = buffers[:, wire.HEADER_BYTES:wire.HEADER_BYTES + 4 * capacity]
+    index_bytes = buffers[:, wire.HEADER_BYTES:wire.HEADER_BYTES + wire.INDEX_BYTES * capacity]
     indices = index_bytes.contiguous().view(torch.int32).to(torch.int64)
     used, in_range = usable_slots(indices, counts_t, numel)
     valid = in_range & (indices > running_highest(indices, in_range)[1])

@@ -1,8 +1,14 @@
-"""The wire format, byte for byte, as DESIGN.md's table defines it, and SparsePayload's views.
+"""The wire format, byte for byte, as the table of docs/design.md ("Wire format") defines it,
+SparsePayload's views, and the one C++ definition of the layout (csrc/wire_format.h) against the
+one Python definition (dct_kernels/payload.py).
 
 Expected bytes are written here by hand with ``struct`` (not with the package's helpers).
 """
 
+import os
+import re
+import shutil
+import subprocess
 import struct
 
 import numpy as np
@@ -141,3 +147,84 @@ def test_from_buffer_accepts_the_valid_one():
     assert (p.numel, p.capacity, p.shape, p.dtype, int(p.count)) == \
         (10, 3, (2, 5), torch.float32, 3)
     assert p.indices.tolist() == [1, 4, 9] and p.values.tolist() == [1.0, 2.0, 3.0]
+
+
+# ------------------------------------------------------- the C++ and Python homes of the layout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WIRE_H = os.path.join(ROOT, "csrc", "wire_format.h")
+
+# Each constant of csrc/wire_format.h and its Python name in dct_kernels/payload.py.
+CPP_TO_PYTHON = {
+    "kHeaderBytes": "HEADER_BYTES", "kHeaderWords": "HEADER_WORDS",
+    "kWordMagic": "WORD_MAGIC", "kWordVersionCodes": "WORD_VERSION_CODES",
+    "kWordNumelLow": "WORD_NUMEL_LOW", "kWordNumelHigh": "WORD_NUMEL_HIGH",
+    "kWordCapacity": "WORD_CAPACITY", "kWordCount": "WORD_COUNT",
+    "kWordOverflow": "WORD_OVERFLOW", "kWordReserved": "WORD_RESERVED",
+    "kFormatVersion": "FORMAT_VERSION", "kValueCodeShift": "VALUE_CODE_SHIFT",
+    "kIndexCodeShift": "INDEX_CODE_SHIFT", "kCodeFloat32": "CODE_FLOAT32",
+    "kCodeFloat16": "CODE_FLOAT16", "kCodeBFloat16": "CODE_BFLOAT16",
+    "kIndexCodeInt32": "INDEX_CODE_INT32", "kIndexBytes": "INDEX_BYTES",
+    "kAlignBytes": "ALIGN_BYTES",
+}
+
+
+def _cpp_constants():
+    with open(WIRE_H) as f:
+        text = f.read()
+    return {name: int(value) for name, value in
+            re.findall(r"constexpr\s+int(?:64_t)?\s+(k\w+)\s*=\s*(-?\d+)\s*;", text)}
+
+
+def test_cpp_wire_constants_equal_the_python_ones():
+    from dct_kernels import payload as wire
+    cpp = _cpp_constants()
+    assert set(cpp) == set(CPP_TO_PYTHON), "a constant of wire_format.h has no Python twin"
+    for cpp_name, py_name in CPP_TO_PYTHON.items():
+        assert cpp[cpp_name] == getattr(wire, py_name), (cpp_name, py_name)
+    # And both agree with the format's table, written here by hand.
+    assert (cpp["kHeaderBytes"], cpp["kHeaderWords"], cpp["kWordCount"],
+            cpp["kWordOverflow"], cpp["kAlignBytes"]) == (32, 8, 5, 6, 16)
+    assert {wire.value_code(t): t for t in CODES} == {c: t for t, c in CODES.items()}
+
+
+def test_cuda_dtype_enum_is_the_wire_codes():
+    """dct_core.h's DType takes its values from wire_format.h, not from numbers of its own."""
+    with open(os.path.join(ROOT, "csrc", "dct_core.h")) as f:
+        text = f.read()
+    enum = re.search(r"enum class DType : int \{(.*?)\};", text, re.S).group(1)
+    assert re.findall(r"(k\w+) = ([^,\s]+)", enum) == [
+        ("kFloat32", "wire::kCodeFloat32"), ("kFloat16", "wire::kCodeFloat16"),
+        ("kBFloat16", "wire::kCodeBFloat16")]
+
+
+CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+
+
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler")
+def test_cpp_layout_functions_equal_the_python_layout(tmp_path):
+    """values_offset and buffer_bytes of wire_format.h, compiled and run, against
+    payload.layout for capacities around every 16-byte boundary."""
+    from dct_kernels import payload as wire
+    capacities = list(range(0, 40)) + [1000, 4095, 4096, 4097, (1 << 31) - 1]
+    source = tmp_path / "layout.cpp"
+    source.write_text(
+        '#include <cstdio>\n#include "wire_format.h"\nint main() {\n'
+        + "".join(f"  std::printf(\"%lld %lld %lld\\n\", "
+                  f"(long long)dct::wire::values_offset({c}LL), "
+                  f"(long long)dct::wire::buffer_bytes({c}LL, 4), "
+                  f"(long long)dct::wire::buffer_bytes({c}LL, 2));\n" for c in capacities)
+        + "  return 0;\n}\n")
+    binary = tmp_path / "layout"
+    subprocess.run([CXX, "-std=c++17", "-I", os.path.join(ROOT, "csrc"), str(source), "-o",
+                    str(binary)], check=True, capture_output=True, timeout=120)
+    lines = subprocess.run([str(binary)], check=True, capture_output=True, text=True,
+                           timeout=60).stdout.splitlines()
+    assert len(lines) == len(capacities)
+    for capacity, line in zip(capacities, lines):
+        offset, bytes4, bytes2 = map(int, line.split())
+        assert (offset, bytes4) == wire.layout(capacity, torch.float32), capacity
+        assert (offset, bytes2) == wire.layout(capacity, torch.bfloat16), capacity
+        # And by hand: indices from byte 32, values at the next multiple of 16.
+        assert offset == _round16(32 + 4 * capacity)
+        assert bytes2 == _round16(offset + 2 * capacity)

@@ -5,12 +5,13 @@ The core knows nothing of torch: this module passes it data pointers, sizes, dty
 current CUDA stream and scratch ("workspace") tensors allocated through torch's caching
 allocator, and receives inputs the op layer has already validated (see
 ``dct_kernels/backends/__init__.py`` for the contract). Every launch is checked in the core; a
-failure raises RuntimeError naming the kernel and the CUDA error. No function here
+failure raises RuntimeError naming the kernel and the CUDA error. The core's arguments are
+keyword-only (named as in ``csrc/dct_core.h``), so every call below names them. No function here
 synchronizes with the host.
 """
 
 from collections import OrderedDict
-from typing import List, Tuple
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -106,56 +107,66 @@ def select_threshold(x: torch.Tensor, ks: List[int], offsets: List[int]) -> torc
     # The candidate pool: the sampled window (about 1-3% of x for kept ratios up to 10%) fits,
     # except for narrow-range data, which takes extra passes over x instead.
     candidates = max(min(n, 1 << 16), n >> 5)
-    nbytes = _cuda.select_threshold_workspace_bytes(segments, candidates)
+    nbytes = _cuda.select_threshold_workspace_bytes(num_segments=segments,
+                                                    candidate_capacity=candidates)
     workspace = _workspace(nbytes, device)
     out = torch.empty(segments, dtype=x.dtype, device=device)
-    _cuda.select_threshold(x.data_ptr(), _code(x.dtype), offsets_dev.data_ptr(),
-                           items.data_ptr(), items.shape[0],
-                           ks_dev.data_ptr(), segments, candidates, out.data_ptr(),
-                           workspace.data_ptr(), workspace.numel(), _stream())
+    _cuda.select_threshold(x=x.data_ptr(), dtype=_code(x.dtype), offsets=offsets_dev.data_ptr(),
+                           items=items.data_ptr(), num_items=items.shape[0],
+                           ks=ks_dev.data_ptr(), num_segments=segments,
+                           candidate_capacity=candidates, out=out.data_ptr(),
+                           workspace=workspace.data_ptr(), workspace_bytes=workspace.numel(),
+                           stream=_stream())
     return out
 
 
 # --------------------------------------------------------------------------------- compress
 
-def _compress_args(x, thresholds, offsets, seg_dev, residual) -> Tuple:
+def _compress_args(x, thresholds, offsets, seg_dev, residual) -> Dict[str, int]:
     """The core's compress arguments; thresholds arrive fp32, contiguous, on x's device."""
-    return (x.data_ptr(), _code(x.dtype), x.numel(),
-            residual.data_ptr() if residual is not None else 0, thresholds.data_ptr(),
-            seg_dev.data_ptr() if seg_dev is not None else 0, len(offsets) - 1)
+    return dict(x=x.data_ptr(), dtype=_code(x.dtype), n=x.numel(),
+                residual=residual.data_ptr() if residual is not None else 0,
+                thresholds=thresholds.data_ptr(),
+                offsets=seg_dev.data_ptr() if seg_dev is not None else 0,
+                num_segments=len(offsets) - 1)
 
 
 def count_kept(x, thresholds, offsets, seg_dev, residual) -> torch.Tensor:
     args = _compress_args(x, thresholds, offsets, seg_dev, residual)
     count = torch.zeros((), dtype=torch.int64, device=x.device)
-    _cuda.count_kept(*args, count.data_ptr(), _stream())
+    _cuda.count_kept(**args, count=count.data_ptr(), stream=_stream())
     return count
 
 
 def compress(x, thresholds, offsets, seg_dev, residual, payload: wire.SparsePayload) -> None:
     args = _compress_args(x, thresholds, offsets, seg_dev, residual)
-    nbytes = _cuda.compress_workspace_bytes(x.numel())
+    nbytes = _cuda.compress_workspace_bytes(n=x.numel())
     workspace = _workspace(nbytes, x.device)
-    _cuda.compress(*args, payload.buffer.data_ptr(), payload.capacity,
-                   _code(payload.value_dtype), workspace.data_ptr(), workspace.numel(),
-                   _stream())
+    _cuda.compress(**args, payload=payload.buffer.data_ptr(), capacity=payload.capacity,
+                   value_dtype=_code(payload.value_dtype), workspace=workspace.data_ptr(),
+                   workspace_bytes=workspace.numel(), stream=_stream())
 
 
 # ------------------------------------------------------------------------------- decompress
 
 def _rows_args(buffers: torch.Tensor, numel: int, capacity: int, value_dtype: torch.dtype):
     buffers = buffers.contiguous()
-    header = tuple(wire.header_words(numel, capacity, value_dtype)[:4])
-    return buffers, (buffers.data_ptr(), buffers.shape[0], buffers.shape[1], numel, capacity,
-                     _code(value_dtype), header)
+    # The header words every row must carry: magic, version | codes, numel low, numel high.
+    header = tuple(wire.header_words(numel, capacity, value_dtype)[:wire.WORD_NUMEL_HIGH + 1])
+    return buffers, dict(buffers=buffers.data_ptr(), num_rows=buffers.shape[0],
+                         row_bytes=buffers.shape[1], numel=numel, capacity=capacity,
+                         value_dtype=_code(value_dtype), header=header)
 
 
 def decompress(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
                value_dtype: torch.dtype, accumulate: bool, errors: torch.Tensor) -> None:
     rows, args = _rows_args(buffer.view(1, -1), numel, capacity, value_dtype)
-    workspace = _workspace(_cuda.decompress_workspace_bytes(1, capacity, numel), out.device)
-    _cuda.decompress(*args, out.data_ptr(), _code(out.dtype), accumulate, errors.data_ptr(),
-                     workspace.data_ptr(), workspace.numel(), _stream())
+    nbytes = _cuda.decompress_workspace_bytes(num_rows=1, capacity=capacity, numel=numel)
+    workspace = _workspace(nbytes, out.device)
+    _cuda.decompress(**args, out=out.data_ptr(), out_dtype=_code(out.dtype),
+                     accumulate=accumulate, errors=errors.data_ptr(),
+                     workspace=workspace.data_ptr(), workspace_bytes=workspace.numel(),
+                     stream=_stream())
 
 
 def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int,
@@ -163,10 +174,13 @@ def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int,
                     errors: torch.Tensor) -> None:
     numel = out.numel()
     rows, args = _rows_args(buffers, numel, capacity, value_dtype)
-    nbytes = _cuda.decompress_workspace_bytes(rows.shape[0], capacity, numel)
+    nbytes = _cuda.decompress_workspace_bytes(num_rows=rows.shape[0], capacity=capacity,
+                                              numel=numel)
     workspace = _workspace(nbytes, out.device)
-    _cuda.decompress_many(*args, out.data_ptr(), _code(out.dtype), accumulate, average,
-                          errors.data_ptr(), workspace.data_ptr(), workspace.numel(), _stream())
+    _cuda.decompress_many(**args, out=out.data_ptr(), out_dtype=_code(out.dtype),
+                          accumulate=accumulate, average=average, errors=errors.data_ptr(),
+                          workspace=workspace.data_ptr(), workspace_bytes=workspace.numel(),
+                          stream=_stream())
 
 
 # ------------------------------------------------------------------------------------- rows
@@ -175,23 +189,26 @@ def compress_rows(x: torch.Tensor, k: int, value_dtype: torch.dtype):
     rows, columns = x.shape
     indices = torch.empty(rows, k, dtype=wire.row_index_dtype(columns), device=x.device)
     values = torch.empty(rows, k, dtype=value_dtype, device=x.device)
-    _cuda.compress_rows(x.data_ptr(), _code(x.dtype), rows, columns, k, indices.data_ptr(),
-                        indices.element_size(), values.data_ptr(), _code(value_dtype),
-                        _stream())
+    _cuda.compress_rows(x=x.data_ptr(), dtype=_code(x.dtype), rows=rows, columns=columns, k=k,
+                        indices=indices.data_ptr(), index_bytes=indices.element_size(),
+                        values=values.data_ptr(), value_dtype=_code(value_dtype),
+                        stream=_stream())
     return indices, values
 
 
 def decompress_rows(indices: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
     rows, columns = out.shape
-    _cuda.decompress_rows(indices.data_ptr(), indices.element_size(), values.data_ptr(),
-                          _code(values.dtype), rows, columns, indices.shape[1], out.data_ptr(),
-                          _code(out.dtype), _stream())
+    _cuda.decompress_rows(indices=indices.data_ptr(), index_bytes=indices.element_size(),
+                          values=values.data_ptr(), value_dtype=_code(values.dtype), rows=rows,
+                          columns=columns, k=indices.shape[1], out=out.data_ptr(),
+                          out_dtype=_code(out.dtype), stream=_stream())
 
 
 def gather_rows(y: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     rows, columns = y.shape
     k = indices.shape[1]
     out = torch.empty(rows, k, dtype=y.dtype, device=y.device)
-    _cuda.gather_rows(y.data_ptr(), _code(y.dtype), rows, columns, k, indices.data_ptr(),
-                      indices.element_size(), out.data_ptr(), _stream())
+    _cuda.gather_rows(y=y.data_ptr(), dtype=_code(y.dtype), rows=rows, columns=columns, k=k,
+                      indices=indices.data_ptr(), index_bytes=indices.element_size(),
+                      out=out.data_ptr(), stream=_stream())
     return out

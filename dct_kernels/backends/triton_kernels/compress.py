@@ -26,6 +26,9 @@ from .common import f32_key, threshold_key, to_f32, to_wire
 # bench/NOTES.md ("Triton backend", the tile-size sweep).
 BLOCK = 16384
 NUM_WARPS = 16
+# Header words the last tile writes (payload.py), as constants the kernel can read.
+_WORD_COUNT = tl.constexpr(wire.WORD_COUNT)
+_WORD_OVERFLOW = tl.constexpr(wire.WORD_OVERFLOW)
 
 
 @triton.jit
@@ -106,8 +109,8 @@ def _compress_kernel(x_ptr, res_ptr, thr_ptr, seg_ptr, num_segments, n, capacity
     if tile == num_tiles - 1:
         total = before + count
         fits = tl.minimum(total, capacity)
-        tl.store(header_ptr + 5, fits.to(tl.int32))
-        tl.store(header_ptr + 6, (total - fits).to(tl.int32))
+        tl.store(header_ptr + _WORD_COUNT, fits.to(tl.int32))
+        tl.store(header_ptr + _WORD_OVERFLOW, (total - fits).to(tl.int32))
 
 
 def _search_steps(offsets: List[int]) -> int:

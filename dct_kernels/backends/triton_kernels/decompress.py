@@ -30,17 +30,26 @@ BLOCK = 1024   # entries per program of the scatter / check kernel
 TILE = 4096    # outputs per program of the merge
 CHUNK = 128    # entries read at a time by the merge
 _STORE, _ADD, _CHECK = 0, 1, 2
-_HEADER_WORDS = wire.HEADER_BYTES // 4
+# Header word positions of the wire format (payload.py), as constants the kernels can read.
+_HEADER_WORDS = tl.constexpr(wire.HEADER_WORDS)
+_WORD_MAGIC = tl.constexpr(wire.WORD_MAGIC)
+_WORD_VERSION_CODES = tl.constexpr(wire.WORD_VERSION_CODES)
+_WORD_NUMEL_LOW = tl.constexpr(wire.WORD_NUMEL_LOW)
+_WORD_NUMEL_HIGH = tl.constexpr(wire.WORD_NUMEL_HIGH)
+_WORD_CAPACITY = tl.constexpr(wire.WORD_CAPACITY)
+_WORD_COUNT = tl.constexpr(wire.WORD_COUNT)
 
 
 @triton.jit
 def _row_header(header, capacity, MAGIC: tl.constexpr, VERSION_CODES: tl.constexpr,
                 NUMEL_LO: tl.constexpr, NUMEL_HI: tl.constexpr):
     """(header matches, count field in range, count to use) of one row."""
-    header_ok = ((tl.load(header) == MAGIC) & (tl.load(header + 1) == VERSION_CODES)
-                 & (tl.load(header + 2) == NUMEL_LO) & (tl.load(header + 3) == NUMEL_HI)
-                 & (tl.load(header + 4) == capacity))
-    claimed = tl.load(header + 5)
+    header_ok = ((tl.load(header + _WORD_MAGIC) == MAGIC)
+                 & (tl.load(header + _WORD_VERSION_CODES) == VERSION_CODES)
+                 & (tl.load(header + _WORD_NUMEL_LOW) == NUMEL_LO)
+                 & (tl.load(header + _WORD_NUMEL_HIGH) == NUMEL_HI)
+                 & (tl.load(header + _WORD_CAPACITY) == capacity))
+    claimed = tl.load(header + _WORD_COUNT)
     count_ok = (claimed >= 0) & (claimed <= capacity)
     count = tl.where(header_ok, tl.minimum(tl.maximum(claimed, 0), capacity), 0)
     return header_ok, count_ok, count
@@ -64,7 +73,7 @@ def _scatter_kernel(words_ptr, values_ptr, before_ptr, row_words, row_values, va
 
     i = pid * BLOCK + tl.arange(0, BLOCK)
     used = i < count
-    indices = header + 8  # the header is 8 words
+    indices = header + _HEADER_WORDS
     idx = tl.load(indices + i, mask=used, other=-1)
     highest_before = tl.load(before_ptr + row * capacity + i, mask=used, other=-1)
     valid = used & (idx >= 0) & (idx < numel) & (idx > highest_before)
@@ -108,7 +117,7 @@ def _merge_kernel(words_ptr, values_ptr, before_ptr, starts_ptr, row_words, row_
         while entry < hi:
             i = entry + tl.arange(0, CHUNK)
             used = i < hi
-            idx = tl.load(header + 8 + i, mask=used, other=-1)
+            idx = tl.load(header + _HEADER_WORDS + i, mask=used, other=-1)
             highest_before = tl.load(before_ptr + w * capacity64 + i, mask=used, other=-1)
             valid = (used & (idx >= first) & (idx < first + TILE) & (idx < n)
                      & (idx > highest_before))
@@ -130,11 +139,10 @@ def _row_args(numel, capacity, value_dtype):
     """Row strides, value offset and the expected header words, as kernel arguments."""
     values_offset, nbytes = wire.layout(capacity, value_dtype)
     itemsize = value_dtype.itemsize
-    magic, version_codes, numel_lo, numel_hi = wire.header_words(numel, capacity,
-                                                                 value_dtype)[:4]
+    words = wire.header_words(numel, capacity, value_dtype)
     strides = (nbytes // 4, nbytes // itemsize, values_offset // itemsize)
-    header = dict(MAGIC=magic, VERSION_CODES=version_codes, NUMEL_LO=numel_lo,
-                  NUMEL_HI=numel_hi)
+    header = dict(MAGIC=words[wire.WORD_MAGIC], VERSION_CODES=words[wire.WORD_VERSION_CODES],
+                  NUMEL_LO=words[wire.WORD_NUMEL_LOW], NUMEL_HI=words[wire.WORD_NUMEL_HIGH])
     return strides, header
 
 
@@ -145,8 +153,8 @@ def _typed_views(buffers: torch.Tensor, value_dtype: torch.dtype):
 def _running_highest(words: torch.Tensor, capacity: int, numel: int):
     """(through, before) of ``wire_check.running_highest`` over each row's first ``count``
     in-range indices (int32 [W, capacity]), and the mask of the slots below each count."""
-    counts = words[:, 5].clamp(0, capacity)
-    indices = words[:, _HEADER_WORDS:_HEADER_WORDS + capacity]
+    counts = words[:, wire.WORD_COUNT].clamp(0, capacity)
+    indices = words[:, wire.HEADER_WORDS:wire.HEADER_WORDS + capacity]
     used, usable = usable_slots(indices, counts, numel)
     through, before = running_highest(indices, usable)
     return through, before.contiguous(), used
