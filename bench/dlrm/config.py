@@ -1,0 +1,98 @@
+"""Settings of one trainer invocation, and the presets (``--quick``, the smoke test's tiny)."""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+RUNS = ("dense", "dct_dp", "dct_dp_mp")
+
+
+@dataclass
+class Config:
+    """Every setting of a comparison; the same on every rank (checked by the runner).
+
+    Data: ``steps * batch_size`` training samples (one pass, shuffled by the seed) and
+    ``heldout`` samples, synthetic unless ``data_file`` names a Criteo-format TSV.
+    Model: tables of ``emb_dim``, a ReLU tower of ``tower_width`` per rank, ``vectors``
+    interaction vectors. DCT-DP: ``dp_ratio`` of each MLP parameter, layer-wise; DCT-MP:
+    ``mp_k`` of the ``tower_width`` activations of each sample.
+    """
+
+    runs: List[str] = field(default_factory=lambda: list(RUNS))
+    ranks: int = 2
+    steps: int = 1000
+    batch_size: int = 1024          # global: batch_size / W samples per rank
+    heldout: int = 65536
+    eval_every: int = 100
+    eval_subset: int = 16384        # intermediate evaluations use the first this many
+    log_every: int = 10
+    seed: int = 0
+    # data
+    data_file: Optional[str] = None
+    num_tables: int = 26
+    min_rows: int = 100
+    max_rows: int = 100_000
+    hash_size: int = 100_000        # rows per table for a Criteo file
+    # model
+    emb_dim: int = 8
+    width: int = 16                 # bottom MLP output and interaction vectors
+    tower_width: int = 256
+    vectors: int = 8
+    lr: float = 1e-3                # Adam: MLPs, projection and towers
+    emb_lr: float = 0.05            # row-wise Adagrad: embedding rows
+    # DCT-DP
+    dp_ratio: float = 0.003
+    exchange: str = "auto"
+    refresh_every: int = 200
+    warmup_steps: int = 0
+    capacity_factor: float = 1.5
+    min_numel: int = 0
+    dp_value_dtype: str = "bfloat16"
+    # DCT-MP
+    mp_k: int = 13                  # 5% of 256
+    mp_value_dtype: str = "bfloat16"
+    backend: Optional[str] = None   # kernel backend for the ops (default: per device)
+
+    def validate(self) -> None:
+        """ValueError naming the setting for anything out of range."""
+        for name in self.runs:
+            if name not in RUNS:
+                raise ValueError(f"runs: unknown run {name!r}; expected some of {RUNS}")
+        for name in ("ranks", "steps", "batch_size", "heldout", "eval_every", "log_every",
+                     "emb_dim", "width", "tower_width", "vectors", "refresh_every", "mp_k",
+                     "eval_subset"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.ranks:
+            raise ValueError(f"batch_size: {self.batch_size} does not split into {self.ranks} "
+                             f"equal per-rank batches")
+        if self.heldout < self.ranks:
+            raise ValueError(f"heldout: need at least one sample per rank, got {self.heldout}")
+        if not 0 < self.dp_ratio <= 1:
+            raise ValueError(f"dp_ratio: expected in (0, 1], got {self.dp_ratio}")
+        if self.mp_k > self.tower_width:
+            raise ValueError(f"mp_k: expected <= tower_width ({self.tower_width}), "
+                             f"got {self.mp_k}")
+        if self.exchange not in ("allgather", "reduce_scatter", "auto"):
+            raise ValueError(f"exchange: expected allgather, reduce_scatter or auto, "
+                             f"got {self.exchange!r}")
+        for name in ("dp_value_dtype", "mp_value_dtype"):
+            if getattr(self, name) not in ("float32", "float16", "bfloat16"):
+                raise ValueError(f"{name}: expected float32, float16 or bfloat16, got "
+                                 f"{getattr(self, name)!r}")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def quick() -> Config:
+    """The README's comparison: 1000 steps of 1024, about a minute per run on 2 CPU cores."""
+    return Config()
+
+
+def tiny() -> Config:
+    """The smoke test's size: seconds per run."""
+    return Config(steps=24, batch_size=64, heldout=512, eval_every=12, eval_subset=256,
+                  log_every=1,
+                  num_tables=6, min_rows=20, max_rows=2000, tower_width=64, mp_k=4,
+                  vectors=4, refresh_every=8, dp_ratio=0.01)

@@ -1,0 +1,112 @@
+"""What a comparison writes: ``dlrm.json``, ``dlrm.md`` (a table) and PNG plots."""
+
+import json
+import os
+from typing import Dict
+
+TABLE_HEADER = ("| run | AUC | Δ AUC vs dense | log loss | DP bytes/step | DP ring bytes/step | "
+                "DP compression (whole run / steady) | MP bytes/step | MP dense bytes/step | "
+                "MP compression | DP overflow freq. | step ms |")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, size in (("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def table_rows(report: dict) -> list:
+    """Markdown rows, one per run, of ``report``'s runs."""
+    dense_auc = report["runs"].get("dense", {}).get("auc")
+    rows = []
+    for name, r in report["runs"].items():
+        delta = f"{r['auc'] - dense_auc:+.4f}" if dense_auc is not None else "-"
+        rows.append(
+            f"| {name} | {r['auc']:.4f} | {delta} | {r['logloss']:.4f} | "
+            f"{_fmt_bytes(r['dp_bytes_per_step'])} | {_fmt_bytes(r['dp_bytes_ring_per_step'])} | "
+            f"{r['dp_compression']:.1f}x / {r['dp_compression_steady']:.1f}x | "
+            f"{_fmt_bytes(r['mp_bytes_per_step'])} | {_fmt_bytes(r['mp_bytes_dense_per_step'])} | "
+            f"{r['mp_compression']:.1f}x | {r['dp_overflow_frequency']:.3f} | "
+            f"{r['step_ms']:.1f} |")
+    return rows
+
+
+def markdown(report: dict) -> str:
+    cfg = report["config"]
+    lines = [f"# Hybrid-parallel DLRM: dense vs DCT-DP vs DCT-DP+MP ({report['device']})", "",
+             f"{report['world_size']} ranks ({report['backend']}), {cfg['steps']} steps of "
+             f"{cfg['batch_size']} samples (global), {report['num_heldout']} held-out samples, "
+             f"seed {cfg['seed']}; DCT-DP ratio {cfg['dp_ratio']}, {cfg['dp_value_dtype']} "
+             f"values, exchange {report['runs'].get('dct_dp', {}).get('dp_exchange', '-')}, "
+             f"warm-up {cfg['warmup_steps']} steps, min_numel {cfg['min_numel']}; DCT-MP k = "
+             f"{cfg['mp_k']} of {cfg['tower_width']}, {cfg['mp_value_dtype']} values. "
+             f"Teacher AUC (the ceiling): "
+             + (f"{report['teacher_auc']:.4f}" if report["teacher_auc"] is not None else "n/a")
+             + f". Wall time {report['wall_s']:.0f} s.", "",
+             "Bytes are per step and rank: DP = sent + received in the gradient exchange, next "
+             "to a ring all-reduce of the same gradients (DESIGN.md section 4); MP = sent in "
+             "the embedding all-to-all, forward + backward, next to the dense exchange "
+             "(section 4b). Steady = second half of the run.", "",
+             TABLE_HEADER, "|---" * (TABLE_HEADER.count("|") - 1) + "|"]
+    lines += table_rows(report)
+    lines += ["", "![held-out AUC and training loss](dlrm_quality.png)", "",
+              "![bytes per step](dlrm_bytes.png)", ""]
+    return "\n".join(lines)
+
+
+def plots(report: dict, out_dir: str) -> None:
+    """dlrm_quality.png (held-out AUC and training loss vs step) and dlrm_bytes.png (DP and
+    MP bytes per step, logged-interval averages, log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs: Dict[str, dict] = report["runs"]
+    fig, (ax_auc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in runs.items():
+        ax_auc.plot(r["evals"]["step"], r["evals"]["auc"], marker="o", ms=3, label=name)
+        ax_loss.plot(r["series"]["step"], r["series"]["train_loss"], lw=1, label=name)
+    if report["teacher_auc"] is not None:
+        ax_auc.axhline(report["teacher_auc"], color="grey", ls="--", lw=1, label="teacher")
+    ax_auc.set(xlabel="step", ylabel="held-out AUC", title="held-out AUC")
+    ax_loss.set(xlabel="step", ylabel="training log loss",
+                title=f"training loss (mean over {report['config']['log_every']} steps)")
+    for ax in (ax_auc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "dlrm_quality.png"), dpi=110)
+    plt.close(fig)
+
+    fig, (ax_dp, ax_mp) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in runs.items():
+        s = r["series"]
+        steps = [0] + s["step"]
+        for ax, key in ((ax_dp, "dp_bytes"), (ax_mp, "mp_bytes")):
+            totals = [0] + s[key]
+            per_step = [(totals[i + 1] - totals[i]) / (steps[i + 1] - steps[i])
+                        for i in range(len(s["step"]))]
+            ax.plot(s["step"], per_step, lw=1, label=name)
+    ax_dp.set(xlabel="step", ylabel="bytes per step and rank", yscale="log",
+              title="DP: gradient exchange (sent + received)")
+    ax_mp.set(xlabel="step", ylabel="bytes per step and rank", yscale="log",
+              title="MP: embedding all-to-all (sent, fwd + bwd)")
+    for ax in (ax_dp, ax_mp):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "dlrm_bytes.png"), dpi=110)
+    plt.close(fig)
+
+
+def write(report: dict, out_dir: str, with_plots: bool = True) -> None:
+    """dlrm.json, dlrm.md and (with_plots) the PNGs into out_dir (created)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "dlrm.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out_dir, "dlrm.md"), "w") as f:
+        f.write(markdown(report))
+    if with_plots:
+        plots(report, out_dir)

@@ -1,0 +1,288 @@
+"""One rank's part of the comparison: the same data, seeds and model for every run, trained
+with hybrid parallelism, evaluated on the held-out split, with bytes counted per step.
+
+Every rank holds the whole data set (generated from the seed, or read from the same file) and
+draws the same global batches from the seed: it looks up its own tables for all W*B samples
+of the global batch, and takes its own B samples (rows rank*B .. rank*B + B - 1 of the global
+batch) for the data-parallel part. So the categorical ids never cross the network (a real
+system would exchange them, a few bytes per id, not counted here).
+"""
+
+import hashlib
+import inspect
+import math
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import dct_kernels.distributed as dct_dist
+
+from . import traffic
+from .config import Config
+from .data import ClickLogs
+from .exchange import DenseExchange, SparseExchange, scale_grad
+from .model import DenseArch, EmbeddingShard, shard_tables
+from .optim import RowWiseAdagrad
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Callbacks:
+    """Hooks for a caller that watches training (the smoke test counts bytes with them):
+    ``step_begin``/``step_end`` bracket each training step (forward, backward, optimizer; not
+    logging or evaluation), ``dp_hook`` may wrap the DDP comm hook before it is registered."""
+
+    def step_begin(self, run: str, step: int) -> None:
+        pass
+
+    def step_end(self, run: str, step: int) -> None:
+        pass
+
+    def dp_hook(self, run: str, hook):
+        return hook
+
+
+def _make_state(cfg: Config, name: str, ddp, group):
+    """The DDP comm hook and its state for a run; notes on what was used."""
+    if name == "dense":
+        return traffic.DenseTraffic(group), traffic.dense_hook, {"exchange": "allreduce"}
+    kwargs = dict(ratio=cfg.dp_ratio, refresh_every=cfg.refresh_every,
+                  warmup_steps=cfg.warmup_steps, capacity_factor=cfg.capacity_factor,
+                  min_numel=cfg.min_numel, value_dtype=_DTYPES[cfg.dp_value_dtype],
+                  module=ddp, backend=cfg.backend)
+    notes = {}
+    if "exchange" in inspect.signature(dct_dist.DCTState).parameters:
+        kwargs["exchange"] = cfg.exchange
+        notes["exchange"] = cfg.exchange
+    else:
+        # DCTState without exchange= (before DESIGN.md section 4's exchanges): all-gather.
+        notes["exchange"] = "allgather"
+    return dct_dist.DCTState(group, **kwargs), dct_dist.dct_hook, notes
+
+
+def _digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Batches:
+    """Global batches of the training split: one pass per epoch in an order drawn from the
+    seed, the same on every rank."""
+
+    def __init__(self, num_train: int, batch: int, seed: int):
+        self.num_train, self.batch, self.seed = num_train, batch, seed
+        self.per_epoch = num_train // batch
+        if self.per_epoch < 1:
+            raise ValueError(f"batch_size: {batch} exceeds the {num_train} training samples")
+        self._epoch, self._order = -1, None
+
+    def rows(self, step: int) -> np.ndarray:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._order = np.random.default_rng([self.seed, 3, epoch]).permutation(
+                self.num_train)
+            self._epoch = epoch
+        return self._order[i * self.batch:(i + 1) * self.batch]
+
+
+class RankRunner:
+    """Trains and evaluates the configured runs on this rank; see ``run``."""
+
+    def __init__(self, cfg: Config, data: ClickLogs, device: torch.device, group=None,
+                 callbacks: Optional[Callbacks] = None, progress=None):
+        self.cfg, self.data, self.device, self.group = cfg, data, device, group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.callbacks = callbacks or Callbacks()
+        self.progress = progress
+        self.tables = shard_tables(data.table_sizes, self.world)[self.rank]
+        self.local = cfg.batch_size // self.world
+        # Held-out samples in whole per-rank blocks: at most W - 1 left out.
+        self.heldout = data.num_heldout - data.num_heldout % self.world
+        self.ids = torch.from_numpy(np.ascontiguousarray(data.ids[:, self.tables]))
+        self.dense = torch.from_numpy(data.dense)
+        self.labels = torch.from_numpy(data.labels)
+
+    # ------------------------------------------------------------------------------ pieces
+
+    def _inputs(self, shard, exchange, rows: np.ndarray):
+        """The data-parallel part's inputs for this rank's block of the global batch ``rows``
+        (W equal blocks): its dense features ``[B, 13]`` and the W tower outputs for its
+        samples ``[B, W*H]``, received through ``exchange``."""
+        block = len(rows) // self.world
+        index = torch.from_numpy(rows)
+        act = shard(self.ids.index_select(0, index).to(self.device))
+        if torch.is_grad_enabled():
+            act = scale_grad(act, 1.0 / self.world)
+        received = exchange(act)
+        towers = received.view(self.world, block, -1).transpose(0, 1).reshape(block, -1)
+        mine = index[self.rank * block:(self.rank + 1) * block]
+        return self.dense.index_select(0, mine).to(self.device), towers
+
+    def _evaluate(self, shard, arch, exchange, final: bool) -> Dict[str, float]:
+        """Held-out AUC and log loss (scikit-learn), identical on every rank: on the whole
+        held-out split when ``final``, else on its first ``eval_subset`` samples (to keep the
+        curve cheap)."""
+        from sklearn.metrics import log_loss, roc_auc_score
+
+        start = self.data.num_train
+        heldout = self.heldout if final else min(self.heldout, self.cfg.eval_subset
+                                                 // self.world * self.world)
+        chunk = max(self.world, (4 * self.cfg.batch_size) // self.world * self.world)
+        mine: List[torch.Tensor] = []
+        with torch.no_grad():
+            for lo in range(0, heldout, chunk):
+                rows = np.arange(start + lo, start + min(lo + chunk, heldout))
+                logits = arch.module(*self._inputs(shard, exchange, rows))
+                mine.append(torch.sigmoid(logits).float())
+        local = torch.cat(mine)
+        gathered = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(gathered, local.to(self.device), group=self.group)
+        probs = np.empty(heldout, dtype=np.float64)
+        labels = self.data.labels[start:start + heldout]
+        # Undo the block layout: in each chunk, rank r scored rows r*block .. (r+1)*block - 1.
+        offset = [0] * self.world
+        for lo in range(0, heldout, chunk):
+            n = min(chunk, heldout - lo)
+            block = n // self.world
+            for r in range(self.world):
+                probs[lo + r * block:lo + (r + 1) * block] = \
+                    gathered[r][offset[r]:offset[r] + block].cpu().numpy()
+                offset[r] += block
+        probs = np.clip(probs, 1e-7, 1 - 1e-7)
+        return {"auc": float(roc_auc_score(labels, probs)),
+                "logloss": float(log_loss(labels, probs, labels=[0, 1]))}
+
+    # -------------------------------------------------------------------------------- runs
+
+    def run(self) -> Dict[str, dict]:
+        """Every configured run in turn; {run name: results} (the same on every rank except
+        ``step_ms``, which is this rank's). Collective: every rank must call it."""
+        return {name: self._run(name) for name in self.cfg.runs}
+
+    def _run(self, name: str) -> dict:
+        cfg, world = self.cfg, self.world
+        torch.manual_seed(cfg.seed)
+        shard = EmbeddingShard(self.tables, self.data.table_sizes, cfg.emb_dim,
+                               cfg.tower_width, cfg.seed).to(self.device)
+        torch.manual_seed(cfg.seed)  # the same data-parallel weights on every rank
+        arch = DenseArch(world, cfg.tower_width, width=cfg.width,
+                         vectors=cfg.vectors).to(self.device)
+        ddp = DistributedDataParallel(arch, device_ids=[self.device] if
+                                      self.device.type == "cuda" else None,
+                                      process_group=self.group)
+        state, hook, notes = _make_state(cfg, name, ddp, self.group)
+        ddp.register_comm_hook(state, self.callbacks.dp_hook(name, hook))
+        exchange = SparseExchange(cfg.mp_k, self.group, _DTYPES[cfg.mp_value_dtype]) \
+            if name == "dct_dp_mp" else DenseExchange(self.group)
+        dense_params = list(arch.parameters()) + list(shard.tower.parameters())
+        opt = torch.optim.Adam(dense_params, lr=cfg.lr)
+        opt_emb = RowWiseAdagrad(list(shard.tables.parameters()), lr=cfg.emb_lr)
+        batches = _Batches(self.data.num_train, cfg.batch_size, cfg.seed)
+        loss_fn = torch.nn.BCEWithLogitsLoss()
+
+        series = {"step": [], "train_loss": [], "dp_bytes": [], "dp_ring": [], "mp_bytes": [],
+                  "mp_dense": [], "overflowed_buckets": [], "buckets_sparse": []}
+        evals = {"step": [], "auc": [], "logloss": []}
+        step_s: List[float] = []
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        loss_count = 0
+        for step in range(cfg.steps):
+            rows = batches.rows(step)
+            self.callbacks.step_begin(name, step)
+            t0 = time.perf_counter()
+            logits = ddp(*self._inputs(shard, exchange, rows))
+            block = rows[self.rank * self.local:(self.rank + 1) * self.local]
+            labels = self.labels.index_select(0, torch.from_numpy(block)).to(self.device)
+            loss = loss_fn(logits, labels)
+            opt.zero_grad(set_to_none=True)
+            opt_emb.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            opt_emb.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # to time the step, not the queue
+            step_s.append(time.perf_counter() - t0)
+            self.callbacks.step_end(name, step)
+            loss_sum += loss.detach().double()
+            loss_count += 1
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                mean_loss = loss_sum.clone()
+                dist.all_reduce(mean_loss, group=self.group)
+                dp, ring = traffic.dp_totals(state, world)
+                over = traffic.overflow_counts(state)
+                series["step"].append(done)
+                series["train_loss"].append(float(mean_loss) / (loss_count * world))
+                series["dp_bytes"].append(dp)
+                series["dp_ring"].append(ring)
+                series["mp_bytes"].append(exchange.bytes_sent)
+                series["mp_dense"].append(exchange.bytes_dense)
+                series["overflowed_buckets"].append(over["overflowed_buckets"])
+                series["buckets_sparse"].append(over["buckets_sparse"])
+                loss_sum.zero_()
+                loss_count = 0
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                metrics = self._evaluate(shard, ddp, exchange, final=done == cfg.steps)
+                evals["step"].append(done)
+                evals["auc"].append(metrics["auc"])
+                evals["logloss"].append(metrics["logloss"])
+            if self.progress is not None:
+                self.progress.update(1)
+                if done % cfg.log_every == 0:
+                    self.progress.set_postfix(run=name, loss=f"{series['train_loss'][-1]:.4f}")
+        return self._summary(name, state, exchange, ddp, series, evals, step_s, notes)
+
+    def _summary(self, name, state, exchange, ddp, series, evals, step_s, notes) -> dict:
+        cfg, steps = self.cfg, self.cfg.steps
+        dp, ring = series["dp_bytes"][-1], series["dp_ring"][-1]
+        mp, mp_dense = series["mp_bytes"][-1], series["mp_dense"][-1]
+        over = traffic.overflow_counts(state)
+        # Steady state: the second half of the run, from the series (logged totals).
+        half = next(i for i, s in enumerate(series["step"]) if s >= steps // 2)
+        span = series["step"][-1] - series["step"][half]
+        steady_dp = (dp - series["dp_bytes"][half]) / span if span else float("nan")
+        steady_ring = (ring - series["dp_ring"][half]) / span if span else float("nan")
+        digests = [None] * self.world
+        dist.all_gather_object(digests, _digest(ddp.module), group=self.group)
+        first100 = next((i for i, s in enumerate(series["step"]) if s >= 100), None)
+        out = {
+            "steps": steps,
+            "auc": evals["auc"][-1],
+            "logloss": evals["logloss"][-1],
+            "dp_bytes_per_step": dp / steps,
+            "dp_bytes_ring_per_step": ring / steps,
+            "dp_compression": 1.0 if name == "dense" else ring / dp,
+            "dp_compression_steady": 1.0 if name == "dense" else
+            (steady_ring / steady_dp if steady_dp else float("nan")),
+            "mp_bytes_per_step": mp / steps,
+            "mp_bytes_dense_per_step": mp_dense / steps,
+            "mp_compression": 1.0 if name != "dct_dp_mp" else mp_dense / mp,
+            "step_ms": 1000 * float(np.median(step_s)),
+            "step_ms_mean": 1000 * float(np.mean(step_s)),
+            "train_s": float(np.sum(step_s)),
+            "dp_overflow_frequency": (over["overflowed_buckets"] / over["buckets_sparse"]
+                                      if over["buckets_sparse"] else 0.0),
+            "dp_overflowed_buckets": over["overflowed_buckets"],
+            "dp_sparse_buckets": over["buckets_sparse"],
+            "dp_overflow_entries": over["overflow"],
+            "dp_overflowed_buckets_first_100_steps":
+                series["overflowed_buckets"][first100] if first100 is not None else None,
+            "dp_exchange": notes["exchange"],
+            "ranks_identical": all(d == digests[0] for d in digests),
+            "series": series,
+            "evals": evals,
+        }
+        if name != "dense":
+            stats = state.stats()
+            out["dp_stats"] = {k: (float(v) if isinstance(v, float) else v)
+                               for k, v in stats.items()
+                               if isinstance(v, (int, float)) and math.isfinite(v)}
+        return out
