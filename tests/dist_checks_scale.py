@@ -340,6 +340,7 @@ def _bytes_run(rank, world, exchange, group, steps, shapes, **kwargs):
                      **kwargs)
     sent = received = 0.0
     ring = 0.0
+    per_step = []
     for step in range(steps):
         g = rank_generator(24, rank, step)
         grads = [torch.randn(s, generator=g) for s in shapes]
@@ -348,7 +349,9 @@ def _bytes_run(rank, world, exchange, group, steps, shapes, **kwargs):
             run_step(state, buckets)
         sent += tap.sent
         received += tap.received
+        per_step.append(tap.sent + tap.received)
         ring += sum(4 * (world - 1) / world * b.buffer().numel() * 4 for b in buckets)
+    _bytes_run.per_step = per_step
     return sent, received, ring, state.stats()
 
 
@@ -370,7 +373,9 @@ def check_bytes_counted(rank, world):
         assert _close(stats["bytes_received"], received), (exchange, stats, received)
         assert _close(stats["bytes_ring"], ring), (exchange, stats["bytes_ring"], ring)
         assert _close(stats["compression"], ring / (sent + received)), stats
-        totals[exchange] = sent + received
+        totals[exchange] = sum(_bytes_run.per_step[kwargs["warmup_steps"]:])
+    # Both buckets are on the same side of the margin for these sizes, so "auto" moves what
+    # the cheaper exchange moves over the sparse steps.
     chosen = "reduce_scatter" if totals["reduce_scatter"] <= 0.9 * totals["allgather"] \
         else "allgather"
     assert _close(totals["auto"], totals[chosen]), (totals, chosen)
@@ -494,7 +499,7 @@ def check_unused_and_embedding(rank, world, steps=30):
                          exchange=exchange, module=model)
         ddp.register_comm_hook(state, dct_hook)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        explained = 0
+        explained = hidden_arrived = 0
         for step in range(steps):
             g = rank_generator(28, rank, step)
             idx = torch.randint(0, 5000, (8, 3), generator=g)
@@ -511,12 +516,16 @@ def check_unused_and_embedding(rank, world, steps=30):
             optimizer.step()
             assert model.unused.weight.grad is None or \
                 int(torch.count_nonzero(model.unused.weight.grad)) == 0
-            touched = torch.unique(gather(idx).reshape(-1))
-            emb_grad = model.emb.weight.grad
-            # Every touched row arrived (all of the embedding's nonzeros were sent).
-            assert int((emb_grad[touched].abs().sum(1) > 0).sum()) >= len(touched) - 1, step
-            assert int(torch.count_nonzero(model.hidden.weight.grad)) > 0, step
             saved = state.state_dict()["params"]
+            # Each rank sent all of the embedding's nonzeros (nothing left in its residual).
+            assert int(torch.count_nonzero(saved["emb.weight"]["residual"])) == 0, step
+            if exchange == "allgather":
+                # ... so every touched row arrives (with reduce_scatter the shard owner then
+                # keeps k of the sum of W ranks' rows, by design).
+                touched = torch.unique(gather(idx).reshape(-1))
+                emb_grad = model.emb.weight.grad
+                assert bool((emb_grad[touched].abs().sum(1) > 0).all()), step
+            hidden_arrived += int(torch.count_nonzero(model.hidden.weight.grad)) > 0
             # The only parameter that may ask for an early refresh is the normal one (k = 6,
             # fresh random gradients each step): never the embedding or the unused layer.
             for key in ("emb.weight", "unused.weight"):
@@ -528,6 +537,10 @@ def check_unused_and_embedding(rank, world, steps=30):
         assert saved["emb.weight"]["threshold"].item() == FLOOR, saved["emb.weight"]
         assert saved["unused.weight"]["threshold"].item() == FLOOR
         assert torch.count_nonzero(saved["emb.weight"]["residual"]) == 0
+        # allgather delivers the normal parameter every step; reduce_scatter's second
+        # threshold may hold a step's small sum back in the owner's shard residual.
+        assert hidden_arrived >= (steps if exchange == "allgather" else steps // 2), \
+            hidden_arrived
         # Every early refresh follows a step where the normal parameter asked for it.
         assert stats["early_refreshes"] <= explained, (explained, stats)
         # Scheduled refreshes count from the last refresh, early ones included.

@@ -7,16 +7,16 @@ makes the current stream wait for the collective's CUDA event (no host wait). So
 here first ``wait()``s on the futures it depends on (already complete on gloo: no blocking) and
 the futures made here carry the device, so DDP's wait orders its stream after our kernels.
 
-Issue order. gloo and NCCL match collectives by the order they are issued in. Collectives
-issued from callbacks (stage 3 of ``"reduce_scatter"``) would otherwise be issued at times that
-depend on thread timing, interleaved differently with the collectives the autograd thread issues
-for later buckets. ``StepOrder`` fixes one order on every rank: first every collective the hook
-issues on the calling thread, bucket by bucket, up to the last bucket of the step; then the
-collectives issued from callbacks, in bucket order.
+Issue order. gloo and NCCL match collectives by the order they are issued in. A second-stage
+collective issued from a callback (stage 3 of ``"reduce_scatter"``) would be issued at a time
+that depends on thread timing, interleaved differently on different ranks with the collectives
+the autograd thread issues for later buckets (and with DDP's own). ``StepOrder`` fixes one order
+on every rank: every bucket's first collective on the calling thread, bucket by bucket; then, at
+the step's last bucket and still on the calling thread, each bucket's second-stage collective in
+bucket order.
 """
 
-import threading
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 import torch
 
@@ -63,37 +63,38 @@ def after(futures: List[torch.futures.Future], fn: Callable[[], object],
 class StepOrder:
     """The issue order of one step (see the module docstring).
 
-    ``gate`` completes when the hook has issued the collectives of the step's last bucket on
-    the calling thread (``close``). ``chain(...)`` runs a callback that issues collectives only
-    after the gate, its own inputs and the previous chained callback's issue are complete.
+    ``chain(issue)`` queues a function that issues collectives; ``close()`` — called on the
+    hook's calling thread once the step's last bucket has issued its first collectives — runs
+    the queued functions there, in bucket order. No collective is ever issued from a
+    collective's callback, so DDP's own collectives at the end of the backward pass (e.g. the
+    unused-parameter map of ``find_unused_parameters``) come after ours on every rank too.
     """
 
     def __init__(self):
-        self.gate = torch.futures.Future()
-        self._tail: torch.futures.Future = torch.futures.Future()
-        self._tail.set_result(None)
-        self._lock = threading.Lock()
+        self._queued: List[Tuple[Callable[[], None], torch.futures.Future]] = []
+        self._closed = False
 
-    def chain(self, inputs: List[torch.futures.Future],
-              issue: Callable[[], None]) -> None:
-        """Run ``issue()`` (which issues collectives) after the gate, ``inputs`` and the
-        previous ``issue``; the next chained call waits for this one to return. ``issue``
-        must ``wait()`` on ``inputs`` itself and deliver its own errors (to its result)."""
-        with self._lock:
-            previous, done = self._tail, torch.futures.Future()
-            self._tail = done
-
-        def run(_):
-            try:
-                issue()
-            finally:
-                # Even after an error the next bucket may go on (its collectives then fail or
-                # time out on every rank rather than wait here forever).
-                done.set_result(None)
-
-        torch.futures.collect_all([self.gate, previous] + list(inputs)).then(run)
+    def chain(self, issue: Callable[[], None], result: torch.futures.Future) -> None:
+        """Queue ``issue`` (it waits on its own inputs and delivers its own errors to
+        ``result``, which ``abandon`` fails instead)."""
+        self._queued.append((issue, result))
 
     def close(self) -> None:
-        """The step's last bucket has issued its calling-thread collectives."""
-        if not self.gate.done():
-            self.gate.set_result(None)
+        """Run the queued functions, in order (each waits on its inputs: on gloo a host wait
+        for the first collective, which the backward pass of the later buckets has overlapped;
+        on NCCL a stream wait)."""
+        if self._closed:
+            return
+        self._closed = True
+        for issue, _ in self._queued:
+            issue()
+        self._queued.clear()
+
+    def abandon(self, error: Exception) -> None:
+        """After an error on the calling thread: nothing more is issued, and every queued
+        result fails with ``error``."""
+        self._closed = True
+        for _, result in self._queued:
+            if not result.done():
+                result.set_exception(error)
+        self._queued.clear()

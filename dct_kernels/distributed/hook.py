@@ -64,10 +64,11 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
        starts: with "allgather", ``compress`` packs the entries with |gradient + residual| >=
        τ_p into one fixed-capacity wire buffer (the rest stays in the residual) and one
        all-gather is issued; with "reduce_scatter", the same shard by shard into W rows and
-       one all-to-all, then in its callback the shard owner's sum, second threshold τ' and
-       shard residual, and one all-gather of the shard payloads, issued after every bucket's
-       first collective of the step, in bucket order, so all ranks issue in the same order.
-    5. Each parameter's kept count is compared with its band on the device and staged to the
+       one all-to-all is issued, and the rest is queued: at the step's last bucket, on this
+       thread and in bucket order (so every rank issues its collectives in the same order),
+       the shard owner's rank-order sum, second threshold τ' and shard residual, and one
+       all-gather of the shard payloads.
+    5. Each parameter's kept count (first stage) is compared with its band on the device and staged to the
        host for the next step's decision; statistics accumulate (bytes on the host, counts on
        the device).
     6. In the last collective's callback, ``decompress_many(average=True)`` writes the
@@ -102,8 +103,8 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
             future = _dense(state, layout, buffer)
         else:
             future = _sparse(state, layout, buffer)
-    except Exception:
-        state.bucket_done(bucket, failed=True)
+    except Exception as error:
+        state.bucket_done(bucket, error)
         raise
     state.bucket_done(bucket)
     return future

@@ -6,7 +6,7 @@ every rank, fixed per bucket layout, balanced by the kept-count targets k_p). Pe
 1. Each rank compresses its (gradient + residual) shard by shard, each shard's pieces against
    their parameters' τ_p, into W fixed-capacity wire buffers — the rows of one ``[W, nbytes]``
    send tensor, written in place — and one ``all_to_all_single`` sends row s to rank s.
-2. In the all-to-all's callback, rank s sums the W payloads of its shard in rank order
+2. Once the all-to-all is done, rank s sums the W payloads of its shard in rank order
    (``decompress_many``), compresses that sum with its shard residual (fp32, the second error
    feedback, which rank s owns) against τ' (per piece of a parameter in the shard: the k-th
    largest of the piece's sum + residual, k the piece's share of k_p, refreshed on the same
@@ -17,8 +17,9 @@ every rank, fixed per bucket layout, balanced by the kept-count targets k_p). Pe
 
 Per rank: (W - 1) rows sent and received in stage 1 and one row sent, W - 1 received in stage
 3, each row about 1/W of the allgather buffer: about 3 allgather buffers whatever W is.
-Stage 3 is issued from a callback, in the step's ``StepOrder`` (after every bucket's stage 1,
-in bucket order), so every rank issues its collectives in the same order.
+Stages 2 and 3 run in the step's ``StepOrder``: on the calling thread, after every bucket's stage
+1, in bucket order, so every rank issues its collectives in the same order; the decompression
+of stage 3 runs in the all-gather's callback.
 """
 
 from typing import List
@@ -63,10 +64,10 @@ def row_fields(rows: torch.Tensor, capacity: int):
 class ReduceScatterExchange:
     """Sized once from a bucket layout (its ``shard``); ``start`` once per sparse step.
 
-    ``start(buffer, step, order, refresh_due)`` runs stage 1 on the calling thread and chains
-    stages 2 and 3 in ``order``; it returns (future of the bucket's average, send rows).
-    ``refresh_due(pieces)`` says whether τ' must be recomputed this step (schedule or a
-    pending flag); it is called in the callback with this rank's ``ShardPiece`` states.
+    ``start(buffer, order, refresh_due)`` runs stage 1 and issues the all-to-all, and queues
+    stages 2 and 3 in ``order`` (run on the calling thread at the step's last bucket); it
+    returns (future of the bucket's average, send rows). ``refresh_due()`` says whether τ' must
+    be recomputed this step (schedule or a pending flag).
     """
 
     name = "reduce_scatter"
@@ -164,7 +165,7 @@ class ReduceScatterExchange:
 
             gathered.then(finish)
 
-        order.chain([exchanged], issue_stage3)
+        order.chain(issue_stage3, result)
         return result, self.send
 
     def stage1_positions(self):

@@ -334,7 +334,7 @@ class DCTState:
     def shard_refresh(self, layout: BucketLayout, step: int) -> bool:
         """Whether this rank's τ' of a reduce_scatter bucket are due at ``step`` (scheduled or
         pending, as for τ_p); when they are, they count as refreshed at ``step``. Called from
-        the stage-2 callback."""
+        stage 2 (at the step's last bucket)."""
         shard = layout.shard
         self._collect_flags_shard(layout)
         pieces = [p for p in shard.states if p is not None]
@@ -397,14 +397,17 @@ class DCTState:
             self._order = StepOrder()
         return self._order
 
-    def bucket_done(self, bucket, failed: bool = False) -> None:
-        """After the hook's calling-thread work on a bucket: at the step's last bucket (or on
-        an error) the step's callback collectives may go, and the step counter advances."""
-        if bucket.is_last() or failed:
-            if self._order is not None:
-                self._order.close()
-                self._order = None
-        if bucket.is_last() and not failed:
+    def bucket_done(self, bucket, error: Optional[Exception] = None) -> None:
+        """After the hook's calling-thread work on a bucket: at the step's last bucket the
+        queued second-stage collectives are issued (``StepOrder.close``) and the step counter
+        advances; after an ``error`` the queue is abandoned (its results fail with it)."""
+        if self._order is not None and (bucket.is_last() or error is not None):
+            order, self._order = self._order, None
+            if error is not None:
+                order.abandon(error)
+            else:
+                order.close()
+        if bucket.is_last() and error is None:
             self.step += 1
 
     # -------------------------------------------------------------------------- statistics
