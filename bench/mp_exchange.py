@@ -11,8 +11,9 @@ model-parallel boundary:
 Each repetition starts after a barrier and is timed on every rank (wall clock; on a GPU after a
 device synchronize); the repetition's time is the slowest rank's, and p20/p50/p80 are taken
 over repetitions. Bytes are what rank 0 sends to the other ranks in one step, counted by
-wrapping ``torch.distributed.all_to_all_single`` (the own block is not counted, as DESIGN.md
-section 4 counts an all-to-all), next to ``dct_kernels.mp.all_to_all_bytes``.
+wrapping ``torch.distributed.all_to_all_single`` (the own block is not counted, as
+docs/design.md#traffic-statistics counts an all-to-all), next to
+``dct_kernels.mp.all_to_all_bytes``.
 
 Rows go to ``bench/results/<card>/mp_exchange.csv`` (replaced per run) and a table to
 ``mp_exchange.md`` next to it.
@@ -114,8 +115,10 @@ def _time(fn, device, world, reps, budget_s):
         return time.perf_counter() - t0
     for _ in range(3):
         once()
-    times, start = [], time.perf_counter()
-    while len(times) < reps or (time.perf_counter() - start < budget_s and len(times) < 5 * reps):
+    times = []
+    # The loop ends on the all-reduced times, the same on every rank: a rank's own clock could
+    # end its loop one collective before the others'.
+    while len(times) < reps or (sum(times) < budget_s * 1e3 and len(times) < 5 * reps):
         elapsed = torch.tensor([once()], dtype=torch.float64, device=device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest
         times.append(elapsed.item() * 1e3)

@@ -9,8 +9,8 @@
 See docs/mp.md.
 """
 
-from .exchange import ExchangeLayout, SparseAllToAll, all_to_all_bytes, sparse_all_to_all
+from .exchange import SparseAllToAll, all_to_all_bytes, sparse_all_to_all
 from .rows import pack_rows, sparsify_rows, unpack_rows
 
 __all__ = ["sparsify_rows", "pack_rows", "unpack_rows", "sparse_all_to_all",
-           "all_to_all_bytes", "SparseAllToAll", "ExchangeLayout"]
+           "all_to_all_bytes", "SparseAllToAll"]

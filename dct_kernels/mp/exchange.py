@@ -59,7 +59,7 @@ class ExchangeLayout:
 
 
 def _size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def _make_layout(world: int, rows: int, columns: int, k: int, dtype: torch.dtype,
@@ -110,7 +110,7 @@ def all_to_all_bytes(x: torch.Tensor, k: int, world: int, *,
     """Bytes one rank sends in one ``sparse_all_to_all(x, k)``, forward plus backward, and what
     the dense all-to-all of x would send, forward plus backward.
 
-    Counting convention (DESIGN section 4's traffic statistics): an all-to-all counts the
+    Counting convention (docs/design.md#traffic-statistics): an all-to-all counts the
     chunks sent to the *other* ranks. The rank's own block never crosses the network, so a
     rank sends (W - 1)/W of each tensor it passes to the collective, and at W = 1 both numbers
     are 0. Per rank, with B = x.shape[0] / world:

@@ -12,7 +12,9 @@ KDD 2021, section on model parallelism). Three differentiable functions over
   boundary forward and its gradient ([B, k]) what crosses it backward; ``indices`` ([B, k],
   int16 when D <= 32768) is sent once forward and reused backward. Both have a size fixed by
   (B, k), so an all-to-all or send/recv needs no size exchange. Put the transfer between them
-  with any autograd-aware collective (e.g. ``torch.distributed.nn.functional.all_to_all``).
+  with any autograd-aware collective (e.g. ``torch.distributed.nn.functional.all_to_all``);
+  for an all-to-all, ``sparse_all_to_all`` (exchange.py) does all of it in one collective
+  each way.
 
 With k = 5% of D, int16 indices and 16-bit values, the boundary carries 20x fewer bytes than
 dense fp32. Nothing here synchronizes with the host.
