@@ -1,4 +1,5 @@
-"""A hybrid-parallel DLRM-style trainer that measures what DCT saves (DESIGN.md section 7).
+"""A hybrid-parallel DLRM-style trainer that measures what DCT saves
+(docs/design.md#end-to-end-hybrid-parallel-dlrm).
 
 Modules: ``data`` (synthetic click logs from a planted teacher), ``criteo`` (a Criteo TSV
 reader), ``model`` (embedding shards with ReLU towers, the data-parallel MLPs), ``exchange``

@@ -176,7 +176,8 @@ def parse_args(argv=None):
     p.add_argument("--runs", help=f"comma-separated subset of {','.join(RUNS)}")
     p.add_argument("--data-file", help="a Criteo-format TSV file instead of synthetic data")
     p.add_argument("--hash-size", type=int, help="rows per table for --data-file")
-    p.add_argument("--out", help="output folder (default bench/results/<device>/dlrm)")
+    p.add_argument("--out", help="output folder (default bench/results/<device>/dlrm, and "
+                                 "bench/results/<device> for --sweep)")
     p.add_argument("--seed", type=int)
     return p.parse_args(argv)
 
@@ -200,8 +201,8 @@ def main(argv=None) -> None:
     started = time.time()
     args = parse_args(argv)
     cfg = config_from_args(args)
-    out_dir = args.out or os.path.join(BENCH_DIR, "results", device_slug(device_name()),
-                                       "dlrm")
+    results = os.path.join(BENCH_DIR, "results", device_slug(device_name()))
+    out_dir = args.out or (results if args.sweep else os.path.join(results, "dlrm"))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
         world = int(os.environ["WORLD_SIZE"])
         backend = _pick_backend(world)

@@ -10,7 +10,7 @@ x ``[W*B, H]`` on every rank, block j (rows j*B .. (j+1)*B) for rank j; the resu
   forward, the gradient at the same positions backward).
 
 Both count the bytes this rank sends per call (forward plus backward, the own block not
-counted, DESIGN.md section 4b) as host integers, without looking at the data.
+counted, docs/design.md#dct-mp-model-parallel) as host integers, without looking at the data.
 """
 
 from typing import Optional

@@ -45,9 +45,10 @@ def markdown(report: dict) -> str:
              + (f"{report['teacher_auc']:.4f}" if report["teacher_auc"] is not None else "n/a")
              + f". Wall time {report['wall_s']:.0f} s.", "",
              "Bytes are per step and rank: DP = sent + received in the gradient exchange, next "
-             "to a ring all-reduce of the same gradients (DESIGN.md section 4); MP = sent in "
-             "the embedding all-to-all, forward + backward, next to the dense exchange "
-             "(section 4b). Steady = second half of the run.", "",
+             "to a ring all-reduce of the same gradients (docs/design.md#traffic-statistics); "
+             "MP = sent in the embedding all-to-all, forward + backward, next to the dense "
+             "exchange (docs/design.md#dct-mp-model-parallel). Steady = second half of the "
+             "run.", "",
              TABLE_HEADER, "|---" * (TABLE_HEADER.count("|") - 1) + "|"]
     lines += table_rows(report)
     lines += ["", "![held-out AUC and training loss](dlrm_quality.png)", "",

@@ -34,7 +34,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class Callbacks:
     """Hooks for a caller that watches training (the smoke test counts bytes with them):
     ``step_begin``/``step_end`` bracket each training step (forward, backward, optimizer; not
-    logging or evaluation), ``dp_hook`` may wrap the DDP comm hook before it is registered."""
+    logging or evaluation), ``dp_hook`` may wrap the DDP comm hook before it is registered,
+    ``run_end`` sees the trained modules (the data-parallel part, this rank's shard)."""
 
     def step_begin(self, run: str, step: int) -> None:
         pass
@@ -44,6 +45,10 @@ class Callbacks:
 
     def dp_hook(self, run: str, hook):
         return hook
+
+    def run_end(self, run: str, dense_arch: torch.nn.Module,
+                shard: torch.nn.Module) -> None:
+        pass
 
 
 def _make_state(cfg: Config, name: str, ddp, group):
@@ -59,7 +64,7 @@ def _make_state(cfg: Config, name: str, ddp, group):
         kwargs["exchange"] = cfg.exchange
         notes["exchange"] = cfg.exchange
     else:
-        # DCTState without exchange= (before DESIGN.md section 4's exchanges): all-gather.
+        # DCTState without exchange= (before docs/design.md#exchanges existed): all-gather.
         notes["exchange"] = "allgather"
     return dct_dist.DCTState(group, **kwargs), dct_dist.dct_hook, notes
 
@@ -238,6 +243,7 @@ class RankRunner:
                 self.progress.update(1)
                 if done % cfg.log_every == 0:
                     self.progress.set_postfix(run=name, loss=f"{series['train_loss'][-1]:.4f}")
+        self.callbacks.run_end(name, ddp.module, shard)
         return self._summary(name, state, exchange, ddp, series, evals, step_s, notes)
 
     def _summary(self, name, state, exchange, ddp, series, evals, step_s, notes) -> dict:

@@ -1,4 +1,4 @@
-"""Bytes per rank on the data-parallel side, counted as DESIGN.md section 4 counts them.
+"""Bytes per rank on the data-parallel side, counted as docs/design.md counts them.
 
 - ``DenseTraffic`` + ``dense_hook``: the baseline, DDP's plain all-reduce written as a comm
   hook (``torch.distributed.all_reduce``, then divide by W, as DDP's default) so that its bytes
@@ -50,11 +50,11 @@ def dp_totals(state, world: int) -> Tuple[float, float]:
     """(bytes this rank sent plus received in the gradient exchange, bytes a ring all-reduce
     of the same buckets would send plus receive), totals since the state was made.
 
-    With the traffic statistics of DESIGN.md section 4 (``bytes_sent``, ``bytes_received``,
+    With the traffic statistics of docs/design.md (``bytes_sent``, ``bytes_received``,
     ``bytes_ring``) these are read as they are. A ``DCTState`` from before them reports
     ``bytes_sent`` as the bytes a rank contributed (wire buffers, and dense all-reduces at
     their size) and ``bytes_dense`` as the buckets' size; at W = 2 an all-gather of N bytes
-    and a ring all-reduce of N bytes both move N out and N in, so there the section 4 totals
+    and a ring all-reduce of N bytes both move N out and N in, so there the contract's totals
     are exactly twice those, and only there (a ValueError otherwise).
     """
     stats = state.stats()
@@ -62,7 +62,7 @@ def dp_totals(state, world: int) -> Tuple[float, float]:
         return stats["bytes_sent"] + stats["bytes_received"], stats["bytes_ring"]
     if world != 2:
         raise ValueError(f"world: this DCTState's statistics have no bytes_received/"
-                         f"bytes_ring; they convert to DESIGN.md section 4 terms only at "
+                         f"bytes_ring; they convert to docs/design.md's terms only at "
                          f"W = 2, not {world}")
     return 2 * int(stats["bytes_sent"]), 2 * int(stats["bytes_dense"])
 

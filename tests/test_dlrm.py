@@ -1,0 +1,343 @@
+"""The end-to-end DLRM trainer of bench/ (DESIGN.md section 7): a smoke run on 2 gloo ranks
+whose bytes are checked against counts taken by wrapping the torch.distributed collectives,
+and the Criteo reader on generated files."""
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+
+from dlrm import criteo, data as dlrm_data  # noqa: E402
+from dlrm.config import tiny  # noqa: E402
+from dlrm.model import shard_tables  # noqa: E402
+from dlrm.optim import RowWiseAdagrad  # noqa: E402
+
+SMOKE_DEADLINE_S = 120
+RUN_FIELDS = ("steps", "auc", "logloss", "dp_bytes_per_step", "dp_bytes_ring_per_step",
+              "dp_compression", "mp_bytes_per_step", "mp_bytes_dense_per_step",
+              "mp_compression", "step_ms", "dp_overflow_frequency")
+
+
+# ------------------------------------------------------------------ collective byte counting
+
+class _Counter:
+    """Wraps the torch.distributed collectives and counts, per class, the bytes this rank
+    sends and receives inside training steps, as DESIGN.md section 4 counts them (all-gather
+    of N: N out, (W-1) N in; ring all-reduce of M: 2 (W-1)/W M each way; all-to-all: the
+    chunks to and from the other ranks). DP = all-gathers and all-reduces (the smoke run uses
+    the all-gather exchange), MP = all-to-alls."""
+
+    def __init__(self, world):
+        import torch.distributed as dist
+
+        self.dist, self.world = dist, world
+        self.active = False
+        self.run = None
+        self.totals = {}      # run -> {"dp": float, "mp_sent": float, "mp_received": float}
+        self.per_step = {}    # run -> list of snapshots after each step
+        self.unexpected = []  # collectives of any other kind inside a step
+        self.originals = {}
+        for name in ("all_gather_into_tensor", "all_gather_single", "all_gather",
+                     "all_reduce", "all_to_all_single", "all_to_all", "broadcast",
+                     "reduce_scatter_tensor", "reduce_scatter", "send", "recv", "isend",
+                     "irecv"):
+            if hasattr(dist, name):
+                self.originals[name] = getattr(dist, name)
+                setattr(dist, name, self._wrap(name, self.originals[name]))
+
+    @staticmethod
+    def _bytes(t):
+        return t.numel() * t.element_size()
+
+    def _wrap(self, name, original):
+        def wrapped(*args, **kwargs):
+            if self.active:
+                self._count(name, args, kwargs)
+            return original(*args, **kwargs)
+        return wrapped
+
+    def _count(self, name, args, kwargs):
+        w = self.world
+        t = self.totals.setdefault(self.run, {"dp": 0.0, "mp_sent": 0.0, "mp_received": 0.0})
+        if name in ("all_gather_into_tensor", "all_gather_single"):
+            inp = args[1] if len(args) > 1 else kwargs["input_tensor"]
+            t["dp"] += self._bytes(inp) * w  # N sent + (W - 1) N received
+        elif name == "all_reduce":
+            t["dp"] += 4 * (w - 1) / w * self._bytes(args[0])
+        elif name == "all_to_all_single":
+            out, inp = args[0], args[1]
+            t["mp_sent"] += self._bytes(inp) * (w - 1) / w
+            t["mp_received"] += self._bytes(out) * (w - 1) / w
+        else:
+            self.unexpected.append(name)
+
+    def step_end(self, run, step):
+        t = self.totals.setdefault(run, {"dp": 0.0, "mp_sent": 0.0, "mp_received": 0.0})
+        self.per_step.setdefault(run, []).append(dict(t))
+
+
+def _smoke_worker(rank, world, store, out_dir, result_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    from dlrm import cli
+    from dlrm.runner import Callbacks
+
+    counter = _Counter(world)
+    digests = {}
+
+    class Watch(Callbacks):
+        def step_begin(self, run, step):
+            counter.run, counter.active = run, True
+
+        def step_end(self, run, step):
+            counter.active = False
+            counter.step_end(run, step)
+
+        def run_end(self, run, dense_arch, shard):
+            h = hashlib.sha256()
+            for name, p in dense_arch.named_parameters():
+                h.update(name.encode())
+                h.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
+            digests[run] = h.hexdigest()
+
+    cfg = tiny()
+    cfg.exchange = "allgather"
+    report = cli.train(cfg, out_dir, callbacks=Watch(), progress=False)
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"per_step": counter.per_step, "unexpected": counter.unexpected,
+                   "digests": digests, "series": {n: r["series"]
+                                                  for n, r in report["runs"].items()}}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawn(world, fn, args, deadline_s):
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=(world, *args), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"the smoke run outlived its {deadline_s} s deadline")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    tmp = tmp_path_factory.mktemp("dlrm_smoke")
+    out_dir = str(tmp / "out")
+    _spawn(2, _smoke_worker, (str(tmp / "store"), out_dir, str(tmp)), SMOKE_DEADLINE_S)
+    with open(os.path.join(out_dir, "dlrm.json")) as f:
+        report = json.load(f)
+    ranks = []
+    for r in range(2):
+        with open(tmp / f"rank{r}.json") as f:
+            ranks.append(json.load(f))
+    return report, ranks, out_dir
+
+
+def test_smoke_report_fields(smoke):
+    report, _, out_dir = smoke
+    assert report["world_size"] == 2
+    assert isinstance(report["device"], str) and report["device"]
+    assert 0.5 < report["teacher_auc"] < 1.0
+    assert set(report["runs"]) == {"dense", "dct_dp", "dct_dp_mp"}
+    for name, run in report["runs"].items():
+        for field in RUN_FIELDS:
+            assert field in run, (name, field)
+            assert isinstance(run[field], (int, float)) and math.isfinite(run[field]), \
+                (name, field, run[field])
+        assert run["steps"] == tiny().steps
+        assert 0.0 <= run["auc"] <= 1.0 and run["logloss"] > 0
+        assert run["dp_bytes_per_step"] > 0 and run["mp_bytes_per_step"] > 0
+        assert run["dp_compression"] == pytest.approx(
+            run["dp_bytes_ring_per_step"] / run["dp_bytes_per_step"])
+        assert run["mp_compression"] == pytest.approx(
+            run["mp_bytes_dense_per_step"] / run["mp_bytes_per_step"])
+    dense = report["runs"]["dense"]
+    assert dense["dp_compression"] == 1 and dense["mp_compression"] == 1
+    assert report["runs"]["dct_dp"]["dp_compression"] > 5
+    assert report["runs"]["dct_dp"]["mp_compression"] == 1
+    assert report["runs"]["dct_dp_mp"]["mp_compression"] > 5
+    for name in ("dlrm.md", "dlrm_quality.png", "dlrm_bytes.png"):
+        assert os.path.getsize(os.path.join(out_dir, name)) > 0
+    with open(os.path.join(out_dir, "dlrm.md")) as f:
+        table = f.read()
+    assert all(f"| {name} |" in table for name in report["runs"])
+
+
+def test_smoke_bytes_match_wrapped_collectives(smoke):
+    """Per step, from step 2 on (steps 0 and 1 carry the one-time cross-rank checks of the DP
+    hook and of the MP exchange), the bytes the trainer reports from the package's counters
+    equal those counted by wrapping the collectives, on every rank."""
+    _, ranks, _ = smoke
+    steps = tiny().steps
+    for rank, got in enumerate(ranks):
+        assert got["unexpected"] == [], got["unexpected"]
+        for run, series in got["series"].items():
+            counted = got["per_step"][run]
+            assert len(counted) == steps and series["step"] == list(range(1, steps + 1))
+            for step in range(2, steps):
+                dp_counted = counted[step]["dp"] - counted[1]["dp"]
+                dp_reported = series["dp_bytes"][step] - series["dp_bytes"][1]
+                assert dp_reported == pytest.approx(dp_counted, rel=1e-9), (rank, run, step)
+                mp_counted = counted[step]["mp_sent"] - counted[1]["mp_sent"]
+                mp_reported = series["mp_bytes"][step] - series["mp_bytes"][1]
+                assert mp_reported == pytest.approx(mp_counted, rel=1e-9), (rank, run, step)
+                # equal blocks: a rank receives what it sends
+                assert counted[step]["mp_received"] - counted[1]["mp_received"] == \
+                    pytest.approx(mp_counted)
+            # the dense exchanges' own baselines equal what was really moved
+            if run == "dense":
+                assert series["dp_ring"][-1] == pytest.approx(series["dp_bytes"][-1])
+            if run != "dct_dp_mp":
+                assert series["mp_dense"][-1] == pytest.approx(series["mp_bytes"][-1])
+            else:
+                assert series["mp_bytes"][-1] < series["mp_dense"][-1] / 5
+
+
+def test_smoke_ranks_end_identical(smoke):
+    report, ranks, _ = smoke
+    for run in report["runs"]:
+        assert ranks[0]["digests"][run] == ranks[1]["digests"][run], run
+        assert report["runs"][run]["ranks_identical"] is True
+
+
+# ------------------------------------------------------------------------------- criteo
+
+def _criteo_line(rng, label=None):
+    ints = []
+    for _ in range(13):
+        roll = rng.random()
+        ints.append("" if roll < 0.1 else str(int(rng.integers(-2, 5000))))
+    cats = []
+    for _ in range(26):
+        cats.append("" if rng.random() < 0.1 else f"{int(rng.integers(0, 2**32)):08x}")
+    label = str(int(rng.integers(0, 2))) if label is None else label
+    return "\t".join([label] + ints + cats)
+
+
+def test_criteo_reader_parses_and_hashes(tmp_path):
+    rng = np.random.default_rng(7)
+    lines = [_criteo_line(rng) for _ in range(50)]
+    path = tmp_path / "day.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    hash_size = 1009
+    logs = criteo.read_criteo(str(path), hash_size=hash_size, heldout_fraction=0.2)
+    assert logs.dense.shape == (50, 13) and logs.ids.shape == (50, 26)
+    assert logs.num_train == 40 and logs.num_heldout == 10
+    assert logs.table_sizes == [hash_size] * 26 and logs.teacher_prob is None
+    for i, line in enumerate(lines):
+        fields = line.split("\t")
+        assert logs.labels[i] == float(fields[0])
+        for j in range(13):
+            text = fields[1 + j]
+            expect = 0.0 if text == "" else math.log1p(max(int(text), 0))
+            assert logs.dense[i, j] == pytest.approx(expect, rel=1e-6)
+        for j in range(26):
+            text = fields[14 + j]
+            expect = 0 if text == "" else 1 + int(text, 16) % (hash_size - 1)
+            assert logs.ids[i, j] == expect
+    assert logs.ids.min() >= 0 and logs.ids.max() < hash_size
+    assert (logs.ids == 0).any() and (logs.dense == 0).any()  # missing values were drawn
+
+
+@pytest.mark.parametrize("mangle, message", [
+    (lambda f: f[:-1], "40 tab-separated columns"),
+    (lambda f: ["2"] + f[1:], "label"),
+    (lambda f: f[:3] + ["12x"] + f[4:], "I3"),
+    (lambda f: f[:20] + ["zz12"] + f[21:], "C7"),
+])
+def test_criteo_reader_bad_line_names_the_line(tmp_path, mangle, message):
+    rng = np.random.default_rng(11)
+    lines = [_criteo_line(rng) for _ in range(6)]
+    lines[3] = "\t".join(mangle(lines[3].split("\t")))
+    path = tmp_path / "bad.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=rf"bad.tsv:4: .*{message}"):
+        criteo.read_criteo(str(path), hash_size=100)
+
+
+def test_criteo_reader_arguments(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_file"):
+        criteo.read_criteo(str(tmp_path / "missing.tsv"))
+    path = tmp_path / "one.tsv"
+    path.write_text(_criteo_line(np.random.default_rng(0)) + "\n")
+    with pytest.raises(ValueError, match="hash_size"):
+        criteo.read_criteo(str(path), hash_size=1)
+    with pytest.raises(ValueError, match="too few"):
+        criteo.read_criteo(str(path))
+
+
+# ------------------------------------------------------------------------ data and pieces
+
+def test_synthetic_data_is_seeded_and_power_law():
+    a = dlrm_data.generate(4000, 1000, seed=3, num_tables=6, min_rows=50, max_rows=5000)
+    b = dlrm_data.generate(4000, 1000, seed=3, num_tables=6, min_rows=50, max_rows=5000)
+    c = dlrm_data.generate(4000, 1000, seed=4, num_tables=6, min_rows=50, max_rows=5000)
+    for name in ("dense", "ids", "labels", "teacher_prob"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert not np.array_equal(a.ids, c.ids)
+    assert a.table_sizes == [50, 126, 315, 792, 1991, 5000]
+    assert a.ids.shape == (5000, 6) and a.num_train == 4000
+    for t, rows in enumerate(a.table_sizes):
+        assert 0 <= a.ids[:, t].min() and a.ids[:, t].max() < rows
+    counts = np.sort(np.bincount(a.ids[:, 5], minlength=5000))[::-1]
+    assert counts[0] > 50 * max(1, counts[len(counts) // 2])  # a heavy head, a thin tail
+    assert 0.15 < a.labels.mean() < 0.35
+    # the labels follow the teacher: clicks are likelier where it says so
+    assert a.labels[a.teacher_prob > 0.5].mean() > a.labels[a.teacher_prob < 0.2].mean() + 0.3
+
+
+def test_shard_tables_covers_every_table_once():
+    sizes = dlrm_data.table_sizes(26, 100, 100_000)
+    for world in (1, 2, 3, 8, 26):
+        shards = shard_tables(sizes, world)
+        assert sorted(t for s in shards for t in s) == list(range(26))
+        assert all(s for s in shards)
+    with pytest.raises(ValueError, match="more ranks than tables"):
+        shard_tables(sizes[:3], 4)
+
+
+def test_row_wise_adagrad_against_dense_formula():
+    g = torch.Generator().manual_seed(5)
+    table = torch.nn.EmbeddingBag(20, 3, mode="sum", sparse=True)
+    with torch.no_grad():
+        table.weight.normal_(generator=g)
+    reference = table.weight.detach().clone().double()
+    state = torch.zeros(20, dtype=torch.float64)
+    opt = RowWiseAdagrad([table.weight], lr=0.1)
+    for _ in range(3):
+        ids = torch.randint(0, 20, (12,), generator=g)  # repeats: duplicates are summed
+        target = torch.randn(12, 3, generator=g)
+        out = table(ids, torch.arange(12))
+        loss = ((out - target) ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        dense_grad = torch.zeros(20, 3, dtype=torch.float64)
+        dense_grad.index_add_(0, ids, 2 * (out.detach() - target).double())
+        opt.step()
+        touched = torch.unique(ids)
+        state[touched] += dense_grad[touched].pow(2).mean(dim=1)
+        reference[touched] -= 0.1 * dense_grad[touched] / (state[touched].sqrt() + 1e-8
+                                                          ).unsqueeze(1)
+        assert torch.allclose(table.weight.double(), reference, rtol=1e-5, atol=1e-6)
