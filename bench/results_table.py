@@ -19,7 +19,7 @@ Fields:
   other ops; ``W``: the number of payloads merged (decompress_many); ``D``: the row length
   (compress_rows, whose n is rows x D).
 - ``p20_ms``, ``p50_ms``, ``p80_ms``: percentiles of the timings; ``floor_bytes``: the fewest
-  bytes the op must move (docs/design.md, "Performance model"); ``gbps``: floor_bytes / p50;
+  bytes the op must move (docs/design.md#performance-model); ``gbps``: floor_bytes / p50;
   ``pct_floor``: the floor time (floor_bytes / copy_gbps) as a percentage of p50;
   ``copy_gbps``: the device-to-device copy bandwidth measured at the start of that run (read +
   write).

@@ -3,7 +3,7 @@
 For each op, backend, n and kept ratio: the median (and p20/p80) of many timings (CUDA events on
 a GPU, wall clock on a CPU), after warm-up, on random data (never zeros), rotating among several
 input sets when one set would fit in L2. Every time is also given as a fraction of the
-bandwidth floor: the fewest bytes the op must move (docs/design.md, "Performance model") over
+bandwidth floor: the fewest bytes the op must move (docs/design.md#performance-model) over
 the device-to-device copy bandwidth measured at the start of the run.
 
 Every available backend that runs on the device is timed (``dk.available_backends()``), next

@@ -1,4 +1,4 @@
-// The wire format of a compressed payload (version 1; docs/design.md, "Wire format"): the one
+// The wire format of a compressed payload (version 1; docs/design.md#wire-format): the one
 // C++ definition of its layout, for the CUDA kernels and any host code (no CUDA header here).
 // dct_kernels/payload.py is the one Python definition; tests/test_payload.py checks that the
 // two agree.

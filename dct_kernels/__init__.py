@@ -1,7 +1,7 @@
 """dct_kernels: GPU kernels for Dynamic Communication Thresholding (DCT).
 
 Hard thresholding of gradients (with error feedback) and activations, packed into compact
-wire buffers for torch.distributed. See README.md and DESIGN.md for the contract.
+wire buffers for torch.distributed. See README.md, and docs/design.md for the contract.
 """
 
 from .ops import (available_backends, compress, compress_rows, decompress, decompress_many,

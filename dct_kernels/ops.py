@@ -4,7 +4,7 @@ Each op checks its arguments, picks the backend, and calls the backend through t
 of ``dct_kernels.library`` (so ``torch.compile`` sees one opaque op per kernel family).
 
 Every op takes ``backend=None`` ("cuda", "triton" or "torch"; see ``available_backends``).
-Semantics are identical on every backend; DESIGN.md section 3 is the contract.
+Semantics are identical on every backend; docs/design.md#op-semantics is the contract.
 """
 
 import numbers

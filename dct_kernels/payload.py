@@ -19,7 +19,7 @@ bytes  field
        the buffer ends at the next multiple of 16 after them
 ====== =====================================================================
 
-This module is the one Python definition of that layout (docs/design.md, "Wire format"), used
+This module is the one Python definition of that layout (docs/design.md#wire-format), used
 by every Python backend and the Triton kernels; ``csrc/wire_format.h`` is the one C++
 definition, and tests/test_payload.py checks that the two agree.
 """

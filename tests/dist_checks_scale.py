@@ -362,7 +362,8 @@ def _close(a, b):
 def check_bytes_counted(rank, world):
     """stats() bytes equal what the wrapped collectives moved (dense warm-up and small dense
     parameters included), for both exchanges and "auto"; bytes_ring and compression as
-    DESIGN §4 defines them; "auto" picks the exchange the cost model says is cheaper."""
+    docs/design.md#traffic-statistics defines them; "auto" picks the exchange the cost model says
+    is cheaper."""
     shapes = [(120, 100), (50,), (9000,), (3000,)]
     kwargs = dict(ratio=0.01, warmup_steps=2, refresh_every=4, min_numel=64)
     totals = {}

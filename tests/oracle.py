@@ -1,9 +1,9 @@
-"""Independent oracles for the contract of DESIGN.md section 3, and shared case generators.
+"""Independent oracles for the contract of docs/design.md, and shared case generators.
 
 Nothing here imports ``dct_kernels``: every expected value is computed from the contract with
 numpy (and ``torch.topk`` for selection), so that the torch reference backend is itself checked
 against something it does not share code with. The wire format is encoded and decoded here with
-``struct`` and numpy from the byte table in DESIGN.md, again without the package's helpers.
+``struct`` and numpy from the byte table in docs/design.md, again without the package's helpers.
 
 All oracles take and return CPU tensors / numpy arrays; tests move results back from the device.
 """
@@ -239,7 +239,7 @@ def compress(x: torch.Tensor, thresholds, offsets: Optional[Sequence[int]] = Non
 # ------------------------------------------------------------------------------ wire format
 
 def layout(capacity: int, value_dtype: torch.dtype):
-    """(values byte offset, total bytes) from DESIGN.md's table."""
+    """(values byte offset, total bytes) from the table of docs/design.md#wire-format."""
     values_at = (32 + 4 * capacity + 15) // 16 * 16
     return values_at, (values_at + _ITEMSIZE[value_dtype] * capacity + 15) // 16 * 16
 

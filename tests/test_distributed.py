@@ -41,7 +41,7 @@ def test_state_accepts_the_documented_range():
 
 
 def test_k_and_capacity_share():
-    # DESIGN's k = max(1, ceil(ratio x numel)) with the product in float64, as in the oracle of
+    # Documented k = max(1, ceil(ratio x numel)) with the product in float64, as in the oracle of
     # dist_checks: 0.07 * 100 is 7.000000000000001 there, 0.07 * 200 is 14.000000000000002.
     assert k_of(100, 0.07) == 8
     assert k_of(200, 0.07) == 15

@@ -74,7 +74,7 @@ def test_shard_cuts_balance_k():
 
 
 def test_traffic_model():
-    """Bytes per rank as DESIGN §4 counts them, for concrete numbers: allgather grows with W,
+    """Bytes per rank as docs/design.md counts them, for concrete numbers: allgather grows with W,
     reduce_scatter does not; "auto" prefers allgather near a tie."""
     numels, sparse = [1_000_000], [True]
     rows = {}

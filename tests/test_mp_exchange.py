@@ -5,7 +5,7 @@ The ``check_*`` functions run in one spawned gloo group per world size (2 and 3 
 that need no group (or a group of one) in this process.
 
 Expected values never come from the package: the kept columns of each row are chosen here by
-a plain Python sort (NaN first, then larger magnitude, then lower column, as DESIGN section 3
+a plain Python sort (NaN first, then larger magnitude, then lower column, as docs/design.md#row-ops
 orders them), kept values are rounded with ``oracle.wire_cast``, and they are routed between
 the ranks by a plain dense ``all_to_all_single``. The backward pass is checked against the
 routed, masked upstream gradient, and by the adjoint identity sum <G, y> = sum <grad x, x>.

@@ -1,4 +1,4 @@
-"""The wire format, byte for byte, as the table of docs/design.md ("Wire format") defines it,
+"""The wire format, byte for byte, as the table of docs/design.md#wire-format defines it,
 SparsePayload's views, and the one C++ definition of the layout (csrc/wire_format.h) against the
 one Python definition (dct_kernels/payload.py).
 

@@ -4,7 +4,7 @@ collectives (independent of the package's own counters).
 ``with WireTap(world) as tap:`` replaces ``all_gather_single`` / ``all_gather_into_tensor``,
 ``all_to_all_single`` and ``all_reduce`` on the ``torch.distributed`` module with recording
 wrappers. Each call is recorded as a ``Call`` (the op, a clone of the input as issued, its
-bytes) and counted as DESIGN §4 counts bytes per rank: an all-gather of N bytes per rank is N
+bytes) and counted as docs/design.md counts bytes per rank: an all-gather of N bytes per rank is N
 sent and (W - 1) N received; an all-to-all of W equal chunks of R bytes is (W - 1) R each way;
 an all-reduce of M bytes is 2 (W - 1) / W M each way. int64 collectives (the agreement check
 of a new bucket layout) are recorded but not counted.

@@ -1,7 +1,7 @@
 """Backend "torch": the plain-torch reference. Runs on any device; the oracle for the others.
 
 Every function here receives inputs that the op layer has already validated and flattened
-(see ``dct_kernels/ops.py``); the semantics are those of DESIGN.md section 3. This backend
+(see ``dct_kernels/ops.py``); the semantics are those of docs/design.md. This backend
 favours clarity over speed and may synchronize with the host.
 """
 

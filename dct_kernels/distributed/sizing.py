@@ -6,7 +6,7 @@ factor, world size, wire dtype), so every rank computes the same numbers, the ho
 at the data to size a buffer, and ``bench/traffic.py`` models any world size with exactly the
 code the hook runs.
 
-Bytes are counted as DESIGN §4 counts them, per rank: an all-gather of N bytes per rank is N
+Bytes are counted as docs/design.md counts them, per rank: an all-gather of N bytes per rank is N
 sent and (W - 1) N received; an all-to-all of rows of R bytes is (W - 1) R sent and as much
 received (the rank's own row does not travel); a ring all-reduce of M bytes is
 2 (W - 1) / W M sent and as much received. ``bytes_ring`` of a bucket of B bytes is

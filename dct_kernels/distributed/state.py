@@ -415,7 +415,7 @@ class DCTState:
     def stats(self) -> Dict[str, float]:
         """Totals since construction, ``reset_stats`` or the loaded checkpoint.
 
-        Traffic, per rank, as DESIGN §4 counts it, over every collective of the hook (dense
+        Traffic, per rank, as docs/design.md counts it, over every collective of the hook (dense
         warm-up steps and small dense parameters included; not the one-off agreement check of
         a new bucket layout): ``bytes_sent``, ``bytes_received`` (an all-gather of N bytes per
         rank: N sent, (W - 1) N received; an all-to-all: the rows to and from the other ranks;

@@ -2,7 +2,7 @@
 
 Host counters are plain ints (known without looking at the data); the data-dependent ones
 (entries kept, overflow) accumulate on the device, so updating them never synchronizes and
-reading them does. Bytes are counted per rank as DESIGN §4 (and ``sizing``) define them; the
+reading them does. Bytes are counted per rank as docs/design.md and ``sizing`` define them; the
 fractional ring shares (2 (W - 1) / W x M) are kept exactly, as integer multiples of 1 / W.
 Updates may come from collective callbacks on other threads, hence the lock.
 """
