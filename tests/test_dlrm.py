@@ -1,4 +1,4 @@
-"""The end-to-end DLRM trainer of bench/ (DESIGN.md section 7): a smoke run on 2 gloo ranks
+"""The end-to-end DLRM trainer of bench/ (docs/design.md): a smoke run on 2 gloo ranks
 whose bytes are checked against counts taken by wrapping the torch.distributed collectives,
 and the Criteo reader on generated files."""
 
@@ -33,7 +33,7 @@ RUN_FIELDS = ("steps", "auc", "logloss", "dp_bytes_per_step", "dp_bytes_ring_per
 
 class _Counter:
     """Wraps the torch.distributed collectives and counts, per class, the bytes this rank
-    sends and receives inside training steps, as DESIGN.md section 4 counts them (all-gather
+    sends and receives inside training steps, as docs/design.md counts them (all-gather
     of N: N out, (W-1) N in; ring all-reduce of M: 2 (W-1)/W M each way; all-to-all: the
     chunks to and from the other ranks). DP = all-gathers and all-reduces (the smoke run uses
     the all-gather exchange), MP = all-to-alls."""
