@@ -1,5 +1,6 @@
 """What the GPU-only tests (tests/test_gpu_*.py) share: the device backends to check and the
-random inputs with the hard cases planted in them."""
+random inputs with the hard cases planted in them. Those tests compare every device backend
+bitwise with the torch reference on the same device."""
 
 import torch
 

@@ -1,7 +1,5 @@
 """GPU only: compress at sizes that span thousands of tiles (the cross-tile order of the look-back
 scan), with and without a residual, segmented, and its determinism across runs.
-
-Every device backend is compared bitwise with the torch reference on the same device.
 """
 
 import pytest

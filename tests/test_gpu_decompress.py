@@ -1,7 +1,5 @@
 """GPU only: decompress of buffers that are not 16-byte aligned and of corrupted payloads with
 validate=False (nothing outside out is written).
-
-Every device backend is compared bitwise with the torch reference on the same device.
 """
 
 import pytest

@@ -1,8 +1,6 @@
 """GPU only: decompress_many at sizes that span thousands of merge tiles, with dense and corrupted
 rows, and sparse payloads with one dense tile (the merge's small stage overflowing to the direct
 path).
-
-Every device backend is compared bitwise with the torch reference on the same device.
 """
 
 import pytest

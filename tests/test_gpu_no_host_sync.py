@@ -1,8 +1,6 @@
-"""GPU only: No host synchronization on the fixed-capacity paths of every op, run one after another
+"""GPU only: no host synchronization on the fixed-capacity paths of every op, run one after another
 as a training step runs them (torch.cuda.set_sync_debug_mode("error") turns any sync into an
 error).
-
-Every device backend is compared bitwise with the torch reference on the same device.
 """
 
 import pytest

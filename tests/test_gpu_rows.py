@@ -1,7 +1,5 @@
 """GPU only: compress_rows, decompress_rows and gather_rows on row lengths that span one to many
 chunks (int16 and int32 column indices).
-
-Every device backend is compared bitwise with the torch reference on the same device.
 """
 
 import pytest

@@ -1,8 +1,6 @@
 """GPU only: select_threshold at sizes that span thousands of blocks (the histogram passes and
 their cross-block reductions), and every path of the CUDA selection (sampled window, pooled
 candidates, extra passes over x), segmented and not.
-
-Every device backend is compared bitwise with the torch reference on the same device.
 """
 
 import pytest
