@@ -29,7 +29,9 @@ echo "sanitized module: $(ls "$WORK"/pkg/dct_kernels/_cpu*.so)"
 
 CXX_BIN="${CXX:-g++}"
 PRELOAD="$("$CXX_BIN" -print-file-name=libasan.so) $("$CXX_BIN" -print-file-name=libubsan.so)"
-cd "$ROOT"
+# Run from the temporary directory: from the checkout, python would import the package there
+# (the current directory comes first on sys.path) instead of the sanitized copy.
+cd "$WORK"
 # detect_leaks=0: CPython and torch keep allocations until exit by design, which LeakSanitizer
 # would report; the kernels allocate only through std::vector.
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:strict_string_checks=1:check_initialization_order=1"
@@ -38,5 +40,6 @@ export DCT_KERNELS_SANITIZED=1
 LD_PRELOAD="$PRELOAD" PYTHONPATH="$WORK/pkg" "$PYTHON" -c \
   "import sys, dct_kernels; from dct_kernels import _cpu; print('testing', _cpu.__file__); sys.exit(not _cpu.__file__.startswith('$WORK'))"
 LD_PRELOAD="$PRELOAD" PYTHONPATH="$WORK/pkg" "$PYTHON" -m pytest -q -p no:cacheprovider \
-  tests/test_errors.py tests/test_decompress.py tests/test_decompress_many.py \
-  tests/test_payload.py tests/test_cpu_backend.py -k "not triton and not torch-cpu" "$@"
+  --rootdir "$ROOT" "$ROOT/tests/test_errors.py" "$ROOT/tests/test_decompress.py" \
+  "$ROOT/tests/test_decompress_many.py" "$ROOT/tests/test_payload.py" \
+  "$ROOT/tests/test_cpu_backend.py" -k "not triton and not torch-cpu" "$@"

@@ -187,7 +187,7 @@ def test_numel_limit_is_documented_in_the_error():
 
 def test_available_backends():
     backends = D.available_backends()
-    assert set(backends) == {"cuda", "triton", "torch"}
+    assert set(backends) == {"cuda", "triton", "cpu", "torch"}
     assert all(isinstance(reason, str) and reason for reason in backends.values())
     assert backends["torch"] == "available"
     assert backends["triton"] == "available"  # on the GPU, or interpreted on the CPU
