@@ -39,10 +39,10 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import dct_kernels as dk  # noqa: E402
+from results_table import RESULTS_DIR, card_dir_name  # noqa: E402
 from dct_kernels.backends import resolve  # noqa: E402
 from dct_kernels.mp import all_to_all_bytes, sparse_all_to_all  # noqa: E402
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FIELDS = ("card", "comm", "W", "provider", "kernels", "phase", "B", "D", "k", "ratio", "dtype",
           "value_dtype", "p20_ms", "p50_ms", "p80_ms", "bytes_sent", "bytes_model",
           "dense_over_sparse", "date", "version", "torch")
@@ -103,8 +103,10 @@ def _step(provider, phase, x, upstream, k, value_dtype, backend):
     return y
 
 
-def _time(fn, device, world, reps, budget_s):
-    def once():
+def _time_interleaved(fns, device, reps, budget_s):
+    """p20/p50/p80 ms of each fn, the fns taking turns within every repetition, so that a
+    change of load on a shared machine hits all of them alike."""
+    def once(fn):
         dist.barrier()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -114,15 +116,21 @@ def _time(fn, device, world, reps, budget_s):
             torch.cuda.synchronize()
         return time.perf_counter() - t0
     for _ in range(3):
-        once()
-    times = []
+        for fn in fns:
+            once(fn)
+    times = [[] for _ in fns]
     # The loop ends on the all-reduced times, the same on every rank: a rank's own clock could
     # end its loop one collective before the others'.
-    while len(times) < reps or (sum(times) < budget_s * 1e3 and len(times) < 5 * reps):
-        elapsed = torch.tensor([once()], dtype=torch.float64, device=device)
+    while len(times[0]) < reps or (sum(map(sum, times)) < budget_s * 1e3
+                                   and len(times[0]) < 5 * reps):
+        elapsed = torch.tensor([once(fn) for fn in fns], dtype=torch.float64, device=device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest
-        times.append(elapsed.item() * 1e3)
-    return _percentiles(times)
+        for series, ms in zip(times, (elapsed * 1e3).tolist()):
+            series.append(ms)
+    return [_percentiles(series) for series in times]
+
+
+PROVIDERS = ("sparse_all_to_all", "dense all_to_all_single")
 
 
 def _worker(rank, world, comm, store, configs, reps, budget_s, backend, out_path):
@@ -141,31 +149,36 @@ def _worker(rank, world, comm, store, configs, reps, budget_s, backend, out_path
     for B, D, k, dtype, value_dtype in configs:
         x = torch.randn(world * B, D, generator=g).relu_().add_(0.01).to(dtype).to(device)
         upstream = torch.randn(world * B, D, generator=g).to(dtype).to(device)
-        model_sparse, model_dense = all_to_all_bytes(x, k, world, value_dtype=value_dtype)
-        for provider in ("sparse_all_to_all", "dense all_to_all_single"):
-            for phase in ("fwd", "fwd+bwd"):
+        models = dict(zip(PROVIDERS, all_to_all_bytes(x, k, world, value_dtype=value_dtype)))
+        by_phase = {}
+        for phase in ("fwd", "fwd+bwd"):
+            steps = [lambda p=p: _step(p, phase, x, upstream, k, value_dtype, backend)
+                     for p in PROVIDERS]
+            sent = []
+            for step in steps:
                 with _CountSent(world) as counter:
-                    _step(provider, phase, x, upstream, k, value_dtype, backend)
-                model = model_sparse if provider == "sparse_all_to_all" else model_dense
-                if phase == "fwd":
-                    model = None  # all_to_all_bytes counts forward plus backward
-                p20, p50, p80 = _time(
-                    lambda: _step(provider, phase, x, upstream, k, value_dtype, backend),
-                    device, world, reps, budget_s)
-                rows.append(dict(comm=comm, W=world, provider=provider,
-                                 kernels=kernels if provider == "sparse_all_to_all" else "-",
-                                 phase=phase, B=B, D=D,
-                                 k=k, ratio=round(k / D, 4), dtype=NAMES[dtype],
-                                 value_dtype=NAMES[value_dtype or dtype], p20_ms=p20,
-                                 p50_ms=p50, p80_ms=p80, bytes_sent=counter.sent,
-                                 bytes_model="" if model is None else model))
+                    step()
+                sent.append(counter.sent)
+            timings = _time_interleaved(steps, device, reps, budget_s)
+            for provider, nbytes, (p20, p50, p80) in zip(PROVIDERS, sent, timings):
+                row = dict(comm=comm, W=world, provider=provider,
+                           kernels=kernels if provider == PROVIDERS[0] else "-", phase=phase,
+                           B=B, D=D, k=k, ratio=round(k / D, 4), dtype=NAMES[dtype],
+                           value_dtype=NAMES[value_dtype or dtype], p20_ms=p20, p50_ms=p50,
+                           p80_ms=p80, bytes_sent=nbytes,
+                           # all_to_all_bytes counts forward plus backward
+                           bytes_model=models[provider] if phase == "fwd+bwd" else "")
+                by_phase[provider, phase] = row
+                rows.append(row)
+        sparse_row = by_phase[PROVIDERS[0], "fwd+bwd"]
+        dense_row = by_phase[PROVIDERS[1], "fwd+bwd"]
+        if models[PROVIDERS[0]]:
+            sparse_row["dense_over_sparse"] = round(models[PROVIDERS[1]] / models[PROVIDERS[0]], 2)
         if rank == 0:
-            sparse_row = rows[-3]  # sparse fwd+bwd
-            sparse_row["dense_over_sparse"] = (round(model_dense / model_sparse, 2)
-                                               if model_sparse else "")
             print(f"B={B} D={D} k={k} {NAMES[dtype]}/{NAMES[value_dtype or dtype]}: sparse "
-                  f"{sparse_row['p50_ms']:.3f} ms vs dense {rows[-1]['p50_ms']:.3f} ms "
-                  f"(fwd+bwd); {model_sparse} vs {model_dense} bytes sent", flush=True)
+                  f"{sparse_row['p50_ms']:.3f} ms vs dense {dense_row['p50_ms']:.3f} ms "
+                  f"(fwd+bwd); {sparse_row['bytes_sent']} vs {dense_row['bytes_sent']} bytes "
+                  "sent", flush=True)
     if rank == 0:
         with open(out_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=[f for f in FIELDS if f not in
@@ -179,10 +192,6 @@ def card_name(comm):
     if comm == "nccl":
         return torch.cuda.get_device_name(0)
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def _dir_name(card):
-    return "".join(c if c.isalnum() or c in ".-" else "_" for c in card).strip("_")
 
 
 def _table(rows):
@@ -232,7 +241,7 @@ def main():
                    (512, 1024, 10, f32, bf16), (2048, 1024, 51, f32, bf16),
                    (512, 4096, 205, f32, bf16), (512, 1024, 51, bf16, bf16)]
     card = card_name(args.comm)
-    out_dir = args.out or os.path.join(RESULTS_DIR, _dir_name(card))
+    out_dir = args.out or os.path.join(RESULTS_DIR, card_dir_name(card))
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "rows.csv")

@@ -105,6 +105,26 @@ def check_matches_the_reference(rank, world):
         assert_bitwise_equal(grad, want_grad, f"gradient of x, {what}")
 
 
+def check_every_host_backend(rank, world):
+    """The host kernel backends (the torch reference, and the C++ "cpu" backend when built),
+    each on a few of the cases. Triton (interpreted here) is held to the reference op by op in
+    test_rows.py; the exchange does not depend on which backend runs the ops."""
+    import dct_kernels as dk
+    backends = [name for name, why in dk.available_backends().items()
+                if why == "available" and name in ("torch", "cpu")]
+    assert "torch" in backends
+    for backend in backends:
+        for case in (0, 2, 4):
+            dtype, value_dtype, rows, columns, k, kind, grad_kind = CASES[case]
+            seed = oracle.seed_of("backends", backend, case, rank)
+            x = _data(kind, world * rows, columns, dtype, seed)
+            upstream = _data(grad_kind, world * rows, columns, dtype, seed + 1)
+            y, grad = _run(x, k, value_dtype, upstream, backend=backend)
+            want_y, want_grad = expected_exchange(x, k, value_dtype, upstream)
+            assert_bitwise_equal(y, want_y, f"forward, {backend}, case {case}")
+            assert_bitwise_equal(grad, want_grad, f"gradient, {backend}, case {case}")
+
+
 def check_hard_rows(rank, world):
     """Rows of NaN, of +-inf, of +-0 only, and mixed, for every rank."""
     inf, nan = float("inf"), float("nan")
@@ -291,7 +311,7 @@ def check_bad_arguments_raise_everywhere(rank, world):
     assert_bitwise_equal(y, dense_route(torch.where(kept_mask(x, 2), x, 0.0)), "after")
 
 
-CHECKS = ["check_matches_the_reference", "check_hard_rows", "check_adjoint_and_determinism",
+CHECKS = ["check_matches_the_reference", "check_every_host_backend", "check_hard_rows", "check_adjoint_and_determinism",
           "check_bytes_on_the_wire", "check_disagreeing_ranks_raise_everywhere",
           "check_bad_arguments_raise_everywhere"]
 
