@@ -460,6 +460,7 @@ def _resume_run(rank, named, split, exchange="allgather"):
 
 
 def check_checkpoint_resume(rank, world, exchange="allgather"):
+    # (reduce_scatter: dist_checks_scale.check_resume_reduce_scatter, with stable layouts.)
     """A run checkpointed mid-way (state_dict through torch.save/load with weights_only) and
     resumed in a fresh model, DDP and DCTState continues bit for bit: parameters, residuals,
     thresholds, schedule and statistics. Parameters keyed by name and by first sight. One
@@ -487,26 +488,10 @@ def check_checkpoint_resume(rank, world, exchange="allgather"):
                 assert_bitwise_equal(entry["threshold"], other["threshold"], f"{what} {key}")
                 assert entry["refreshed_at"] == other["refreshed_at"], what
                 assert entry["refresh_pending"] == other["refresh_pending"], what
-                if exchange == "reduce_scatter":
-                    mine, theirs = entry["shard"], other["shard"]
-                    assert (mine is None) == (theirs is None), what
-                    if mine is not None:
-                        assert_bitwise_equal(mine["residual"], theirs["residual"],
-                                             f"{what} {key} shard residual")
-                        assert_bitwise_equal(mine["threshold"], theirs["threshold"], what)
-                        assert mine["refreshed_at"] == theirs["refreshed_at"] >= 0, what
-                        assert mine["start"] == theirs["start"], what
             assert state.stats() == straight.stats(), what
     # A checkpoint of another configuration is refused.
     other = DCTState(ratio=0.1)
     expect_error(lambda: other.load_state_dict(straight.state_dict()), "ratio")
-    if exchange == "reduce_scatter":
-        assert straight.stats()["buckets_reduce_scatter"] > 0
-        assert any(e["shard"] is not None for e in straight.state_dict()["params"].values())
-
-
-def check_checkpoint_resume_reduce_scatter(rank, world):
-    check_checkpoint_resume(rank, world, exchange="reduce_scatter")
 
 
 # ---------------------------------------------------------------- mismatched configuration
@@ -561,9 +546,15 @@ def check_convergence(rank, world, exchange="allgather"):
     teacher = torch.randn(rows, dim, generator=g)
     popularity = 1.0 / torch.arange(1, rows + 1, dtype=torch.float64) ** 1.1
 
+    # With reduce_scatter the ids are hashed (a fixed permutation, as real click logs hash
+    # them): contiguous shards assume kept entries spread over a parameter's index range,
+    # and ids sorted by popularity would put the hot rows all in the first shard.
+    hashed = torch.randperm(rows, generator=torch.Generator().manual_seed(14)) \
+        if exchange == "reduce_scatter" else torch.arange(rows)
+
     def draw(generator, n):
-        return torch.multinomial(popularity, n * features, replacement=True,
-                                 generator=generator).view(n, features)
+        return hashed[torch.multinomial(popularity, n * features, replacement=True,
+                                        generator=generator)].view(n, features)
 
     def target(idx):
         return teacher[idx].mean(1).sum(-1)

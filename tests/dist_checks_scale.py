@@ -549,3 +549,60 @@ def check_unused_and_embedding(rank, world, steps=30):
         assert stats["overflow"] == 0, stats
         assert_same_on_all_ranks(torch.cat([p.detach().reshape(-1)
                                             for p in model.parameters()]), exchange)
+
+
+# ------------------------------------------------------------------ checkpoint and resume
+
+
+def check_resume_reduce_scatter(rank, world, steps=10, split=4):
+    """reduce_scatter, two buckets, bf16 wire: a run checkpointed after ``split`` steps
+    (state_dict through torch.save / torch.load(weights_only=True)) and resumed in a fresh
+    DCTState continues bit for bit — results every step, level-1 and shard residuals,
+    thresholds, schedules, statistics — with the same bucket layouts (with DDP, the first
+    iteration of a fresh DDP buckets parameters in registration order, so its shards differ
+    from those of the checkpointed run's rebuilt buckets: see docs/distributed.md)."""
+    import io
+
+    shapes = [(3000,), (40,), (2500,), (4000,)]
+    kwargs = dict(ratio=0.02, warmup_steps=1, refresh_every=3, min_numel=64,
+                  value_dtype=torch.bfloat16, exchange="reduce_scatter")
+
+    def fresh():
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+        return params, DCTState(module=[(f"p{i}", p) for i, p in enumerate(params)], **kwargs)
+
+    def run(params, state, first, last):
+        outs = []
+        for step in range(first, last):
+            g = rank_generator(29, rank, step)
+            grads = [torch.randn(s, generator=g) * (1 + (step % 3 == 0) * 4) for s in shapes]
+            outs.append([o.clone() for o in run_step(state, _buckets_of(params, grads,
+                                                                        [3, 1]))])
+        return outs
+
+    params, straight = fresh()
+    want = run(params, straight, 0, steps)
+    params, state = fresh()
+    got = run(params, state, 0, split)
+    blob = io.BytesIO()
+    torch.save(state.state_dict(), blob)
+    blob.seek(0)
+    params, state = fresh()
+    state.load_state_dict(torch.load(blob, weights_only=True))
+    got += run(params, state, split, steps)
+    for step, (a, b) in enumerate(zip(got, want)):
+        for bucket, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"step {step} bucket {bucket}")
+    a, b = state.state_dict(), straight.state_dict()
+    assert a["stats"] == b["stats"] and a["step"] == b["step"] == steps
+    for key, entry in a["params"].items():
+        other = b["params"][key]
+        assert_bitwise_equal(entry["residual"], other["residual"], key)
+        assert (entry["shard"] is None) == (other["shard"] is None), key
+        if entry["shard"] is not None:
+            for field in ("residual", "threshold"):
+                assert_bitwise_equal(entry["shard"][field], other["shard"][field], key)
+            assert entry["shard"]["refreshed_at"] == other["shard"]["refreshed_at"], key
+            assert entry["shard"]["refresh_pending"] == other["shard"]["refresh_pending"]
+    assert any(e["shard"] is not None for e in a["params"].values())
+    assert state.stats() == straight.stats()

@@ -122,8 +122,7 @@ CHECKS_2 = ["check_sparse_all_reduce", "check_hook_ratio_one",
 CHECKS_4 = ["check_sparse_all_reduce", "check_hook_ratio_one",
             "check_hook_ratio_one_reduce_scatter",
             "check_ddp_ratio_one_matches_dense", "check_ddp_sparse_audited",
-            "check_mismatched_configurations", "check_checkpoint_resume_reduce_scatter",
-            "check_convergence_reduce_scatter"]
+            "check_mismatched_configurations", "check_convergence_reduce_scatter"]
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ from dist_harness import assert_check_passed, run_group
 CHECKS_2 = ["check_zeros_never_sent", "check_few_nonzeros_no_refresh",
             "check_reduce_scatter_audited", "check_issue_order", "check_bytes_counted",
             "check_mismatched_exchange", "check_sparse_all_reduce_reduce_scatter",
-            "check_unused_and_embedding"]
+            "check_unused_and_embedding", "check_resume_reduce_scatter"]
 CHECKS_8 = ["check_zeros_never_sent", "check_reduce_scatter_audited", "check_issue_order",
             "check_bytes_counted", "check_scale_bytes", "check_mismatched_exchange",
-            "check_sparse_all_reduce_reduce_scatter"]
+            "check_sparse_all_reduce_reduce_scatter", "check_resume_reduce_scatter"]
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,8 @@ class BandCheck:
         return running[self.offsets[1:]] - running[self.offsets[:-1]]
 
     def stage(self, positions: torch.Tensor, valid: torch.Tensor,
-              residual_after: torch.Tensor, overflowed: torch.Tensor) -> torch.Tensor:
+              residual_after: torch.Tensor, overflowed: torch.Tensor,
+              capped: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Compute the flags of this step and stage them to the host (no synchronization).
 
         Args:
@@ -67,6 +68,8 @@ class BandCheck:
                 range), any shape; ``valid`` (bool, same shape) marks the used slots.
             residual_after: fp32 [numel], the residual after the compress.
             overflowed: 0-d bool device tensor: the overflow condition of this step.
+            capped: optional bool [S]: segments whose sent count was cut by a full buffer
+                (their count says nothing about τ being too high: the low side is off).
 
         Returns:
             The int64 [S] kept counts (for statistics).
@@ -74,6 +77,8 @@ class BandCheck:
         counts = self.counts(positions, valid)
         nonzeros = self.nonzeros(residual_after, positions, valid)
         low = (counts < self.low) & (nonzeros >= self.ks)
+        if capped is not None:
+            low &= ~capped
         flags = (low | (counts > self.high) | overflowed) & self.sparse
         self._host.copy_(flags, non_blocking=True)
         if self._event is not None:

@@ -168,6 +168,19 @@ class ReduceScatterExchange:
         order.chain(issue_stage3, result)
         return result, self.send
 
+    def capped_segments(self, overflow: torch.Tensor) -> torch.Tensor:
+        """bool [S]: parameters with a piece in a stage-1 row that overflowed."""
+        shard = self.shard
+        rows = torch.repeat_interleave(
+            torch.arange(self.layout.world, device=overflow.device),
+            torch.tensor([b - a for a, b in zip(shard.piece_bounds[:-1],
+                                                shard.piece_bounds[1:])],
+                         device=overflow.device))
+        capped = torch.zeros(self.layout.num_segments, dtype=torch.int64,
+                             device=overflow.device)
+        capped.index_add_(0, shard.piece_param, (overflow > 0)[rows].to(torch.int64))
+        return capped > 0
+
     def stage1_positions(self):
         """(bucket positions int64 [W, capacity], valid bool [W, capacity], count [W],
         overflow [W]) of the rows this rank sent in stage 1."""

@@ -364,8 +364,10 @@ class DCTState:
     def record_sparse(self, layout: BucketLayout, exchange, sent) -> None:
         """After stage 1 of a sparse step: stage the band flags of what this rank sent
         (``sent``: its payload, or with reduce_scatter its send rows) and count the step."""
+        capped = None
         if layout.exchange == "reduce_scatter":
             positions, valid, count, overflow = exchange.stage1_positions()
+            capped = exchange.capped_segments(overflow)
             count, overflow = count.sum(), overflow.sum()
             # Per-shard overflow alone says little about τ; an overflow that one buffer of
             # the allgather capacity would also have had does.
@@ -375,7 +377,7 @@ class DCTState:
             positions, valid = sent.indices, slots < sent.count
             count, overflow = sent.count, sent.overflow
             overflowed = overflow > 0
-        layout.band.stage(positions, valid, layout.residual, overflowed)
+        layout.band.stage(positions, valid, layout.residual, overflowed, capped)
         self._stats.add_device(kept=count, overflow=overflow,
                                overflowed_buckets=(overflow > 0).to(torch.int64))
         sent_bytes, received = exchange.traffic()
