@@ -311,9 +311,9 @@ def check_bad_arguments_raise_everywhere(rank, world):
     assert_bitwise_equal(y, dense_route(torch.where(kept_mask(x, 2), x, 0.0)), "after")
 
 
-CHECKS = ["check_matches_the_reference", "check_every_host_backend", "check_hard_rows", "check_adjoint_and_determinism",
-          "check_bytes_on_the_wire", "check_disagreeing_ranks_raise_everywhere",
-          "check_bad_arguments_raise_everywhere"]
+CHECKS = ["check_matches_the_reference", "check_every_host_backend", "check_hard_rows",
+          "check_adjoint_and_determinism", "check_bytes_on_the_wire",
+          "check_disagreeing_ranks_raise_everywhere", "check_bad_arguments_raise_everywhere"]
 
 _GROUPS = {}
 

@@ -276,8 +276,9 @@ def sparse_all_to_all(x: torch.Tensor, k: int, *, group=None,
     all_to_all_single per step (forward, backward) of sizes that depend on the shapes alone
     (see ``all_to_all_bytes``). The check compares ranks that meet a new key at the same call;
     a rank that changes its shape while the others reuse an agreed one is not caught (the
-    collectives then mismatch: a timeout, or a gloo abort, see docs/mp.md). Deterministic: the same inputs give bitwise the same
-    result on every run. Not traceable by torch.compile (it calls process-group collectives).
+    collectives then mismatch: a timeout, or a gloo abort, see docs/mp.md). Deterministic:
+    the same inputs give bitwise the same result on every run. Not traceable by torch.compile
+    (it calls process-group collectives).
 
     Example (two ranks, B = 4 rows for each, D = 256, 5% kept, bf16 on the wire)::
 
