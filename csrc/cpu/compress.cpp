@@ -8,6 +8,7 @@
 // chunks before it: entries that land below the capacity go to the wire buffer, the others
 // (overflow, rare) get all of acc back in the residual. The residual is read and written
 // once, the list and the payload cost 8 bytes per kept entry each.
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -97,15 +98,45 @@ inline uint32_t block_mask<float, false>(const float* x, const float* residual, 
 }
 #endif
 
+// Kept entries among 16 fp32 values, added to a vector of four counts (as negative numbers:
+// a true compare is -1).
+inline void count16(const float* acc, uint32_t tkey, int64_t* total) {
+#if defined(__SSE2__)
+  const __m128i abs_mask = _mm_set1_epi32(0x7FFFFFFF), inf = _mm_set1_epi32(0x7F800000);
+  const __m128i below = _mm_set1_epi32(static_cast<int32_t>(tkey) - 1);
+  __m128i sum = _mm_setzero_si128();
+  for (int q = 0; q < 4; ++q) {
+    __m128i key = _mm_and_si128(_mm_castps_si128(_mm_loadu_ps(acc + 4 * q)), abs_mask);
+    key = _mm_or_si128(key, _mm_and_si128(_mm_cmpgt_epi32(key, inf), abs_mask));
+    sum = _mm_sub_epi32(sum, _mm_cmpgt_epi32(key, below));
+  }
+  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0x4E));
+  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0xB1));
+  *total += _mm_cvtsi128_si32(sum);
+#else
+  for (int j = 0; j < 16; ++j) *total += magnitude_key(acc[j]) >= tkey;
+#endif
+}
+
 template <typename T, bool RESIDUAL>
 int64_t count_range(const CompressArgs& a, int64_t begin, int64_t end) {
   const T* x = static_cast<const T*>(a.x);
   int64_t total = 0;
   for_each_run(a, begin, end, [&](int64_t b, int64_t e, uint32_t tkey) {
     float acc[kBlock];
-    for (int64_t i = b; i < e; i += kBlock) {
-      const int len = static_cast<int>(min64(kBlock, e - i));
-      total += __builtin_popcount(block_mask<T, RESIDUAL>(x, a.residual, i, len, tkey, acc));
+    int64_t i = b;
+    for (; i + kBlock <= e; i += kBlock) {
+      if (std::is_same<T, float>::value && !RESIDUAL) {
+        count16(reinterpret_cast<const float*>(x) + i, tkey, &total);
+        continue;
+      }
+      load_acc<T, RESIDUAL>(x, a.residual, i, kBlock, acc);
+      count16(acc, tkey, &total);
+    }
+    if (i < e) {
+      const int len = static_cast<int>(e - i);
+      load_acc<T, RESIDUAL>(x, a.residual, i, len, acc);
+      for (int j = 0; j < len; ++j) total += magnitude_key(acc[j]) >= tkey;
     }
   });
   return total;

@@ -99,21 +99,38 @@ void window_pass(const float* x, int64_t begin, int64_t end, uint32_t lo, uint32
   const uint32_t width = hi - lo;
   int64_t i = begin, n_out = *count, n_over = 0;
 #if defined(__SSE2__)
-  // Unsigned compares as signed ones on keys with the top bit flipped.
+  // Unsigned compares as signed ones on keys with the top bit flipped. The raw |x| bits of a
+  // NaN (above +inf's) stand for the NaN key unless the window reaches into the NaN bit
+  // patterns without covering them all: only then are NaN keys formed exactly.
+  const bool exact_nan = hi > 0x7F800000u && lo > 0x7F800001u;
   const __m128i flip = _mm_set1_epi32(static_cast<int32_t>(0x80000000u));
   const __m128i abs_mask = _mm_set1_epi32(0x7FFFFFFF), inf = _mm_set1_epi32(0x7F800000);
   const __m128i hi_f = _mm_set1_epi32(static_cast<int32_t>(hi ^ 0x80000000u));
   const __m128i lo_v = _mm_set1_epi32(static_cast<int32_t>(lo));
   const __m128i width_f = _mm_set1_epi32(static_cast<int32_t>(width ^ 0x80000000u));
   __m128i above = _mm_setzero_si128();
-  for (; i + 4 <= end; i += 4) {
-    __m128i key = _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)),
+  auto keys = [&](int64_t at) {
+    __m128i key = _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + at)),
                                 abs_mask);
-    key = _mm_or_si128(key, _mm_and_si128(_mm_cmpgt_epi32(key, inf), abs_mask));
-    above = _mm_sub_epi32(above, _mm_cmpgt_epi32(_mm_xor_si128(key, flip), hi_f));
-    const __m128i offset = _mm_xor_si128(_mm_sub_epi32(key, lo_v), flip);
-    const __m128i outside = _mm_cmpgt_epi32(offset, width_f);
-    int inside = ~_mm_movemask_ps(_mm_castsi128_ps(outside)) & 0xF;
+    if (exact_nan) key = _mm_or_si128(key, _mm_and_si128(_mm_cmpgt_epi32(key, inf), abs_mask));
+    return key;
+  };
+  auto outside = [&](__m128i key) {
+    return _mm_cmpgt_epi32(_mm_xor_si128(_mm_sub_epi32(key, lo_v), flip), width_f);
+  };
+  for (; i + 16 <= end; i += 16) {
+    const __m128i k0 = keys(i), k1 = keys(i + 4), k2 = keys(i + 8), k3 = keys(i + 12);
+    above = _mm_sub_epi32(above, _mm_cmpgt_epi32(_mm_xor_si128(k0, flip), hi_f));
+    above = _mm_sub_epi32(above, _mm_cmpgt_epi32(_mm_xor_si128(k1, flip), hi_f));
+    above = _mm_sub_epi32(above, _mm_cmpgt_epi32(_mm_xor_si128(k2, flip), hi_f));
+    above = _mm_sub_epi32(above, _mm_cmpgt_epi32(_mm_xor_si128(k3, flip), hi_f));
+    const __m128i o0 = outside(k0), o1 = outside(k1), o2 = outside(k2), o3 = outside(k3);
+    const __m128i all_out = _mm_and_si128(_mm_and_si128(o0, o1), _mm_and_si128(o2, o3));
+    if (_mm_movemask_epi8(all_out) == 0xFFFF) continue;  // the common case: none inside
+    uint32_t inside = ~static_cast<uint32_t>(
+        _mm_movemask_ps(_mm_castsi128_ps(o0)) | (_mm_movemask_ps(_mm_castsi128_ps(o1)) << 4) |
+        (_mm_movemask_ps(_mm_castsi128_ps(o2)) << 8) |
+        (_mm_movemask_ps(_mm_castsi128_ps(o3)) << 12)) & 0xFFFFu;
     while (inside) {
       const int j = __builtin_ctz(inside);
       inside &= inside - 1;
