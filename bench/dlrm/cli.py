@@ -31,7 +31,8 @@ def device_name() -> str:
 
 
 def device_slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+    """The folder name under bench/results/, as bench/results_table.py names card folders."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_")
 
 
 def load_data(cfg: Config) -> ClickLogs:

@@ -69,6 +69,17 @@ def _make_state(cfg: Config, name: str, ddp, group):
     return dct_dist.DCTState(group, **kwargs), dct_dist.dct_hook, notes
 
 
+def _exchange_used(state, configured: str) -> str:
+    """The exchange the sparse buckets used (from the counts ``DCTState.stats()`` keeps per
+    kind, where it has them), else the configured one."""
+    if isinstance(state, traffic.DenseTraffic):
+        return configured
+    stats = state.stats()
+    used = [kind for kind in ("allgather", "reduce_scatter")
+            if stats.get(f"buckets_{kind}", 0) > 0]
+    return "+".join(used) if used else configured
+
+
 def _digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in module.named_parameters():
@@ -281,7 +292,7 @@ class RankRunner:
             "dp_overflow_entries": over["overflow"],
             "dp_overflowed_buckets_first_100_steps":
                 series["overflowed_buckets"][first100] if first100 is not None else None,
-            "dp_exchange": notes["exchange"],
+            "dp_exchange": _exchange_used(state, notes["exchange"]),
             "ranks_identical": all(d == digests[0] for d in digests),
             "series": series,
             "evals": evals,

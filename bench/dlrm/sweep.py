@@ -1,8 +1,9 @@
 """A small sweep of the DCT settings on the ``--quick`` data: DP ratio, MP k, capacity.
 
 One dense run, then ``dct_dp_mp`` runs that each move one setting away from the quick
-configuration: DP ratio 0.001 / 0.003 / 0.01, MP k 6 / 13 / 26 of 256 (2.3% / 5% / 10%), and
+configuration: DP ratio 0.001 / 0.003 / 0.01, MP k (below), and
 capacity factor 3 (does cutting an overflowing DP payload in index order cost quality?).
+MP k: 16 / 32 / 51 of 512 (3.1% / 6.25% / 10%).
 Writes ``dlrm_sweep.json``, ``dlrm_sweep.md`` and ``dlrm_sweep.png`` into the output folder.
 """
 
@@ -21,8 +22,8 @@ SETTINGS: List[Tuple[str, dict]] = [
     ("dp_ratio", {"dp_ratio": 0.001}),
     ("dp_ratio", {"dp_ratio": 0.003}),
     ("dp_ratio", {"dp_ratio": 0.01}),
-    ("mp_k", {"mp_k": 6}),
-    ("mp_k", {"mp_k": 26}),
+    ("mp_k", {"mp_k": 16}),
+    ("mp_k", {"mp_k": 51}),
     ("capacity_factor", {"capacity_factor": 3.0}),
 ]
 KEYS = ("auc", "logloss", "dp_compression", "dp_compression_steady", "mp_compression",
@@ -96,7 +97,7 @@ def write(report: dict, out_dir: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, axis, key, label, compression in (
             (axes[0], "dp_ratio", "dp_ratio", "DP ratio (MP k fixed)", "dp_compression"),
-            (axes[1], "mp_k", "mp_k", "MP k of 256 (DP ratio fixed)", "mp_compression")):
+            (axes[1], "mp_k", "mp_k", f"MP k of {report['config']['tower_width']} (DP ratio fixed)", "mp_compression")):
         pts = [r for r in rows if r["run"] != "dense" and (
             r["axis"] == axis or (r["axis"] == "dp_ratio" and r["dp_ratio"] ==
                                   default["dp_ratio"] and axis == "mp_k"))]
