@@ -5,6 +5,11 @@ import triton
 import triton.language as tl
 
 from ...magnitude import key_constants
+from ...payload import CODE_BFLOAT16, CODE_FLOAT16
+
+# The wire's value dtype codes (payload.py), as constants the kernels can read.
+_CODE_FLOAT16 = tl.constexpr(CODE_FLOAT16)
+_CODE_BFLOAT16 = tl.constexpr(CODE_BFLOAT16)
 
 
 def key_params(dtype: torch.dtype):
@@ -56,10 +61,10 @@ def f32_to_bf16(v):
 
 @triton.jit
 def f32_to(v, CODE: tl.constexpr):
-    """fp32 -> dtype of CODE (0 fp32, 1 fp16, 2 bf16), rounding to nearest even."""
-    if CODE == 1:
+    """fp32 -> dtype of the wire code CODE (payload.py), rounding to nearest even."""
+    if CODE == _CODE_FLOAT16:
         return v.to(tl.float16)
-    elif CODE == 2:
+    elif CODE == _CODE_BFLOAT16:
         return f32_to_bf16(v)
     else:
         return v
@@ -71,13 +76,15 @@ def to_wire(v, CODE: tl.constexpr):
     passes, every NaN becomes the canonical NaN (as ``magnitude.saturating_cast``)."""
     finite = tl.abs(v) < float("inf")
     is_nan = v != v
-    if CODE == 1:
-        wire = f32_to(tl.where(finite, tl.minimum(tl.maximum(v, -65504.0), 65504.0), v), 1)
+    if CODE == _CODE_FLOAT16:
+        wire = f32_to(tl.where(finite, tl.minimum(tl.maximum(v, -65504.0), 65504.0), v),
+                      _CODE_FLOAT16)
         nan = tl.full(v.shape, 0x7E00, tl.int16).to(tl.float16, bitcast=True)
         return tl.where(is_nan, nan, wire)
-    elif CODE == 2:
+    elif CODE == _CODE_BFLOAT16:
         limit = 3.3895313892515355e38
-        return f32_to(tl.where(finite, tl.minimum(tl.maximum(v, -limit), limit), v), 2)
+        return f32_to(tl.where(finite, tl.minimum(tl.maximum(v, -limit), limit), v),
+                      _CODE_BFLOAT16)
     else:
         nan = tl.full(v.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
         return tl.where(is_nan, nan, v)
