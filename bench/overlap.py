@@ -1,0 +1,196 @@
+"""How much of DCT-DP's communication the backward pass hides, on gloo.
+
+    python bench/overlap.py [--world 2] [--widths 512,2048,2048,2048,512] [--steps 20]
+
+Per mode, the median time of a training step (forward, backward, optimizer step) of the same
+MLP under DDP on ``--world`` gloo ranks:
+
+- ``none``: DDP with a hook that communicates nothing (the bucket's local gradient is the
+  result): the compute alone;
+- ``dense``: an all-reduce hook (what DDP does by default: all-reduce, divide by W);
+- ``dct/allgather`` and ``dct/reduce_scatter``: ``dct_hook`` with that exchange.
+
+and the time of the same communication alone (the hook called on DDP's buckets, as its last
+step had them, with no backward pass: for DCT-DP this includes the compress and decompress
+work the hook does). The fraction hidden is 1 - (step - none) / alone: 1 when the
+communication costs the step nothing, 0 when it is fully exposed, below 0 when running it
+beside the backward pass slows both (on a 2-core machine the ranks' compute and gloo's threads
+share the cores). Timings are medians of ``--steps`` steps after 3 warm-up steps, on every rank
+(the slowest rank's median is reported).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def _model(widths):
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def _local(state, bucket):
+    future = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future
+
+
+class _Bucket:
+    def __init__(self, params, buffer, last):
+        self._params, self._buffer, self._last = params, buffer, last
+
+    def buffer(self):
+        return self._buffer
+
+    def parameters(self):
+        return self._params
+
+    def is_last(self):
+        return self._last
+
+
+def _worker(rank, world, store, config, path):
+    import torch.distributed as dist
+
+    from dct_kernels.distributed import DCTState, dct_hook
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=300))
+    widths, steps = config["widths"], config["steps"]
+    results = {}
+    for mode in ("none", "dense", "dct/allgather", "dct/reduce_scatter"):
+        torch.manual_seed(0)
+        model = _model(widths)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        state = None
+        seen = []  # the parameters of each bucket of the last step
+
+        def recorded(hook):
+            def run(hook_state, bucket):
+                if bucket.index() == 0:
+                    seen.clear()
+                seen.append(list(bucket.parameters()))
+                return hook(hook_state, bucket)
+            return run
+
+        def allreduce(_, bucket):
+            world_size = dist.get_world_size()
+            work = dist.all_reduce(bucket.buffer(), async_op=True)
+            return work.get_future().then(lambda f: f.value()[0].div_(world_size))
+
+        if mode == "none":
+            ddp.register_comm_hook(None, recorded(_local))
+        elif mode == "dense":
+            ddp.register_comm_hook(None, recorded(allreduce))
+        else:
+            state = DCTState(ratio=config["ratio"], warmup_steps=0, refresh_every=1000,
+                             value_dtype=torch.bfloat16, exchange=mode.split("/")[1],
+                             module=model)
+            ddp.register_comm_hook(state, recorded(dct_hook))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        g = torch.Generator().manual_seed(rank)
+        times = []
+        for step in range(steps + 3):
+            x = torch.randn(config["batch"], widths[0], generator=g)
+            dist.barrier()
+            start = time.perf_counter()
+            loss = ddp(x).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+        step_time = statistics.median(times[3:])
+        # The same communication alone: the hook (or an all-reduce) on buckets of the same
+        # sizes, no backward pass.
+        alone = None
+        if mode != "none":
+            buckets = [list(b) for b in seen]  # DDP's buckets, as its last step had them
+            alone_times = []
+            for step in range(steps + 3):
+                grads = [torch.randn(sum(p.numel() for p in b), generator=g) for b in buckets]
+                dist.barrier()
+                start = time.perf_counter()
+                if mode == "dense":
+                    works = [dist.all_reduce(t, async_op=True) for t in grads]
+                    for w in works:
+                        w.wait()
+                else:
+                    futures = [dct_hook(state, _Bucket(b, t, i == len(buckets) - 1))
+                               for i, (b, t) in enumerate(zip(buckets, grads))]
+                    for f in futures:
+                        f.wait()
+                alone_times.append(time.perf_counter() - start)
+            alone = statistics.median(alone_times[3:])
+        results[mode] = {"step_s": step_time, "alone_s": alone}
+    rows = [None] * world
+    dist.all_gather_object(rows, results)
+    if rank == 0:
+        worst = {m: {"step_s": max(r[m]["step_s"] for r in rows),
+                     "alone_s": (max(r[m]["alone_s"] for r in rows)
+                                 if rows[0][m]["alone_s"] is not None else None)}
+                 for m in results}
+        with open(path, "w") as f:
+            json.dump(worst, f)
+    dist.destroy_process_group()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--widths", default="512,2048,2048,2048,512")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--ratio", type=float, default=0.01)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                      "CPU_x86_64_2_cores"))
+    args = parser.parse_args(argv)
+    import torch.multiprocessing as mp
+
+    config = dict(widths=[int(w) for w in args.widths.split(",")], steps=args.steps,
+                  batch=args.batch, ratio=args.ratio)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "result.json")
+        mp.start_processes(_worker, args=(args.world, os.path.join(tmp, "store"), config,
+                                          path),
+                           nprocs=args.world, join=True, start_method="spawn")
+        with open(path) as f:
+            result = json.load(f)
+    base = result["none"]["step_s"]
+    lines = ["# DCT-DP overlap on gloo", "",
+             f"MLP {args.widths}, batch {args.batch}, {args.world} gloo ranks, ratio "
+             f"{args.ratio}, bf16 values; median step of {args.steps} steps (slowest rank). "
+             f"hidden = 1 - (step - step without communication) / communication alone.", "",
+             "| mode | step (ms) | communication alone (ms) | exposed (ms) | hidden |",
+             "|---|---|---|---|---|"]
+    for mode, r in result.items():
+        if r["alone_s"] is None:
+            lines.append(f"| {mode} (no communication) | {r['step_s'] * 1e3:.1f} | - | - | - |")
+            continue
+        exposed = r["step_s"] - base
+        hidden = 1 - exposed / r["alone_s"]
+        r["hidden"] = hidden
+        lines.append(f"| {mode} | {r['step_s'] * 1e3:.1f} | {r['alone_s'] * 1e3:.1f} | "
+                     f"{exposed * 1e3:.1f} | {hidden:.2f} |")
+    lines += ["", f"Generated {datetime.date.today()} by bench/overlap.py, torch "
+              f"{torch.__version__}, {os.cpu_count()} cores."]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "overlap.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "overlap.json"), "w") as f:
+        json.dump({"config": vars(args), "result": result}, f, indent=1)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
