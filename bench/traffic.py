@@ -5,7 +5,7 @@ measured on gloo for small W by wrapping torch.distributed's collectives.
     python bench/traffic.py                       # the default model, ratio 0.01, bf16
     python bench/traffic.py --ratio 0.003 --widths 512,2048,2048,512 --measure 2,4,8
 
-Bytes are counted as DESIGN §4 counts them, per rank, sent plus received: an all-gather of N
+Bytes are counted as docs/design.md (Traffic statistics) counts them, per rank, sent plus received: an all-gather of N
 bytes per rank is N sent and (W - 1) N received; an all-to-all of W rows of R bytes, (W - 1) R
 each way; a ring all-reduce of M bytes, 2 (W - 1) / W M each way. The dense baseline is the
 ring all-reduce of every bucket in the gradient dtype (fp32): 4 (W - 1) / W x bucket bytes.
@@ -249,7 +249,7 @@ def main(argv=None):
              f"DDP buckets of <= 25 MiB), ratio {args.ratio}, capacity factor "
              f"{args.capacity_factor}, {args.value_dtype} values, min_numel "
              f"{args.min_numel}. Modelled with dct_kernels.distributed.sizing (the hook's "
-             f"code); bytes sent + received per rank and step, DESIGN §4 terms; compression "
+             f"code); bytes sent + received per rank and step, docs/design.md terms; compression "
              f"= ring bytes / exchange bytes.", "",
              "| W | dense ring (MB) | allgather (MB) | reduce_scatter (MB) | auto (MB) | "
              "compression allgather | compression reduce_scatter | compression auto |",

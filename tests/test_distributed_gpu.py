@@ -100,18 +100,20 @@ def _run_hook(backend, params, scales, grad_dtype, guarded_from, **kwargs):
     return outputs, state
 
 
+@pytest.mark.parametrize("exchange", ["allgather", "reduce_scatter"])
 @pytest.mark.parametrize("backend", _device_backends())
 @pytest.mark.parametrize("grad_dtype, value_dtype", [(torch.float32, None),
                                                      (torch.float32, torch.bfloat16),
                                                      (torch.float16, None)])
-def test_hook_steady_state(nccl_group, backend, grad_dtype, value_dtype):
+def test_hook_steady_state(nccl_group, backend, grad_dtype, value_dtype, exchange):
     """After the warm-up step and the first refresh, no step synchronizes with the host; the
     results equal the torch reference's bit for bit."""
     params = _params(grad_dtype)
     # No refresh after the first: no schedule, no band, and gradients small enough after it
     # (the residual grows step by step under a fixed τ) that the payload never overflows.
     kwargs = dict(ratio=0.01, warmup_steps=1, refresh_every=1000, refresh_band=(0.0, 100.0),
-                  capacity_factor=8.0, min_numel=100, value_dtype=value_dtype)
+                  capacity_factor=8.0, min_numel=100, value_dtype=value_dtype,
+                  exchange=exchange)
     scales = [1.0, 1.0] + [0.25] * 6
     got, state = _run_hook(backend, params, scales, grad_dtype, guarded_from=2, **kwargs)
     want, reference = _run_hook("torch", params, scales, grad_dtype, guarded_from=99, **kwargs)
@@ -124,17 +126,19 @@ def test_hook_steady_state(nccl_group, backend, grad_dtype, value_dtype):
     stats = state.stats()
     assert stats == reference.stats()
     assert stats["buckets_sparse"] == 7 and stats["bucket_refreshes"] == 1, stats
+    assert stats[f"buckets_{exchange}"] == 7, stats
     assert stats["overflow"] == 0, stats
     assert 0 < stats["kept_density"] < 0.1 and stats["payload_errors"] == 0
 
 
+@pytest.mark.parametrize("exchange", ["allgather", "reduce_scatter"])
 @pytest.mark.parametrize("backend", _device_backends())
-def test_hook_refresh_steps(nccl_group, backend):
+def test_hook_refresh_steps(nccl_group, backend, exchange):
     """Steps that recompute τ (the segmented select_threshold), scheduled and early, make no
     host synchronization either (the early decision reads flags staged one step earlier)."""
     params = _params(torch.float32)
     kwargs = dict(ratio=0.01, warmup_steps=0, refresh_every=3, refresh_band=(0.9, 1.1),
-                  min_numel=100)
+                  min_numel=100, exchange=exchange)
     scales = [1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0]
     got, state = _run_hook(backend, params, scales, torch.float32, guarded_from=2, **kwargs)
     want, reference = _run_hook("torch", params, scales, torch.float32, guarded_from=99,

@@ -90,6 +90,11 @@ class ReduceScatterExchange:
         self.own = torch.zeros(row, dtype=torch.uint8, device=device)
         self.gathered = torch.zeros(world, row, dtype=torch.uint8, device=device)
         self.sum = torch.zeros(self.shard.numel, dtype=torch.float32, device=device)
+        bounds = self.shard.piece_bounds
+        # The stage-1 row of every piece (for the band's "row overflowed" mask).
+        self.piece_rows = torch.tensor([s for s in range(world)
+                                        for _ in range(bounds[s + 1] - bounds[s])],
+                                       dtype=torch.int64).to(device)
 
     def traffic(self):
         """(sent, received) bytes per rank of one step (without the dense part)."""
@@ -171,11 +176,7 @@ class ReduceScatterExchange:
     def capped_segments(self, overflow: torch.Tensor) -> torch.Tensor:
         """bool [S]: parameters with a piece in a stage-1 row that overflowed."""
         shard = self.shard
-        rows = torch.repeat_interleave(
-            torch.arange(self.layout.world, device=overflow.device),
-            torch.tensor([b - a for a, b in zip(shard.piece_bounds[:-1],
-                                                shard.piece_bounds[1:])],
-                         device=overflow.device))
+        rows = self.piece_rows
         capped = torch.zeros(self.layout.num_segments, dtype=torch.int64,
                              device=overflow.device)
         capped.index_add_(0, shard.piece_param, (overflow > 0)[rows].to(torch.int64))
