@@ -142,10 +142,15 @@ int64_t count_range(const CompressArgs& a, int64_t begin, int64_t end) {
   return total;
 }
 
+// Lists the chunk's kept entries, at most `limit` of them (no chunk can place more than the
+// capacity in the payload); the ones past the limit are only counted in *unlisted and keep
+// all of acc in the residual. The residual is written for the whole range.
 template <typename T, typename W, bool RESIDUAL>
-void compress_range(const CompressArgs& a, int64_t begin, int64_t end, std::vector<Kept>* kept) {
+void compress_range(const CompressArgs& a, int64_t begin, int64_t end, int64_t limit,
+                    std::vector<Kept>* kept, int64_t* unlisted) {
   const T* x = static_cast<const T*>(a.x);
   float* residual = a.residual;
+  int64_t room = limit;
   for_each_run(a, begin, end, [&](int64_t b, int64_t e, uint32_t tkey) {
     float acc[kBlock];
     for (int64_t i = b; i < e; i += kBlock) {
@@ -158,10 +163,23 @@ void compress_range(const CompressArgs& a, int64_t begin, int64_t end, std::vect
           for (int j = 0; j < len; ++j) residual[i + j] = acc[j];
         }
       }
+      if (mask && room < 16) {  // near the limit: list what fits, count the rest
+        while (room > 0 && mask) {
+          const int j = __builtin_ctz(mask);
+          mask &= mask - 1;
+          kept->push_back(Kept{static_cast<int32_t>(i + j), acc[j]});
+          --room;
+          if (RESIDUAL)
+            residual[i + j] = is_finite(acc[j]) ? acc[j] - to_f32(to_wire<W>(acc[j])) : 0.0f;
+        }
+        *unlisted += __builtin_popcount(mask);
+        continue;
+      }
       while (mask) {
         const int j = __builtin_ctz(mask);
         mask &= mask - 1;
         kept->push_back(Kept{static_cast<int32_t>(i + j), acc[j]});
+        --room;
         // Sent inf/NaN leave 0 behind; finite values leave the rounding error. An entry that
         // turns out not to fit gets all of acc back in the second step.
         if (RESIDUAL)
@@ -175,14 +193,17 @@ template <typename T, typename W>
 Status compress_typed(const CompressArgs& a, uint8_t* payload, int64_t capacity, int threads) {
   const int64_t tasks = ceil_div(a.n, kChunk);
   std::vector<std::vector<Kept>> kept(tasks);
+  std::vector<int64_t> unlisted(tasks, 0);
   parallel_for(threads, tasks, [&](int64_t t) {
     const int64_t begin = t * kChunk, end = min64(a.n, begin + kChunk);
-    if (a.residual) compress_range<T, W, true>(a, begin, end, &kept[t]);
-    else compress_range<T, W, false>(a, begin, end, &kept[t]);
+    if (a.residual) compress_range<T, W, true>(a, begin, end, capacity, &kept[t], &unlisted[t]);
+    else compress_range<T, W, false>(a, begin, end, capacity, &kept[t], &unlisted[t]);
   });
+  // A chunk's unlisted entries come after its listed ones, and the listed ones already reach
+  // the capacity on their own: none of them is sent.
   std::vector<int64_t> start(tasks + 1, 0);
   for (int64_t t = 0; t < tasks; ++t)
-    start[t + 1] = start[t] + static_cast<int64_t>(kept[t].size());
+    start[t + 1] = start[t] + static_cast<int64_t>(kept[t].size()) + unlisted[t];
   const int64_t total = start[tasks];
   const int64_t count = min64(total, capacity);
   uint8_t* indices = payload + 32;
