@@ -28,13 +28,6 @@ def new_future(device: torch.device) -> torch.futures.Future:
     return torch.futures.Future()
 
 
-def completed(value, device: torch.device) -> torch.futures.Future:
-    """A completed future holding ``value`` (on CUDA it records the current stream)."""
-    future = new_future(device)
-    future.set_result(value)
-    return future
-
-
 def after(futures: List[torch.futures.Future], fn: Callable[[], object],
           device: torch.device) -> torch.futures.Future:
     """A future that completes with ``fn()`` once every future in ``futures`` has completed.

@@ -114,6 +114,7 @@ class BucketLayout:
                             if dense_positions and self.has_sparse else None)
         self.states: List[Optional[ParamState]] = [None] * self.num_segments
         self.owned = 0
+        self.shard = None
         if not self.has_sparse:
             return
         self.residual = torch.zeros(self.numel, dtype=torch.float32, device=device)
@@ -128,7 +129,6 @@ class BucketLayout:
                                            zip(sparse, self.ks, numels)],
                                           dtype=torch.bool).to(device)
         self.band = BandCheck(offsets, self.ks, sparse, band, device)
-        self.shard = None
         if self.exchange == "reduce_scatter":
             self.shard = _Shard(self, band)
 

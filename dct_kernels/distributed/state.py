@@ -229,12 +229,8 @@ class DCTState:
             for state in layout.states:
                 if state is not None:
                     state.pending = flags[state.slot]
-        if layout.shard is not None and layout.shard.band is not None:
-            flags = layout.shard.band.take()
-            if flags is not None:
-                for i, piece in enumerate(layout.shard.states):
-                    if piece is not None:
-                        piece.pending = flags[i]
+        if layout.shard is not None:
+            self._collect_flags_shard(layout)
 
     def bucket_layout(self, bucket) -> BucketLayout:
         """The layout of a DDP ``GradBucket``: created (and checked across ranks: a
