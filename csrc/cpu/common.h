@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "../wire_format.h"
 #include "dct_cpu.h"
 
 #if defined(__SSE2__)

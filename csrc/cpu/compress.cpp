@@ -206,14 +206,14 @@ Status compress_typed(const CompressArgs& a, uint8_t* payload, int64_t capacity,
     start[t + 1] = start[t] + static_cast<int64_t>(kept[t].size()) + unlisted[t];
   const int64_t total = start[tasks];
   const int64_t count = min64(total, capacity);
-  uint8_t* indices = payload + 32;
-  uint8_t* values = payload + (32 + 4 * capacity + 15) / 16 * 16;
+  uint8_t* indices = payload + dct::wire::kHeaderBytes;
+  uint8_t* values = payload + dct::wire::values_offset(capacity);
   auto place = [&](int64_t t) {
     const std::vector<Kept>& list = kept[t];
     for (size_t j = 0; j < list.size(); ++j) {
       const int64_t slot = start[t] + static_cast<int64_t>(j);
       if (slot < capacity) {
-        store<int32_t>(indices + 4 * slot, list[j].index);
+        store<int32_t>(indices + dct::wire::kIndexBytes * slot, list[j].index);
         store<W>(values + sizeof(W) * slot, to_wire<W>(list[j].acc));
       } else if (a.residual) {
         a.residual[list[j].index] = list[j].acc;
@@ -223,8 +223,8 @@ Status compress_typed(const CompressArgs& a, uint8_t* payload, int64_t capacity,
   // Placing is a few bytes per kept entry: threads only when there is much of it.
   if (total >= (1 << 16)) parallel_for(threads, tasks, place);
   else for (int64_t t = 0; t < tasks; ++t) place(t);
-  store<int32_t>(payload + 20, static_cast<int32_t>(count));
-  store<int32_t>(payload + 24, static_cast<int32_t>(total - count));
+  store<int32_t>(payload + 4 * dct::wire::kWordCount, static_cast<int32_t>(count));
+  store<int32_t>(payload + 4 * dct::wire::kWordOverflow, static_cast<int32_t>(total - count));
   return Status{};
 }
 

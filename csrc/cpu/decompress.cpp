@@ -22,7 +22,8 @@ namespace {
 constexpr int64_t kTile = 1 << 14;        // outputs per merge task
 constexpr int64_t kZeroChunk = 1 << 18;   // outputs zeroed per task
 
-int64_t values_offset(int64_t capacity) { return (32 + 4 * capacity + 15) / 16 * 16; }
+using dct::wire::values_offset;
+namespace word = dct::wire;
 
 size_t item_bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 
@@ -36,9 +37,11 @@ bool rows_fit(const PayloadRows& p) {
 // The usable count of row w (0 for a void row); *errors gets 1 for a bad header or count.
 int64_t row_count(const PayloadRows& p, int w, int64_t* errors) {
   const uint8_t* row = p.buffers + w * p.row_bytes;
-  bool header_ok = load<int32_t>(row + 16) == static_cast<int32_t>(p.capacity);
+  bool header_ok =
+      load<int32_t>(row + 4 * word::kWordCapacity) == static_cast<int32_t>(p.capacity);
+  // Expected words: magic, version | codes, numel low, numel high (words 0 to 3).
   for (int i = 0; i < 4; ++i) header_ok &= load<int32_t>(row + 4 * i) == p.expected_header[i];
-  const int64_t claimed = load<int32_t>(row + 20);
+  const int64_t claimed = load<int32_t>(row + 4 * word::kWordCount);
   const bool count_ok = claimed >= 0 && claimed <= p.capacity;
   if (!header_ok || !count_ok) ++*errors;
   return header_ok ? min64(max64(claimed, 0), p.capacity) : 0;
@@ -48,10 +51,10 @@ int64_t row_count(const PayloadRows& p, int w, int64_t* errors) {
 // entries below the count that were skipped.
 template <typename F>
 int64_t scan_row(const PayloadRows& p, int w, int64_t count, F&& use) {
-  const uint8_t* indices = p.buffers + w * p.row_bytes + 32;
+  const uint8_t* indices = p.buffers + w * p.row_bytes + word::kHeaderBytes;
   int64_t highest = -1, skipped = 0;
   for (int64_t i = 0; i < count; ++i) {
-    const int64_t idx = load<int32_t>(indices + 4 * i);
+    const int64_t idx = load<int32_t>(indices + word::kIndexBytes * i);
     if (idx > highest && idx < p.numel) {  // highest >= -1, so idx >= 0
       use(i, idx);
       highest = idx;
