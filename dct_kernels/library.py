@@ -1,9 +1,11 @@
 """The backend calls as torch custom ops (``torch.ops.dct_kernels.*``), with fake kernels.
 
-``dct_kernels.ops`` validates its arguments and then calls these, so ``torch.compile`` sees
-each kernel launch as one opaque op whose output shapes it knows from the fake kernel, instead
-of tracing into Triton launches or data pointers. Arguments are plain tensors, ints and the
-backend's name; the op layer has already checked them.
+``dct_kernels.ops`` validates its arguments and then calls the ``call_*`` functions at the end
+of this file: eagerly they call the backend directly, and while ``torch.compile`` traces they
+go through these custom ops, so the graph sees each kernel launch as one opaque op whose output
+shapes it knows from the fake kernel, instead of tracing into Triton launches or data
+pointers. Arguments are plain tensors, ints and the backend's name; the op layer has already
+checked them.
 """
 
 import contextlib
@@ -122,3 +124,95 @@ def gather_rows(y: torch.Tensor, indices: torch.Tensor, backend: str) -> torch.T
 @gather_rows.register_fake
 def _(y, indices, backend):
     return y.new_empty(indices.shape)
+
+
+# ------------------------------------------------------------------------ eager dispatch
+# The op layer calls these. Eagerly they call the backend module straight away: going through
+# the custom op costs tens of microseconds of dispatcher work per call (argument defaults,
+# autograd and redispatch layers), more than a small tensor's whole kernel on the CPU. While
+# torch.compile traces (or for tensor subclasses such as FakeTensor) they go through the
+# custom ops above, so the graph holds one opaque op per kernel with its fake kernel. Both
+# paths run the same backend function on the same arguments. Tensors the kernels write
+# through raw pointers get their version counter bumped, as the custom op would.
+
+def _traced(t: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
+
+
+def _direct(impl, device: torch.device, function: str, *args):
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return getattr(impl, function)(*args)
+    return getattr(impl, function)(*args)
+
+
+def _bump(*tensors) -> None:
+    for t in tensors:
+        if t is not None:
+            torch.autograd.graph.increment_version(t)
+
+
+def call_select_threshold(impl, x: torch.Tensor, ks: List[int],
+                          offsets: List[int]) -> torch.Tensor:
+    if _traced(x):
+        return select_threshold(x, ks, offsets, impl.NAME)
+    return _direct(impl, x.device, "select_threshold", x, ks, offsets)
+
+
+def call_count_kept(impl, x, thresholds, offsets, seg_dev, residual) -> int:
+    """The kept count as a Python int (reading it synchronizes)."""
+    if _traced(x):
+        return int(count_kept(x, thresholds, offsets, seg_dev, residual, impl.NAME))
+    return int(_direct(impl, x.device, "count_kept", x, thresholds, offsets, seg_dev, residual))
+
+
+def call_compress(impl, x, thresholds, offsets, seg_dev, residual,
+                  payload: wire.SparsePayload) -> None:
+    if _traced(x):
+        compress(x, thresholds, offsets, seg_dev, residual, payload.buffer, payload.capacity,
+                 wire.value_code(payload.value_dtype), impl.NAME)
+        return
+    _direct(impl, x.device, "compress", x, thresholds, offsets, seg_dev, residual, payload)
+    _bump(residual, payload.buffer)
+
+
+def call_decompress(impl, out, buffer, numel: int, capacity: int, value_dtype: torch.dtype,
+                    accumulate: bool, errors) -> None:
+    if _traced(out):
+        decompress(out, buffer, numel, capacity, wire.value_code(value_dtype), accumulate,
+                   errors, impl.NAME)
+        return
+    _direct(impl, out.device, "decompress", out, buffer, numel, capacity, value_dtype,
+            accumulate, errors)
+    _bump(out, errors)
+
+
+def call_decompress_many(impl, out, buffers, capacity: int, value_dtype: torch.dtype,
+                         accumulate: bool, average: bool, errors) -> None:
+    if _traced(out):
+        decompress_many(out, buffers, capacity, wire.value_code(value_dtype), accumulate,
+                        average, errors, impl.NAME)
+        return
+    _direct(impl, out.device, "decompress_many", out, buffers, capacity, value_dtype,
+            accumulate, average, errors)
+    _bump(out, errors)
+
+
+def call_compress_rows(impl, x, k: int, value_dtype: torch.dtype):
+    if _traced(x):
+        return compress_rows(x, k, wire.value_code(value_dtype), impl.NAME)
+    return _direct(impl, x.device, "compress_rows", x, k, value_dtype)
+
+
+def call_decompress_rows(impl, indices, values, out) -> None:
+    if _traced(out):
+        decompress_rows(indices, values, out, impl.NAME)
+        return
+    _direct(impl, out.device, "decompress_rows", indices, values, out)
+    _bump(out)
+
+
+def call_gather_rows(impl, y, indices) -> torch.Tensor:
+    if _traced(y):
+        return gather_rows(y, indices, impl.NAME)
+    return _direct(impl, y.device, "gather_rows", y, indices)

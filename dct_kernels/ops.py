@@ -1,9 +1,11 @@
 """The public ops: validation and backend dispatch, in one place.
 
-Each op checks its arguments, picks the backend, and calls the backend through the custom ops
-of ``dct_kernels.library`` (so ``torch.compile`` sees one opaque op per kernel family).
+Each op checks its arguments, picks the backend, and calls it through ``dct_kernels.library``:
+directly when eager (the dispatcher's cost would dominate small calls), through the custom ops
+while ``torch.compile`` traces (so it sees one opaque op per kernel family).
 
-Every op takes ``backend=None`` ("cuda", "triton" or "torch"; see ``available_backends``).
+Every op takes ``backend=None`` ("cuda", "triton", "cpu" or "torch"; see
+``available_backends``).
 Semantics are identical on every backend; docs/design.md#op-semantics is the contract.
 """
 
@@ -27,7 +29,7 @@ Number = Union[int, float]
 
 
 def available_backends() -> Dict[str, str]:
-    """Map each backend ("cuda", "triton", "torch") to "available" or why it is not."""
+    """Map each backend ("cuda", "triton", "cpu", "torch") to "available" or why it is not."""
     return _available_backends()
 
 
@@ -207,6 +209,9 @@ def _thresholds(threshold, num_segments: int, device: torch.device) -> torch.Ten
         raise ValueError(f"threshold: expected a tensor on {device} (like x) or on the CPU, "
                          f"got {threshold.device}")
     threshold = threshold.detach()
+    if num_segments == 1 and threshold.numel() == 1 and threshold.dim() <= 1 and \
+            threshold.dtype == torch.float32 and threshold.device == device:
+        return threshold.view(1)  # the common case, without a copy
     if threshold.dim() == 0 or tuple(threshold.shape) == (1,):
         t = threshold.reshape(1).to(device=device, dtype=torch.float32, non_blocking=True)
         return t.expand(num_segments).contiguous()
@@ -301,9 +306,9 @@ def select_threshold(x: torch.Tensor, k, *, segments: Optional[torch.Tensor] = N
     impl = resolve(backend, x.device)
     if impl.NAME != "torch":
         _check_numel(x, "x")
-    thresholds = library.select_threshold(x.detach().contiguous().view(-1), ks, offsets,
-                                          impl.NAME)
-    return thresholds if segmented else thresholds[0]
+    thresholds = library.call_select_threshold(impl, x.detach().contiguous().view(-1), ks,
+                                               offsets)
+    return thresholds if segmented else thresholds.view(())
 
 
 def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
@@ -403,20 +408,19 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
     else:
         seg_dev = _device_offsets(offsets, device) if segmented else None
     if capacity is None:
-        capacity = int(library.count_kept(flat, thresholds, offsets, seg_dev, residual_flat,
-                                          impl.NAME))
+        capacity = library.call_count_kept(impl, flat, thresholds, offsets, seg_dev,
+                                           residual_flat)
     if out is not None:
         out.zero_()
-        words = torch.tensor(wire.header_words(numel, capacity, value_dtype), dtype=torch.int32)
-        out[:wire.HEADER_BYTES].view(torch.int32).copy_(words, non_blocking=True)
+        out[:wire.HEADER_BYTES].view(torch.int32).copy_(
+            wire.header_tensor(numel, capacity, value_dtype), non_blocking=True)
         payload = wire.SparsePayload(out, numel=numel, capacity=capacity,
                                      value_dtype=value_dtype, shape=tuple(x.shape),
                                      dtype=x.dtype)
     else:
         payload = wire.new_payload(numel, capacity, value_dtype, tuple(x.shape), x.dtype,
                                    device)
-    library.compress(flat, thresholds, offsets, seg_dev, residual_flat, payload.buffer,
-                     capacity, wire.value_code(value_dtype), impl.NAME)
+    library.call_compress(impl, flat, thresholds, offsets, seg_dev, residual_flat, payload)
     return payload
 
 
@@ -460,8 +464,8 @@ def decompress(payload: SparsePayload, *, out: Optional[torch.Tensor] = None,
     if validate:
         _raise_invalid(check_rows(payload.buffer[None], payload.numel, payload.capacity,
                                   payload.value_dtype), "payload")
-    library.decompress(out.view(-1), payload.buffer, payload.numel, payload.capacity,
-                       wire.value_code(payload.value_dtype), accumulate, counter, impl.NAME)
+    library.call_decompress(impl, out.view(-1), payload.buffer, payload.numel,
+                            payload.capacity, payload.value_dtype, accumulate, counter)
     return out
 
 
@@ -546,8 +550,8 @@ def decompress_many(buffers: torch.Tensor, *, out: torch.Tensor, accumulate: boo
     impl = resolve(backend, device)
     if validate:
         _raise_invalid(check_rows(buffers, out.numel(), capacity, value_dtype), "buffers")
-    library.decompress_many(out.view(-1), buffers, capacity, wire.value_code(value_dtype),
-                            accumulate, average, counter, impl.NAME)
+    library.call_decompress_many(impl, out.view(-1), buffers, capacity, value_dtype,
+                                 accumulate, average, counter)
     return out
 
 
@@ -573,9 +577,8 @@ def compress_rows(x: torch.Tensor, k: int, *, value_dtype: Optional[torch.dtype]
         raise ValueError(f"k: must satisfy 1 <= k <= D ({columns}), got {k}")
     value_dtype = _check_value_dtype(value_dtype, x.dtype)
     impl = resolve(backend, x.device)
-    indices, values = library.compress_rows(x.detach().contiguous(), k,
-                                            wire.value_code(value_dtype),
-                                            impl.NAME)
+    indices, values = library.call_compress_rows(impl, x.detach().contiguous(), k,
+                                                 value_dtype)
     return RowPayload(indices, values, (x.shape[0], columns), x.dtype)
 
 
@@ -611,7 +614,7 @@ def decompress_rows(p: RowPayload, *, out: Optional[torch.Tensor] = None,
     if tuple(out.shape) != tuple(p.shape):
         raise ValueError(f"out: expected shape {tuple(p.shape)}, got {tuple(out.shape)}")
     impl = resolve(backend, device)
-    library.decompress_rows(p.indices.contiguous(), p.values.contiguous(), out, impl.NAME)
+    library.call_decompress_rows(impl, p.indices.contiguous(), p.values.contiguous(), out)
     return out
 
 
@@ -628,4 +631,4 @@ def gather_rows(y: torch.Tensor, p: RowPayload, *, backend: Optional[str] = None
     if y.device != p.indices.device:
         raise ValueError(f"y: expected a tensor on {p.indices.device}, got {y.device}")
     impl = resolve(backend, y.device)
-    return library.gather_rows(y.detach().contiguous(), p.indices.contiguous(), impl.NAME)
+    return library.call_gather_rows(impl, y.detach().contiguous(), p.indices.contiguous())

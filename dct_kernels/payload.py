@@ -26,6 +26,7 @@ definition, and tests/test_payload.py checks that the two agree.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -252,16 +253,49 @@ class SparsePayload:
                 f"nbytes={self.nbytes}, device={self.buffer.device})")
 
 
+_TEMPLATE_BYTES = 1 << 16  # buffers up to this size are cloned from a cached template
+
+
+@functools.lru_cache(maxsize=256)
+def _header_tensor(numel: int, capacity: int, value_dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return torch.tensor(header_words(numel, capacity, value_dtype), dtype=torch.int32)
+
+
+def header_tensor(numel: int, capacity: int, value_dtype: torch.dtype) -> torch.Tensor:
+    """The header as a host int32 tensor of HEADER_WORDS words (count = overflow = 0); cached,
+    so do not write to it (a fresh one while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(header_words(numel, capacity, value_dtype), dtype=torch.int32)
+    return _header_tensor(numel, capacity, value_dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _template(numel: int, capacity: int, value_dtype: torch.dtype, nbytes: int,
+              device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        buffer[:HEADER_BYTES].view(torch.int32).copy_(_header_tensor(numel, capacity,
+                                                                     value_dtype))
+        return buffer
+
+
 def new_payload(numel: int, capacity: int, value_dtype: torch.dtype, shape, dtype,
                 device: torch.device) -> SparsePayload:
     """A zeroed wire buffer with its header written (count = overflow = 0).
 
     The header travels with a non-blocking host-to-device copy, so no host synchronization.
+    Small buffers are a copy of a cached template (one allocation and one copy: this runs on
+    every compress call, where the separate zeroing, header tensor and header copy cost more
+    than a small CPU kernel).
     """
     _, nbytes = layout(capacity, value_dtype)
-    buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-    words = torch.tensor(header_words(numel, capacity, value_dtype), dtype=torch.int32)
-    buffer[:HEADER_BYTES].view(torch.int32).copy_(words, non_blocking=True)
+    if nbytes <= _TEMPLATE_BYTES and not torch.compiler.is_compiling():
+        buffer = _template(numel, capacity, value_dtype, nbytes, torch.device(device)).clone()
+    else:
+        buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        buffer[:HEADER_BYTES].view(torch.int32).copy_(
+            header_tensor(numel, capacity, value_dtype), non_blocking=True)
     return SparsePayload(buffer, numel=numel, capacity=capacity, value_dtype=value_dtype,
                          shape=shape, dtype=dtype)
 

@@ -81,13 +81,26 @@ def _runs_on(name: str, device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+_resolved: Dict[tuple, object] = {}
+
+
 def resolve(backend, device: torch.device):
     """The backend module for tensors on ``device``.
 
     ``backend`` (or the DCT_KERNELS_BACKEND environment variable) names one explicitly;
     otherwise CUDA tensors use "cuda" when the extension is built, else "triton", and CPU
-    tensors use "cpu" when its extension is built, else "torch".
+    tensors use "cpu" when its extension is built, else "torch". Every op calls this, so
+    successful answers are remembered per (backend, environment, device type).
     """
+    key = (backend, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), device.type)
+    module = _resolved.get(key)
+    if module is None:
+        module = _resolve(backend, device)
+        _resolved[key] = module
+    return module
+
+
+def _resolve(backend, device: torch.device):
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
         source = f"{ENV_VAR}={backend!r}"
