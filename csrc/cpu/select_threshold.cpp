@@ -25,6 +25,7 @@ namespace {
 constexpr int64_t kSmallSegment = 1 << 15;
 constexpr int64_t kPassChunk = 1 << 16;   // elements per task of the window pass
 constexpr int64_t kMinPerThread = 1 << 16;  // below this a histogram pass stays on one thread
+constexpr int64_t kWindowStep = 4096;       // keys per window_pass call (they stay in L1)
 
 uint32_t kth_of_keys(std::vector<uint32_t>& keys, int64_t k) {
   std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<uint32_t>());
@@ -109,33 +110,43 @@ void window_pass(const float* x, int64_t begin, int64_t end, uint32_t lo, uint32
   const __m128i lo_v = _mm_set1_epi32(static_cast<int32_t>(lo));
   const __m128i width_f = _mm_set1_epi32(static_cast<int32_t>(width ^ 0x80000000u));
   __m128i above = _mm_setzero_si128();
-  auto keys = [&](int64_t at) {
+  auto keys = [=](int64_t at) {
     __m128i key = _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + at)),
                                 abs_mask);
     if (exact_nan) key = _mm_or_si128(key, _mm_and_si128(_mm_cmpgt_epi32(key, inf), abs_mask));
     return key;
   };
-  auto outside = [&](__m128i key) {
+  auto outside = [=](__m128i key) {
     return _mm_cmpgt_epi32(_mm_xor_si128(_mm_sub_epi32(key, lo_v), flip), width_f);
   };
-  for (; i + 16 <= end; i += 16) {
-    const __m128i k0 = keys(i), k1 = keys(i + 4), k2 = keys(i + 8), k3 = keys(i + 12);
-    above = _mm_sub_epi32(above, _mm_cmpgt_epi32(_mm_xor_si128(k0, flip), hi_f));
-    above = _mm_sub_epi32(above, _mm_cmpgt_epi32(_mm_xor_si128(k1, flip), hi_f));
-    above = _mm_sub_epi32(above, _mm_cmpgt_epi32(_mm_xor_si128(k2, flip), hi_f));
-    above = _mm_sub_epi32(above, _mm_cmpgt_epi32(_mm_xor_si128(k3, flip), hi_f));
-    const __m128i o0 = outside(k0), o1 = outside(k1), o2 = outside(k2), o3 = outside(k3);
-    const __m128i all_out = _mm_and_si128(_mm_and_si128(o0, o1), _mm_and_si128(o2, o3));
-    if (_mm_movemask_epi8(all_out) == 0xFFFF) continue;  // the common case: none inside
-    uint32_t inside = ~static_cast<uint32_t>(
-        _mm_movemask_ps(_mm_castsi128_ps(o0)) | (_mm_movemask_ps(_mm_castsi128_ps(o1)) << 4) |
-        (_mm_movemask_ps(_mm_castsi128_ps(o2)) << 8) |
-        (_mm_movemask_ps(_mm_castsi128_ps(o3)) << 12)) & 0xFFFFu;
-    while (inside) {
-      const int j = __builtin_ctz(inside);
-      inside &= inside - 1;
-      out[n_out++] = magnitude_key(x[i + j]);
+  // Two steps per piece of at most kPiece keys (it stays in L1): a branch-free vector pass
+  // counts the keys above the window and notes which groups of 16 hold a key inside it; then
+  // only those groups are visited. (Appending while streaming mispredicts on every group
+  // that holds a candidate, and each misprediction also discards the loads in flight: the
+  // pass then ran at a third of the speed of a plain read.)
+  constexpr int64_t kPiece = kWindowStep;
+  uint16_t groups[kPiece / 16];
+  while (i + 16 <= end) {
+    const int64_t piece_end = i + min64(kPiece, (end - i) / 16 * 16);
+    int g = 0;
+    for (int64_t at = i; at < piece_end; at += 16, ++g) {
+      const __m128i k0 = keys(at), k1 = keys(at + 4), k2 = keys(at + 8), k3 = keys(at + 12);
+      above = _mm_sub_epi32(above, _mm_cmpgt_epi32(_mm_xor_si128(k0, flip), hi_f));
+      above = _mm_sub_epi32(above, _mm_cmpgt_epi32(_mm_xor_si128(k1, flip), hi_f));
+      above = _mm_sub_epi32(above, _mm_cmpgt_epi32(_mm_xor_si128(k2, flip), hi_f));
+      above = _mm_sub_epi32(above, _mm_cmpgt_epi32(_mm_xor_si128(k3, flip), hi_f));
+      const int out_mask =
+          _mm_movemask_ps(_mm_castsi128_ps(outside(k0))) |
+          (_mm_movemask_ps(_mm_castsi128_ps(outside(k1))) << 4) |
+          (_mm_movemask_ps(_mm_castsi128_ps(outside(k2))) << 8) |
+          (_mm_movemask_ps(_mm_castsi128_ps(outside(k3))) << 12);
+      groups[g] = static_cast<uint16_t>(~out_mask);
     }
+    for (int j = 0; j < g; ++j) {
+      for (uint32_t inside = groups[j]; inside; inside &= inside - 1)
+        out[n_out++] = magnitude_key(x[i + 16 * j + __builtin_ctz(inside)]);
+    }
+    i = piece_end;
   }
   int32_t lanes[4];
   _mm_storeu_si128(reinterpret_cast<__m128i*>(lanes), above);
@@ -184,14 +195,14 @@ bool select_sampled(const float* x, int64_t n, int64_t k, int threads, uint32_t*
     const int64_t begin = t * kPassChunk, end = min64(n, begin + kPassChunk);
     const int64_t room = static_cast<int64_t>(4.0 * share * (end - begin)) + 1024;
     std::vector<uint32_t>& out = found[t];
-    out.resize(room + 256);
+    out.resize(room + kWindowStep);
     int64_t count = 0, over = 0;
-    for (int64_t i = begin; i < end; i += 256) {
+    for (int64_t i = begin; i < end; i += kWindowStep) {
       if (count > room) {  // the window holds far more than the sample said
         full[t] = 1;
         return;
       }
-      window_pass(x, i, min64(end, i + 256), lo, hi, out.data(), &count, &over);
+      window_pass(x, i, min64(end, i + kWindowStep), lo, hi, out.data(), &count, &over);
     }
     out.resize(count);
     above[t] = over;
