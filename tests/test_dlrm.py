@@ -222,6 +222,30 @@ def test_smoke_ranks_end_identical(smoke):
         assert report["runs"][run]["ranks_identical"] is True
 
 
+def test_one_rank_run_reports_every_field(tmp_path):
+    """World size 1 (the layout of a one-GPU run): no byte crosses the network, and the
+    report still carries every field, finite, with the exchange compressions at 1."""
+    import subprocess
+
+    pytest.importorskip("sklearn")
+    out_dir = tmp_path / "out"
+    script = os.path.join(BENCH, "train_dlrm.py")
+    done = subprocess.run([sys.executable, script, "--tiny", "--ranks", "1", "--out",
+                           str(out_dir)], capture_output=True, text=True,
+                          timeout=SMOKE_DEADLINE_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(out_dir / "dlrm.json") as f:
+        report = json.load(f)
+    assert report["world_size"] == 1
+    for name, run in report["runs"].items():
+        for field in RUN_FIELDS:
+            assert isinstance(run[field], (int, float)) and math.isfinite(run[field]), \
+                (name, field, run[field])
+        assert run["mp_bytes_per_step"] == 0 and run["mp_bytes_dense_per_step"] == 0
+        assert run["mp_compression"] == 1.0
+        assert run["dp_bytes_ring_per_step"] == 0
+
+
 # ------------------------------------------------------------------------------- criteo
 
 def _criteo_line(rng, label=None):

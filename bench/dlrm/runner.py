@@ -31,6 +31,14 @@ from .optim import RowWiseAdagrad
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+
+def _ratio(baseline: float, sent: float) -> float:
+    """baseline / sent; 1.0 when neither moves a byte (one rank: nothing crosses the network,
+    so nothing is saved), inf when only the baseline would have moved bytes."""
+    if sent:
+        return baseline / sent
+    return 1.0 if not baseline else float("inf")
+
 class Callbacks:
     """Hooks for a caller that watches training (the smoke test counts bytes with them):
     ``step_begin``/``step_end`` bracket each training step (forward, backward, optimizer; not
@@ -276,12 +284,12 @@ class RankRunner:
             "logloss": evals["logloss"][-1],
             "dp_bytes_per_step": dp / steps,
             "dp_bytes_ring_per_step": ring / steps,
-            "dp_compression": 1.0 if name == "dense" else ring / dp,
+            "dp_compression": 1.0 if name == "dense" else _ratio(ring, dp),
             "dp_compression_steady": 1.0 if name == "dense" else
-            (steady_ring / steady_dp if steady_dp else float("nan")),
+            _ratio(steady_ring, steady_dp),
             "mp_bytes_per_step": mp / steps,
             "mp_bytes_dense_per_step": mp_dense / steps,
-            "mp_compression": 1.0 if name != "dct_dp_mp" else mp_dense / mp,
+            "mp_compression": 1.0 if name != "dct_dp_mp" else _ratio(mp_dense, mp),
             "step_ms": 1000 * float(np.median(step_s)),
             "step_ms_mean": 1000 * float(np.mean(step_s)),
             "train_s": float(np.sum(step_s)),
