@@ -12,6 +12,7 @@
 // binary search), then divides, adds to out and rounds once. Every output is
 // 0 + d_0 + d_1 + ... in rank order whichever thread computed it: bitwise reproducible.
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -94,7 +95,19 @@ struct Entries {
 
 template <typename O, bool ACCUMULATE, bool DIVIDE>
 void finish(const float* sum, O* out, int64_t len, float scale, float ranks) {
-  for (int64_t j = 0; j < len; ++j) {
+  int64_t j = 0;
+#if defined(__SSE2__)
+  // fp32 out, overwritten: streaming stores, so the output is not read in before it is
+  // written (it is written once and is far larger than the caches' share of one call).
+  if (std::is_same<O, float>::value && !ACCUMULATE && !DIVIDE &&
+      reinterpret_cast<uintptr_t>(out) % 16 == 0) {
+    float* dst = reinterpret_cast<float*>(out);
+    const __m128 s = _mm_set1_ps(scale);
+    for (; j + 4 <= len; j += 4) _mm_stream_ps(dst + j, _mm_mul_ps(_mm_loadu_ps(sum + j), s));
+    _mm_sfence();
+  }
+#endif
+  for (; j < len; ++j) {
     // x / W, correctly rounded; for a power of two W that is exactly x * (1 / W).
     float v = DIVIDE ? sum[j] / ranks : sum[j] * scale;
     if (ACCUMULATE) v = to_f32(out[j]) + v;
@@ -106,7 +119,12 @@ template <typename V, typename O>
 void decompress_many_typed(const PayloadRows& p, O* out, bool accumulate, bool average,
                            int64_t* errors, int threads) {
   const int W = p.num_rows;
-  std::vector<Entries> rows(W);
+  // The calling thread keeps its lists from call to call: fresh multi-megabyte allocations
+  // come as new zeroed pages from the kernel every time, and their page faults cost more
+  // than the merge itself (measured: 1 to 2 ms of 3-5 ms at 2^22, W = 8, 1%).
+  thread_local std::vector<Entries> kept_lists;
+  if (kept_lists.size() < static_cast<size_t>(W)) kept_lists.resize(W);
+  std::vector<Entries>& rows = kept_lists;
   std::vector<int64_t> row_errors(W, 0);
   parallel_for(threads, p.capacity >= 4096 ? W : 1, [&](int64_t task) {
     const int first = p.capacity >= 4096 ? static_cast<int>(task) : 0;
@@ -116,12 +134,18 @@ void decompress_many_typed(const PayloadRows& p, O* out, bool accumulate, bool a
       const int64_t count = row_count(p, w, &e);
       const uint8_t* values = p.buffers + w * p.row_bytes + values_offset(p.capacity);
       Entries& r = rows[w];
-      r.index.reserve(count);
-      r.value.reserve(count);
+      r.index.resize(count);
+      r.value.resize(count);
+      int32_t* index = r.index.data();
+      float* value = r.value.data();
+      int64_t used = 0;
       e += scan_row(p, w, count, [&](int64_t i, int64_t idx) {
-        r.index.push_back(static_cast<int32_t>(idx));
-        r.value.push_back(to_f32(load<V>(values + sizeof(V) * i)));
+        index[used] = static_cast<int32_t>(idx);
+        value[used] = to_f32(load<V>(values + sizeof(V) * i));
+        ++used;
       });
+      r.index.resize(used);
+      r.value.resize(used);
       row_errors[w] = e;
     }
   });
