@@ -23,7 +23,7 @@ except ImportError as exc:  # not built on this machine
 
 NAME = "cpu"
 
-_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_CODE = wire.value_code  # the wire codes double as the core's dtype codes
 
 
 def available() -> str:
@@ -45,7 +45,7 @@ def _ptr(t) -> int:
 
 def select_threshold(x: torch.Tensor, ks: List[int], offsets: List[int]) -> torch.Tensor:
     out = torch.empty(len(ks), dtype=x.dtype)
-    _cpu.select_threshold(x.data_ptr(), _CODE[x.dtype], offsets, ks, out.data_ptr(), _threads())
+    _cpu.select_threshold(x.data_ptr(), _CODE(x.dtype), offsets, ks, out.data_ptr(), _threads())
     return out
 
 
@@ -58,23 +58,23 @@ def _segments(offsets: List[int], seg_dev) -> tuple:
 
 def count_kept(x, thresholds, offsets, seg_dev, residual) -> torch.Tensor:
     seg_ptr, segments = _segments(offsets, seg_dev)
-    count = _cpu.count_kept(x.data_ptr(), _CODE[x.dtype], x.numel(), _ptr(residual),
+    count = _cpu.count_kept(x.data_ptr(), _CODE(x.dtype), x.numel(), _ptr(residual),
                             thresholds.data_ptr(), seg_ptr, segments, _threads())
     return torch.tensor(count, dtype=torch.int64)
 
 
 def compress(x, thresholds, offsets, seg_dev, residual, payload: wire.SparsePayload) -> None:
     seg_ptr, segments = _segments(offsets, seg_dev)
-    _cpu.compress(x.data_ptr(), _CODE[x.dtype], x.numel(), _ptr(residual),
+    _cpu.compress(x.data_ptr(), _CODE(x.dtype), x.numel(), _ptr(residual),
                   thresholds.data_ptr(), seg_ptr, segments, payload.buffer.data_ptr(),
-                  payload.capacity, _CODE[payload.value_dtype], _threads())
+                  payload.capacity, _CODE(payload.value_dtype), _threads())
 
 
 def decompress(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
                value_dtype: torch.dtype, accumulate: bool, errors: torch.Tensor) -> None:
     buffer = buffer.contiguous()
-    _cpu.decompress(buffer.data_ptr(), buffer.numel(), numel, capacity, _CODE[value_dtype],
-                    _header(numel, capacity, value_dtype), out.data_ptr(), _CODE[out.dtype],
+    _cpu.decompress(buffer.data_ptr(), buffer.numel(), numel, capacity, _CODE(value_dtype),
+                    _header(numel, capacity, value_dtype), out.data_ptr(), _CODE(out.dtype),
                     accumulate, errors.data_ptr(), _threads())
 
 
@@ -84,8 +84,8 @@ def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int,
     buffers = buffers.contiguous()
     numel = out.numel()
     _cpu.decompress_many(buffers.data_ptr(), buffers.shape[0], buffers.shape[1], numel,
-                         capacity, _CODE[value_dtype], _header(numel, capacity, value_dtype),
-                         out.data_ptr(), _CODE[out.dtype], accumulate, average,
+                         capacity, _CODE(value_dtype), _header(numel, capacity, value_dtype),
+                         out.data_ptr(), _CODE(out.dtype), accumulate, average,
                          errors.data_ptr(), _threads())
 
 
@@ -93,8 +93,8 @@ def compress_rows(x: torch.Tensor, k: int, value_dtype: torch.dtype):
     rows, columns = x.shape
     indices = torch.empty(rows, k, dtype=wire.row_index_dtype(columns))
     values = torch.empty(rows, k, dtype=value_dtype)
-    _cpu.compress_rows(x.data_ptr(), _CODE[x.dtype], rows, columns, k, indices.data_ptr(),
-                       indices.element_size(), values.data_ptr(), _CODE[value_dtype],
+    _cpu.compress_rows(x.data_ptr(), _CODE(x.dtype), rows, columns, k, indices.data_ptr(),
+                       indices.element_size(), values.data_ptr(), _CODE(value_dtype),
                        _threads())
     return indices, values
 
@@ -102,14 +102,14 @@ def compress_rows(x: torch.Tensor, k: int, value_dtype: torch.dtype):
 def decompress_rows(indices: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
     rows, columns = out.shape
     _cpu.decompress_rows(indices.data_ptr(), indices.element_size(), values.data_ptr(),
-                         _CODE[values.dtype], rows, columns, indices.shape[1], out.data_ptr(),
-                         _CODE[out.dtype], _threads())
+                         _CODE(values.dtype), rows, columns, indices.shape[1], out.data_ptr(),
+                         _CODE(out.dtype), _threads())
 
 
 def gather_rows(y: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     rows, columns = y.shape
     k = indices.shape[1]
     out = torch.empty(rows, k, dtype=y.dtype)
-    _cpu.gather_rows(y.data_ptr(), _CODE[y.dtype], rows, columns, k, indices.data_ptr(),
+    _cpu.gather_rows(y.data_ptr(), _CODE(y.dtype), rows, columns, k, indices.data_ptr(),
                      indices.element_size(), out.data_ptr(), _threads())
     return out
