@@ -39,6 +39,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import dct_kernels as dk  # noqa: E402
+from dlrm.exchange import DenseAllToAll  # noqa: E402
 from results_table import RESULTS_DIR, card_dir_name  # noqa: E402
 from dct_kernels.backends import resolve  # noqa: E402
 from dct_kernels.mp import all_to_all_bytes, sparse_all_to_all  # noqa: E402
@@ -48,23 +49,6 @@ FIELDS = ("card", "comm", "W", "provider", "kernels", "phase", "B", "D", "k", "r
           "dense_over_sparse", "date", "version", "torch")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {v: k for k, v in DTYPES.items()}
-
-
-class _DenseAllToAll(torch.autograd.Function):
-    """The baseline: a dense all_to_all_single forward and backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x.contiguous(), group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out = torch.empty_like(grad)
-        dist.all_to_all_single(out, grad.contiguous(), group=ctx.group)
-        return out, None
 
 
 class _CountSent:
@@ -97,7 +81,7 @@ def _step(provider, phase, x, upstream, k, value_dtype, backend):
     if provider == "sparse_all_to_all":
         y = sparse_all_to_all(xg, k, value_dtype=value_dtype, backend=backend)
     else:
-        y = _DenseAllToAll.apply(xg, None)
+        y = DenseAllToAll.apply(xg, None)
     if phase == "fwd+bwd":
         y.backward(upstream)
     return y

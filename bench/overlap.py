@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from stand_in_bucket import StandInBucket
+
 
 def _model(widths):
     layers = []
@@ -42,20 +44,6 @@ def _local(state, bucket):
     future = torch.futures.Future()
     future.set_result(bucket.buffer())
     return future
-
-
-class _Bucket:
-    def __init__(self, params, buffer, last):
-        self._params, self._buffer, self._last = params, buffer, last
-
-    def buffer(self):
-        return self._buffer
-
-    def parameters(self):
-        return self._params
-
-    def is_last(self):
-        return self._last
 
 
 def _worker(rank, world, store, config, path):
@@ -125,7 +113,8 @@ def _worker(rank, world, store, config, path):
                     for w in works:
                         w.wait()
                 else:
-                    futures = [dct_hook(state, _Bucket(b, t, i == len(buckets) - 1))
+                    last = len(buckets) - 1
+                    futures = [dct_hook(state, StandInBucket(b, t, i == last))
                                for i, (b, t) in enumerate(zip(buckets, grads))]
                     for f in futures:
                         f.wait()

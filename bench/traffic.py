@@ -29,6 +29,7 @@ import tempfile
 import torch
 
 from dct_kernels.distributed import sizing
+from stand_in_bucket import StandInBucket
 
 BUCKET_BYTES = 25 * 1024 * 1024
 WORLDS = [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
@@ -113,20 +114,6 @@ def _count(world, counter):
     wrap("all_reduce", "ar")
 
 
-class _Bucket:
-    def __init__(self, params, buffer, last):
-        self._params, self._buffer, self._last = params, buffer, last
-
-    def buffer(self):
-        return self._buffer
-
-    def parameters(self):
-        return self._params
-
-    def is_last(self):
-        return self._last
-
-
 def _measure_worker(rank, world, store, config, result_path):
     import datetime as dt
 
@@ -159,7 +146,8 @@ def _measure_worker(rank, world, store, config, result_path):
             futures = []
             for i, b in enumerate(params):
                 grads = torch.randn(sum(p.numel() for p in b), generator=g)
-                futures.append(dct_hook(state, _Bucket(b, grads, i == len(params) - 1)))
+                last = i == len(params) - 1
+                futures.append(dct_hook(state, StandInBucket(b, grads, last)))
             for f in futures:
                 f.wait()
             per_step.append(counter[0] - before)
