@@ -50,6 +50,15 @@ inline void load_acc(const T* x, const float* residual, int64_t i, int len, floa
     for (int e = 0; e < len; ++e) acc[e] += residual[i + e];
 }
 
+// The last, shorter block of a run: acc padded with zeros, the padding masked off.
+template <typename T, bool RESIDUAL>
+inline uint32_t partial_block_mask(const T* x, const float* residual, int64_t i, int len,
+                                   uint32_t tkey, float* acc) {
+  load_acc<T, RESIDUAL>(x, residual, i, len, acc);
+  for (int e = len; e < kBlock; ++e) acc[e] = 0.0f;
+  return keep_mask16(acc, tkey) & ((1u << len) - 1u);
+}
+
 // acc of the block at i (kBlock values, or fewer at the end of a run: the rest are padded
 // and masked off) and the bit mask of its kept entries. Full blocks take fixed-length loops
 // (vector code; a variable-length loop of scalar stores read back as vectors stalls on
@@ -63,20 +72,14 @@ inline uint32_t block_mask(const T* x, const float* residual, int64_t i, int len
       for (int e = 0; e < kBlock; ++e) acc[e] += residual[i + e];
     return keep_mask16(acc, tkey);
   }
-  load_acc<T, RESIDUAL>(x, residual, i, len, acc);
-  for (int e = len; e < kBlock; ++e) acc[e] = 0.0f;
-  return keep_mask16(acc, tkey) & ((1u << len) - 1u);
+  return partial_block_mask<T, RESIDUAL>(x, residual, i, len, tkey, acc);
 }
 
 #if defined(__SSE2__)
 template <>
 inline uint32_t block_mask<float, true>(const float* x, const float* residual, int64_t i,
                                         int len, uint32_t tkey, float* acc) {
-  if (len != kBlock) {
-    load_acc<float, true>(x, residual, i, len, acc);
-    for (int e = len; e < kBlock; ++e) acc[e] = 0.0f;
-    return keep_mask16(acc, tkey) & ((1u << len) - 1u);
-  }
+  if (len != kBlock) return partial_block_mask<float, true>(x, residual, i, len, tkey, acc);
   for (int q = 0; q < 4; ++q)
     _mm_storeu_ps(acc + 4 * q, _mm_add_ps(_mm_loadu_ps(x + i + 4 * q),
                                           _mm_loadu_ps(residual + i + 4 * q)));
@@ -86,11 +89,7 @@ inline uint32_t block_mask<float, true>(const float* x, const float* residual, i
 template <>
 inline uint32_t block_mask<float, false>(const float* x, const float* residual, int64_t i,
                                          int len, uint32_t tkey, float* acc) {
-  if (len != kBlock) {
-    load_acc<float, false>(x, residual, i, len, acc);
-    for (int e = len; e < kBlock; ++e) acc[e] = 0.0f;
-    return keep_mask16(acc, tkey) & ((1u << len) - 1u);
-  }
+  if (len != kBlock) return partial_block_mask<float, false>(x, residual, i, len, tkey, acc);
   // Without a residual acc is x itself: test it in place; acc is filled only when needed.
   const uint32_t mask = keep_mask16(x + i, tkey);
   if (mask) std::memcpy(acc, x + i, sizeof(float) * kBlock);
