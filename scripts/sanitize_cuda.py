@@ -1,20 +1,16 @@
 """One small run of every CUDA-backend kernel, checked against the torch reference, for
 ``compute-sanitizer`` (memcheck, racecheck, synccheck):
 
-    compute-sanitizer --tool memcheck --error-exitcode 1 python bench/sanitize_cuda.py
+    compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize_cuda.py
 
 Sizes span several tiles and blocks of every kernel so that cross-block paths run; payloads
 include corrupted ones (the kernels must not read or write out of bounds whatever they say).
 Exits non-zero on a mismatch.
 """
 
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import dct_kernels as dk  # noqa: E402
+import dct_kernels as dk
 
 DEV = "cuda"
 

@@ -1,20 +1,17 @@
 """Per-kernel GPU time of each CUDA-backend op at one size, from torch.profiler.
 
-    python bench/profile_cuda.py [--log2n 28] [--ratio 0.01]
+    python scripts/profile_cuda.py [--log2n 28] [--ratio 0.01]
 
 Shows where an op's time goes (which of its kernels, and the memsets between them) so that
 the slow stage is measured, not guessed.
 """
 
 import argparse
-import os
-import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import dct_kernels as dk  # noqa: E402
+import dct_kernels as dk
 
 
 def kernel_table(fn, reps=5):

@@ -1,19 +1,17 @@
 """Where the time of one small op call goes: host microseconds per call, a cProfile of the
-Python side, and torch.profiler's table, at n = 2^16 where the ops are bound by host work.
+Python side, and torch.profiler's table, at n = 2^16 where the ops are bound by host work:
+
+    python scripts/profile_host.py
 """
 
 import cProfile
 import pstats
 import time
 
-import os
-import sys
-
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import dct_kernels as dk  # noqa: E402
+import dct_kernels as dk
 
 
 def main():

@@ -9,10 +9,14 @@
 # Knobs (environment): ARCH (CUDA architectures, default 90), TESTS / TEST_FILTER (what pytest
 # runs), TEST_TIMEOUT, SANITIZERS ("memcheck racecheck synccheck"), SIZES (log2 sizes), RATIOS,
 # BACKENDS (backends to time, default cuda), OPS, BENCH_TIMEOUT.
+#
+#   bash scripts/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/device_check_out}"
 mkdir -p "$OUT"
+# The extension is built in place below (no pip install on a bare GPU machine), so the checkout
+# itself is the package the tests, the tools and the benchmark import.
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 SECONDS=0
@@ -41,14 +45,14 @@ grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -30
 : > "$OUT/sanitize.log"
 for tool in ${SANITIZERS:-memcheck racecheck synccheck}; do
   echo "=== $tool" >> "$OUT/sanitize.log"
-  timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" bench/sanitize_cuda.py \
-    >> "$OUT/sanitize.log" 2>&1
+  timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+    "$PY" scripts/sanitize_cuda.py >> "$OUT/sanitize.log" 2>&1
   echo "[$SECONDS s] compute-sanitizer $tool rc=$?"
 done
 grep -E "ERROR SUMMARY|mismatch|Error|error" "$OUT/sanitize.log" | sort | uniq -c | head -20
 
 if [ -z "${SKIP_PROFILE:-}" ]; then
-  timeout 90 "$PY" bench/profile_cuda.py > "$OUT/profile.log" 2>&1
+  timeout 90 "$PY" scripts/profile_cuda.py > "$OUT/profile.log" 2>&1
   echo "[$SECONDS s] profile rc=$?"; cat "$OUT/profile.log"
 fi
 
