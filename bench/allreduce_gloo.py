@@ -13,17 +13,13 @@ sparse path; on a real network the gain follows the bytes.
 """
 
 import argparse
-import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def _rank(rank, args, path, queue):

@@ -29,7 +29,6 @@ import datetime
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
@@ -37,12 +36,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import dct_kernels as dk  # noqa: E402
-from dlrm.exchange import DenseAllToAll  # noqa: E402
-from results_table import RESULTS_DIR, card_dir_name  # noqa: E402
-from dct_kernels.backends import resolve  # noqa: E402
-from dct_kernels.mp import all_to_all_bytes, sparse_all_to_all  # noqa: E402
+import dct_kernels as dk
+from dct_kernels.backends import resolve
+from dct_kernels.mp import all_to_all_bytes, sparse_all_to_all
+from dlrm.exchange import DenseAllToAll
+from results_table import RESULTS_DIR, card_dir_name
 
 FIELDS = ("card", "comm", "W", "provider", "kernels", "phase", "B", "D", "k", "ratio", "dtype",
           "value_dtype", "p20_ms", "p50_ms", "p80_ms", "bytes_sent", "bytes_model",

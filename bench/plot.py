@@ -14,8 +14,7 @@ import glob
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import results_table  # noqa: E402
+import results_table
 
 METRICS = {"p50_ms": "median ms", "pct_floor": "% of the bandwidth floor", "gbps": "GB/s"}
 

@@ -23,16 +23,14 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import dct_kernels as dk  # noqa: E402
+import dct_kernels as dk
 
-import results_table  # noqa: E402
-from results_table import BASELINES  # noqa: E402
+import results_table
+from results_table import BASELINES
 
 L2_FLUSH_BYTES = 256 << 20  # rotate inputs until one round touches this much memory
 

@@ -9,15 +9,14 @@ import argparse
 import importlib
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import dct_kernels as dk  # noqa: E402
+import dct_kernels as dk
+from run import copy_bandwidth, random_tensor, time_op
+
 compact = importlib.import_module("dct_kernels.backends.triton_kernels.compress")
 select = importlib.import_module("dct_kernels.backends.triton_kernels.select_threshold")
-from run import copy_bandwidth, random_tensor, time_op  # noqa: E402
 
 
 def main():

@@ -10,14 +10,9 @@ Writes dlrm.json, dlrm.md and PNG plots into --out (default bench/results/<devic
 See bench/dlrm/ and README.md ("End to end").
 """
 
-import os
-import sys
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)                   # bench/dlrm
-sys.path.insert(0, os.path.dirname(HERE))  # dct_kernels from a checkout
-
-from dlrm.cli import main  # noqa: E402
+# Run as a script, this file's folder (bench/) is sys.path[0], so dlrm is the package next to
+# it; dct_kernels is the installed package (``pip install -e .`` for the checkout's source).
+from dlrm.cli import main
 
 if __name__ == "__main__":
     main()

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-if BENCH not in sys.path:
-    sys.path.insert(0, BENCH)
+# ``dlrm`` is bench/dlrm, on sys.path through pyproject.toml's pytest ``pythonpath``.
+from dlrm import criteo, data as dlrm_data
+from dlrm.config import tiny
+from dlrm.model import shard_tables
+from dlrm.optim import RowWiseAdagrad
 
-from dlrm import criteo, data as dlrm_data  # noqa: E402
-from dlrm.config import tiny  # noqa: E402
-from dlrm.model import shard_tables  # noqa: E402
-from dlrm.optim import RowWiseAdagrad  # noqa: E402
+TRAIN_DLRM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                          "train_dlrm.py")
 
 SMOKE_DEADLINE_S = 120
 RUN_FIELDS = ("steps", "auc", "logloss", "dp_bytes_per_step", "dp_bytes_ring_per_step",
@@ -229,8 +229,7 @@ def test_one_rank_run_reports_every_field(tmp_path):
 
     pytest.importorskip("sklearn")
     out_dir = tmp_path / "out"
-    script = os.path.join(BENCH, "train_dlrm.py")
-    done = subprocess.run([sys.executable, script, "--tiny", "--ranks", "1", "--out",
+    done = subprocess.run([sys.executable, TRAIN_DLRM, "--tiny", "--ranks", "1", "--out",
                            str(out_dir)], capture_output=True, text=True,
                           timeout=SMOKE_DEADLINE_S)
     assert done.returncode == 0, done.stderr[-2000:]
