@@ -4,7 +4,6 @@ import argparse
 import dataclasses
 import datetime
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -17,33 +16,16 @@ import torch.distributed as dist
 
 from . import report as report_mod
 from .config import RUNS, Config, quick, tiny
-from .data import ClickLogs, generate
+from .context import device_name, load_data, rank_device, teacher_auc
+from .data import ClickLogs
 from .runner import Callbacks, RankRunner
 
 BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def device_name() -> str:
-    """The card's name, or the CPU's, as the results folder is named."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
 def device_slug(name: str) -> str:
     """The folder name under bench/results/, as bench/results_table.py names card folders."""
     return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_")
-
-
-def load_data(cfg: Config) -> ClickLogs:
-    """The data set of a configuration: a Criteo file, or the synthetic logs of the seed
-    (``steps * batch_size`` training and ``heldout`` held-out samples)."""
-    if cfg.data_file:
-        from .criteo import read_criteo
-
-        return read_criteo(cfg.data_file, hash_size=cfg.hash_size)
-    return generate(cfg.steps * cfg.batch_size, cfg.heldout, seed=cfg.seed,
-                    num_tables=cfg.num_tables, min_rows=cfg.min_rows, max_rows=cfg.max_rows)
 
 
 def _check_same_config(cfg: Config, group=None) -> None:
@@ -53,15 +35,6 @@ def _check_same_config(cfg: Config, group=None) -> None:
     dist.all_gather_object(everyone, mine, group=group)
     if any(other != mine for other in everyone):
         raise ValueError("config: the ranks were started with different settings")
-
-
-def teacher_auc(data: ClickLogs) -> Optional[float]:
-    if data.teacher_prob is None:
-        return None
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(data.labels[data.num_train:],
-                               data.teacher_prob[data.num_train:]))
 
 
 def train(cfg: Config, out_dir: Optional[str], *, callbacks: Optional[Callbacks] = None,
@@ -78,7 +51,7 @@ def train(cfg: Config, out_dir: Optional[str], *, callbacks: Optional[Callbacks]
         cfg.validate()
     _check_same_config(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = _rank_device()
+    device = rank_device()
     data = load_data(cfg) if data is None else data
     bar = None
     if progress and rank == 0:
@@ -107,14 +80,6 @@ def train(cfg: Config, out_dir: Optional[str], *, callbacks: Optional[Callbacks]
     if rank == 0 and out_dir is not None:
         report_mod.write(result, out_dir, with_plots=write_plots)
     return result
-
-
-def _rank_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
 
 
 def _pick_backend(world: int) -> str:

@@ -16,6 +16,7 @@ from typing import List, Tuple
 import torch.distributed as dist
 
 from .config import Config
+from .context import device_name, load_data, rank_device, teacher_auc
 from .runner import RankRunner
 
 SETTINGS: List[Tuple[str, dict]] = [
@@ -32,10 +33,8 @@ KEYS = ("auc", "logloss", "dp_compression", "dp_compression_steady", "mp_compres
 
 def run_sweep(cfg: Config, out_dir: str, started: float) -> dict:
     """Run the sweep on this rank (collective); rank 0 writes the files. Returns the rows."""
-    from . import cli
-
-    data = cli.load_data(cfg)
-    device = cli._rank_device()
+    data = load_data(cfg)
+    device = rank_device()
     rows = []
     points = [("dense", {}, ["dense"])] + [(axis, change, ["dct_dp_mp"])
                                             for axis, change in SETTINGS]
@@ -50,8 +49,8 @@ def run_sweep(cfg: Config, out_dir: str, started: float) -> dict:
         rows.append(row)
         if dist.get_rank() == 0:
             print(f"sweep {len(rows)}/{len(points)}: {row}", flush=True)
-    report = {"device": cli.device_name(), "world_size": dist.get_world_size(),
-              "teacher_auc": cli.teacher_auc(data), "config": cfg.as_dict(), "rows": rows,
+    report = {"device": device_name(), "world_size": dist.get_world_size(),
+              "teacher_auc": teacher_auc(data), "config": cfg.as_dict(), "rows": rows,
               "wall_s": time.time() - started}
     if dist.get_rank() == 0:
         write(report, out_dir)
