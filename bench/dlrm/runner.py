@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import dct_kernels.distributed as dct_dist
 
-from . import traffic
+from . import dp_traffic
 from .config import Config
 from .data import ClickLogs
 from .exchange import DenseExchange, SparseExchange, scale_grad
@@ -62,7 +62,7 @@ class Callbacks:
 def _make_state(cfg: Config, name: str, ddp, group):
     """The DDP comm hook and its state for a run; notes on what was used."""
     if name == "dense":
-        return traffic.DenseTraffic(group), traffic.dense_hook, {"exchange": "allreduce"}
+        return dp_traffic.DenseTraffic(group), dp_traffic.dense_hook, {"exchange": "allreduce"}
     kwargs = dict(ratio=cfg.dp_ratio, refresh_every=cfg.refresh_every,
                   warmup_steps=cfg.warmup_steps, capacity_factor=cfg.capacity_factor,
                   min_numel=cfg.min_numel, value_dtype=_DTYPES[cfg.dp_value_dtype],
@@ -80,7 +80,7 @@ def _make_state(cfg: Config, name: str, ddp, group):
 def _exchange_used(state, configured: str) -> str:
     """The exchange the sparse buckets used (from the counts ``DCTState.stats()`` keeps per
     kind, where it has them), else the configured one."""
-    if isinstance(state, traffic.DenseTraffic):
+    if isinstance(state, dp_traffic.DenseTraffic):
         return configured
     stats = state.stats()
     used = [kind for kind in ("allgather", "reduce_scatter")
@@ -241,8 +241,8 @@ class RankRunner:
             if done % cfg.log_every == 0 or done == cfg.steps:
                 mean_loss = loss_sum.clone()
                 dist.all_reduce(mean_loss, group=self.group)
-                dp, ring = traffic.dp_totals(state, world)
-                over = traffic.overflow_counts(state)
+                dp, ring = dp_traffic.dp_totals(state, world)
+                over = dp_traffic.overflow_counts(state)
                 series["step"].append(done)
                 series["train_loss"].append(float(mean_loss) / (loss_count * world))
                 series["dp_bytes"].append(dp)
@@ -269,7 +269,7 @@ class RankRunner:
         cfg, steps = self.cfg, self.cfg.steps
         dp, ring = series["dp_bytes"][-1], series["dp_ring"][-1]
         mp, mp_dense = series["mp_bytes"][-1], series["mp_dense"][-1]
-        over = traffic.overflow_counts(state)
+        over = dp_traffic.overflow_counts(state)
         # Steady state: the second half of the run, from the series (logged totals).
         half = next(i for i, s in enumerate(series["step"]) if s >= steps // 2)
         span = series["step"][-1] - series["step"][half]
