@@ -2,7 +2,7 @@
 
   dct_kernels._cpu   host C++ kernels (csrc/cpu/), built with the host compiler whenever
                      cmake and a C++17 compiler are found (no nvcc, no CUDA torch needed);
-  dct_kernels._cuda  the CUDA core (csrc/*.cu), built whenever nvcc is found.
+  dct_kernels._cuda  the CUDA core (csrc/cuda/), built whenever nvcc is found.
 
 Each is optional: the package works without them (CPU tensors then use the torch reference,
 CUDA tensors the Triton backend).

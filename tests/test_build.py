@@ -134,9 +134,10 @@ def test_sanitize_switch_reaches_the_compiler(tmp_path):
 # ------------------------------------------------------------------------------------ sdist
 
 def test_sdist_carries_the_sources(tmp_path):
-    """A source distribution can build both cores: CMakeLists.txt and every source of csrc/
-    and csrc/cpu/ are in it (setuptools leaves out what MANIFEST.in does not name). Built from
-    a copy of the sources, so that no earlier egg-info's file list stands in for MANIFEST.in."""
+    """A source distribution can build both cores: CMakeLists.txt and every source of csrc/,
+    csrc/cuda/ and csrc/cpu/ are in it (setuptools leaves out what MANIFEST.in does not name).
+    Built from a copy of the sources, so that no earlier egg-info's file list stands in for
+    MANIFEST.in."""
     source = tmp_path / "src"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "*.egg-info", "__pycache__", "*.so", "bench", "tests"))
@@ -150,8 +151,9 @@ def test_sdist_carries_the_sources(tmp_path):
     with tarfile.open(archive) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     wanted = {"CMakeLists.txt"}
-    for folder in ("csrc", os.path.join("csrc", "cpu")):
+    for folder in ("csrc", os.path.join("csrc", "cuda"), os.path.join("csrc", "cpu")):
         wanted |= {f"{folder}/{name}" for name in os.listdir(os.path.join(ROOT, folder))
                    if name.endswith((".h", ".cuh", ".cu", ".cpp"))}
     assert any(name.startswith("csrc/cpu/") for name in wanted)
+    assert any(name.startswith("csrc/cuda/") for name in wanted)
     assert wanted <= names, f"missing from the sdist: {sorted(wanted - names)}"

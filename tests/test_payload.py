@@ -189,8 +189,8 @@ def test_cpp_wire_constants_equal_the_python_ones():
 
 
 def test_cuda_dtype_enum_is_the_wire_codes():
-    """dct_core.h's DType takes its values from wire_format.h, not from numbers of its own."""
-    with open(os.path.join(ROOT, "csrc", "dct_core.h")) as f:
+    """dct_cuda.h's DType takes its values from wire_format.h, not from numbers of its own."""
+    with open(os.path.join(ROOT, "csrc", "cuda", "dct_cuda.h")) as f:
         text = f.read()
     enum = re.search(r"enum class DType : int \{(.*?)\};", text, re.S).group(1)
     assert re.findall(r"(k\w+) = ([^,\s]+)", enum) == [

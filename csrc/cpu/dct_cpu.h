@@ -1,6 +1,6 @@
 // dct_kernels host (CPU) core: the kernels of every op over raw host pointers.
 //
-// The host counterpart of csrc/dct_core.h, with the same argument conventions and semantics
+// The host counterpart of csrc/cuda/dct_cuda.h, with the same argument conventions and semantics
 // (docs/design.md) and nothing from torch or CUDA: callers pass pointers, element counts,
 // dtype codes (the wire's: 0 fp32, 1 fp16, 2 bf16) and the number of threads that may work
 // on the call (the caller's thread included; 1 runs everything on the caller's thread).

@@ -1,4 +1,4 @@
-"""Backend "cuda": the compiled CUDA C++ core in csrc/, bound with pybind11 as
+"""Backend "cuda": the compiled CUDA C++ core in csrc/cuda/, bound with pybind11 as
 ``dct_kernels._cuda``.
 
 The core knows nothing of torch: this module passes it data pointers, sizes, dtype codes, the
@@ -6,8 +6,8 @@ current CUDA stream and scratch ("workspace") tensors allocated through torch's 
 allocator, and receives inputs the op layer has already validated (see
 ``dct_kernels/backends/__init__.py`` for the contract). Every launch is checked in the core; a
 failure raises RuntimeError naming the kernel and the CUDA error. The core's arguments are
-keyword-only (named as in ``csrc/dct_core.h``), so every call below names them. No function here
-synchronizes with the host.
+keyword-only (named as in ``csrc/cuda/dct_cuda.h``), so every call below names them. No function
+here synchronizes with the host.
 """
 
 from collections import OrderedDict

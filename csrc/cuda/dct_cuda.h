@@ -14,7 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "wire_format.h"
+#include "../wire_format.h"
 
 namespace dct {
 

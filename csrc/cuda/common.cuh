@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "dct_core.h"
+#include "dct_cuda.h"
 
 namespace dct {
 

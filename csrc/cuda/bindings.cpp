@@ -2,7 +2,7 @@
 //
 // Pointers arrive as integers (tensor.data_ptr()), streams as integers
 // (torch.cuda.Stream.cuda_stream); nothing here knows torch. Every argument is keyword-only and
-// named as in dct_core.h, so a call that swaps two integers fails instead of running. An
+// named as in dct_cuda.h, so a call that swaps two integers fails instead of running. An
 // argument the core rejects (dtype code, index width, header words) raises ValueError naming
 // it, before any CUDA call; a failed CUDA call or launch raises RuntimeError naming the kernel
 // and the CUDA error.
@@ -12,7 +12,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "dct_core.h"
+#include "dct_cuda.h"
 
 namespace py = pybind11;
 using py::arg;
