@@ -10,10 +10,11 @@
       ddp.register_comm_hook(DCTState(ratio=0.01, module=model), dct_hook)
 
 Works with NCCL (CUDA tensors) and gloo (CPU tensors). ``sizing`` holds the host arithmetic
-(capacities, shards, bytes per rank) shared with bench/traffic.py. See docs/distributed.md.
+(capacities, shards, bytes per rank) shared with the traffic benchmark. See docs/distributed.md.
 """
 
-from .collectives import all_gather_rows, sparse_all_reduce
+from .allreduce import sparse_all_reduce
+from .collectives import all_gather_rows
 from .hook import dct_hook
 from .state import DCTState
 

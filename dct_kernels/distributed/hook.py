@@ -1,47 +1,25 @@
-"""``dct_hook``: the DDP communication hook of DCT-DP."""
+"""``dct_hook``: the DDP communication hook of DCT-DP.
+
+The step lives here, stage by stage, in the order ``dct_hook``'s docstring lists them; the
+``DCTState`` it is given only holds what survives between steps (configuration, parameter
+keys, bucket layouts with their residuals and thresholds, statistics, checkpoints).
+"""
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from . import collectives
-from .futures import after
+from .. import ops
+from .. import payload as wire
+from . import collectives, fingerprint
+from .allgather import AllGatherExchange
+from .futures import StepOrder, after
+from .layout import FLOOR, BucketLayout
+from .reduce_scatter import ReduceScatterExchange
 from .state import DCTState
 
 __all__ = ["dct_hook"]
-
-
-def _dense(state: DCTState, layout, buffer: torch.Tensor):
-    world = dist.get_world_size(state.group())
-    reduced = collectives.all_reduce_async(buffer, state.group())
-    state.record_dense(layout)
-    return after([reduced], lambda: buffer.div_(world), buffer.device)
-
-
-def _sparse(state: DCTState, layout, buffer: torch.Tensor):
-    state.update_thresholds(layout, buffer)
-    exchange = state.exchange_of(layout)
-    futures, small = [], None
-    if layout.dense_index is not None:
-        # Small parameters leave the compress (zeroed, with τ = +inf) for one all-reduce.
-        small = buffer.index_select(0, layout.dense_index)
-        buffer.index_fill_(0, layout.dense_index, 0)
-        futures.append(collectives.all_reduce_async(small, state.group()))
-    if exchange.name == "reduce_scatter":
-        step = state.step
-        future, sent = exchange.start(buffer, state.step_order(),
-                                      lambda: state.shard_refresh(layout, step))
-    else:
-        future, sent = exchange.start(buffer, state.step)
-    state.record_sparse(layout, exchange, sent)
-    if small is None:
-        return future
-    world = dist.get_world_size(state.group())
-
-    def put_back():
-        buffer.index_copy_(0, layout.dense_index, small.div_(world))
-        return buffer
-
-    return after([future] + futures, put_back, buffer.device)
 
 
 def dct_hook(state: DCTState, bucket: dist.GradBucket):
@@ -68,9 +46,9 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
        thread and in bucket order (so every rank issues its collectives in the same order),
        the shard owner's rank-order sum, second threshold τ' and shard residual, and one
        all-gather of the shard payloads.
-    5. Each parameter's kept count (first stage) is compared with its band on the device and staged to the
-       host for the next step's decision; statistics accumulate (bytes on the host, counts on
-       the device).
+    5. Each parameter's kept count (first stage) is compared with its band on the device and
+       staged to the host for the next step's decision; statistics accumulate (bytes on the
+       host, counts on the device).
     6. In the last collective's callback, ``decompress_many(average=True)`` writes the
        average into the bucket, bitwise identical on every rank; the small parameters'
        average is put back; the returned future completes.
@@ -98,13 +76,209 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
     """
     buffer = bucket.buffer()
     try:
-        layout = state.bucket_layout(bucket)
-        if state.dense_now(layout):
-            future = _dense(state, layout, buffer)
+        layout = _layout_of(state, bucket)                         # 1
+        if state.step < state.warmup_steps or not layout.has_sparse:
+            future = _dense(state, layout, buffer)                 # 2
         else:
-            future = _sparse(state, layout, buffer)
+            _refresh_thresholds(state, layout, buffer)             # 3
+            future = _sparse(state, layout, buffer)                # 4, 5 (6 in callbacks)
     except Exception as error:
-        state.bucket_done(bucket, error)
+        _end_bucket(state, bucket, error)
         raise
-    state.bucket_done(bucket)
+    _end_bucket(state, bucket)
     return future
+
+
+# ---------------------------------------------------------------- 1. the bucket's layout
+
+def _layout_of(state: DCTState, bucket) -> BucketLayout:
+    """The layout of a DDP ``GradBucket``: created (and checked across ranks: a collective,
+    so every rank must call it) at its first sight, made the owner of its parameters' states,
+    with the band flags of its last step collected.
+
+    Raises:
+        ValueError when the buffer is not the parameters back to back, a parameter is not
+        among the named ones, or the ranks disagree on the configuration or the layout.
+    """
+    buffer = bucket.buffer()
+    params = list(bucket.parameters())
+    keys = [state.key_of(p) for p in params]
+    ident = (tuple(keys), buffer.dtype, buffer.device)
+    layout = state.layouts.get(ident)
+    if layout is None:
+        numels = [p.numel() for p in params]
+        if sum(numels) != buffer.numel():
+            raise ValueError(f"bucket: its buffer has {buffer.numel()} elements but its "
+                             f"parameters {sum(numels)}; dct_hook expects DDP's flat "
+                             f"bucket layout (parameters back to back)")
+        group = state.group()
+        world = dist.get_world_size(group)
+        state.statistics.set_world(world)
+        layout = BucketLayout(keys, numels, [n >= state.min_numel for n in numels],
+                              ratio=state.ratio, capacity_factor=state.capacity_factor,
+                              band=state.refresh_band, dtype=buffer.dtype,
+                              device=buffer.device, world=world, rank=dist.get_rank(group),
+                              value_dtype=state.value_dtype, exchange=state.exchange)
+        fingerprint.verify_across_ranks(
+            state.fingerprint(layout), group, buffer.device,
+            f"bucket of {len(params)} parameters, {buffer.numel()} elements")
+        state.add_layout(ident, layout)
+    layout.collect_flags()
+    state.adopt(layout)
+    return layout
+
+
+# ------------------------------------------------------------------- 2. a dense step
+
+def _dense(state: DCTState, layout: BucketLayout, buffer: torch.Tensor):
+    world = dist.get_world_size(state.group())
+    reduced = collectives.all_reduce_async(buffer, state.group())
+    sent, received = layout.plan.dense()
+    state.statistics.add_bytes(sent, received, layout.plan.ring())
+    state.statistics.add(buckets_dense=1)
+    return after([reduced], lambda: buffer.div_(world), buffer.device)
+
+
+# ------------------------------------------------------------- 3. thresholds when due
+
+def _refresh_thresholds(state: DCTState, layout: BucketLayout, buffer: torch.Tensor) -> bool:
+    """Recompute the bucket's τ_p when due: scheduled (never computed, or ``refresh_every``
+    steps old) or early (a pending flag: the last step's kept counts left the band, or its
+    payload overflowed). Dense segments keep +inf. Returns whether it refreshed."""
+    states = [s for s in layout.states if s is not None]
+    scheduled = any(s.refreshed_at < 0 or state.step - s.refreshed_at >= state.refresh_every
+                    for s in states)
+    early = not scheduled and any(s.pending for s in states)
+    if not (scheduled or early):
+        return False
+    acc = buffer.to(torch.float32) + layout.residual
+    taus = ops.select_threshold(acc, layout.ks, segments=layout.segments,
+                                backend=state.backend).to(torch.float32)
+    # The floor keeps exact zeros out; torch.clamp_min keeps a NaN τ (it selects NaNs).
+    taus = torch.where(layout.keep_all_mask, FLOOR, torch.clamp_min(taus, FLOOR))
+    layout.thresholds.copy_(torch.where(layout.sparse_mask, taus, float("inf")))
+    for s in states:
+        s.refreshed_at, s.pending = state.step, False
+    state.statistics.add(refreshes=layout.owned, bucket_refreshes=1,
+                         early_refreshes=int(early))
+    return True
+
+
+def _shard_refresh_due(state: DCTState, layout: BucketLayout, step: int) -> bool:
+    """Whether this rank's τ' of a reduce_scatter bucket are due at ``step`` (scheduled or
+    pending, as for τ_p); when they are, they count as refreshed at ``step``. Called from
+    stage 2 of the exchange (at the step's last bucket)."""
+    layout.collect_shard_flags()
+    pieces = [p for p in layout.shard.states if p is not None]
+    due = any(p.refreshed_at < 0 or step - p.refreshed_at >= state.refresh_every or
+              p.pending for p in pieces)
+    if due:
+        for p in pieces:
+            p.refreshed_at, p.pending = step, False
+        state.statistics.add(shard_refreshes=1)
+    return due
+
+
+# ------------------------------------------------------ 4. the exchange; 5. band, statistics
+
+def _sparse(state: DCTState, layout: BucketLayout, buffer: torch.Tensor):
+    exchange = _exchange_of(state, layout)
+    futures, small = [], None
+    if layout.dense_index is not None:
+        # Small parameters leave the compress (zeroed, with τ = +inf) for one all-reduce.
+        small = buffer.index_select(0, layout.dense_index)
+        buffer.index_fill_(0, layout.dense_index, 0)
+        futures.append(collectives.all_reduce_async(small, state.group()))
+    if exchange.name == "reduce_scatter":
+        step = state.step
+        future, sent = exchange.start(buffer, _step_order(state),
+                                      lambda: _shard_refresh_due(state, layout, step))
+    else:
+        future, sent = exchange.start(buffer, state.step)
+    _record_sparse(state, layout, exchange, sent)
+    if small is None:
+        return future
+    world = dist.get_world_size(state.group())
+
+    def put_back():
+        buffer.index_copy_(0, layout.dense_index, small.div_(world))
+        return buffer
+
+    return after([future] + futures, put_back, buffer.device)
+
+
+def _exchange_of(state: DCTState, layout: BucketLayout):
+    """The exchange object of a sparse bucket (``AllGatherExchange`` or
+    ``ReduceScatterExchange``), created once per layout and kept in ``state.exchanges``."""
+    exchange = state.exchanges.get(id(layout))
+    if exchange is None:
+        common = dict(group=state.group(), value_dtype=layout.value_dtype,
+                      backend=state.backend, validate=state.validate,
+                      errors=ops.payload_errors(layout.device))
+        if layout.exchange == "reduce_scatter":
+            exchange = ReduceScatterExchange(
+                layout, on_shard=lambda p, refreshed: _record_shard(state, layout, p),
+                **common)
+        else:
+            exchange = AllGatherExchange(layout, **common)
+        state.exchanges[id(layout)] = exchange
+    return exchange
+
+
+def _record_sparse(state: DCTState, layout: BucketLayout, exchange, sent) -> None:
+    """After stage 1 of a sparse step: stage the band flags of what this rank sent (``sent``:
+    its payload, or with reduce_scatter its send rows) and count the step."""
+    capped = None
+    if layout.exchange == "reduce_scatter":
+        positions, valid, count, overflow = exchange.stage1_positions()
+        capped = exchange.capped_segments(overflow)
+        count, overflow = count.sum(), overflow.sum()
+        # Per-shard overflow alone says little about τ; an overflow that one buffer of the
+        # allgather capacity would also have had does.
+        overflowed = count + overflow > layout.capacity
+    else:
+        slots = torch.arange(sent.capacity, device=layout.device)
+        positions, valid = sent.indices, slots < sent.count
+        count, overflow = sent.count, sent.overflow
+        overflowed = overflow > 0
+    layout.band.stage(positions, valid, layout.residual, overflowed, capped)
+    stats = state.statistics
+    stats.add_device(kept=count, overflow=overflow,
+                     overflowed_buckets=(overflow > 0).to(torch.int64))
+    sent_bytes, received = exchange.traffic()
+    dense_sent, dense_received = layout.plan.dense_part()
+    stats.add_bytes(sent_bytes + dense_sent, received + dense_received, layout.plan.ring())
+    stats.add(buckets_sparse=1, elements_sparse=layout.sparse_numel,
+              **{f"buckets_{layout.exchange}": 1})
+
+
+def _record_shard(state: DCTState, layout: BucketLayout, payload: wire.SparsePayload) -> None:
+    """After stage 2 of reduce_scatter: the shard's band flags and statistics."""
+    shard = layout.shard
+    slots = torch.arange(payload.capacity, device=layout.device)
+    shard.band.stage(payload.indices, slots < payload.count, shard.residual,
+                     payload.overflow > 0)
+    state.statistics.add_device(shard_kept=payload.count, shard_overflow=payload.overflow)
+
+
+# ----------------------------------------------------------------- the step's issue order
+
+def _step_order(state: DCTState) -> StepOrder:
+    """The issue order of the current step (see ``futures.StepOrder``)."""
+    if state.order is None:
+        state.order = StepOrder()
+    return state.order
+
+
+def _end_bucket(state: DCTState, bucket, error: Optional[Exception] = None) -> None:
+    """After the calling-thread work on a bucket: at the step's last bucket the queued
+    second-stage collectives are issued (``StepOrder.close``) and the step counter advances;
+    after an ``error`` the queue is abandoned (its results fail with it)."""
+    if state.order is not None and (bucket.is_last() or error is not None):
+        order, state.order = state.order, None
+        if error is not None:
+            order.abandon(error)
+        else:
+            order.close()
+    if bucket.is_last() and error is None:
+        state.step += 1

@@ -165,6 +165,30 @@ class BucketLayout:
     def owns_all(self) -> bool:
         return self.owned == sum(self.sparse)
 
+    # ------------------------------------------------------------------ pending refreshes
+
+    def collect_flags(self) -> None:
+        """Move the band flags staged on this layout's last step into its states' ``pending``
+        (the one place a pending refresh is kept), the shard pieces' included."""
+        if not self.has_sparse:
+            return
+        flags = self.band.take()
+        if flags is not None:
+            for state in self.states:
+                if state is not None:
+                    state.pending = flags[state.slot]
+        if self.shard is not None:
+            self.collect_shard_flags()
+
+    def collect_shard_flags(self) -> None:
+        """The same for this rank's shard pieces (second stage of reduce_scatter)."""
+        band = self.shard.band
+        flags = band.take() if band is not None else None
+        if flags is not None:
+            for i, piece in enumerate(self.shard.states):
+                if piece is not None:
+                    piece.pending = flags[i]
+
     @property
     def band_low(self) -> torch.Tensor:
         """int64 [S]: ceil(k x low) per segment (the band's low side)."""

@@ -22,8 +22,6 @@ Stages 2 and 3 run in the step's ``StepOrder``: on the calling thread, after eve
 of stage 3 runs in the all-gather's callback.
 """
 
-from typing import List
-
 import torch
 
 from .. import ops
@@ -141,7 +139,6 @@ class ReduceScatterExchange:
         rebase(self.own, shard.start, layout.numel, self.capacity)
 
     def start(self, buffer: torch.Tensor, order, refresh_due):
-        layout = self.layout
         device = buffer.device
         self.stage1(buffer)
         exchanged = collectives.all_to_all_rows_async(self.send, self.recv, self.group)
@@ -189,74 +186,3 @@ class ReduceScatterExchange:
         positions = indices.to(torch.int64) + self.shard.cut_starts[:, None]
         slots = torch.arange(self.capacity, device=self.send.device)
         return positions, slots[None, :] < count[:, None], count, overflow
-
-
-def sparse_shards(numel: int, world: int) -> List[int]:
-    """Equal-length cuts of [0, numel) into W shards (for ``sparse_all_reduce``)."""
-    return [numel * s // world for s in range(world)] + [numel]
-
-
-def plain_reduce_scatter(tensor, threshold, *, capacity, residual, segments, value_dtype,
-                         group, out, average, validate, errors, shard_threshold,
-                         shard_residual, backend):
-    """``sparse_all_reduce(exchange="reduce_scatter")`` (see its docstring), synchronous."""
-    import torch.distributed as dist
-
-    if segments is not None:
-        raise ValueError("segments: not supported with exchange='reduce_scatter' in "
-                         "sparse_all_reduce (use DCTState for layer-wise thresholds)")
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    numel = tensor.numel()
-    device = tensor.device
-    value_dtype = value_dtype or tensor.dtype
-    if shard_residual is not None and (not isinstance(shard_residual, torch.Tensor) or
-                                       shard_residual.dtype != torch.float32 or
-                                       shard_residual.numel() != numel or
-                                       not shard_residual.is_contiguous()):
-        raise ValueError(f"shard_residual: expected a contiguous fp32 tensor of {numel} "
-                         f"elements")
-    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
-        raise ValueError(f"capacity: expected an int >= 0, got {capacity!r}")
-    cuts = sparse_shards(numel, world)
-    row_capacity = -(-capacity // world)
-    row = wire.layout(row_capacity, value_dtype)[1]
-    send = torch.zeros(world, row, dtype=torch.uint8, device=device)
-    recv = torch.empty_like(send)
-    flat = tensor.detach().contiguous().view(-1)
-    res = residual.view(-1) if residual is not None else None
-    for s in range(world):
-        lo, hi = cuts[s], cuts[s + 1]
-        if lo == hi:
-            write_empty(send[s], 0, row_capacity, value_dtype)
-            continue
-        ops.compress(flat[lo:hi], threshold, residual=None if res is None else res[lo:hi],
-                     capacity=row_capacity, value_dtype=value_dtype, out=send[s],
-                     backend=backend)
-    collectives.all_to_all_rows_async(send, recv, group).wait()
-    lo, hi = cuts[rank], cuts[rank + 1]
-    own = torch.zeros(row, dtype=torch.uint8, device=device)
-    if lo == hi:
-        write_empty(own, numel, row_capacity, value_dtype)
-        payload = wire.SparsePayload(own, numel=numel, capacity=row_capacity,
-                                     value_dtype=value_dtype, shape=(numel,),
-                                     dtype=tensor.dtype)
-    else:
-        total = torch.zeros(hi - lo, dtype=torch.float32, device=device)
-        ops.decompress_many(recv, out=total, validate=validate, capacity=row_capacity,
-                            value_dtype=value_dtype, errors=errors, backend=backend)
-        level2 = threshold if shard_threshold is None else shard_threshold
-        payload = ops.compress(total, level2,
-                               residual=None if shard_residual is None
-                               else shard_residual.view(-1)[lo:hi],
-                               capacity=row_capacity, value_dtype=value_dtype, out=own,
-                               backend=backend)
-        rebase(own, lo, numel, row_capacity)
-        payload = wire.SparsePayload(own, numel=numel, capacity=row_capacity,
-                                     value_dtype=value_dtype, shape=(numel,),
-                                     dtype=tensor.dtype)
-    gathered, future = collectives.all_gather_rows_async(own, group)
-    future.wait()
-    ops.decompress_many(gathered, out=out.view(-1), average=average, validate=validate,
-                        capacity=row_capacity, value_dtype=value_dtype, errors=errors,
-                        backend=backend)
-    return out, payload

@@ -1,6 +1,6 @@
 """``DCTState``: the configuration of the DCT-DP DDP hook and everything it keeps between steps
-(bucket layouts, per-parameter error feedback and thresholds, the step counter, statistics),
-behind the public methods ``dct_hook`` calls."""
+(parameter keys, bucket layouts with the per-parameter error feedback and thresholds, the step
+counter, statistics) and its checkpoints. The step itself is ``dct_hook``'s (hook.py)."""
 
 import logging
 import math
@@ -13,10 +13,8 @@ from .. import ops
 from .. import payload as wire
 from ..backends import NAMES as BACKEND_NAMES
 from . import fingerprint
-from .allgather import AllGatherExchange
 from .futures import StepOrder
-from .layout import FLOOR, BucketLayout, ParamState, ShardPiece
-from .reduce_scatter import ReduceScatterExchange
+from .layout import BucketLayout, ParamState, ShardPiece
 from .sizing import EXCHANGES
 from .stats import Stats
 
@@ -156,13 +154,13 @@ class DCTState:
                 self._key_of.setdefault(id(param), name)
                 self._held.append(param)
 
-        # Internal state.
+        # What the hook keeps between steps (read and advanced by dct_hook).
         self.step = 0  # completed iterations (the hook advances it at each last bucket)
-        self._states: Dict[str, ParamState] = {}
-        self._layouts: Dict[tuple, BucketLayout] = {}
-        self._exchanges: Dict[int, object] = {}  # id(layout) -> its exchange
-        self._order: Optional[StepOrder] = None
-        self._stats = Stats()
+        self._states: Dict[str, ParamState] = {}  # key -> residual, τ, schedule
+        self.layouts: Dict[tuple, BucketLayout] = {}  # (keys, dtype, device) -> layout
+        self.exchanges: Dict[int, object] = {}  # id(layout) -> its exchange object
+        self.order: Optional[StepOrder] = None  # the current step's issue order
+        self.statistics = Stats()
 
         logger.info("DCTState: %s", self.config())
 
@@ -179,7 +177,9 @@ class DCTState:
         """The process group the hook communicates in."""
         return self.process_group if self.process_group is not None else dist.group.WORLD
 
-    def _fingerprint(self, layout: BucketLayout, keys: List[str]) -> List[int]:
+    def fingerprint(self, layout: BucketLayout) -> List[int]:
+        """The int64 words of the cross-rank check of ``layout`` (see ``fingerprint.FIELDS``):
+        the tunables and the bucket's layout as this rank sees them."""
         codes = fingerprint.EXCHANGE_CODES
         return [fingerprint.MAGIC, fingerprint.VERSION, fingerprint.float_bits(self.ratio),
                 self.refresh_every, self.warmup_steps,
@@ -188,13 +188,19 @@ class DCTState:
                 fingerprint.float_bits(self.refresh_band[0]),
                 fingerprint.float_bits(self.refresh_band[1]), layout.numel,
                 layout.num_segments, fingerprint.checksum(layout.numels),
-                fingerprint.checksum(keys) if self._named else 0, _dtype_code(layout.dtype),
-                layout.capacity, codes[self.exchange], codes[layout.exchange],
-                layout.plan.shard_capacity]
+                fingerprint.checksum(layout.keys) if self._named else 0,
+                _dtype_code(layout.dtype), layout.capacity, codes[self.exchange],
+                codes[layout.exchange], layout.plan.shard_capacity]
 
     # ------------------------------------------------------------------ parameters, layouts
 
-    def _key(self, param: torch.Tensor) -> str:
+    def key_of(self, param: torch.Tensor) -> str:
+        """The stable key of a parameter: its name (with ``module=``), else "param.<i>" in
+        order of first sight.
+
+        Raises:
+            ValueError when names were given and ``param`` is not among them.
+        """
         key = self._key_of.get(id(param))
         if key is not None:
             return key
@@ -207,7 +213,7 @@ class DCTState:
         self._held.append(param)
         return key
 
-    def _state(self, key: str, numel: int, device: torch.device) -> ParamState:
+    def _param_state(self, key: str, numel: int, device: torch.device) -> ParamState:
         state = self._states.get(key)
         if state is None:
             state = ParamState(key, numel,
@@ -219,194 +225,25 @@ class DCTState:
                              f"{state.numel}")
         return state
 
-    def _collect_flags(self, layout: BucketLayout) -> None:
-        """Move the band flags a layout staged on its last step into its states' ``pending``
-        (the one place a pending refresh is kept)."""
-        if not layout.has_sparse:
+    def add_layout(self, ident: tuple, layout: BucketLayout) -> None:
+        """Keep a new bucket layout (checked across ranks) under ``ident``."""
+        self.layouts[ident] = layout
+
+    def adopt(self, layout: BucketLayout) -> None:
+        """Make ``layout`` the owner of its sparse parameters' states (created at their first
+        sight), moving residuals, thresholds and pending flags out of the layouts that held
+        them; layouts left owning nothing (buckets DDP rebuilt away) are dropped."""
+        if not layout.has_sparse or layout.owns_all():
             return
-        flags = layout.band.take()
-        if flags is not None:
-            for state in layout.states:
-                if state is not None:
-                    state.pending = flags[state.slot]
-        if layout.shard is not None:
-            self._collect_flags_shard(layout)
-
-    def bucket_layout(self, bucket) -> BucketLayout:
-        """The layout of a DDP ``GradBucket``: created (and checked across ranks: a
-        collective, so every rank must call it) at its first sight, made the owner of its
-        parameters' states, with the band flags of its last step collected.
-
-        Raises:
-            ValueError when the buffer is not the parameters back to back, a parameter is not
-            among the named ones, or the ranks disagree on the configuration or the layout.
-        """
-        buffer = bucket.buffer()
-        params = list(bucket.parameters())
-        keys = [self._key(p) for p in params]
-        numels = [p.numel() for p in params]
-        ident = (tuple(keys), buffer.dtype, buffer.device)
-        layout = self._layouts.get(ident)
-        group = self.group()
-        if layout is None:
-            if sum(numels) != buffer.numel():
-                raise ValueError(f"bucket: its buffer has {buffer.numel()} elements but its "
-                                 f"parameters {sum(numels)}; dct_hook expects DDP's flat "
-                                 f"bucket layout (parameters back to back)")
-            world = dist.get_world_size(group)
-            self._stats.set_world(world)
-            sparse = [n >= self.min_numel for n in numels]
-            layout = BucketLayout(keys, numels, sparse, ratio=self.ratio,
-                                  capacity_factor=self.capacity_factor,
-                                  band=self.refresh_band, dtype=buffer.dtype,
-                                  device=buffer.device, world=world,
-                                  rank=dist.get_rank(group), value_dtype=self.value_dtype,
-                                  exchange=self.exchange)
-            fingerprint.verify_across_ranks(
-                self._fingerprint(layout, keys), group, buffer.device,
-                f"bucket of {len(params)} parameters, {buffer.numel()} elements")
-            for other in self._layouts.values():
-                self._collect_flags(other)
-            self._layouts[ident] = layout
-        self._collect_flags(layout)
-        if layout.has_sparse and not layout.owns_all():
-            layout.adopt([self._state(key, n, buffer.device) if s else None
-                          for key, n, s in zip(keys, numels, layout.sparse)])
-            # Layouts that own nothing any more (buckets DDP rebuilt away) are dropped.
-            for other_ident, other in list(self._layouts.items()):
-                if other.has_sparse and other.owned == 0 and other is not layout:
-                    self._exchanges.pop(id(other), None)
-                    del self._layouts[other_ident]
-        return layout
-
-    # --------------------------------------------------------------------- the step's work
-
-    def dense_now(self, layout: BucketLayout) -> bool:
-        """Whether this bucket goes dense this step (warm-up, or no parameter of min_numel)."""
-        return self.step < self.warmup_steps or not layout.has_sparse
-
-    def update_thresholds(self, layout: BucketLayout, buffer: torch.Tensor) -> bool:
-        """Recompute the bucket's τ_p when due: scheduled (never computed, or
-        ``refresh_every`` steps old) or early (a pending flag: the last step's kept counts left
-        the band, or its payload overflowed). τ_p = max(exact k_p-th largest |gradient +
-        residual|, 2^-149), in one segmented ``select_threshold``; dense segments get +inf.
-        Returns whether it refreshed."""
-        scheduled = any(s is not None and (s.refreshed_at < 0 or
-                                           self.step - s.refreshed_at >= self.refresh_every)
-                        for s in layout.states)
-        early = not scheduled and any(s is not None and s.pending for s in layout.states)
-        if not (scheduled or early):
-            return False
-        acc = buffer.to(torch.float32) + layout.residual
-        taus = ops.select_threshold(acc, layout.ks, segments=layout.segments,
-                                    backend=self.backend).to(torch.float32)
-        # The floor keeps exact zeros out; torch.clamp_min keeps a NaN τ (it selects NaNs).
-        taus = torch.where(layout.keep_all_mask, FLOOR, torch.clamp_min(taus, FLOOR))
-        layout.thresholds.copy_(torch.where(layout.sparse_mask, taus, float("inf")))
-        for s in layout.states:
-            if s is not None:
-                s.refreshed_at = self.step
-                s.pending = False
-        self._stats.add(refreshes=layout.owned, bucket_refreshes=1, early_refreshes=int(early))
-        return True
-
-    def exchange_of(self, layout: BucketLayout):
-        """The exchange object of a sparse bucket (``AllGatherExchange`` or
-        ``ReduceScatterExchange``), created once per layout."""
-        exchange = self._exchanges.get(id(layout))
-        if exchange is None:
-            common = dict(group=self.group(), value_dtype=layout.value_dtype,
-                          backend=self.backend, validate=self.validate,
-                          errors=ops.payload_errors(layout.device))
-            if layout.exchange == "reduce_scatter":
-                exchange = ReduceScatterExchange(
-                    layout, on_shard=lambda p, refreshed: self._after_shard(layout, p),
-                    **common)
-            else:
-                exchange = AllGatherExchange(layout, **common)
-            self._exchanges[id(layout)] = exchange
-        return exchange
-
-    def shard_refresh(self, layout: BucketLayout, step: int) -> bool:
-        """Whether this rank's τ' of a reduce_scatter bucket are due at ``step`` (scheduled or
-        pending, as for τ_p); when they are, they count as refreshed at ``step``. Called from
-        stage 2 (at the step's last bucket)."""
-        shard = layout.shard
-        self._collect_flags_shard(layout)
-        pieces = [p for p in shard.states if p is not None]
-        due = any(p.refreshed_at < 0 or step - p.refreshed_at >= self.refresh_every or
-                  p.pending for p in pieces)
-        if due:
-            for p in pieces:
-                p.refreshed_at, p.pending = step, False
-            self._stats.add(shard_refreshes=1)
-        return due
-
-    def _collect_flags_shard(self, layout: BucketLayout) -> None:
-        band = layout.shard.band
-        flags = band.take() if band is not None else None
-        if flags is not None:
-            for i, piece in enumerate(layout.shard.states):
-                if piece is not None:
-                    piece.pending = flags[i]
-
-    def _after_shard(self, layout: BucketLayout, payload: wire.SparsePayload) -> None:
-        shard = layout.shard
-        slots = torch.arange(payload.capacity, device=layout.device)
-        shard.band.stage(payload.indices, slots < payload.count, shard.residual,
-                         payload.overflow > 0)
-        self._stats.add_device(shard_kept=payload.count, shard_overflow=payload.overflow)
-
-    def record_sparse(self, layout: BucketLayout, exchange, sent) -> None:
-        """After stage 1 of a sparse step: stage the band flags of what this rank sent
-        (``sent``: its payload, or with reduce_scatter its send rows) and count the step."""
-        capped = None
-        if layout.exchange == "reduce_scatter":
-            positions, valid, count, overflow = exchange.stage1_positions()
-            capped = exchange.capped_segments(overflow)
-            count, overflow = count.sum(), overflow.sum()
-            # Per-shard overflow alone says little about τ; an overflow that one buffer of
-            # the allgather capacity would also have had does.
-            overflowed = count + overflow > layout.capacity
-        else:
-            slots = torch.arange(sent.capacity, device=layout.device)
-            positions, valid = sent.indices, slots < sent.count
-            count, overflow = sent.count, sent.overflow
-            overflowed = overflow > 0
-        layout.band.stage(positions, valid, layout.residual, overflowed, capped)
-        self._stats.add_device(kept=count, overflow=overflow,
-                               overflowed_buckets=(overflow > 0).to(torch.int64))
-        sent_bytes, received = exchange.traffic()
-        dense_sent, dense_received = layout.plan.dense_part()
-        self._stats.add_bytes(sent_bytes + dense_sent, received + dense_received,
-                              layout.plan.ring())
-        self._stats.add(buckets_sparse=1, elements_sparse=layout.sparse_numel,
-                        **{f"buckets_{layout.exchange}": 1})
-
-    def record_dense(self, layout: BucketLayout) -> None:
-        """Count a dense step of a bucket (a ring all-reduce of the whole bucket)."""
-        sent, received = layout.plan.dense()
-        self._stats.add_bytes(sent, received, layout.plan.ring())
-        self._stats.add(buckets_dense=1)
-
-    def step_order(self) -> StepOrder:
-        """The issue order of the current step (see ``futures.StepOrder``)."""
-        if self._order is None:
-            self._order = StepOrder()
-        return self._order
-
-    def bucket_done(self, bucket, error: Optional[Exception] = None) -> None:
-        """After the hook's calling-thread work on a bucket: at the step's last bucket the
-        queued second-stage collectives are issued (``StepOrder.close``) and the step counter
-        advances; after an ``error`` the queue is abandoned (its results fail with it)."""
-        if self._order is not None and (bucket.is_last() or error is not None):
-            order, self._order = self._order, None
-            if error is not None:
-                order.abandon(error)
-            else:
-                order.close()
-        if bucket.is_last() and error is None:
-            self.step += 1
+        # Flags staged by the old owners are collected before their states move.
+        for other in self.layouts.values():
+            other.collect_flags()
+        layout.adopt([self._param_state(key, n, layout.device) if s else None
+                      for key, n, s in zip(layout.keys, layout.numels, layout.sparse)])
+        for ident, other in list(self.layouts.items()):
+            if other.has_sparse and other.owned == 0 and other is not layout:
+                self.exchanges.pop(id(other), None)
+                del self.layouts[ident]
 
     # -------------------------------------------------------------------------- statistics
 
@@ -435,19 +272,19 @@ class DCTState:
 
         Sync: reads device counters, so it synchronizes; call it when logging.
         """
-        out = self._stats.as_dict()
+        out = self.statistics.as_dict()
         out["steps"] = self.step
-        devices = {layout.device for layout in self._layouts.values()}
+        devices = {layout.device for layout in self.layouts.values()}
         out["payload_errors"] = sum(int(ops.payload_errors(d)) for d in devices)
         return out
 
     def reset_stats(self) -> None:
         """Zero the statistics (not the step counter or any error-feedback state), and the
         payload error counters of the devices in use."""
-        world = self._stats.world
-        self._stats.reset()
-        self._stats.world = world
-        for device in {layout.device for layout in self._layouts.values()}:
+        world = self.statistics.world
+        self.statistics.reset()
+        self.statistics.world = world
+        for device in {layout.device for layout in self.layouts.values()}:
             ops.reset_payload_errors(device)
 
     # ------------------------------------------------------------------------ checkpointing
@@ -470,8 +307,8 @@ class DCTState:
         "shard" is this rank's reduce_scatter piece of the parameter (its second-level error
         feedback), so each rank saves its own state_dict. Reads device state (synchronizes).
         """
-        for layout in self._layouts.values():
-            self._collect_flags(layout)
+        for layout in self.layouts.values():
+            layout.collect_flags()
         params = {}
         for key, state in self._states.items():
             piece = state.shard
@@ -485,7 +322,7 @@ class DCTState:
                            "refreshed_at": state.refreshed_at,
                            "refresh_pending": bool(state.pending), "shard": shard}
         return {"version": STATE_DICT_VERSION, "config": self.config(), "step": self.step,
-                "params": params, "stats": self._stats.state_dict()}
+                "params": params, "stats": self.statistics.state_dict()}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore a ``state_dict()``: step, statistics and every parameter's residual, τ,
@@ -536,11 +373,11 @@ class DCTState:
         # The layouts are rebuilt at the next step and adopt the loaded states.
         for state in self._states.values():
             state.owner, state.slot = None, -1
-        self._layouts.clear()
-        self._exchanges.clear()
+        self.layouts.clear()
+        self.exchanges.clear()
         self._states.update(loaded)
         self.step = int(state_dict["step"])
-        self._stats.load_state_dict(state_dict.get("stats", {}))
+        self.statistics.load_state_dict(state_dict.get("stats", {}))
 
     def __getstate__(self) -> Dict[str, Any]:
         """Pickle support (e.g. a checkpoint holding the state object): the tunables and
