@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from stand_in_bucket import StandInBucket
+from dct_kernels.distributed.stand_in import StandInBucket
 
 
 def _model(widths):

@@ -29,7 +29,7 @@ import tempfile
 import torch
 
 from dct_kernels.distributed import sizing
-from stand_in_bucket import StandInBucket
+from dct_kernels.distributed.stand_in import StandInBucket
 
 BUCKET_BYTES = 25 * 1024 * 1024
 WORLDS = [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 import dct_kernels as dk
 from dct_kernels.distributed import DCTState, collectives, dct_hook, sparse_all_reduce
+from dct_kernels.distributed.stand_in import StandInBucket
 from dct_kernels.payload import SparsePayload
 from helpers import assert_bitwise_equal
 from wire_tap import WireTap
@@ -56,27 +57,6 @@ def captured_rows():
 def decode(row: torch.Tensor) -> torch.Tensor:
     """The dense fp32 tensor of one received wire buffer (validated)."""
     return dk.decompress(SparsePayload.from_buffer(row), validate=True).float()
-
-
-class FakeBucket:
-    """What dct_hook uses of DDP's GradBucket: a flat buffer and its parameters."""
-
-    def __init__(self, params, grads, last=True):
-        self._params = list(params)
-        self._buffer = torch.cat([g.reshape(-1) for g in grads]).contiguous()
-        self._last = last
-
-    def buffer(self):
-        return self._buffer
-
-    def parameters(self):
-        return self._params
-
-    def is_last(self):
-        return self._last
-
-    def index(self):
-        return 0
 
 
 def expect_error(fn, *needles):
@@ -172,7 +152,7 @@ def check_hook_ratio_one(rank, world, exchange="allgather"):
     for step in range(4):
         g = rank_generator(2, rank, step)
         grads = [torch.randn(p.shape, generator=g) * (step + 1) for p in params]
-        bucket = FakeBucket(params, grads)
+        bucket = StandInBucket(params, grads)
         local = bucket.buffer().clone()
         dense = local.clone()
         dist.all_reduce(dense)
@@ -380,7 +360,7 @@ def check_hook_empty_and_overflow(rank, world):
     for step, scale in enumerate(scales):
         g = rank_generator(5, rank, step)
         grads = [torch.randn(p.shape, generator=g) * scale for p in params]
-        bucket = FakeBucket(params, grads)
+        bucket = StandInBucket(params, grads)
         local = bucket.buffer().clone()
         with captured_rows() as rows:
             dct_hook(state, bucket).wait()
@@ -409,7 +389,7 @@ def check_hook_empty_and_overflow(rank, world):
                      module=[("p", param)])
     for step, scale in enumerate([1.0, 1e3, 1.0]):
         g = rank_generator(6, rank, step)
-        dct_hook(state, FakeBucket([param], [torch.randn(500, generator=g) * scale])).wait()
+        dct_hook(state, StandInBucket([param], [torch.randn(500, generator=g) * scale])).wait()
         stats = state.stats()
         if step == 1:
             assert stats["overflow"] > 0 and stats["kept"] == 10 + 15, stats
@@ -504,7 +484,7 @@ def check_mismatched_configurations(rank, world):
     def hook_once(state, shapes):
         params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
         g = rank_generator(8, rank)
-        bucket = FakeBucket(params, [torch.randn(s, generator=g) for s in shapes])
+        bucket = StandInBucket(params, [torch.randn(s, generator=g) for s in shapes])
         dct_hook(state, bucket).wait()
 
     text = expect_error(lambda: hook_once(

@@ -16,8 +16,8 @@ import torch.distributed as dist
 import dct_kernels as dk
 from dct_kernels.distributed import DCTState, dct_hook, sizing
 from dct_kernels.payload import SparsePayload
-from dist_checks import (FakeBucket, assert_same_on_all_ranks, expect_error, gather,
-                         rank_generator)
+from dct_kernels.distributed.stand_in import StandInBucket
+from dist_checks import assert_same_on_all_ranks, expect_error, gather, rank_generator
 from helpers import assert_bitwise_equal
 from wire_tap import WireTap
 
@@ -72,7 +72,7 @@ def check_zeros_never_sent(rank, world):
             grads = [torch.zeros(n), few, normal]
             before = state.state_dict()["params"]
             with WireTap(world) as tap:
-                out, = run_step(state, [FakeBucket(params, grads)])
+                out, = run_step(state, [StandInBucket(params, grads)])
             rows = tap.of("all_gather") if exchange == "allgather" else tap.of("all_to_all")
             own = rows[0].view(world, -1) if exchange == "reduce_scatter" else rows[0][None]
             values = torch.cat([live_values(r) for r in own])
@@ -126,7 +126,7 @@ def check_few_nonzeros_no_refresh(rank, world):
             grad = torch.zeros(n)
             grad[torch.randperm(n, generator=g)[:10 + step]] = torch.randn(10 + step,
                                                                            generator=g)
-            out, = run_step(state, [FakeBucket(params, [torch.zeros(n), grad])])
+            out, = run_step(state, [StandInBucket(params, [torch.zeros(n), grad])])
             want = sum(gather(grad)) / world if world > 1 else grad
             assert torch.allclose(out[n:], want, rtol=1e-6, atol=1e-7), f"step {step}"
         stats = state.stats()
@@ -139,10 +139,10 @@ def check_few_nonzeros_no_refresh(rank, world):
 
 
 def _buckets_of(params, grads, groups):
-    """FakeBuckets over consecutive groups of parameters, the last one marked last."""
+    """StandInBuckets over consecutive groups of parameters, the last one marked last."""
     out, i = [], 0
     for j, size in enumerate(groups):
-        out.append(FakeBucket(params[i:i + size], grads[i:i + size],
+        out.append(StandInBucket(params[i:i + size], grads[i:i + size],
                               last=j == len(groups) - 1))
         i += size
     return out
@@ -333,7 +333,7 @@ def check_issue_order(rank, world):
 
 
 def _bytes_run(rank, world, exchange, group, steps, shapes, **kwargs):
-    """(tap sent, tap received, stats) per rank over ``steps`` steps of FakeBuckets."""
+    """(tap sent, tap received, stats) per rank over ``steps`` steps of StandInBuckets."""
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
     state = DCTState(group, exchange=exchange, module=[(f"p{i}", p)
                                                        for i, p in enumerate(params)],
@@ -424,7 +424,7 @@ def check_mismatched_exchange(rank, world):
     def hook_once(**kwargs):
         params = [torch.nn.Parameter(torch.zeros(s)) for s in ((3000,), (7,))]
         g = rank_generator(25, rank)
-        bucket = FakeBucket(params, [torch.randn(p.shape, generator=g) for p in params])
+        bucket = StandInBucket(params, [torch.randn(p.shape, generator=g) for p in params])
         run_step(DCTState(min_numel=16, warmup_steps=0, **kwargs), [bucket])
 
     expect_error(lambda: hook_once(

@@ -8,9 +8,9 @@ import pickle
 import pytest
 import torch
 
-import dist_checks
 from dct_kernels.distributed import DCTState, dct_hook, sparse_all_reduce
 from dct_kernels.distributed.layout import BucketLayout, k_of, share_of
+from dct_kernels.distributed.stand_in import StandInBucket
 from dist_harness import assert_check_passed, run_group
 
 # ---------------------------------------------------------------------- in this process
@@ -98,9 +98,28 @@ def test_state_dict_round_trip_without_a_group():
         state.load_state_dict(bad)
 
 
+def test_stand_in_bucket():
+    params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4))]
+    grads = [torch.arange(6.0).view(2, 3), torch.arange(6.0, 10.0)]
+    bucket = StandInBucket(params, grads, last=False, index=3)
+    assert torch.equal(bucket.buffer(), torch.arange(10.0)) and bucket.buffer().is_contiguous()
+    assert [g.shape for g in bucket.gradients()] == [(2, 3), (4,)]
+    assert all(torch.equal(g, want) for g, want in zip(bucket.gradients(), grads))
+    assert bucket.parameters() == params and not bucket.is_last() and bucket.index() == 3
+    flat = torch.zeros(10)
+    bucket = StandInBucket(params, flat)  # a flat tensor is the buffer itself, not a copy
+    assert bucket.buffer() is flat and bucket.is_last() and bucket.index() == 0
+    bucket.gradients()[1].fill_(1.0)
+    assert flat[6:].tolist() == [1.0] * 4
+    bucket.set_buffer(torch.ones(10))
+    assert bucket.buffer().sum() == 10
+    with pytest.raises(ValueError, match="bucket"):
+        StandInBucket(params, [torch.zeros(9)]).gradients()
+
+
 def test_hook_rejects_a_bucket_that_is_not_flat():
     state = DCTState(module=[("w", torch.nn.Parameter(torch.zeros(8)))])
-    bucket = dist_checks.FakeBucket(state._held, [torch.zeros(9)])
+    bucket = StandInBucket(state._held, [torch.zeros(9)])
     with pytest.raises(ValueError, match="bucket"):
         dct_hook(state, bucket)
 
@@ -109,7 +128,7 @@ def test_hook_rejects_an_unnamed_parameter():
     state = DCTState(module=[("w", torch.nn.Parameter(torch.zeros(8)))])
     stranger = torch.nn.Parameter(torch.zeros(8))
     with pytest.raises(ValueError, match="module"):
-        dct_hook(state, dist_checks.FakeBucket([stranger], [torch.zeros(8)]))
+        dct_hook(state, StandInBucket([stranger], [torch.zeros(8)]))
 
 
 # ---------------------------------------------------------------------- spawned groups
