@@ -188,14 +188,18 @@ def test_cpp_wire_constants_equal_the_python_ones():
     assert {wire.value_code(t): t for t in CODES} == {c: t for t, c in CODES.items()}
 
 
-def test_cuda_dtype_enum_is_the_wire_codes():
-    """dct_cuda.h's DType takes its values from wire_format.h, not from numbers of its own."""
-    with open(os.path.join(ROOT, "csrc", "cuda", "dct_cuda.h")) as f:
+def test_cpp_dtype_enum_is_the_wire_codes():
+    """The DType both C++ cores take (csrc/dct_api.h) has its values from wire_format.h, not
+    from numbers of its own, and no core header defines a DType of its own."""
+    with open(os.path.join(ROOT, "csrc", "dct_api.h")) as f:
         text = f.read()
     enum = re.search(r"enum class DType : int \{(.*?)\};", text, re.S).group(1)
     assert re.findall(r"(k\w+) = ([^,\s]+)", enum) == [
         ("kFloat32", "wire::kCodeFloat32"), ("kFloat16", "wire::kCodeFloat16"),
         ("kBFloat16", "wire::kCodeBFloat16")]
+    for core_header in (("cuda", "dct_cuda.h"), ("cpu", "dct_cpu.h")):
+        with open(os.path.join(ROOT, "csrc", *core_header)) as f:
+            assert "enum class DType" not in f.read(), core_header
 
 
 CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")

@@ -18,6 +18,9 @@
 
 namespace dct_cpu {
 
+using dct::known_dtype;
+using dct::known_index_bytes;
+
 // Storage types: the 16-bit formats are handled as their bit patterns.
 struct Half { uint16_t bits; };
 struct BFloat16 { uint16_t bits; };
@@ -169,10 +172,6 @@ template <typename F>
 auto dispatch_index(int index_bytes, F&& f) {
   if (index_bytes == 2) return f(int16_t{});
   return f(int32_t{});
-}
-
-inline bool valid_dtype(DType d) {
-  return d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kBFloat16;
 }
 
 // Runs fn(0), ..., fn(tasks - 1) on up to `threads` threads: the caller's and those of a

@@ -228,7 +228,7 @@ Status compress_typed(const CompressArgs& a, uint8_t* payload, int64_t capacity,
 }
 
 bool valid_args(const CompressArgs& a) {
-  return valid_dtype(a.dtype) && a.n >= 0 && a.n < (int64_t(1) << 31) && a.thresholds &&
+  return known_dtype(a.dtype) && a.n >= 0 && a.n < (int64_t(1) << 31) && a.thresholds &&
          a.num_segments >= 1 && (a.offsets == nullptr || a.offsets[a.num_segments] == a.n);
 }
 
@@ -256,7 +256,7 @@ Status count_kept(const CompressArgs& a, int64_t* count, int threads) {
 
 Status compress(const CompressArgs& a, uint8_t* payload, int64_t capacity, DType value_dtype,
                 int threads) {
-  if (!valid_args(a) || !valid_dtype(value_dtype) || capacity < 0 ||
+  if (!valid_args(a) || !known_dtype(value_dtype) || capacity < 0 ||
       capacity >= (int64_t(1) << 31))
     return Status{1, "compress", "bad arguments"};
   if (a.n == 0) return Status{};

@@ -1,28 +1,26 @@
 // dct_kernels host (CPU) core: the kernels of every op over raw host pointers.
 //
-// The host counterpart of csrc/cuda/dct_cuda.h, with the same argument conventions and semantics
-// (docs/design.md) and nothing from torch or CUDA: callers pass pointers, element counts,
-// dtype codes (the wire's: 0 fp32, 1 fp16, 2 bf16) and the number of threads that may work
-// on the call (the caller's thread included; 1 runs everything on the caller's thread).
-// Results are bitwise the same for every thread count: work is cut into pieces by size alone
-// and pieces are combined in a fixed order. Scratch memory is allocated here (host
-// allocations are cheap next to the passes over the data). Every function returns a Status
-// naming the kernel that failed (a bad argument, or memory that could not be allocated).
+// The host counterpart of csrc/cuda/dct_cuda.h, with the same types (csrc/dct_api.h), argument
+// conventions and semantics (docs/design.md) and nothing from torch or CUDA: callers pass
+// pointers, element counts, dtype codes and the number of threads that may work on the call
+// (the caller's thread included; 1 runs everything on the caller's thread). Results are
+// bitwise the same for every thread count: work is cut into pieces by size alone and pieces
+// are combined in a fixed order. Scratch memory is allocated here (host allocations are cheap
+// next to the passes over the data). Every function returns a Status naming the kernel that
+// failed and why (a bad argument, or memory that could not be allocated), with code 1.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
+#include "../dct_api.h"
+
 namespace dct_cpu {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-struct Status {
-  int code = 0;            // 0: success
-  const char* where = "";  // the kernel (and step) that failed
-  const char* what = "";   // why
-  bool ok() const { return code == 0; }
-};
+using dct::CompressArgs;
+using dct::DType;
+using dct::PayloadRows;
+using dct::Status;
 
 // ---------------------------------------------------------------------------- select_threshold
 // offsets: [S+1] segment offsets, strictly rising from 0 to n. ks: [S], 1 <= k <= segment
@@ -32,18 +30,7 @@ Status select_threshold(const void* x, DType dtype, const int64_t* offsets, cons
                         int num_segments, void* out, int threads);
 
 // ---------------------------------------------------------------------------------- compress
-// acc = x (+ residual) in fp32; an entry is kept when |acc| >= thresholds[segment] in
-// magnitude order. offsets: [S+1] host offsets, or nullptr for one segment (thresholds[0]).
-// x and residual may be the same fp32 array.
-struct CompressArgs {
-  const void* x = nullptr;
-  DType dtype = DType::kFloat32;
-  int64_t n = 0;
-  float* residual = nullptr;           // updated in place by compress, may be nullptr
-  const float* thresholds = nullptr;   // [S]
-  const int64_t* offsets = nullptr;    // [S+1] or nullptr
-  int num_segments = 1;
-};
+// CompressArgs (dct_api.h), all pointers in host memory.
 
 // *count = the number of kept entries.
 Status count_kept(const CompressArgs& args, int64_t* count, int threads);
@@ -55,20 +42,9 @@ Status compress(const CompressArgs& args, uint8_t* payload, int64_t capacity, DT
                 int threads);
 
 // -------------------------------------------------------------------------------- decompress
-// W wire buffers of row_bytes each (rows of one [W, row_bytes] uint8 array; any alignment).
-// A row is used only when its header matches the expected one (else it counts one error); a
-// count outside [0, capacity] counts one error and is clamped; an entry below the count is
-// skipped (and counted) when its index is outside [0, numel) or not above every earlier
-// in-range index. Nothing outside out is ever written.
-struct PayloadRows {
-  const uint8_t* buffers = nullptr;
-  int num_rows = 1;
-  int64_t row_bytes = 0;
-  int64_t numel = 0;
-  int64_t capacity = 0;
-  DType value_dtype = DType::kFloat32;
-  int32_t expected_header[4] = {0, 0, 0, 0};  // magic, version|codes, numel lo, numel hi
-};
+// PayloadRows (dct_api.h) in host memory, with any alignment. A row whose header does not
+// match counts one error; a count outside [0, capacity] counts one error and is clamped; each
+// skipped entry below the count counts one. Nothing outside out is ever written.
 
 // out: numel elements of out_dtype; overwritten (zeros elsewhere), or added to at the used
 // positions (in fp32, one rounding) with accumulate. *errors is added to.

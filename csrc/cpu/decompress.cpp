@@ -30,7 +30,7 @@ size_t item_bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 
 bool rows_fit(const PayloadRows& p) {
   return p.num_rows >= 1 && p.capacity >= 0 && p.numel >= 0 && p.buffers != nullptr &&
-         valid_dtype(p.value_dtype) &&
+         known_dtype(p.value_dtype) &&
          p.row_bytes >= values_offset(p.capacity) +
                             static_cast<int64_t>(item_bytes(p.value_dtype)) * p.capacity;
 }
@@ -182,7 +182,7 @@ void decompress_many_typed(const PayloadRows& p, O* out, bool accumulate, bool a
 
 Status decompress(const PayloadRows& p, void* out, DType out_dtype, bool accumulate,
                   int32_t* errors, int threads) {
-  if (!rows_fit(p) || p.num_rows != 1 || !valid_dtype(out_dtype))
+  if (!rows_fit(p) || p.num_rows != 1 || !known_dtype(out_dtype))
     return Status{1, "decompress", "bad arguments (rows shorter than the capacity needs?)"};
   return guarded("decompress", [&] {
     int64_t e = 0;
@@ -201,7 +201,7 @@ Status decompress(const PayloadRows& p, void* out, DType out_dtype, bool accumul
 
 Status decompress_many(const PayloadRows& p, void* out, DType out_dtype, bool accumulate,
                        bool average, int32_t* errors, int threads) {
-  if (!rows_fit(p) || !valid_dtype(out_dtype))
+  if (!rows_fit(p) || !known_dtype(out_dtype))
     return Status{1, "decompress_many", "bad arguments (rows shorter than the capacity needs?)"};
   return guarded("decompress_many", [&] {
     int64_t e = 0;

@@ -121,8 +121,8 @@ void compress_row(const T* row, int64_t columns, int64_t k, I* idx_out, W* val_o
 Status compress_rows(const void* x, DType dtype, int64_t rows, int64_t columns, int64_t k,
                      void* indices, int index_bytes, void* values, DType value_dtype,
                      int threads) {
-  if (!valid_dtype(dtype) || !valid_dtype(value_dtype) || rows < 0 || columns < 0 || k < 0 ||
-      k > columns || (index_bytes != 2 && index_bytes != 4) ||
+  if (!known_dtype(dtype) || !known_dtype(value_dtype) || rows < 0 || columns < 0 || k < 0 ||
+      k > columns || !known_index_bytes(index_bytes) ||
       (index_bytes == 2 && columns > 32768))
     return Status{1, "compress_rows", "bad arguments"};
   if (rows == 0 || k == 0) return Status{};
@@ -151,8 +151,8 @@ Status compress_rows(const void* x, DType dtype, int64_t rows, int64_t columns, 
 Status decompress_rows(const void* indices, int index_bytes, const void* values,
                        DType value_dtype, int64_t rows, int64_t columns, int64_t k, void* out,
                        DType out_dtype, int threads) {
-  if (!valid_dtype(value_dtype) || !valid_dtype(out_dtype) || rows < 0 || columns < 0 ||
-      k < 0 || (index_bytes != 2 && index_bytes != 4))
+  if (!known_dtype(value_dtype) || !known_dtype(out_dtype) || rows < 0 || columns < 0 ||
+      k < 0 || !known_index_bytes(index_bytes))
     return Status{1, "decompress_rows", "bad arguments"};
   if (rows == 0 || columns == 0) return Status{};
   return guarded("decompress_rows", [&] {
@@ -184,8 +184,8 @@ Status decompress_rows(const void* indices, int index_bytes, const void* values,
 
 Status gather_rows(const void* y, DType dtype, int64_t rows, int64_t columns, int64_t k,
                    const void* indices, int index_bytes, void* out, int threads) {
-  if (!valid_dtype(dtype) || rows < 0 || columns < 0 || k < 0 ||
-      (index_bytes != 2 && index_bytes != 4))
+  if (!known_dtype(dtype) || rows < 0 || columns < 0 || k < 0 ||
+      !known_index_bytes(index_bytes))
     return Status{1, "gather_rows", "bad arguments"};
   if (rows == 0 || k == 0) return Status{};
   return guarded("gather_rows", [&] {

@@ -240,7 +240,7 @@ void store_key(void* out, int s, uint32_t key) {
 
 Status select_threshold(const void* x, DType dtype, const int64_t* offsets, const int64_t* ks,
                         int num_segments, void* out, int threads) {
-  if (!valid_dtype(dtype)) return Status{1, "select_threshold", "unknown dtype code"};
+  if (!known_dtype(dtype)) return Status{1, "select_threshold", "unknown dtype code"};
   for (int s = 0; s < num_segments; ++s) {
     const int64_t len = offsets[s + 1] - offsets[s];
     if (len <= 0 || ks[s] < 1 || ks[s] > len)

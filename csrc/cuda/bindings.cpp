@@ -35,8 +35,8 @@ void check(const dct::Status& status) {
     throw py::value_error(std::string("dct_kernels CUDA core: ") + status.where);
   cudaGetLastError();  // clear a non-sticky error so later calls are not blamed for it
   throw std::runtime_error(std::string("dct_kernels CUDA core: ") + status.where + " failed: " +
-                           cudaGetErrorName(status.code) + ": " +
-                           cudaGetErrorString(status.code));
+                           cudaGetErrorName(dct::cuda_error(status)) + ": " +
+                           cudaGetErrorString(dct::cuda_error(status)));
 }
 
 dct::CompressArgs compress_args(uintptr_t x, int dtype, int64_t n, uintptr_t residual,

@@ -12,27 +12,32 @@
 
 namespace dct {
 
+// A failed CUDA call or launch, or an op refusing its scratch, as a Status naming it.
+inline Status cuda_failure(cudaError_t error, const char* where) {
+  Status status;
+  status.code = static_cast<int>(error);
+  status.where = where;
+  return status;
+}
+
 // Returns the failure of the last launch (or CUDA call) as a Status naming it.
-#define DCT_CHECK(where, call)                               \
-  do {                                                       \
-    cudaError_t dct_err_ = (call);                           \
-    if (dct_err_ != cudaSuccess) return Status{dct_err_, where}; \
+#define DCT_CHECK(where, call)                                            \
+  do {                                                                    \
+    cudaError_t dct_err_ = (call);                                        \
+    if (dct_err_ != cudaSuccess) return ::dct::cuda_failure(dct_err_, where); \
   } while (0)
 #define DCT_CHECK_LAUNCH(where) DCT_CHECK(where, cudaGetLastError())
 
 // Rejects an argument before any CUDA call: `what` names the op and the argument.
 inline Status invalid_argument(const char* what) {
-  return Status{cudaErrorInvalidValue, what, true};
+  Status status = cuda_failure(cudaErrorInvalidValue, what);
+  status.bad_argument = true;
+  return status;
 }
 #define DCT_REQUIRE(condition, what)                     \
   do {                                                   \
     if (!(condition)) return ::dct::invalid_argument(what); \
   } while (0)
-
-inline bool known_dtype(DType d) {
-  return d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kBFloat16;
-}
-inline bool known_index_bytes(int bytes) { return bytes == 2 || bytes == 4; }
 
 using bf16 = __nv_bfloat16;
 

@@ -287,7 +287,7 @@ Status compress(const CompressArgs& a, uint8_t* payload, int64_t capacity, DType
   DCT_REQUIRE(known_dtype(value_dtype), "compress: value_dtype code is not 0, 1 or 2");
   if (a.n <= 0) return Status{};
   if (workspace_bytes < compress_workspace_bytes(a.n))
-    return Status{cudaErrorInvalidValue, "compress (workspace too small)"};
+    return cuda_failure(cudaErrorInvalidValue, "compress (workspace too small)");
   const Source src{a.thresholds, a.offsets, a.num_segments};
   return dispatch_float(a.dtype, [&](auto xtag) {
     using T = decltype(xtag);

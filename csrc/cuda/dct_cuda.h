@@ -1,12 +1,13 @@
 // dct_kernels CUDA core: the kernels of every op over raw device pointers and a stream.
 //
-// Framework-agnostic on purpose: nothing here knows torch. Callers pass device pointers,
-// element counts, dtype codes (the wire's: 0 fp32, 1 fp16, 2 bf16) and a cudaStream_t, and
-// allocate the scratch ("workspace") whose size the *_workspace_bytes functions report.
-// Every function only enqueues work on the stream (no host synchronization) and returns a
-// Status naming the first CUDA call or kernel launch that failed. Arguments the core cannot
-// take (a dtype code other than 0, 1, 2; an index width other than 2 or 4 bytes) are rejected
-// before any CUDA call, with a Status whose bad_argument is set.
+// Framework-agnostic on purpose: nothing here knows torch. The types (DType, Status,
+// CompressArgs, PayloadRows) are the ones both cores share (csrc/dct_api.h); this header adds
+// what is the CUDA core's own. Callers pass device pointers, element counts, dtype codes and a
+// cudaStream_t, and allocate the scratch ("workspace") whose size the *_workspace_bytes
+// functions report. Every function only enqueues work on the stream (no host synchronization)
+// and returns a Status naming the first CUDA call or kernel launch that failed. Arguments the
+// core cannot take (a dtype code other than 0, 1, 2; an index width other than 2 or 4 bytes)
+// are rejected before any CUDA call, with a Status whose bad_argument is set.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -14,25 +15,14 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "../wire_format.h"
+#include "../dct_api.h"
 
 namespace dct {
 
-// The wire's value dtype codes (wire_format.h).
-enum class DType : int {
-  kFloat32 = wire::kCodeFloat32,
-  kFloat16 = wire::kCodeFloat16,
-  kBFloat16 = wire::kCodeBFloat16,
-};
-
-struct Status {
-  cudaError_t code = cudaSuccess;
-  const char* where = "";
-  // Set when an argument was rejected before any CUDA call; code is then
-  // cudaErrorInvalidValue and `where` names the op and the argument.
-  bool bad_argument = false;
-  bool ok() const { return code == cudaSuccess; }
-};
+// The CUDA error a Status of this core carries (cudaSuccess when it is ok()).
+inline cudaError_t cuda_error(const Status& status) {
+  return static_cast<cudaError_t>(status.code);
+}
 
 // ---------------------------------------------------------------------------- select_threshold
 // offsets: [S+1] int64 segment offsets. items: [num_items][3] int64 (begin, end, segment): the
@@ -47,17 +37,7 @@ Status select_threshold(const void* x, DType dtype, const int64_t* offsets, cons
                         size_t workspace_bytes, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------- compress
-// acc = x (+ residual) in fp32; keeps |acc| >= thresholds[segment] in magnitude order.
-// offsets: [S+1] int64 device offsets, or nullptr for one segment (thresholds[0]).
-struct CompressArgs {
-  const void* x = nullptr;
-  DType dtype = DType::kFloat32;
-  int64_t n = 0;
-  float* residual = nullptr;           // updated in place, may be nullptr
-  const float* thresholds = nullptr;   // [S]
-  const int64_t* offsets = nullptr;    // [S+1] or nullptr
-  int num_segments = 1;
-};
+// CompressArgs (dct_api.h), all pointers on the device.
 
 // count: one uint64 on the device, *added to* (zero it first).
 Status count_kept(const CompressArgs& args, unsigned long long* count, cudaStream_t stream);
@@ -69,19 +49,7 @@ Status compress(const CompressArgs& args, uint8_t* payload, int64_t capacity, DT
                 void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 // -------------------------------------------------------------------------------- decompress
-// W wire buffers of row_bytes each (rows of one [W, row_bytes] uint8 tensor). A row is used
-// only when its header matches the expected one; entries are skipped (and counted in
-// *errors) when outside [0, numel) or not above every earlier in-range index.
-struct PayloadRows {
-  const uint8_t* buffers = nullptr;
-  int num_rows = 1;
-  int64_t row_bytes = 0;
-  int64_t numel = 0;
-  int64_t capacity = 0;
-  DType value_dtype = DType::kFloat32;
-  // Header words kWordMagic .. kWordNumelHigh (wire_format.h) that every row must carry.
-  int32_t expected_header[4] = {0, 0, 0, 0};
-};
+// PayloadRows (dct_api.h) on the device; skipped entries and void rows are counted in *errors.
 
 size_t decompress_workspace_bytes(int num_rows, int64_t capacity, int64_t numel);
 // out: numel elements of out_dtype; overwritten (zeros elsewhere), or added to at the sent

@@ -357,8 +357,9 @@ Status check_rows(const Rows& rows, const Scratch& s, int32_t* errors, cudaStrea
 Status prepare(const PayloadRows& p, void* workspace, size_t workspace_bytes, Rows* rows,
                Scratch* s) {
   if (workspace_bytes < decompress_workspace_bytes(p.num_rows, p.capacity, p.numel))
-    return Status{cudaErrorInvalidValue, "decompress (workspace too small)"};
-  if (p.num_rows > 65535) return Status{cudaErrorInvalidValue, "decompress (more than 65535 rows)"};
+    return cuda_failure(cudaErrorInvalidValue, "decompress (workspace too small)");
+  if (p.num_rows > 65535)
+    return cuda_failure(cudaErrorInvalidValue, "decompress (more than 65535 rows)");
   rows->p = p;
   rows->values_offset = wire::values_offset(p.capacity);
   scratch_layout(p.num_rows, p.capacity, p.numel, s, workspace);

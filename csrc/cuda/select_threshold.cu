@@ -395,7 +395,7 @@ Status run(const T* x, const int64_t* offsets, const int64_t* items, int num_ite
            const int64_t* ks, int S, int64_t pool_capacity, T* out, void* workspace,
            size_t workspace_bytes, cudaStream_t stream) {
   if (workspace_bytes < select_threshold_workspace_bytes(S, pool_capacity))
-    return Status{cudaErrorInvalidValue, "select_threshold (workspace too small)"};
+    return cuda_failure(cudaErrorInvalidValue, "select_threshold (workspace too small)");
   Workspace ws;
   const size_t zeroed = Workspace::layout(S, pool_capacity, &ws, workspace);
   DCT_CHECK("select_threshold: cudaMemsetAsync", cudaMemsetAsync(workspace, 0, zeroed, stream));
