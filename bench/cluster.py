@@ -314,14 +314,19 @@ def _delete_namespace(name):
 
 
 def _start_ticks(pid):
-    """Start time of process ``pid`` in clock ticks since boot, or None if there is none."""
+    """Start time of process ``pid`` in clock ticks since boot, or None if there is no such
+    process or it has exited (a zombie waiting to be reaped counts as gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
         return None
-    # Fields after the command name, which is in parentheses and may contain anything.
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    # Fields after the command name, which is in parentheses and may contain anything:
+    # state first, start time 20th.
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
 
 
 _sequence = 0

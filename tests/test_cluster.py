@@ -267,19 +267,27 @@ def test_launcher_signal_stops_ranks_and_cleans_up(sig, status):
 def test_cleanup_stale_removes_dead_launchers_only():
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = f"{emu.PREFIX}{dead.pid}-1-0-sw"
+    # A launcher killed but not yet reaped by its parent is gone too.
+    zombie = subprocess.Popen(["sleep", "60"])
+    zombie_ticks = emu._start_ticks(zombie.pid)
+    zombie.kill()
+    while open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.01)
+    stale = [f"{emu.PREFIX}{dead.pid}-1-0-sw", f"{emu.PREFIX}{zombie.pid}-{zombie_ticks}-0-r0"]
     mine = f"{emu.PREFIX}{os.getpid()}-{emu._start_ticks(os.getpid())}-999-sw"
-    subprocess.run(["ip", "netns", "add", stale], check=True)
-    subprocess.run(["ip", "netns", "add", mine], check=True)
-    inside = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "60"])
+    for name in stale + [mine]:
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    inside = subprocess.Popen(["ip", "netns", "exec", stale[0], "sleep", "60"])
     try:
         time.sleep(0.2)
         removed = emu.cleanup_stale()
-        assert stale in removed and mine not in removed
+        assert set(stale) <= set(removed) and mine not in removed
         assert inside.wait(timeout=10) == -signal.SIGKILL
-        assert stale not in emu.list_namespaces() and mine in emu.list_namespaces()
+        left = emu.list_namespaces()
+        assert not set(stale) & set(left) and mine in left
     finally:
-        for name in (stale, mine):
+        zombie.wait()
+        for name in stale + [mine]:
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
         if inside.poll() is None:
             inside.kill()
