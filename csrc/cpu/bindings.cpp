@@ -2,75 +2,45 @@
 //
 // Pointers arrive as integers (tensor.data_ptr()); nothing here knows torch. Every kernel
 // runs with the GIL released, on up to `threads` threads. A failed status raises
-// RuntimeError naming the kernel.
+// RuntimeError naming the kernel. What this module shares with the CUDA one is in
+// csrc/binding.h.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "../binding.h"
 #include "dct_cpu.h"
 
 namespace py = pybind11;
 using dct_cpu::DType;
+using namespace dct::binding;
 
-namespace {
+namespace dct {
+namespace binding {
 
-template <typename P>
-P* ptr(uintptr_t address) {
-  return reinterpret_cast<P*>(address);
-}
-
+// Checked here, before the kernel runs: a ValueError while the GIL is still held.
 DType dtype_of(int code) {
   if (code < 0 || code > 2) throw std::invalid_argument("dtype code must be 0, 1 or 2");
   return static_cast<DType>(code);
 }
 
-void check(const dct_cpu::Status& status) {
-  if (status.ok()) return;
-  throw std::runtime_error(std::string("dct_kernels cpu core: ") + status.where + " failed: " +
-                           status.what);
-}
+const char* const kCoreName = "cpu core";
 
-// Runs a kernel with the GIL released, then raises for a failed status (holding the GIL).
-template <typename F>
-void run(F&& kernel) {
-  dct_cpu::Status status;
-  {
-    py::gil_scoped_release release;
-    status = kernel();
-  }
-  check(status);
-}
+std::string reason(const Status& status) { return status.what; }
 
-dct_cpu::CompressArgs compress_args(uintptr_t x, int dtype, int64_t n, uintptr_t residual,
-                                    uintptr_t thresholds, uintptr_t offsets, int num_segments) {
-  dct_cpu::CompressArgs a;
-  a.x = ptr<const void>(x);
-  a.dtype = dtype_of(dtype);
-  a.n = n;
-  a.residual = ptr<float>(residual);
-  a.thresholds = ptr<const float>(thresholds);
-  a.offsets = ptr<const int64_t>(offsets);
-  a.num_segments = num_segments;
-  return a;
-}
+}  // namespace binding
+}  // namespace dct
 
-dct_cpu::PayloadRows payload_rows(uintptr_t buffers, int num_rows, int64_t row_bytes,
-                                  int64_t numel, int64_t capacity, int value_dtype,
-                                  const std::vector<int32_t>& header) {
+namespace {
+
+std::array<int32_t, 4> header_words(const std::vector<int32_t>& header) {
   if (header.size() != 4) throw std::invalid_argument("header: expected 4 int32 words");
-  dct_cpu::PayloadRows p;
-  p.buffers = ptr<const uint8_t>(buffers);
-  p.num_rows = num_rows;
-  p.row_bytes = row_bytes;
-  p.numel = numel;
-  p.capacity = capacity;
-  p.value_dtype = dtype_of(value_dtype);
-  for (int i = 0; i < 4; ++i) p.expected_header[i] = header[i];
-  return p;
+  return {header[0], header[1], header[2], header[3]};
 }
 
 }  // namespace
@@ -83,7 +53,7 @@ PYBIND11_MODULE(_cpu, m) {
     if (offsets.size() != ks.size() + 1 || ks.empty())
       throw std::invalid_argument("select_threshold: need S >= 1 ks and S + 1 offsets");
     const DType d = dtype_of(dtype);
-    run([&] {
+    run_without_gil([&] {
       return dct_cpu::select_threshold(ptr<const void>(x), d, offsets.data(), ks.data(),
                                        static_cast<int>(ks.size()), ptr<void>(out), threads);
     });
@@ -95,7 +65,7 @@ PYBIND11_MODULE(_cpu, m) {
     const dct_cpu::CompressArgs a =
         compress_args(x, dtype, n, residual, thresholds, offsets, num_segments);
     int64_t count = 0;
-    run([&] { return dct_cpu::count_kept(a, &count, threads); });
+    run_without_gil([&] { return dct_cpu::count_kept(a, &count, threads); });
     return count;
   }, "Number of entries of x (+ residual) whose magnitude reaches their threshold.");
 
@@ -105,16 +75,17 @@ PYBIND11_MODULE(_cpu, m) {
     const dct_cpu::CompressArgs a =
         compress_args(x, dtype, n, residual, thresholds, offsets, num_segments);
     const DType w = dtype_of(value_dtype);
-    run([&] { return dct_cpu::compress(a, ptr<uint8_t>(payload), capacity, w, threads); });
+    run_without_gil(
+        [&] { return dct_cpu::compress(a, ptr<uint8_t>(payload), capacity, w, threads); });
   }, "Threshold, compaction into the wire buffer and the residual update.");
 
   m.def("decompress", [](uintptr_t buffers, int64_t row_bytes, int64_t numel, int64_t capacity,
                          int value_dtype, const std::vector<int32_t>& header, uintptr_t out,
                          int out_dtype, bool accumulate, uintptr_t errors, int threads) {
     const dct_cpu::PayloadRows p =
-        payload_rows(buffers, 1, row_bytes, numel, capacity, value_dtype, header);
+        payload_rows(buffers, 1, row_bytes, numel, capacity, value_dtype, header_words(header));
     const DType o = dtype_of(out_dtype);
-    run([&] {
+    run_without_gil([&] {
       return dct_cpu::decompress(p, ptr<void>(out), o, accumulate, ptr<int32_t>(errors),
                                  threads);
     });
@@ -125,9 +96,10 @@ PYBIND11_MODULE(_cpu, m) {
                               const std::vector<int32_t>& header, uintptr_t out, int out_dtype,
                               bool accumulate, bool average, uintptr_t errors, int threads) {
     const dct_cpu::PayloadRows p =
-        payload_rows(buffers, num_rows, row_bytes, numel, capacity, value_dtype, header);
+        payload_rows(buffers, num_rows, row_bytes, numel, capacity, value_dtype,
+                     header_words(header));
     const DType o = dtype_of(out_dtype);
-    run([&] {
+    run_without_gil([&] {
       return dct_cpu::decompress_many(p, ptr<void>(out), o, accumulate, average,
                                       ptr<int32_t>(errors), threads);
     });
@@ -137,7 +109,7 @@ PYBIND11_MODULE(_cpu, m) {
                             uintptr_t indices, int index_bytes, uintptr_t values,
                             int value_dtype, int threads) {
     const DType d = dtype_of(dtype), w = dtype_of(value_dtype);
-    run([&] {
+    run_without_gil([&] {
       return dct_cpu::compress_rows(ptr<const void>(x), d, rows, columns, k, ptr<void>(indices),
                                     index_bytes, ptr<void>(values), w, threads);
     });
@@ -147,7 +119,7 @@ PYBIND11_MODULE(_cpu, m) {
                               int value_dtype, int64_t rows, int64_t columns, int64_t k,
                               uintptr_t out, int out_dtype, int threads) {
     const DType v = dtype_of(value_dtype), o = dtype_of(out_dtype);
-    run([&] {
+    run_without_gil([&] {
       return dct_cpu::decompress_rows(ptr<const void>(indices), index_bytes,
                                       ptr<const void>(values), v, rows, columns, k,
                                       ptr<void>(out), o, threads);
@@ -157,7 +129,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("gather_rows", [](uintptr_t y, int dtype, int64_t rows, int64_t columns, int64_t k,
                           uintptr_t indices, int index_bytes, uintptr_t out, int threads) {
     const DType d = dtype_of(dtype);
-    run([&] {
+    run_without_gil([&] {
       return dct_cpu::gather_rows(ptr<const void>(y), d, rows, columns, k,
                                   ptr<const void>(indices), index_bytes, ptr<void>(out),
                                   threads);

@@ -5,67 +5,48 @@
 // named as in dct_cuda.h, so a call that swaps two integers fails instead of running. An
 // argument the core rejects (dtype code, index width, header words) raises ValueError naming
 // it, before any CUDA call; a failed CUDA call or launch raises RuntimeError naming the kernel
-// and the CUDA error.
+// and the CUDA error. What this module shares with the cpu one is in csrc/binding.h.
 #include <pybind11/pybind11.h>
 
+#include <array>
 #include <cstdint>
-#include <stdexcept>
 #include <string>
 
+#include "../binding.h"
 #include "dct_cuda.h"
 
 namespace py = pybind11;
 using py::arg;
+using namespace dct::binding;
+
+namespace dct {
+namespace binding {
+
+// Any int is a DType value (its underlying type is int); the core rejects unknown codes.
+DType dtype_of(int code) { return static_cast<DType>(code); }
+
+const char* const kCoreName = "CUDA core";
+
+std::string reason(const Status& status) {
+  cudaGetLastError();  // clear a non-sticky error so later calls are not blamed for it
+  return std::string(cudaGetErrorName(cuda_error(status))) + ": " +
+         cudaGetErrorString(cuda_error(status));
+}
+
+}  // namespace binding
+}  // namespace dct
 
 namespace {
 
-template <typename P>
-P* ptr(uintptr_t address) {
-  return reinterpret_cast<P*>(address);
-}
-
 cudaStream_t stream_of(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
-// Any int is a DType value (its underlying type is int); the core rejects unknown codes.
-dct::DType dtype_of(int code) { return static_cast<dct::DType>(code); }
-
-void check(const dct::Status& status) {
-  if (status.ok()) return;
-  if (status.bad_argument)
-    throw py::value_error(std::string("dct_kernels CUDA core: ") + status.where);
-  cudaGetLastError();  // clear a non-sticky error so later calls are not blamed for it
-  throw std::runtime_error(std::string("dct_kernels CUDA core: ") + status.where + " failed: " +
-                           cudaGetErrorName(dct::cuda_error(status)) + ": " +
-                           cudaGetErrorString(dct::cuda_error(status)));
-}
-
-dct::CompressArgs compress_args(uintptr_t x, int dtype, int64_t n, uintptr_t residual,
-                                uintptr_t thresholds, uintptr_t offsets, int num_segments) {
-  dct::CompressArgs a;
-  a.x = ptr<const void>(x);
-  a.dtype = dtype_of(dtype);
-  a.n = n;
-  a.residual = ptr<float>(residual);
-  a.thresholds = ptr<const float>(thresholds);
-  a.offsets = ptr<const int64_t>(offsets);
-  a.num_segments = num_segments;
-  return a;
-}
-
-dct::PayloadRows payload_rows(uintptr_t buffers, int num_rows, int64_t row_bytes, int64_t numel,
-                              int64_t capacity, int value_dtype, py::tuple header) {
-  dct::PayloadRows p;
-  p.buffers = ptr<const uint8_t>(buffers);
-  p.num_rows = num_rows;
-  p.row_bytes = row_bytes;
-  p.numel = numel;
-  p.capacity = capacity;
-  p.value_dtype = dtype_of(value_dtype);
+std::array<int32_t, 4> header_words(py::tuple header) {
   if (header.size() != 4)
     throw py::value_error("header: expected 4 int32 words (magic, version|codes, numel low, "
                           "numel high)");
-  for (int i = 0; i < 4; ++i) p.expected_header[i] = header[i].cast<int32_t>();
-  return p;
+  std::array<int32_t, 4> words;
+  for (int i = 0; i < 4; ++i) words[i] = header[i].cast<int32_t>();
+  return words;
 }
 
 }  // namespace
@@ -121,7 +102,7 @@ PYBIND11_MODULE(_cuda, m) {
                          int out_dtype, bool accumulate, uintptr_t errors, uintptr_t workspace,
                          size_t workspace_bytes, uintptr_t stream) {
     check(dct::decompress(payload_rows(buffers, num_rows, row_bytes, numel, capacity,
-                                       value_dtype, header),
+                                       value_dtype, header_words(header)),
                           ptr<void>(out), dtype_of(out_dtype), accumulate, ptr<int32_t>(errors),
                           ptr<void>(workspace), workspace_bytes, stream_of(stream)));
   }, py::kw_only(), arg("buffers"), arg("num_rows"), arg("row_bytes"), arg("numel"),
@@ -132,7 +113,7 @@ PYBIND11_MODULE(_cuda, m) {
                               int out_dtype, bool accumulate, bool average, uintptr_t errors,
                               uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
     check(dct::decompress_many(payload_rows(buffers, num_rows, row_bytes, numel, capacity,
-                                            value_dtype, header),
+                                            value_dtype, header_words(header)),
                                ptr<void>(out), dtype_of(out_dtype), accumulate, average,
                                ptr<int32_t>(errors), ptr<void>(workspace), workspace_bytes,
                                stream_of(stream)));
