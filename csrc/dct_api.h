@@ -5,8 +5,9 @@
 // runs" argument (a cudaStream_t, or a thread count).
 //
 // Nothing here includes a CUDA or torch header: the host core builds with a plain C++17
-// compiler. Each core's own header adds only its entry points (and, for CUDA, the scratch-size
-// queries of the ops whose scratch the caller allocates).
+// compiler. Each core's own header adds only its entry points (the row ops through
+// DCT_DECLARE_ROW_OPS below, as only their last argument differs) and, for CUDA, the
+// scratch-size queries of the ops whose scratch the caller allocates.
 #pragma once
 
 #include <cstddef>
@@ -78,3 +79,24 @@ struct PayloadRows {
 };
 
 }  // namespace dct
+
+// ------------------------------------------------------------------------------------- rows
+// The row ops take the same arguments in both cores but the last, which says where the call
+// runs (the CUDA core: the cudaStream_t it enqueues on; the host core: the number of threads);
+// each core's header declares them, in its own namespace, with DCT_DECLARE_ROW_OPS(that
+// parameter).
+//
+// compress_rows: x: [B, D]; writes [B, k] column indices (int16 when index_bytes == 2, int32
+// when 4) ascending and values in value_dtype: the k largest magnitudes of each row, ties to
+// the lower column.
+// decompress_rows: out: [B, D] zeroed, then the entries whose column lies in [0, D).
+// gather_rows: out: [B, k] = y at the given columns, 0 for a column outside [0, D).
+#define DCT_DECLARE_ROW_OPS(WHERE)                                                          \
+  Status compress_rows(const void* x, DType dtype, int64_t rows, int64_t columns, int64_t k, \
+                       void* indices, int index_bytes, void* values, DType value_dtype,      \
+                       WHERE);                                                               \
+  Status decompress_rows(const void* indices, int index_bytes, const void* values,          \
+                         DType value_dtype, int64_t rows, int64_t columns, int64_t k,       \
+                         void* out, DType out_dtype, WHERE);                                \
+  Status gather_rows(const void* y, DType dtype, int64_t rows, int64_t columns, int64_t k,  \
+                     const void* indices, int index_bytes, void* out, WHERE)

@@ -55,17 +55,8 @@ Status decompress_many(const PayloadRows& rows, void* out, DType out_dtype, bool
                        bool average, int32_t* errors, int threads);
 
 // ------------------------------------------------------------------------------------- rows
-// x: [B, D]; writes [B, k] column indices (int16 when index_bytes == 2, else int32) ascending
-// and values in value_dtype: the k largest magnitudes of each row, ties to the lower column.
-Status compress_rows(const void* x, DType dtype, int64_t rows, int64_t columns, int64_t k,
-                     void* indices, int index_bytes, void* values, DType value_dtype,
-                     int threads);
-// out: [B, D] zeroed, then the entries whose column lies in [0, D) (a later duplicate wins).
-Status decompress_rows(const void* indices, int index_bytes, const void* values,
-                       DType value_dtype, int64_t rows, int64_t columns, int64_t k, void* out,
-                       DType out_dtype, int threads);
-// out: [B, k] = y at the given columns, 0 for a column outside [0, D).
-Status gather_rows(const void* y, DType dtype, int64_t rows, int64_t columns, int64_t k,
-                   const void* indices, int index_bytes, void* out, int threads);
+// compress_rows, decompress_rows and gather_rows (dct_api.h), on up to `threads` threads. In
+// decompress_rows a column sent twice in a row takes the later value.
+DCT_DECLARE_ROW_OPS(int threads);
 
 }  // namespace dct_cpu

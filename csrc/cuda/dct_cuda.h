@@ -62,18 +62,8 @@ Status decompress_many(const PayloadRows& rows, void* out, DType out_dtype, bool
                        cudaStream_t stream);
 
 // ------------------------------------------------------------------------------------- rows
-// x: [B, D]; writes [B, k] column indices (int16 when index_bytes == 2, int32 when 4) ascending
-// and values in value_dtype: the k largest magnitudes of each row, ties to the lower column.
-Status compress_rows(const void* x, DType dtype, int64_t rows, int64_t columns, int64_t k,
-                     void* indices, int index_bytes, void* values, DType value_dtype,
-                     cudaStream_t stream);
-// out: [B, D] zeroed, then the entries whose column lies in [0, D).
-Status decompress_rows(const void* indices, int index_bytes, const void* values,
-                       DType value_dtype, int64_t rows, int64_t columns, int64_t k, void* out,
-                       DType out_dtype, cudaStream_t stream);
-// out: [B, k] = y at the given columns, 0 for a column outside [0, D).
-Status gather_rows(const void* y, DType dtype, int64_t rows, int64_t columns, int64_t k,
-                   const void* indices, int index_bytes, void* out, cudaStream_t stream);
+// compress_rows, decompress_rows and gather_rows (dct_api.h), enqueued on `stream`.
+DCT_DECLARE_ROW_OPS(cudaStream_t stream);
 
 // Number of visible devices, or the CUDA error that prevents counting them.
 Status device_count(int* count);
