@@ -1,4 +1,5 @@
-"""Test configuration: which backends run on which devices here.
+"""Test configuration: which backends run on which devices here, and the one-rank NCCL group
+that the GPU tests of the distributed exchanges share (``nccl_group``).
 
 Without a GPU the Triton kernels run under the interpreter on CPU tensors; TRITON_INTERPRET must
 be set before the kernels are decorated, i.e. before dct_kernels' Triton backend is imported.
@@ -40,6 +41,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def nccl_group(tmp_path_factory):
+    """A one-rank NCCL process group on GPU 0 for a GPU test module's tests (NCCL refuses two
+    ranks on one GPU), destroyed after them."""
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.cuda.set_device(0)
+    store = tmp_path_factory.mktemp("nccl") / "store"
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    yield dist.group.WORLD
+    dist.destroy_process_group()
 
 
 def _backend_params():

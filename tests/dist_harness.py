@@ -4,7 +4,8 @@
 process group, ``file://`` store, a collective timeout), runs each check
 ``module.<name>(rank, world_size)`` on every rank in turn, and returns
 ``{name: {rank: None or traceback}}``. A check that raises on a rank is recorded and the next
-check runs; a group that outlives its deadline is killed and reported.
+check runs; a group that outlives its deadline is killed and reported. ``spawned_checks`` makes
+the fixture and the test a test module binds for one such group.
 """
 
 import datetime
@@ -13,6 +14,7 @@ import os
 import time
 import traceback
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -96,3 +98,26 @@ def assert_check_passed(results, name, world_size):
         for rank, error in sorted(failed.items()):
             text.append(f"--- rank {rank} ---\n{error}")
         raise AssertionError("\n".join(text))
+
+
+def spawned_checks(module_name, world_size, names, deadline_s=240):
+    """(fixture, test) for a test module, to bind as ``group_of_<world_size>`` and a test name:
+
+        group_of_2, test_two_ranks = spawned_checks("dist_checks", 2, CHECKS_2)
+
+    The fixture (module scope, named ``group_of_<world_size>``) runs the checks ``names`` of
+    ``module_name`` in one spawned group (``run_group``); the test, parametrized over the
+    names, asserts that each check passed on every rank."""
+    fixture_name = f"group_of_{world_size}"
+
+    @pytest.fixture(scope="module", name=fixture_name)
+    def group(tmp_path_factory):
+        return run_group(world_size, module_name, names,
+                         tmp_path_factory.mktemp(f"{module_name}_{world_size}"),
+                         deadline_s=deadline_s)
+
+    @pytest.mark.parametrize("name", names)
+    def test(request, name):
+        assert_check_passed(request.getfixturevalue(fixture_name), name, world_size)
+
+    return group, test

@@ -1,6 +1,9 @@
-"""What the GPU-only tests (tests/test_gpu_*.py) share: the device backends to check and the
-random inputs with the hard cases planted in them. Those tests compare every device backend
-bitwise with the torch reference on the same device."""
+"""What the GPU-only tests (tests/test_gpu_*.py, and the NCCL tests) share: the device backends
+to check, the random inputs with the hard cases planted in them, and a block in which any host
+synchronization is an error. Those tests compare every device backend bitwise with the torch
+reference on the same device."""
+
+import contextlib
 
 import torch
 
@@ -31,3 +34,18 @@ def gpu_data(n, dtype, seed, specials=True):
         x[pick[32:48]] = tiny * torch.rand(16, device=DEVICE, generator=g)  # denormals
     x[n // 3:n // 3 + 5000] = 0.75  # a run of ties across block boundaries
     return x.to(dtype)
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Run the block under ``torch.cuda.set_sync_debug_mode("error")``, which raises on any host
+    synchronization made through torch (blocking copies, ``.item()``, stream syncs). The device
+    is synchronized before and after, outside that mode, so that neither the work queued before
+    nor the block's own work is cut short."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

@@ -10,6 +10,7 @@ All oracles take and return CPU tensors / numpy arrays; tests move results back 
 
 import struct
 import zlib
+from collections import namedtuple
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -23,7 +24,12 @@ BF16_MAX = 3.3895313892515355e38
 _SATURATION = {torch.float16: FP16_MAX, torch.bfloat16: BF16_MAX}
 _VALUE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
-_HEADER = struct.Struct("<4sHBBqiiii")
+# The 32-byte header of docs/design.md#wire-format, field by field in byte order: (name, struct
+# code). The header's struct and the fields of a decoded buffer are both read off this table.
+_HEADER_FIELDS = (("magic", "4s"), ("version", "H"), ("value_code", "B"), ("index_code", "B"),
+                  ("numel", "q"), ("capacity", "i"), ("count", "i"), ("overflow", "i"),
+                  ("reserved", "i"))
+_HEADER = struct.Struct("<" + "".join(code for _, code in _HEADER_FIELDS))
 
 
 def dtype_id(dtype: torch.dtype) -> str:
@@ -266,19 +272,9 @@ def encode(numel: int, capacity: int, value_dtype: torch.dtype, indices, values:
     return torch.frombuffer(raw, dtype=torch.uint8).clone()
 
 
-@dataclass
-class Decoded:
-    magic: bytes
-    version: int
-    value_code: int
-    index_code: int
-    numel: int
-    capacity: int
-    count: int
-    overflow: int
-    reserved: int
-    indices: np.ndarray   # int64 [capacity]
-    values: np.ndarray    # float32 [capacity]
+# A parsed wire buffer: the header's fields, then ``indices`` (int64 [capacity]) and ``values``
+# (float32 [capacity]).
+Decoded = namedtuple("Decoded", [name for name, _ in _HEADER_FIELDS] + ["indices", "values"])
 
 
 def decode(buffer: torch.Tensor) -> Decoded:

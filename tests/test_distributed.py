@@ -11,7 +11,7 @@ import torch
 from dct_kernels.distributed import DCTState, dct_hook, sparse_all_reduce
 from dct_kernels.distributed.layout import BucketLayout, k_of, share_of
 from dct_kernels.distributed.stand_in import StandInBucket
-from dist_harness import assert_check_passed, run_group
+from dist_harness import spawned_checks
 
 # ---------------------------------------------------------------------- in this process
 
@@ -143,22 +143,5 @@ CHECKS_4 = ["check_sparse_all_reduce", "check_hook_ratio_one",
             "check_ddp_ratio_one_matches_dense", "check_ddp_sparse_audited",
             "check_mismatched_configurations", "check_convergence_reduce_scatter"]
 
-
-@pytest.fixture(scope="module")
-def group_of_2(tmp_path_factory):
-    return run_group(2, "dist_checks", CHECKS_2, tmp_path_factory.mktemp("gloo2"))
-
-
-@pytest.fixture(scope="module")
-def group_of_4(tmp_path_factory):
-    return run_group(4, "dist_checks", CHECKS_4, tmp_path_factory.mktemp("gloo4"))
-
-
-@pytest.mark.parametrize("name", CHECKS_2)
-def test_two_ranks(group_of_2, name):
-    assert_check_passed(group_of_2, name, 2)
-
-
-@pytest.mark.parametrize("name", CHECKS_4)
-def test_four_ranks(group_of_4, name):
-    assert_check_passed(group_of_4, name, 4)
+group_of_2, test_two_ranks = spawned_checks("dist_checks", 2, CHECKS_2)
+group_of_4, test_four_ranks = spawned_checks("dist_checks", 4, CHECKS_4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dct_kernels.distributed import DCTState, sizing
-from dist_harness import assert_check_passed, run_group
+from dist_harness import spawned_checks
 
 CHECKS_2 = ["check_zeros_never_sent", "check_few_nonzeros_no_refresh",
             "check_reduce_scatter_audited", "check_issue_order", "check_bytes_counted",
@@ -18,26 +18,8 @@ CHECKS_8 = ["check_zeros_never_sent", "check_reduce_scatter_audited", "check_iss
             "check_bytes_counted", "check_scale_bytes", "check_mismatched_exchange",
             "check_sparse_all_reduce_reduce_scatter", "check_resume_reduce_scatter"]
 
-
-@pytest.fixture(scope="module")
-def group_of_2(tmp_path_factory):
-    return run_group(2, "dist_checks_scale", CHECKS_2, tmp_path_factory.mktemp("scale2"))
-
-
-@pytest.fixture(scope="module")
-def group_of_8(tmp_path_factory):
-    return run_group(8, "dist_checks_scale", CHECKS_8, tmp_path_factory.mktemp("scale8"),
-                     deadline_s=400)
-
-
-@pytest.mark.parametrize("name", CHECKS_2)
-def test_two_ranks(group_of_2, name):
-    assert_check_passed(group_of_2, name, 2)
-
-
-@pytest.mark.parametrize("name", CHECKS_8)
-def test_eight_ranks(group_of_8, name):
-    assert_check_passed(group_of_8, name, 8)
+group_of_2, test_two_ranks = spawned_checks("dist_checks_scale", 2, CHECKS_2)
+group_of_8, test_eight_ranks = spawned_checks("dist_checks_scale", 8, CHECKS_8, deadline_s=400)
 
 
 # ---------------------------------------------------------------------- in this process

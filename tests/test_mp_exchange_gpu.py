@@ -6,14 +6,11 @@ state (forward and backward) runs under ``torch.cuda.set_sync_debug_mode("error"
 raises on any host synchronization made through torch.
 """
 
-import contextlib
-import datetime
-
 import pytest
 import torch
-import torch.distributed as dist
 
 import dct_kernels as dk
+from gpu_data import no_host_sync
 from helpers import assert_bitwise_equal
 from oracle import make_tensor
 
@@ -26,27 +23,6 @@ def _device_backends():
     if not torch.cuda.is_available():
         return ["torch"]  # collected, then skipped by the gpu marker
     return ["torch"] + [b for b in ("triton", "cuda") if dk.available_backends()[b] == "available"]
-
-
-@pytest.fixture(scope="module")
-def nccl_group(tmp_path_factory):
-    torch.cuda.set_device(0)
-    store = tmp_path_factory.mktemp("nccl_mp") / "store"
-    dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=60))
-    yield dist.group.WORLD
-    dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def no_host_sync():
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
 
 
 def _exchange(x, k, value_dtype, upstream, backend):
