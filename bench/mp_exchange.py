@@ -37,9 +37,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dct_kernels as dk
-from dct_kernels.backends import resolve
 from dct_kernels.mp import all_to_all_bytes, sparse_all_to_all
 from dlrm.exchange import DenseAllToAll
+from kernel_backend import kernel_backend, warn_if_core_missing
 from results_table import RESULTS_DIR, card_dir_name
 
 FIELDS = ("card", "comm", "W", "provider", "kernels", "phase", "B", "D", "k", "ratio", "dtype",
@@ -124,8 +124,9 @@ def _worker(rank, world, comm, store, configs, reps, budget_s, backend, out_path
         device = torch.device("cpu")
     dist.init_process_group(comm, init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
-    # The kernel backend the ops pick for this device when none is named.
-    kernels = backend or resolve(None, device).NAME
+    kernels = kernel_backend(device, backend)
+    if rank == 0:
+        warn_if_core_missing(device, backend)
     rows = []
     g = torch.Generator(device="cpu").manual_seed(1234 + rank)
     for B, D, k, dtype, value_dtype in configs:

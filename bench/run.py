@@ -30,6 +30,7 @@ import torch
 import dct_kernels as dk
 
 import results_table
+from kernel_backend import warn_if_core_missing
 from results_table import BASELINES
 
 L2_FLUSH_BYTES = 256 << 20  # rotate inputs until one round touches this much memory
@@ -274,6 +275,7 @@ def main():
         sizes = [1 << 16, 1 << 20] if device.type == "cuda" else [1 << 16, 1 << 18]
     else:
         sizes = [1 << s for s in (16, 20, 24, 26, 28)]
+    warn_if_core_missing(device)
     backends = backends_for(device, args.backends)
     bandwidth = copy_bandwidth(device)
     meta = run_metadata(device, bandwidth)

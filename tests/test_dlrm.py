@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from dct_kernels.backends import resolve
+
 # ``dlrm`` is bench/dlrm, on sys.path through pyproject.toml's pytest ``pythonpath``.
 from dlrm import criteo, data as dlrm_data
 from dlrm.config import tiny
@@ -24,6 +26,9 @@ TRAIN_DLRM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
                           "train_dlrm.py")
 
 SMOKE_DEADLINE_S = 120
+# The backend the ops resolve to for the ranks' CPU tensors (the spawned ranks inherit the
+# environment, DCT_KERNELS_BACKEND included).
+CPU_KERNELS = resolve(None, torch.device("cpu")).NAME
 RUN_FIELDS = ("steps", "auc", "logloss", "dp_bytes_per_step", "dp_bytes_ring_per_step",
               "dp_compression", "mp_bytes_per_step", "mp_bytes_dense_per_step",
               "mp_compression", "step_ms", "dp_overflow_frequency")
@@ -159,6 +164,7 @@ def test_smoke_report_fields(smoke):
     report, _, out_dir = smoke
     assert report["world_size"] == 2
     assert isinstance(report["device"], str) and report["device"]
+    assert report["kernel_backend"] == CPU_KERNELS
     assert 0.5 < report["teacher_auc"] < 1.0
     assert set(report["runs"]) == {"dense", "dct_dp", "dct_dp_mp"}
     for name, run in report["runs"].items():
@@ -183,6 +189,7 @@ def test_smoke_report_fields(smoke):
     with open(os.path.join(out_dir, "dlrm.md")) as f:
         table = f.read()
     assert all(f"| {name} |" in table for name in report["runs"])
+    assert f"dct_kernels backend {CPU_KERNELS})" in table
 
 
 def test_smoke_bytes_match_wrapped_collectives(smoke):
@@ -236,6 +243,7 @@ def test_one_rank_run_reports_every_field(tmp_path):
     with open(out_dir / "dlrm.json") as f:
         report = json.load(f)
     assert report["world_size"] == 1
+    assert report["kernel_backend"] == CPU_KERNELS
     for name, run in report["runs"].items():
         for field in RUN_FIELDS:
             assert isinstance(run[field], (int, float)) and math.isfinite(run[field]), \
@@ -243,6 +251,25 @@ def test_one_rank_run_reports_every_field(tmp_path):
         assert run["mp_bytes_per_step"] == 0 and run["mp_bytes_dense_per_step"] == 0
         assert run["mp_compression"] == 1.0
         assert run["dp_bytes_ring_per_step"] == 0
+
+
+def test_missing_core_note(monkeypatch):
+    """bench/kernel_backend.py: no line while the device's compiled core is usable; one naming
+    the core, the backend used instead and the reason when it is not."""
+    import types
+
+    import kernel_backend
+
+    available = dict(kernel_backend.dct_kernels.available_backends(), cpu="available")
+    monkeypatch.setattr(kernel_backend.dct_kernels, "available_backends", lambda: available)
+    assert kernel_backend.missing_core_note("cpu") is None
+    assert kernel_backend.missing_core_note("meta") is None  # no compiled core for the device
+    available["cpu"] = "extension not built (dct_kernels._cpu is missing)"
+    monkeypatch.setattr(kernel_backend, "resolve", lambda backend, device: types.SimpleNamespace(
+        NAME=backend or "torch"))
+    assert kernel_backend.missing_core_note("cpu") == (
+        "note: the ops on cpu tensors run on the torch backend, not dct_kernels._cpu: "
+        "extension not built (dct_kernels._cpu is missing)")
 
 
 # ------------------------------------------------------------------------------- criteo

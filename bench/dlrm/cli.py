@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from . import report as report_mod
 from .config import RUNS, Config, quick, tiny
-from .context import device_name, load_data, rank_device, teacher_auc
+from .context import device_name, kernel_backends, load_data, rank_device, teacher_auc
 from .data import ClickLogs
 from .runner import Callbacks, RankRunner
 
@@ -43,6 +43,12 @@ def train(cfg: Config, out_dir: Optional[str], *, callbacks: Optional[Callbacks]
     """Run the comparison on this rank of an initialized process group; rank 0 writes the
     report into ``out_dir`` (None: nothing written). Returns the report (every rank).
 
+    Besides the runs, the report records where they ran: ``device`` (the card's or CPU's
+    name), ``backend`` (torch.distributed's), and ``kernel_backend``, the dct_kernels backend
+    the ops resolved to on each rank's device ("cpu" or "cuda" for the compiled cores,
+    "triton", or "torch" for the reference): one name when every rank agrees, else the list in
+    rank order. A run whose compiled core is not built says so in one line before training.
+
     Collective: every rank calls it with the same ``cfg``."""
     started = time.time() if started is None else started
     cfg.validate()
@@ -52,6 +58,7 @@ def train(cfg: Config, out_dir: Optional[str], *, callbacks: Optional[Callbacks]
     _check_same_config(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = rank_device()
+    kernels = kernel_backends(device, cfg.backend)
     data = load_data(cfg) if data is None else data
     bar = None
     if progress and rank == 0:
@@ -67,6 +74,7 @@ def train(cfg: Config, out_dir: Optional[str], *, callbacks: Optional[Callbacks]
         "world_size": world,
         "device": name,
         "backend": dist.get_backend(),
+        "kernel_backend": kernels,
         "teacher_auc": teacher_auc(data),
         "num_train": data.num_train,
         "num_heldout": data.num_heldout - data.num_heldout % world,
@@ -114,7 +122,9 @@ def _main_rank(cfg: Config, out_dir: str, started: float, sweep: bool) -> None:
                          "|---" * (report_mod.TABLE_HEADER.count("|") - 1) + "|"]
                         + report_mod.table_rows(result)))
         print(f"\nteacher AUC {result['teacher_auc']}, world size {result['world_size']} "
-              f"({result['backend']}), wall {result['wall_s']:.0f} s; written to {out_dir}")
+              f"({result['backend']}), dct_kernels backend "
+              f"{report_mod.kernel_backend_text(result)}, wall {result['wall_s']:.0f} s; "
+              f"written to {out_dir}")
 
 
 def parse_args(argv=None):

@@ -1,5 +1,6 @@
 """What a run stands on, for the comparison (``cli``) and the sweep (``sweep``) alike: this
-rank's device, the device's name, the data set of a configuration and the teacher's AUC on it.
+rank's device, the device's name, the kernel backend the ops run on there, the data set of a
+configuration and the teacher's AUC on it.
 
 Its own module so that ``cli`` (which starts the sweep) and ``sweep`` both import it and
 neither imports the other.
@@ -7,10 +8,14 @@ neither imports the other.
 
 import os
 import platform
-from typing import Optional
+import sys
+from typing import List, Optional, Union
 
 import torch
 import torch.distributed as dist
+
+# bench/kernel_backend.py: bench/ is on sys.path wherever dlrm imports.
+from kernel_backend import kernel_backend, missing_core_note
 
 from .config import Config
 from .data import ClickLogs, generate
@@ -31,6 +36,24 @@ def rank_device() -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def kernel_backends(device: torch.device, backend: Optional[str] = None
+                    ) -> Union[str, List[str]]:
+    """The dct_kernels backend the ops run on (``backend``, else the default for the device) on
+    every rank: its name ("cpu", "cuda", "triton", "torch") when all ranks agree, else the list
+    of names in rank order. Rank 0 prints each rank's line about a compiled core that is not
+    built (bench/kernel_backend.py), once per distinct line.
+
+    Collective: every rank calls it."""
+    mine = (kernel_backend(device, backend), missing_core_note(device, backend))
+    everyone: List[Optional[tuple]] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if dist.get_rank() == 0:
+        for note in dict.fromkeys(note for _, note in everyone if note):
+            print(note, file=sys.stderr, flush=True)
+    names = [name for name, _ in everyone]
+    return names[0] if len(set(names)) == 1 else names
 
 
 def load_data(cfg: Config) -> ClickLogs:

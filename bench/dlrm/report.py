@@ -16,6 +16,15 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def kernel_backend_text(report: dict) -> str:
+    """The report's kernel backend in words: the name, the ranks' names when they differ, or
+    "not recorded" for a report from before the field."""
+    kernels = report.get("kernel_backend")
+    if kernels is None:
+        return "not recorded"
+    return kernels if isinstance(kernels, str) else "per rank " + ", ".join(kernels)
+
+
 def table_rows(report: dict) -> list:
     """Markdown rows, one per run, of ``report``'s runs."""
     dense_auc = report["runs"].get("dense", {}).get("auc")
@@ -35,7 +44,8 @@ def table_rows(report: dict) -> list:
 def markdown(report: dict) -> str:
     cfg = report["config"]
     lines = [f"# Hybrid-parallel DLRM: dense vs DCT-DP vs DCT-DP+MP ({report['device']})", "",
-             f"{report['world_size']} ranks ({report['backend']}), {cfg['steps']} steps of "
+             f"{report['world_size']} ranks ({report['backend']}; dct_kernels backend "
+             f"{kernel_backend_text(report)}), {cfg['steps']} steps of "
              f"{cfg['batch_size']} samples (global), {report['num_heldout']} held-out samples, "
              f"seed {cfg['seed']}; DCT-DP ratio {cfg['dp_ratio']}, {cfg['dp_value_dtype']} "
              f"values, exchange {report['runs'].get('dct_dp', {}).get('dp_exchange', '-')}, "

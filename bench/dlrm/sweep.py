@@ -16,7 +16,8 @@ from typing import List, Tuple
 import torch.distributed as dist
 
 from .config import Config
-from .context import device_name, load_data, rank_device, teacher_auc
+from .context import device_name, kernel_backends, load_data, rank_device, teacher_auc
+from .report import kernel_backend_text
 from .runner import RankRunner
 
 SETTINGS: List[Tuple[str, dict]] = [
@@ -35,6 +36,7 @@ def run_sweep(cfg: Config, out_dir: str, started: float) -> dict:
     """Run the sweep on this rank (collective); rank 0 writes the files. Returns the rows."""
     data = load_data(cfg)
     device = rank_device()
+    kernels = kernel_backends(device, cfg.backend)
     rows = []
     points = [("dense", {}, ["dense"])] + [(axis, change, ["dct_dp_mp"])
                                             for axis, change in SETTINGS]
@@ -50,6 +52,7 @@ def run_sweep(cfg: Config, out_dir: str, started: float) -> dict:
         if dist.get_rank() == 0:
             print(f"sweep {len(rows)}/{len(points)}: {row}", flush=True)
     report = {"device": device_name(), "world_size": dist.get_world_size(),
+              "kernel_backend": kernels,
               "teacher_auc": teacher_auc(data), "config": cfg.as_dict(), "rows": rows,
               "wall_s": time.time() - started}
     if dist.get_rank() == 0:
@@ -61,6 +64,7 @@ def markdown(report: dict) -> str:
     dense = next(r for r in report["rows"] if r["run"] == "dense")
     cfg = report["config"]
     lines = [f"# DCT settings sweep ({report['device']}, {report['world_size']} ranks)", "",
+             f"dct_kernels backend {kernel_backend_text(report)}; "
              f"{cfg['steps']} steps of {cfg['batch_size']}, seed {cfg['seed']}, teacher AUC "
              f"{report['teacher_auc']:.4f}. Each dct_dp_mp row changes one setting of the quick "
              f"configuration (DP ratio {cfg['dp_ratio']}, MP k {cfg['mp_k']} of "
