@@ -133,6 +133,29 @@ __host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Lays out an op's scratch pieces one after another in its workspace, each starting on a
+// 256-byte boundary as a cudaMalloc'd buffer does (so any vector access suits every piece).
+// A size query passes a null base and ignores the pieces.
+class WorkspaceLayout {
+ public:
+  explicit WorkspaceLayout(void* base) : base_(reinterpret_cast<uintptr_t>(base)) {}
+
+  // The next piece: `count` elements of T.
+  template <typename T>
+  T* take(size_t count) {
+    T* piece = reinterpret_cast<T*>(base_ + bytes_);
+    bytes_ += (sizeof(T) * count + 255) / 256 * 256;
+    return piece;
+  }
+
+  // The bytes of all the pieces taken so far.
+  size_t bytes() const { return bytes_; }
+
+ private:
+  uintptr_t base_;
+  size_t bytes_ = 0;
+};
+
 // Calls f (returning a Status) with the C++ element type of a dtype code; an unknown code is
 // an error, never read as fp32 (the entry points reject it before this is reached).
 template <typename F>
@@ -143,6 +166,14 @@ Status dispatch_float(DType dtype, F&& f) {
     case DType::kBFloat16: return f(bf16{});
   }
   return invalid_argument("unknown dtype code");
+}
+
+// dispatch_float for two codes at once (an op's input and output types): f(A{}, B{}).
+template <typename F>
+Status dispatch_float2(DType a, DType b, F&& f) {
+  return dispatch_float(a, [&](auto ta) {
+    return dispatch_float(b, [&](auto tb) { return f(ta, tb); });
+  });
 }
 
 }  // namespace dct

@@ -236,12 +236,12 @@ struct Scratch {
 };
 
 size_t scratch_layout(int64_t num_tiles, Scratch* s, void* base) {
-  const size_t status_bytes = (sizeof(unsigned long long) * num_tiles + 255) / 256 * 256;
-  if (s) {
-    s->status = static_cast<unsigned long long*>(base);
-    s->ticket = reinterpret_cast<unsigned int*>(static_cast<char*>(base) + status_bytes);
-  }
-  return status_bytes + 256;
+  WorkspaceLayout layout(base);
+  Scratch laid;
+  laid.status = layout.take<unsigned long long>(num_tiles);
+  laid.ticket = layout.take<unsigned int>(1);
+  if (s) *s = laid;
+  return layout.bytes();
 }
 
 constexpr int kMinTile = kWarps * 4 * 32;  // the smallest tile: VEC = 1, 4 iterations
@@ -289,19 +289,17 @@ Status compress(const CompressArgs& a, uint8_t* payload, int64_t capacity, DType
   if (workspace_bytes < compress_workspace_bytes(a.n))
     return cuda_failure(cudaErrorInvalidValue, "compress (workspace too small)");
   const Source src{a.thresholds, a.offsets, a.num_segments};
-  return dispatch_float(a.dtype, [&](auto xtag) {
+  return dispatch_float2(a.dtype, value_dtype, [&](auto xtag, auto wtag) {
     using T = decltype(xtag);
-    return dispatch_float(value_dtype, [&](auto wtag) {
-      using W = decltype(wtag);
-      const bool vector = aligned_to(a.x, 4 * sizeof(T)) &&
-                          (a.residual == nullptr || aligned_to(a.residual, 16));
-      if (a.residual) {
-        return vector ? launch<T, W, 4, true>(a, src, payload, capacity, workspace, stream)
-                      : launch<T, W, 1, true>(a, src, payload, capacity, workspace, stream);
-      }
-      return vector ? launch<T, W, 4, false>(a, src, payload, capacity, workspace, stream)
-                    : launch<T, W, 1, false>(a, src, payload, capacity, workspace, stream);
-    });
+    using W = decltype(wtag);
+    const bool vector = aligned_to(a.x, 4 * sizeof(T)) &&
+                        (a.residual == nullptr || aligned_to(a.residual, 16));
+    if (a.residual) {
+      return vector ? launch<T, W, 4, true>(a, src, payload, capacity, workspace, stream)
+                    : launch<T, W, 1, true>(a, src, payload, capacity, workspace, stream);
+    }
+    return vector ? launch<T, W, 4, false>(a, src, payload, capacity, workspace, stream)
+                  : launch<T, W, 1, false>(a, src, payload, capacity, workspace, stream);
   });
 }
 

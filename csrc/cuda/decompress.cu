@@ -65,28 +65,16 @@ struct Scratch {
 size_t scratch_layout(int W, int64_t capacity, int64_t numel, Scratch* s, void* base) {
   const int64_t chunks = ceil_div(capacity, kChunk);
   const int64_t tiles = ceil_div(numel, kTile);
-  size_t off = 0;
-  auto take = [&](size_t bytes) {
-    size_t at = off;
-    off += (bytes + 255) / 256 * 256;
-    return at;
-  };
-  size_t count = take(4 * size_t(W));
-  size_t cmax = take(4 * size_t(W) * chunks);
-  size_t cbefore = take(4 * size_t(W) * chunks);
-  const int64_t stride = (capacity + 7) / 8 * 8;
-  size_t highest = take(4 * size_t(W) * stride);
-  size_t starts = take(4 * size_t(W) * (tiles + 1));
-  if (s) {
-    char* b = static_cast<char*>(base);
-    s->count = reinterpret_cast<int32_t*>(b + count);
-    s->chunk_max = reinterpret_cast<int32_t*>(b + cmax);
-    s->chunk_before = reinterpret_cast<int32_t*>(b + cbefore);
-    s->highest = reinterpret_cast<int32_t*>(b + highest);
-    s->stride = stride;
-    s->starts = reinterpret_cast<int32_t*>(b + starts);
-  }
-  return off;
+  WorkspaceLayout layout(base);
+  Scratch laid;
+  laid.count = layout.take<int32_t>(W);
+  laid.chunk_max = layout.take<int32_t>(size_t(W) * chunks);
+  laid.chunk_before = layout.take<int32_t>(size_t(W) * chunks);
+  laid.stride = (capacity + 7) / 8 * 8;
+  laid.highest = layout.take<int32_t>(size_t(W) * laid.stride);
+  laid.starts = layout.take<int32_t>(size_t(W) * (tiles + 1));
+  if (s) *s = laid;
+  return layout.bytes();
 }
 
 __global__ void header_kernel(Rows rows, Scratch s, int32_t* errors) {
@@ -388,15 +376,13 @@ Status decompress(const PayloadRows& p, void* out, DType out_dtype, bool accumul
               cudaMemsetAsync(out, 0, p.numel * out_item_bytes(out_dtype), stream));
   st = check_rows(rows, s, errors, stream);
   if (!st.ok() || p.capacity == 0) return st;
-  return dispatch_float(p.value_dtype, [&](auto vtag) {
+  return dispatch_float2(p.value_dtype, out_dtype, [&](auto vtag, auto otag) {
     using V = decltype(vtag);
-    return dispatch_float(out_dtype, [&](auto otag) {
-      using O = decltype(otag);
-      scatter_kernel<V, O><<<ceil_div(p.capacity, kThreads), kThreads, 0, stream>>>(
-          rows, s, static_cast<O*>(out), accumulate);
-      DCT_CHECK_LAUNCH("decompress: scatter_kernel");
-      return Status{};
-    });
+    using O = decltype(otag);
+    scatter_kernel<V, O><<<ceil_div(p.capacity, kThreads), kThreads, 0, stream>>>(
+        rows, s, static_cast<O*>(out), accumulate);
+    DCT_CHECK_LAUNCH("decompress: scatter_kernel");
+    return Status{};
   });
 }
 
@@ -420,20 +406,18 @@ Status decompress_many(const PayloadRows& p, void* out, DType out_dtype, bool ac
     DCT_CHECK("decompress_many: cudaMemsetAsync",
               cudaMemsetAsync(s.starts, 0, 4 * size_t(p.num_rows) * (tiles + 1), stream));
   }
-  return dispatch_float(p.value_dtype, [&](auto vtag) {
+  return dispatch_float2(p.value_dtype, out_dtype, [&](auto vtag, auto otag) {
     using V = decltype(vtag);
-    return dispatch_float(out_dtype, [&](auto otag) {
-      using O = decltype(otag);
-      const unsigned grid = static_cast<unsigned>(tiles);
-      if (p.capacity * kTile <= kSmallStageMaxSpread * p.numel)
-        merge_kernel<V, O, kStageSmall, 8><<<grid, kThreads, 0, stream>>>(
-            rows, s, tiles, static_cast<O*>(out), accumulate, average);
-      else
-        merge_kernel<V, O, kStageLarge, 4><<<grid, kThreads, 0, stream>>>(
-            rows, s, tiles, static_cast<O*>(out), accumulate, average);
-      DCT_CHECK_LAUNCH("decompress_many: merge_kernel");
-      return Status{};
-    });
+    using O = decltype(otag);
+    const unsigned grid = static_cast<unsigned>(tiles);
+    if (p.capacity * kTile <= kSmallStageMaxSpread * p.numel)
+      merge_kernel<V, O, kStageSmall, 8><<<grid, kThreads, 0, stream>>>(
+          rows, s, tiles, static_cast<O*>(out), accumulate, average);
+    else
+      merge_kernel<V, O, kStageLarge, 4><<<grid, kThreads, 0, stream>>>(
+          rows, s, tiles, static_cast<O*>(out), accumulate, average);
+    DCT_CHECK_LAUNCH("decompress_many: merge_kernel");
+    return Status{};
   });
 }
 

@@ -117,6 +117,15 @@ Status dispatch_index(int index_bytes, F&& f) {
   return invalid_argument("unknown index width");
 }
 
+// compress_rows and decompress_rows: f(A{}, B{}, I{}) with the element types of their two
+// dtype codes and the index type of their index width.
+template <typename F>
+Status dispatch_rows(DType a, DType b, int index_bytes, F&& f) {
+  return dispatch_float2(a, b, [&](auto ta, auto tb) {
+    return dispatch_index(index_bytes, [&](auto ti) { return f(ta, tb, ti); });
+  });
+}
+
 }  // namespace
 
 Status compress_rows(const void* x, DType dtype, int64_t rows, int64_t columns, int64_t k,
@@ -126,19 +135,15 @@ Status compress_rows(const void* x, DType dtype, int64_t rows, int64_t columns, 
   DCT_REQUIRE(known_dtype(value_dtype), "compress_rows: value_dtype code is not 0, 1 or 2");
   DCT_REQUIRE(known_index_bytes(index_bytes), "compress_rows: index_bytes is not 2 or 4");
   if (rows == 0 || k == 0) return Status{};
-  return dispatch_float(dtype, [&](auto t) {
+  return dispatch_rows(dtype, value_dtype, index_bytes, [&](auto t, auto w, auto i) {
     using T = decltype(t);
-    return dispatch_float(value_dtype, [&](auto w) {
-      using W = decltype(w);
-      return dispatch_index(index_bytes, [&](auto i) {
-        using I = decltype(i);
-        compress_rows_kernel<T, W, I><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-            static_cast<const T*>(x), columns, static_cast<int32_t>(k), static_cast<I*>(indices),
-            static_cast<W*>(values));
-        DCT_CHECK_LAUNCH("compress_rows: compress_rows_kernel");
-        return Status{};
-      });
-    });
+    using W = decltype(w);
+    using I = decltype(i);
+    compress_rows_kernel<T, W, I><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        static_cast<const T*>(x), columns, static_cast<int32_t>(k), static_cast<I*>(indices),
+        static_cast<W*>(values));
+    DCT_CHECK_LAUNCH("compress_rows: compress_rows_kernel");
+    return Status{};
   });
 }
 
@@ -149,19 +154,15 @@ Status decompress_rows(const void* indices, int index_bytes, const void* values,
   DCT_REQUIRE(known_dtype(value_dtype), "decompress_rows: value_dtype code is not 0, 1 or 2");
   DCT_REQUIRE(known_dtype(out_dtype), "decompress_rows: out_dtype code is not 0, 1 or 2");
   if (rows == 0 || columns == 0) return Status{};
-  return dispatch_float(value_dtype, [&](auto v) {
+  return dispatch_rows(value_dtype, out_dtype, index_bytes, [&](auto v, auto o, auto i) {
     using V = decltype(v);
-    return dispatch_float(out_dtype, [&](auto o) {
-      using O = decltype(o);
-      return dispatch_index(index_bytes, [&](auto i) {
-        using I = decltype(i);
-        decompress_rows_kernel<I, V, O><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-            static_cast<const I*>(indices), static_cast<const V*>(values), columns, k,
-            static_cast<O*>(out));
-        DCT_CHECK_LAUNCH("decompress_rows: decompress_rows_kernel");
-        return Status{};
-      });
-    });
+    using O = decltype(o);
+    using I = decltype(i);
+    decompress_rows_kernel<I, V, O><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        static_cast<const I*>(indices), static_cast<const V*>(values), columns, k,
+        static_cast<O*>(out));
+    DCT_CHECK_LAUNCH("decompress_rows: decompress_rows_kernel");
+    return Status{};
   });
 }
 

@@ -80,30 +80,21 @@ struct Workspace {
   int32_t* pool_segment;
   int64_t capacity;
 
+  // Returns the bytes to zero before a call (the pieces before the pool) with ws, else the
+  // size of the whole workspace.
   static size_t layout(int S, int64_t capacity, Workspace* ws, void* base) {
-    size_t off = 0;
-    auto take = [&](size_t bytes) {
-      size_t at = off;
-      off += (bytes + 255) / 256 * 256;
-      return at;
-    };
-    size_t hist = take(sizeof(int32_t) * 3 * size_t(S) * kMaxBins);
-    size_t state = take(sizeof(SegmentState) * S);
-    size_t plan = take(sizeof(Plan));
-    size_t zeroed = off;  // everything above starts at zero
-    size_t keys = take(sizeof(uint32_t) * capacity);
-    size_t segment = take(sizeof(int32_t) * capacity);
-    if (ws) {
-      char* b = static_cast<char*>(base);
-      ws->hist = reinterpret_cast<int32_t*>(b + hist);
-      ws->state = reinterpret_cast<SegmentState*>(b + state);
-      ws->plan = reinterpret_cast<Plan*>(b + plan);
-      ws->pool_keys = reinterpret_cast<uint32_t*>(b + keys);
-      ws->pool_segment = reinterpret_cast<int32_t*>(b + segment);
-      ws->capacity = capacity;
-      return zeroed;
-    }
-    return off;
+    WorkspaceLayout layout(base);
+    Workspace laid;
+    laid.hist = layout.take<int32_t>(3 * size_t(S) * kMaxBins);
+    laid.state = layout.take<SegmentState>(S);
+    laid.plan = layout.take<Plan>(1);
+    const size_t zeroed = layout.bytes();  // everything above starts at zero
+    laid.pool_keys = layout.take<uint32_t>(capacity);
+    laid.pool_segment = layout.take<int32_t>(capacity);
+    laid.capacity = capacity;
+    if (!ws) return layout.bytes();
+    *ws = laid;
+    return zeroed;
   }
 };
 
