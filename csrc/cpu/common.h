@@ -168,6 +168,14 @@ auto dispatch_float(DType dtype, F&& f) {
   }
 }
 
+// dispatch_float for two codes at once (an op's input and output types): f(A{}, B{}).
+template <typename F>
+auto dispatch_float2(DType a, DType b, F&& f) {
+  return dispatch_float(a, [&](auto ta) {
+    return dispatch_float(b, [&](auto tb) { return f(ta, tb); });
+  });
+}
+
 template <typename F>
 auto dispatch_index(int index_bytes, F&& f) {
   if (index_bytes == 2) return f(int16_t{});

@@ -162,28 +162,23 @@ void compress_range(const CompressArgs& a, int64_t begin, int64_t end, int64_t l
           for (int j = 0; j < len; ++j) residual[i + j] = acc[j];
         }
       }
-      if (mask && room < 16) {  // near the limit: list what fits, count the rest
-        while (room > 0 && mask) {
-          const int j = __builtin_ctz(mask);
-          mask &= mask - 1;
-          kept->push_back(Kept{static_cast<int32_t>(i + j), acc[j]});
-          --room;
-          if (RESIDUAL)
-            residual[i + j] = is_finite(acc[j]) ? acc[j] - to_f32(to_wire<W>(acc[j])) : 0.0f;
-        }
-        *unlisted += __builtin_popcount(mask);
-        continue;
-      }
-      while (mask) {
+      // Lists the lowest entry left in mask. Sent inf/NaN leave 0 behind; finite values leave
+      // the rounding error. An entry that turns out not to fit gets all of acc back in the
+      // second step.
+      auto list_lowest = [&] {
         const int j = __builtin_ctz(mask);
         mask &= mask - 1;
         kept->push_back(Kept{static_cast<int32_t>(i + j), acc[j]});
         --room;
-        // Sent inf/NaN leave 0 behind; finite values leave the rounding error. An entry that
-        // turns out not to fit gets all of acc back in the second step.
         if (RESIDUAL)
           residual[i + j] = is_finite(acc[j]) ? acc[j] - to_f32(to_wire<W>(acc[j])) : 0.0f;
+      };
+      if (mask && room < 16) {  // near the limit: list what fits, count the rest
+        while (room > 0 && mask) list_lowest();
+        *unlisted += __builtin_popcount(mask);
+        continue;
       }
+      while (mask) list_lowest();
     }
   });
 }
@@ -261,12 +256,8 @@ Status compress(const CompressArgs& a, uint8_t* payload, int64_t capacity, DType
     return Status{1, "compress", "bad arguments"};
   if (a.n == 0) return Status{};
   return guarded("compress", [&] {
-    return dispatch_float(a.dtype, [&](auto xtag) {
-      using T = decltype(xtag);
-      return dispatch_float(value_dtype, [&](auto wtag) {
-        using W = decltype(wtag);
-        return compress_typed<T, W>(a, payload, capacity, threads);
-      });
+    return dispatch_float2(a.dtype, value_dtype, [&](auto xtag, auto wtag) {
+      return compress_typed<decltype(xtag), decltype(wtag)>(a, payload, capacity, threads);
     });
   });
 }

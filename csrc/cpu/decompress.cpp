@@ -178,24 +178,33 @@ void decompress_many_typed(const PayloadRows& p, O* out, bool accumulate, bool a
   });
 }
 
+// The common part of decompress and decompress_many after their argument checks: calls
+// typed(V{}, O{}, &count) with the element types of the payload's values and of out, inside
+// guarded(op), then adds the errors it counted to *errors.
+template <typename F>
+Status run_counting_errors(const char* op, const PayloadRows& p, DType out_dtype,
+                           int32_t* errors, F&& typed) {
+  return guarded(op, [&] {
+    int64_t e = 0;
+    dispatch_float2(p.value_dtype, out_dtype, [&](auto vtag, auto otag) {
+      typed(vtag, otag, &e);
+      return 0;
+    });
+    *errors += static_cast<int32_t>(e);
+    return Status{};
+  });
+}
+
 }  // namespace
 
 Status decompress(const PayloadRows& p, void* out, DType out_dtype, bool accumulate,
                   int32_t* errors, int threads) {
   if (!rows_fit(p) || p.num_rows != 1 || !known_dtype(out_dtype))
     return Status{1, "decompress", "bad arguments (rows shorter than the capacity needs?)"};
-  return guarded("decompress", [&] {
-    int64_t e = 0;
-    dispatch_float(p.value_dtype, [&](auto vtag) {
-      using V = decltype(vtag);
-      return dispatch_float(out_dtype, [&](auto otag) {
-        using O = decltype(otag);
-        decompress_typed<V, O>(p, static_cast<O*>(out), accumulate, &e, threads);
-        return 0;
-      });
-    });
-    *errors += static_cast<int32_t>(e);
-    return Status{};
+  return run_counting_errors("decompress", p, out_dtype, errors,
+                             [&](auto vtag, auto otag, int64_t* e) {
+    using O = decltype(otag);
+    decompress_typed<decltype(vtag), O>(p, static_cast<O*>(out), accumulate, e, threads);
   });
 }
 
@@ -203,18 +212,11 @@ Status decompress_many(const PayloadRows& p, void* out, DType out_dtype, bool ac
                        bool average, int32_t* errors, int threads) {
   if (!rows_fit(p) || !known_dtype(out_dtype))
     return Status{1, "decompress_many", "bad arguments (rows shorter than the capacity needs?)"};
-  return guarded("decompress_many", [&] {
-    int64_t e = 0;
-    dispatch_float(p.value_dtype, [&](auto vtag) {
-      using V = decltype(vtag);
-      return dispatch_float(out_dtype, [&](auto otag) {
-        using O = decltype(otag);
-        decompress_many_typed<V, O>(p, static_cast<O*>(out), accumulate, average, &e, threads);
-        return 0;
-      });
-    });
-    *errors += static_cast<int32_t>(e);
-    return Status{};
+  return run_counting_errors("decompress_many", p, out_dtype, errors,
+                             [&](auto vtag, auto otag, int64_t* e) {
+    using O = decltype(otag);
+    decompress_many_typed<decltype(vtag), O>(p, static_cast<O*>(out), accumulate, average, e,
+                                             threads);
   });
 }
 

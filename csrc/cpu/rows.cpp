@@ -116,6 +116,68 @@ void compress_row(const T* row, int64_t columns, int64_t k, I* idx_out, W* val_o
   });
 }
 
+// compress_rows and decompress_rows: f(A{}, B{}, I{}) with the element types of their two
+// dtype codes and the index type of their index width.
+template <typename F>
+auto dispatch_rows(DType a, DType b, int index_bytes, F&& f) {
+  return dispatch_float2(a, b, [&](auto ta, auto tb) {
+    return dispatch_index(index_bytes, [&](auto ti) { return f(ta, tb, ti); });
+  });
+}
+
+// Runs fn(first, last) for the rows [first, last) of each task, `per` whole rows a task, on up
+// to `threads` threads.
+template <typename F>
+void for_row_groups(int threads, int64_t rows, int64_t per, F&& fn) {
+  parallel_for(threads, ceil_div(rows, per),
+               [&](int64_t task) { fn(task * per, min64(rows, (task + 1) * per)); });
+}
+
+template <typename T, typename W, typename I>
+void compress_rows_typed(const T* x, int64_t rows, int64_t columns, int64_t k, I* indices,
+                         W* values, int threads) {
+  for_row_groups(threads, rows, rows_per_task(rows, columns), [&](int64_t first, int64_t last) {
+    std::vector<uint32_t> pool;
+    for (int64_t r = first; r < last; ++r)
+      compress_row<T, W, I>(x + r * columns, columns, k, indices + r * k, values + r * k, pool);
+  });
+}
+
+template <typename I, typename V, typename O>
+void decompress_rows_typed(const I* indices, const V* values, int64_t rows, int64_t columns,
+                           int64_t k, O* out, int threads) {
+  for_row_groups(threads, rows, rows_per_task(rows, columns), [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      O* row = out + r * columns;
+      std::memset(static_cast<void*>(row), 0, sizeof(O) * columns);  // +0 bits
+      const I* idx = indices + r * k;
+      const V* val = values + r * k;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t col = idx[j];
+        if (col >= 0 && col < columns) row[col] = from_f32<O>(to_f32(val[j]));
+      }
+    }
+  });
+}
+
+template <typename T, typename I>
+void gather_rows_typed(const T* y, int64_t rows, int64_t columns, int64_t k, const I* indices,
+                       T* out, int threads) {
+  const int64_t per = max64(1, min64(rows, kGroupElements / max64(k, 1)));
+  for_row_groups(threads, rows, per, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      const T* src = y + r * columns;
+      const I* idx = indices + r * k;
+      T* dst = out + r * k;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t col = idx[j];
+        // A bitwise copy (NaN payloads included), +0 outside the row.
+        dst[j] = (col >= 0 && col < columns) ? src[col] : T{};
+      }
+    }
+  });
+}
+
 }  // namespace
 
 Status compress_rows(const void* x, DType dtype, int64_t rows, int64_t columns, int64_t k,
@@ -127,23 +189,11 @@ Status compress_rows(const void* x, DType dtype, int64_t rows, int64_t columns, 
     return Status{1, "compress_rows", "bad arguments"};
   if (rows == 0 || k == 0) return Status{};
   return guarded("compress_rows", [&] {
-    return dispatch_float(dtype, [&](auto t) {
-      using T = decltype(t);
-      return dispatch_float(value_dtype, [&](auto w) {
-        using W = decltype(w);
-        return dispatch_index(index_bytes, [&](auto i) {
-          using I = decltype(i);
-          const int64_t per = rows_per_task(rows, columns);
-          parallel_for(threads, ceil_div(rows, per), [&](int64_t task) {
-            std::vector<uint32_t> pool;
-            for (int64_t r = task * per; r < min64(rows, (task + 1) * per); ++r)
-              compress_row<T, W, I>(static_cast<const T*>(x) + r * columns, columns, k,
-                                    static_cast<I*>(indices) + r * k,
-                                    static_cast<W*>(values) + r * k, pool);
-          });
-          return Status{};
-        });
-      });
+    return dispatch_rows(dtype, value_dtype, index_bytes, [&](auto t, auto w, auto i) {
+      compress_rows_typed(static_cast<const decltype(t)*>(x), rows, columns, k,
+                          static_cast<decltype(i)*>(indices), static_cast<decltype(w)*>(values),
+                          threads);
+      return Status{};
     });
   });
 }
@@ -156,28 +206,11 @@ Status decompress_rows(const void* indices, int index_bytes, const void* values,
     return Status{1, "decompress_rows", "bad arguments"};
   if (rows == 0 || columns == 0) return Status{};
   return guarded("decompress_rows", [&] {
-    return dispatch_float(value_dtype, [&](auto v) {
-      using V = decltype(v);
-      return dispatch_float(out_dtype, [&](auto o) {
-        using O = decltype(o);
-        return dispatch_index(index_bytes, [&](auto i) {
-          using I = decltype(i);
-          const int64_t per = rows_per_task(rows, columns);
-          parallel_for(threads, ceil_div(rows, per), [&](int64_t task) {
-            for (int64_t r = task * per; r < min64(rows, (task + 1) * per); ++r) {
-              O* row = static_cast<O*>(out) + r * columns;
-              std::memset(static_cast<void*>(row), 0, sizeof(O) * columns);  // +0 bits
-              const I* idx = static_cast<const I*>(indices) + r * k;
-              const V* val = static_cast<const V*>(values) + r * k;
-              for (int64_t j = 0; j < k; ++j) {
-                const int64_t col = idx[j];
-                if (col >= 0 && col < columns) row[col] = from_f32<O>(to_f32(val[j]));
-              }
-            }
-          });
-          return Status{};
-        });
-      });
+    return dispatch_rows(value_dtype, out_dtype, index_bytes, [&](auto v, auto o, auto i) {
+      decompress_rows_typed(static_cast<const decltype(i)*>(indices),
+                            static_cast<const decltype(v)*>(values), rows, columns, k,
+                            static_cast<decltype(o)*>(out), threads);
+      return Status{};
     });
   });
 }
@@ -193,19 +226,8 @@ Status gather_rows(const void* y, DType dtype, int64_t rows, int64_t columns, in
       using T = decltype(t);
       return dispatch_index(index_bytes, [&](auto i) {
         using I = decltype(i);
-        const int64_t per = max64(1, min64(rows, kGroupElements / max64(k, 1)));
-        parallel_for(threads, ceil_div(rows, per), [&](int64_t task) {
-          for (int64_t r = task * per; r < min64(rows, (task + 1) * per); ++r) {
-            const T* src = static_cast<const T*>(y) + r * columns;
-            const I* idx = static_cast<const I*>(indices) + r * k;
-            T* dst = static_cast<T*>(out) + r * k;
-            for (int64_t j = 0; j < k; ++j) {
-              const int64_t col = idx[j];
-              // A bitwise copy (NaN payloads included), +0 outside the row.
-              dst[j] = (col >= 0 && col < columns) ? src[col] : T{};
-            }
-          }
-        });
+        gather_rows_typed(static_cast<const T*>(y), rows, columns, k,
+                          static_cast<const I*>(indices), static_cast<T*>(out), threads);
         return Status{};
       });
     });
