@@ -5,7 +5,7 @@ cycle from the interpreter, not from a reader): it is an edge from the importing
 module it names (``from p import x`` names ``p.x`` when that is a module, else ``p``). Modules
 are named as Python imports them: dct_kernels's from the repository root, bench's from bench/
 (``run``, ``dlrm.cli``), which is sys.path[0] when a bench script runs. Imports of anything
-else (torch, the standard library) are not edges.
+else (torch, the standard library, a module that does not exist) are not edges.
 """
 
 import ast
@@ -38,13 +38,6 @@ def find_modules(root: str = ROOT) -> Dict[str, tuple]:
     return found
 
 
-def _known_prefix(name: str, modules) -> str:
-    """The longest leading part of a dotted name that is one of ``modules`` ("" if none)."""
-    while name and name not in modules:
-        name = name.rpartition(".")[0]
-    return name
-
-
 def import_graph(modules: Dict[str, tuple]) -> Dict[str, Set[str]]:
     """Each module mapped to the modules of ``modules`` that it imports."""
     graph = {}
@@ -55,7 +48,7 @@ def import_graph(modules: Dict[str, tuple]) -> Dict[str, Set[str]]:
         edges = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                edges.update(_known_prefix(alias.name, modules) for alias in node.names)
+                edges.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
                     parts = package.split(".")[:len(package.split(".")) - node.level + 1]
@@ -64,11 +57,9 @@ def import_graph(modules: Dict[str, tuple]) -> Dict[str, Set[str]]:
                     source = node.module
                 for alias in node.names:
                     submodule = f"{source}.{alias.name}"
-                    edges.add(submodule if submodule in modules
-                              else _known_prefix(source, modules))
-        edges.discard("")
+                    edges.add(submodule if submodule in modules else source)
         edges.discard(name)
-        graph[name] = edges
+        graph[name] = {edge for edge in edges if edge in modules}
     return graph
 
 
