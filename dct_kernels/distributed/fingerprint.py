@@ -15,7 +15,7 @@ from .collectives import all_gather_rows
 from .sizing import EXCHANGES
 
 MAGIC = 0x44435444  # "DCTD"
-VERSION = 2
+VERSION = 3
 
 # (field name, how to show its value in an error): "int", "float" (bits of a float64) or
 # "crc" (a checksum, shown as hex).
@@ -39,6 +39,7 @@ FIELDS: Tuple[Tuple[str, str], ...] = (
     ("exchange", "exchange"),
     ("exchange chosen for the bucket", "exchange"),
     ("reduce_scatter row capacity", "int"),
+    ("refresh_patience", "int"),
 )
 
 # Codes of the exchange fields (the order of sizing.EXCHANGES).

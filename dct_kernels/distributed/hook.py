@@ -15,7 +15,8 @@ from .. import payload as wire
 from . import collectives, fingerprint
 from .allgather import AllGatherExchange
 from .futures import StepOrder, after
-from .layout import FLOOR, BucketLayout
+from .layout import BucketLayout
+from .threshold_rule import FLOOR
 from .reduce_scatter import ReduceScatterExchange
 from .state import DCTState
 
@@ -34,10 +35,11 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
        configuration and the layout; all raise ValueError when they differ (no hang).
     2. During the first ``warmup_steps`` steps, or when no parameter has ``min_numel``
        elements: a dense all-reduce (async), divided by the world size in its callback.
-    3. Otherwise, when a τ is due (never computed, ``refresh_every`` steps old, or the last
-       step's kept counts left the band or overflowed — decided on the device one step
-       earlier): τ_p = max(exact k_p-th largest |gradient + residual|, 2^-149) for every
-       parameter, in one segmented ``select_threshold``; exact zeros never pass.
+    3. Otherwise, when an exact τ is due (never computed, ``refresh_every`` steps old, or a
+       parameter's kept count has been out of its band, or the payload overflowing, for
+       ``refresh_patience`` consecutive steps — decided on the device one step earlier):
+       τ_p = max(exact k_p-th largest |gradient + residual|, 2^-149) for every parameter, in
+       one segmented ``select_threshold``; exact zeros never pass.
     4. Small parameters are taken out for one dense all-reduce (async). The bucket's exchange
        starts: with "allgather", ``compress`` packs the entries with |gradient + residual| >=
        τ_p into one fixed-capacity wire buffer (the rest stays in the residual) and one
@@ -46,9 +48,11 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
        thread and in bucket order (so every rank issues its collectives in the same order),
        the shard owner's rank-order sum, second threshold τ' and shard residual, and one
        all-gather of the shard payloads.
-    5. Each parameter's kept count (first stage) is compared with its band on the device and
-       staged to the host for the next step's decision; statistics accumulate (bytes on the
-       host, counts on the device).
+    5. The threshold rule, on the device, from each parameter's kept count (first stage):
+       τ_p moves toward its target k_p (at most a factor 2 per step) for the next step, and
+       the streaks of out-of-band steps advance; the early-refresh flags are staged to the
+       host for the next step's decision (the same for τ' at the second stage of
+       reduce_scatter). Statistics accumulate (bytes on the host, counts on the device).
     6. In the last collective's callback, ``decompress_many(average=True)`` writes the
        average into the bucket, bitwise identical on every rank; the small parameters'
        average is put back; the returned future completes.
@@ -116,7 +120,8 @@ def _layout_of(state: DCTState, bucket) -> BucketLayout:
         state.statistics.set_world(world)
         layout = BucketLayout(keys, numels, [n >= state.min_numel for n in numels],
                               ratio=state.ratio, capacity_factor=state.capacity_factor,
-                              band=state.refresh_band, dtype=buffer.dtype,
+                              band=state.refresh_band, patience=state.refresh_patience,
+                              dtype=buffer.dtype,
                               device=buffer.device, world=world, rank=dist.get_rank(group),
                               value_dtype=state.value_dtype, exchange=state.exchange)
         fingerprint.verify_across_ranks(
@@ -159,6 +164,7 @@ def _refresh_thresholds(state: DCTState, layout: BucketLayout, buffer: torch.Ten
     layout.thresholds.copy_(torch.where(layout.sparse_mask, taus, float("inf")))
     for s in states:
         s.refreshed_at, s.pending = state.step, False
+    layout.rule.refreshed()
     state.statistics.add(refreshes=layout.owned, bucket_refreshes=1,
                          early_refreshes=int(early))
     return True
@@ -175,6 +181,7 @@ def _shard_refresh_due(state: DCTState, layout: BucketLayout, step: int) -> bool
     if due:
         for p in pieces:
             p.refreshed_at, p.pending = step, False
+        layout.shard.rule.refreshed()
         state.statistics.add(shard_refreshes=1)
     return due
 
@@ -226,8 +233,9 @@ def _exchange_of(state: DCTState, layout: BucketLayout):
 
 
 def _record_sparse(state: DCTState, layout: BucketLayout, exchange, sent) -> None:
-    """After stage 1 of a sparse step: stage the band flags of what this rank sent (``sent``:
-    its payload, or with reduce_scatter its send rows) and count the step."""
+    """After stage 1 of a sparse step: the threshold rule on what this rank sent (``sent``:
+    its payload, or with reduce_scatter its send rows) corrects τ_p and stages the
+    early-refresh flags; the step is counted."""
     capped = None
     if layout.exchange == "reduce_scatter":
         positions, valid, count, overflow = exchange.stage1_positions()
@@ -241,7 +249,7 @@ def _record_sparse(state: DCTState, layout: BucketLayout, exchange, sent) -> Non
         positions, valid = sent.indices, slots < sent.count
         count, overflow = sent.count, sent.overflow
         overflowed = overflow > 0
-    layout.band.stage(positions, valid, layout.residual, overflowed, capped)
+    layout.rule.step(layout.thresholds, positions, valid, overflowed, capped)
     stats = state.statistics
     stats.add_device(kept=count, overflow=overflow,
                      overflowed_buckets=(overflow > 0).to(torch.int64))
@@ -253,11 +261,12 @@ def _record_sparse(state: DCTState, layout: BucketLayout, exchange, sent) -> Non
 
 
 def _record_shard(state: DCTState, layout: BucketLayout, payload: wire.SparsePayload) -> None:
-    """After stage 2 of reduce_scatter: the shard's band flags and statistics."""
+    """After stage 2 of reduce_scatter: the threshold rule on the shard payload corrects τ'
+    and stages its flags; statistics."""
     shard = layout.shard
     slots = torch.arange(payload.capacity, device=layout.device)
-    shard.band.stage(payload.indices, slots < payload.count, shard.residual,
-                     payload.overflow > 0)
+    shard.rule.step(shard.thresholds, payload.indices, slots < payload.count,
+                    payload.overflow > 0)
     state.statistics.add_device(shard_kept=payload.count, shard_overflow=payload.overflow)
 
 

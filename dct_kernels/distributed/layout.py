@@ -23,27 +23,27 @@ from typing import List, Optional
 import torch
 
 from .. import ops
-from .band import BandCheck
 from .sizing import Plan, k_of, plan as make_plan, share_of
+from .threshold_rule import FLOOR, ThresholdRule
 
 __all__ = ["ParamState", "ShardPiece", "BucketLayout", "k_of", "share_of", "FLOOR"]
-
-# The smallest positive fp32 magnitude (a denormal): every τ is at least this, so an entry
-# that is exactly ±0 never passes |acc| >= τ and never takes a payload slot.
-FLOOR = 2.0 ** -149
-
 
 class ShardPiece:
     """The piece [start, start + numel) of a parameter (positions within the parameter) that
     this rank owns in the reduce_scatter exchange, with its second-level error feedback."""
 
     def __init__(self, start: int, residual: torch.Tensor, threshold: torch.Tensor,
-                 refreshed_at: int = -1, pending: bool = False):
+                 refreshed_at: int = -1, pending: bool = False,
+                 streak: Optional[torch.Tensor] = None, average: Optional[torch.Tensor] = None):
         self.start = start
         self.residual = residual        # fp32 [numel]: a view into the owner's shard residual
         self.threshold = threshold      # fp32 [1]: τ', a view into the owner's shard τ'
         self.refreshed_at = refreshed_at
         self.pending = pending
+        # int32 [1] / fp32 [1]: the rule's streak and count average for τ' (views into the
+        # shard's rule; an average of None: not yet known, the rule starts it at k)
+        self.streak = streak if streak is not None else torch.zeros(1, dtype=torch.int32)
+        self.average = average
 
     @property
     def numel(self) -> int:
@@ -55,13 +55,18 @@ class ParamState:
 
     def __init__(self, key: str, numel: int, residual: torch.Tensor,
                  threshold: torch.Tensor, refreshed_at: int = -1, pending: bool = False,
-                 shard: Optional[ShardPiece] = None):
+                 shard: Optional[ShardPiece] = None, streak: Optional[torch.Tensor] = None,
+                 average: Optional[torch.Tensor] = None):
         self.key = key
         self.numel = numel
         self.residual = residual      # fp32 [numel]: a view into owner.residual when owned
         self.threshold = threshold    # fp32 [1]: a view into owner.thresholds when owned
         self.refreshed_at = refreshed_at  # step τ was last computed at; -1: never
-        self.pending = pending        # an early refresh of τ is due (band left, overflow)
+        self.pending = pending        # an early refresh of τ is due (a persistent excursion)
+        # int32 [1] / fp32 [1]: the threshold rule's streak and count average (views into
+        # owner.rule when owned; an average of None: not yet known, the rule starts it at k)
+        self.streak = streak if streak is not None else torch.zeros(1, dtype=torch.int32)
+        self.average = average
         self.shard = shard            # this rank's reduce_scatter piece, or None
         self.owner: Optional["BucketLayout"] = None
         self.slot = -1                # segment index in the owner
@@ -81,7 +86,8 @@ class BucketLayout:
     """
 
     def __init__(self, keys: List[str], numels: List[int], sparse: List[bool], *,
-                 ratio: float, capacity_factor: float, band: tuple, dtype: torch.dtype,
+                 ratio: float, capacity_factor: float, band: tuple, patience: int = 32,
+                 dtype: torch.dtype,
                  device: torch.device, world: int = 1, rank: int = 0,
                  value_dtype: Optional[torch.dtype] = None, exchange: str = "allgather"):
         self.keys = keys
@@ -128,9 +134,10 @@ class BucketLayout:
         self.keep_all_mask = torch.tensor([s and k == n for s, k, n in
                                            zip(sparse, self.ks, numels)],
                                           dtype=torch.bool).to(device)
-        self.band = BandCheck(offsets, self.ks, sparse, band, device)
+        keep_all = [s and k == n for s, k, n in zip(sparse, self.ks, numels)]
+        self.rule = ThresholdRule(offsets, self.ks, sparse, keep_all, band, patience, device)
         if self.exchange == "reduce_scatter":
-            self.shard = _Shard(self, band)
+            self.shard = _Shard(self, band, patience)
 
     # ------------------------------------------------------------------ ownership of states
 
@@ -147,8 +154,13 @@ class BucketLayout:
             a, b = self.offsets_list[slot], self.offsets_list[slot + 1]
             self.residual[a:b].copy_(state.residual.reshape(-1))
             self.thresholds[slot:slot + 1].copy_(state.threshold.reshape(-1))
+            self.rule.streaks[slot:slot + 1].copy_(state.streak.reshape(-1))
+            if state.average is not None:
+                self.rule.averages[slot:slot + 1].copy_(state.average.reshape(-1))
             state.residual = self.residual[a:b]
             state.threshold = self.thresholds[slot:slot + 1]
+            state.streak = self.rule.streaks[slot:slot + 1]
+            state.average = self.rule.averages[slot:slot + 1]
             state.owner, state.slot = self, slot
             self.states[slot] = state
             self.owned += 1
@@ -172,7 +184,7 @@ class BucketLayout:
         (the one place a pending refresh is kept), the shard pieces' included."""
         if not self.has_sparse:
             return
-        flags = self.band.take()
+        flags = self.rule.take()
         if flags is not None:
             for state in self.states:
                 if state is not None:
@@ -182,8 +194,8 @@ class BucketLayout:
 
     def collect_shard_flags(self) -> None:
         """The same for this rank's shard pieces (second stage of reduce_scatter)."""
-        band = self.shard.band
-        flags = band.take() if band is not None else None
+        rule = self.shard.rule
+        flags = rule.take() if rule is not None else None
         if flags is not None:
             for i, piece in enumerate(self.shard.states):
                 if piece is not None:
@@ -192,18 +204,18 @@ class BucketLayout:
     @property
     def band_low(self) -> torch.Tensor:
         """int64 [S]: ceil(k x low) per segment (the band's low side)."""
-        return self.band.low
+        return self.rule.low
 
     @property
     def band_high(self) -> torch.Tensor:
         """int64 [S]: floor(k x high) per segment (the band's high side)."""
-        return self.band.high
+        return self.rule.high
 
 
 class _Shard:
     """This rank's shard of a reduce_scatter bucket: position, pieces, second-level storage."""
 
-    def __init__(self, layout: BucketLayout, band):
+    def __init__(self, layout: BucketLayout, band, patience: int):
         plan = layout.plan
         device = layout.device
         self.start, self.end = plan.cuts[layout.rank], plan.cuts[layout.rank + 1]
@@ -233,8 +245,9 @@ class _Shard:
                                         dtype=torch.bool).to(device)
         offsets = [0] + [q.end - self.start for q in self.pieces]
         self.segments = ops.Segments(offsets, device=device) if self.pieces else None
-        self.band = BandCheck(offsets, self.ks, [q.sparse for q in self.pieces], band,
-                              device) if self.pieces else None
+        keep_all = [q.sparse and q.k == q.end - q.start for q in self.pieces]
+        self.rule = ThresholdRule(offsets, self.ks, [q.sparse for q in self.pieces], keep_all,
+                                  band, patience, device) if self.pieces else None
         self.piece_slot = {q.segment: i for i, q in enumerate(self.pieces)}
         self.param_start = layout.offsets_list
         self.states: List[Optional[ShardPiece]] = [None] * len(self.pieces)
@@ -252,10 +265,14 @@ class _Shard:
         q = self.pieces[i]
         a, b = q.start - self.start, q.end - self.start
         piece = ShardPiece(q.start - self.param_start[slot], self.residual[a:b],
-                           self.thresholds[i:i + 1])
+                           self.thresholds[i:i + 1], streak=self.rule.streaks[i:i + 1],
+                           average=self.rule.averages[i:i + 1])
         if old is not None:
             piece.residual.copy_(old.residual.reshape(-1))
             piece.threshold.copy_(old.threshold.reshape(-1))
+            piece.streak.copy_(old.streak.reshape(-1))
+            if old.average is not None:
+                piece.average.copy_(old.average.reshape(-1))
             piece.refreshed_at, piece.pending = old.refreshed_at, old.pending
         self.states[i] = piece
         return piece

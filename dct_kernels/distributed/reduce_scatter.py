@@ -28,7 +28,7 @@ from .. import ops
 from .. import payload as wire
 from . import collectives
 from .futures import new_future
-from .layout import FLOOR
+from .threshold_rule import FLOOR
 
 _NUMEL_WORDS = slice(2, 4)  # header words 2-3: numel (int64), see payload.header_words
 

@@ -22,9 +22,9 @@ __all__ = ["DCTState"]
 
 logger = logging.getLogger(__name__)
 
-STATE_DICT_VERSION = 1
+STATE_DICT_VERSION = 2
 _CONFIG_FIELDS = ("ratio", "refresh_every", "warmup_steps", "capacity_factor", "min_numel",
-                  "value_dtype", "refresh_band", "exchange")
+                  "value_dtype", "refresh_band", "refresh_patience", "exchange")
 
 
 def _check_number(value, name: str, integral: bool, minimum=None) -> None:
@@ -37,6 +37,19 @@ def _check_number(value, name: str, integral: bool, minimum=None) -> None:
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+
+
+def _streak(entry: Dict[str, Any]) -> torch.Tensor:
+    return torch.tensor([int(entry.get("excursion_streak", 0))], dtype=torch.int32)
+
+
+def _average(entry: Dict[str, Any]) -> Optional[torch.Tensor]:
+    value = entry.get("count_average")
+    return None if value is None else value.to(torch.float32).reshape(1).clone()
+
+
+def _average_of(state) -> Optional[torch.Tensor]:
+    return None if state.average is None else state.average.detach().cpu().clone().reshape(1)
 
 
 def _dtype_code(dtype: Optional[torch.dtype]) -> int:
@@ -54,8 +67,9 @@ class DCTState:
         ratio: fraction of each parameter's entries to send, in (0, 1]: each sparse parameter
             of n elements gets k = max(1, ceil(ratio x n)) (the product in float64) and a
             threshold τ, the exact k-th largest magnitude of its (gradient + residual) when τ
-            is computed, and never below 2^-149 (so exact zeros are never sent).
-        refresh_every: recompute every τ at least every this many steps (>= 1).
+            is computed, corrected at every step from the step's kept count toward k (see
+            ``threshold_rule``), and never below 2^-149 (so exact zeros are never sent).
+        refresh_every: recompute every τ exactly at least every this many steps (>= 1).
         warmup_steps: the first steps are plain dense all-reduces (>= 0).
         capacity_factor: the wire buffer of a bucket holds the sum of
             min(n, ceil(k x capacity_factor)) entries over its sparse parameters (>= 1);
@@ -66,10 +80,13 @@ class DCTState:
         value_dtype: wire dtype of the sent values: None (the gradient's dtype), torch.float32,
             torch.float16 or torch.bfloat16. fp16/bf16 saturate finite values; the rounding
             error stays in the residual.
-        refresh_band: (low, high) with 0 <= low <= 1 <= high: a bucket's τ are recomputed
-            early (on the next step) when a parameter's kept count falls below low x k while
-            its (gradient + residual) has at least k nonzeros, or rises above high x k, or when
-            the bucket's payload overflowed. high=None means capacity_factor.
+        refresh_band: (low, high) with 0 <= low <= 1 <= high: a parameter's step is out of
+            its band when its kept count falls below low x k while its τ is above 2^-149, or
+            rises above high x k, or the bucket's payload overflowed. high=None means
+            capacity_factor.
+        refresh_patience: a bucket's τ are recomputed exactly ahead of schedule (on the next
+            step) once a parameter has been out of its band for this many consecutive steps
+            (>= 1); between refreshes the per-step correction keeps kept counts near k.
         exchange: "allgather", "reduce_scatter" or "auto" (default): how a bucket's payloads
             cross the network (see docs/distributed.md). "auto" takes, per bucket, whichever
             moves fewer bytes per rank for its layout and the world size
@@ -101,7 +118,7 @@ class DCTState:
                  warmup_steps: int = 10, capacity_factor: float = 1.5, min_numel: int = 1024,
                  value_dtype: Optional[torch.dtype] = None,
                  refresh_band: Tuple[float, Optional[float]] = (0.5, None),
-                 exchange: str = "auto",
+                 refresh_patience: int = 32, exchange: str = "auto",
                  module: Union[torch.nn.Module, Iterable[Tuple[str, torch.Tensor]], None] = None,
                  validate: bool = False, backend: Optional[str] = None):
         _check_number(ratio, "ratio", integral=False)
@@ -111,6 +128,7 @@ class DCTState:
         _check_number(warmup_steps, "warmup_steps", integral=True, minimum=0)
         _check_number(capacity_factor, "capacity_factor", integral=False, minimum=1)
         _check_number(min_numel, "min_numel", integral=True, minimum=0)
+        _check_number(refresh_patience, "refresh_patience", integral=True, minimum=1)
         if value_dtype is not None and not any(value_dtype is d for d in wire.VALUE_DTYPES):
             raise ValueError(f"value_dtype: expected None, torch.float32, torch.float16 or "
                              f"torch.bfloat16, got {value_dtype!r}")
@@ -138,6 +156,7 @@ class DCTState:
         self.min_numel = int(min_numel)
         self.value_dtype = value_dtype
         self.refresh_band = (float(low), float(high))
+        self.refresh_patience = int(refresh_patience)
         self.exchange = exchange
         self.validate = bool(validate)
         self.backend = backend
@@ -171,7 +190,8 @@ class DCTState:
         return {"ratio": self.ratio, "refresh_every": self.refresh_every,
                 "warmup_steps": self.warmup_steps, "capacity_factor": self.capacity_factor,
                 "min_numel": self.min_numel, "value_dtype": str(self.value_dtype),
-                "refresh_band": list(self.refresh_band), "exchange": self.exchange}
+                "refresh_band": list(self.refresh_band),
+                "refresh_patience": self.refresh_patience, "exchange": self.exchange}
 
     def group(self):
         """The process group the hook communicates in."""
@@ -190,7 +210,7 @@ class DCTState:
                 layout.num_segments, fingerprint.checksum(layout.numels),
                 fingerprint.checksum(layout.keys) if self._named else 0,
                 _dtype_code(layout.dtype), layout.capacity, codes[self.exchange],
-                codes[layout.exchange], layout.plan.shard_capacity]
+                codes[layout.exchange], layout.plan.shard_capacity, self.refresh_patience]
 
     # ------------------------------------------------------------------ parameters, layouts
 
@@ -292,16 +312,24 @@ class DCTState:
     def state_dict(self) -> Dict[str, Any]:
         """Everything a resumed run needs to continue bit for bit, on the CPU.
 
-        Format (version 1)::
+        Format (version 2)::
 
-            {"version": 1, "config": {...the tunables...}, "step": int,
+            {"version": 2, "config": {...the tunables...}, "step": int,
              "params": {key: {"numel": int, "residual": fp32 tensor [numel],
                               "threshold": fp32 tensor [1], "refreshed_at": int (-1: never),
-                              "refresh_pending": bool,
+                              "refresh_pending": bool, "excursion_streak": int,
+                              "count_average": fp32 tensor [1] or None,
                               "shard": None or {"start": int, "residual": fp32 [n],
                                                 "threshold": fp32 [1], "refreshed_at": int,
-                                                "refresh_pending": bool}}},
+                                                "refresh_pending": bool,
+                                                "excursion_streak": int,
+                                                "count_average": fp32 [1] or None}}},
              "stats": {counter: int}}
+
+        "excursion_streak" and "count_average" are the threshold rule's state (consecutive
+        out-of-band steps of the bucket; the parameter's kept-count average, None before its
+        first sparse step). Version 1 (before the per-step correction) loads with streaks of 0
+        and averages started at k.
 
         Keys are parameter names (with ``module=``) or "param.<i>" in order of first sight.
         "shard" is this rank's reduce_scatter piece of the parameter (its second-level error
@@ -315,12 +343,16 @@ class DCTState:
             shard = None if piece is None else {
                 "start": piece.start, "residual": piece.residual.detach().cpu().clone(),
                 "threshold": piece.threshold.detach().cpu().clone().reshape(1),
-                "refreshed_at": piece.refreshed_at, "refresh_pending": bool(piece.pending)}
+                "refreshed_at": piece.refreshed_at, "refresh_pending": bool(piece.pending),
+                "excursion_streak": int(piece.streak.item()),
+                "count_average": _average_of(piece)}
             params[key] = {"numel": state.numel,
                            "residual": state.residual.detach().cpu().clone().reshape(-1),
                            "threshold": state.threshold.detach().cpu().clone().reshape(1),
                            "refreshed_at": state.refreshed_at,
-                           "refresh_pending": bool(state.pending), "shard": shard}
+                           "refresh_pending": bool(state.pending),
+                           "excursion_streak": int(state.streak.item()),
+                           "count_average": _average_of(state), "shard": shard}
         return {"version": STATE_DICT_VERSION, "config": self.config(), "step": self.step,
                 "params": params, "stats": self.statistics.state_dict()}
 
@@ -335,9 +367,9 @@ class DCTState:
             must use the same tunables to continue exactly), the version is unknown, or a
             parameter's size differs.
         """
-        if state_dict.get("version") != STATE_DICT_VERSION:
+        if state_dict.get("version") not in (1, STATE_DICT_VERSION):
             raise ValueError(f"state_dict: version {state_dict.get('version')!r}, expected "
-                             f"{STATE_DICT_VERSION}")
+                             f"1 or {STATE_DICT_VERSION}")
         saved, mine = state_dict["config"], self.config()
         # A field missing from an older checkpoint ("exchange") is not a difference.
         differing = [f"{name}: saved {saved.get(name)!r}, this state {mine[name]!r}"
@@ -362,14 +394,16 @@ class DCTState:
                 piece = ShardPiece(int(shard["start"]),
                                    shard["residual"].to(torch.float32).reshape(-1).clone(),
                                    shard["threshold"].to(torch.float32).reshape(1).clone(),
-                                   int(shard["refreshed_at"]), bool(shard["refresh_pending"]))
+                                   int(shard["refreshed_at"]), bool(shard["refresh_pending"]),
+                                   _streak(shard), _average(shard))
                 if piece.start < 0 or piece.start + piece.numel > numel:
                     raise ValueError(f"state_dict: parameter {key!r} has a shard piece "
                                      f"outside its {numel} elements")
             loaded[key] = ParamState(key, numel, residual.clone(),
                                      entry["threshold"].to(torch.float32).reshape(1).clone(),
                                      int(entry["refreshed_at"]),
-                                     bool(entry["refresh_pending"]), piece)
+                                     bool(entry["refresh_pending"]), piece, _streak(entry),
+                                     _average(entry))
         # The layouts are rebuilt at the next step and adopt the loaded states.
         for state in self._states.values():
             state.owner, state.slot = None, -1
