@@ -43,7 +43,7 @@ class Config:
     # DCT-DP
     dp_ratio: float = 0.003
     exchange: str = "auto"
-    refresh_every: int = 200
+    refresh_every: int = 1000
     warmup_steps: int = 0
     capacity_factor: float = 1.5
     min_numel: int = 0
