@@ -10,6 +10,7 @@ import contextlib
 import io
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -69,6 +70,30 @@ def expect_error(fn, *needles):
         assert not missing, f"error message lacks {missing}: {text}"
         return text
     raise AssertionError(f"no ValueError raised (expected one mentioning {needles})")
+
+
+# The threshold rule as docs/design.md states it ("Refresh and band"), written out here in
+# numpy fp32 and Python floats, independently of dct_kernels/distributed/threshold_rule.py.
+RULE_MARKS = [round(1000 * 2.0 ** (j / 4)) for j in range(1, 9)]
+TAU_FLOOR = 2.0 ** -149
+
+
+def expected_rule(tau: float, count: int, k: int, average, held: bool, keep_all=False):
+    """(τ, count average) of a parameter after one step of the threshold rule: ``tau`` the τ
+    the step used, ``count`` its kept entries, ``average`` the average before the step (k
+    right after a refresh), ``held`` whether its payload (or row) overflowed."""
+    a = np.float32(average)
+    a = np.float32(a + np.float32(np.float32(count) - a) * np.float32(0.125))
+    scaled = (float(a) + 1.0)
+    up = sum(scaled * 1000 >= (k + 1) * m for m in RULE_MARKS)
+    down = 0 if held else sum(scaled * m < (k + 1) * 1000 for m in RULE_MARKS)
+    if held:
+        up = max(up, 1)
+    if keep_all:
+        return np.float32(tau), a
+    s = up - down
+    multiplier = np.float32(2.0 ** (s / 32 if s > 0 else s / 256))
+    return max(np.float32(tau) * multiplier, np.float32(TAU_FLOOR)), a
 
 
 def rank_generator(seed: int, rank: int, step: int = 0) -> torch.Generator:
@@ -268,9 +293,11 @@ def check_ddp_sparse_audited(rank, world, steps=50):
     """ratio = 0.01 with DDP, warm-up 0 so that the first step's residuals must survive DDP's
     bucket rebuild (one bucket in parameter order, then two in gradient order). Every step:
     what each rank sent is exactly the entries with |grad + residual| >= τ (the first
-    `capacity` of them), τ at a refresh is the exact k-th magnitude, sent + residual ==
-    grad + residual_before bitwise; at the end every rank holds the same parameters and, per
-    parameter, sum of gradients == sum sent + residual (fp64)."""
+    `capacity` of them), τ at a refresh is the exact k-th magnitude and otherwise the one the
+    last step's correction left, the correction and the count average are the rule's
+    (expected_rule), sent + residual == grad + residual_before bitwise; at the end every rank
+    holds the same parameters and, per parameter, sum of gradients == sum sent + residual
+    (fp64)."""
     # Reversed, the last layer alone fills DDP's 1 MiB first bucket: two buckets after rebuild.
     widths = [100, 50, 5300]
     model = _MLP(widths, seed=4)
@@ -286,16 +313,17 @@ def check_ddp_sparse_audited(rank, world, steps=50):
     grad_sum = {n: torch.zeros(numel_of[n], dtype=torch.float64) for n in numel_of}
     sent_sum = {n: torch.zeros(numel_of[n], dtype=torch.float64) for n in numel_of}
     residual = {n: torch.zeros(numel_of[n]) for n in numel_of if numel_of[n] >= min_numel}
+    saved = {}
     for step in range(steps):
         first_call = len(recorder.calls)
         _train(ddp, optimizer, widths, seed=4, rank=rank, steps=1, first_step=step)
-        saved = state.state_dict()["params"]
+        before, saved = saved, state.state_dict()["params"]
         for _, keys, local, own, numels in recorder.calls[first_call:]:
             grads = _split(local, numels)
             sent_flat = decode(own)
             sent = _split(sent_flat, numels)
             passing = torch.zeros(local.numel(), dtype=torch.bool)
-            accs = {}
+            accs, used = {}, {}
             offset = 0
             for key, grad, n in zip(keys, grads, numels):
                 grad_sum[key] += grad.double()
@@ -305,17 +333,35 @@ def check_ddp_sparse_audited(rank, world, steps=50):
                 else:
                     acc = grad + residual[key]
                     accs[key] = acc
-                    entry = saved[key]
-                    tau = entry["threshold"]
-                    if entry["refreshed_at"] == step:
-                        k = max(1, math.ceil(0.01 * n))
-                        want = torch.topk(acc.abs(), k).values[-1:]
-                        assert_bitwise_equal(tau, want, f"step {step} {key}: τ")
+                    k = max(1, math.ceil(0.01 * n))
+                    if saved[key]["refreshed_at"] == step:
+                        # An exact selection this step: τ = the k-th magnitude, the count
+                        # average starts from k.
+                        tau = torch.topk(acc.abs(), k).values[-1:]
+                        used[key] = (tau, k)
+                    else:  # the τ the last step's correction left
+                        entry = before[key]
+                        tau = entry["threshold"]
+                        used[key] = (tau, entry["count_average"].item())
                     passing[offset:offset + n] = acc.abs() >= tau
                 offset += n
             capacity = sum(min(n, math.ceil(1.5 * max(1, math.ceil(0.01 * n))))
                            for n in numels if n >= min_numel)
             kept = passing & (passing.cumsum(0) <= capacity)
+            held = bool(passing.sum() > capacity)
+            offset = 0
+            for key, n in zip(keys, numels):
+                if key in used:
+                    k = max(1, math.ceil(0.01 * n))
+                    tau, average = used[key]
+                    count = int(kept[offset:offset + n].sum())
+                    want_tau, want_average = expected_rule(tau.item(), count, k, average, held)
+                    assert_bitwise_equal(saved[key]["threshold"], torch.tensor([want_tau]),
+                                         f"step {step} {key}: τ after the correction")
+                    assert_bitwise_equal(saved[key]["count_average"],
+                                         torch.tensor([want_average]),
+                                         f"step {step} {key}: count average")
+                offset += n
             acc_flat = torch.cat([accs[k] if k in accs else torch.zeros(n)
                                   for k, n in zip(keys, numels)])
             assert_bitwise_equal(sent_flat, torch.where(kept, acc_flat, 0.0),
@@ -346,54 +392,74 @@ def check_ddp_sparse_audited(rank, world, steps=50):
 
 
 def check_hook_empty_and_overflow(rank, world):
-    """A τ far above the new gradients sends nothing (an empty payload); gradients far above
-    it overflow the capacity. Either way the next step refreshes τ early, and nothing is
-    lost (sent + residual == acc, with bf16 values on the wire)."""
+    """Gradients far below τ send nothing (empty payloads); gradients far above it overflow
+    the capacity. The count averages, the corrections of τ, the bucket's band and its streak
+    follow the rule (expected_rule, and the band written out here): early refreshes come
+    exactly ``refresh_patience`` out-of-band steps after an excursion begins, never from one
+    empty step alone; nothing is lost (sent + residual == acc, with bf16 values on the wire)."""
     params = _small_params()
+    patience, low, high = 2, 0.5, 1.5
     state = DCTState(ratio=0.02, warmup_steps=0, refresh_every=1000, min_numel=16,
                      value_dtype=torch.bfloat16, exchange="allgather",
+                     refresh_band=(low, high), refresh_patience=patience,
                      module=[(f"p{i}", p) for i, p in enumerate(params)])
-    scales = [1.0, 1e-30, 1.0, 1e3, 1.0]
-    residuals = {0: torch.zeros(1200), 2: torch.zeros(500)}
+    scales = [1.0] + [1e-30] * 9 + [1.0] + [1e3] * 3 + [1.0, 1.0]
     segments = {0: slice(0, 1200), 2: slice(1207, 1707)}
-    history = []
+    ks = {0: 24, 2: 10}
+    capacity = sum(math.ceil(1.5 * k) for k in ks.values())
+    residuals = {i: torch.zeros(where.stop - where.start) for i, where in segments.items()}
+    taus, averages = {}, {}
+    streak, flagged, empty_steps, refreshed_steps = 0, False, 0, []
     for step, scale in enumerate(scales):
         g = rank_generator(5, rank, step)
         grads = [torch.randn(p.shape, generator=g) * scale for p in params]
         bucket = StandInBucket(params, grads)
         local = bucket.buffer().clone()
+        early_before = state.stats()["early_refreshes"]
         with captured_rows() as rows:
             dct_hook(state, bucket).wait()
         sent = decode(rows[0])
-        saved = state.state_dict()
-        stats = state.stats()
+        saved = state.state_dict()["params"]
+        refreshed = saved["p0"]["refreshed_at"] == step
+        assert refreshed == (step == 0 or flagged), f"step {step}: refreshed {refreshed}"
+        assert state.stats()["early_refreshes"] - early_before == int(flagged and step > 0)
+        if refreshed:
+            refreshed_steps.append(step)
+            streak = 0
+        counts, accs = {}, {}
         for i, where in segments.items():
-            acc = local[where] + residuals[i]
-            after = saved["params"][f"p{i}"]["residual"]
-            assert_bitwise_equal(sent[where] + after, acc, f"step {step} p{i}")
+            accs[i] = local[where] + residuals[i]
+            if refreshed:
+                taus[i] = max(torch.topk(accs[i].abs(), ks[i]).values[-1].item(), TAU_FLOOR)
+                averages[i] = ks[i]
+            after = saved[f"p{i}"]["residual"]
+            assert_bitwise_equal(sent[where] + after, accs[i], f"step {step} p{i}")
             residuals[i] = after
-        history.append((stats, int(torch.count_nonzero(sent)), sent))
-    (s0, _, _), (s1, sent1, out1), (s2, _, _), (s3, sent3, _), (s4, _, _) = history
-    assert sent1 == 0 and s1["kept"] == s0["kept"], "step 1 should send nothing"
-    assert s1["bucket_refreshes"] == 1, "no early refresh is decided within the step"
-    assert s2["early_refreshes"] == 1, "an empty payload must trigger an early refresh"
-    capacity = math.ceil(1.5 * 24) + math.ceil(1.5 * 10)
-    assert s3["overflow"] > 0 and s3["overflowed_buckets"] == 1 and sent3 == capacity, s3
-    assert s4["early_refreshes"] == 2, "an overflow must trigger an early refresh"
-    assert s4["bucket_refreshes"] == 3
-
-    # Overflow alone: one parameter with k x capacity_factor = 15 slots and band high 1.5, so
-    # a full payload's count (15) is inside the band; only the overflow can ask for a refresh.
-    param = torch.nn.Parameter(torch.zeros(500))
-    state = DCTState(ratio=0.02, warmup_steps=0, min_numel=16, exchange="allgather",
-                     module=[("p", param)])
-    for step, scale in enumerate([1.0, 1e3, 1.0]):
-        g = rank_generator(6, rank, step)
-        dct_hook(state, StandInBucket([param], [torch.randn(500, generator=g) * scale])).wait()
-        stats = state.stats()
-        if step == 1:
-            assert stats["overflow"] > 0 and stats["kept"] == 10 + 15, stats
-    assert stats["early_refreshes"] == 1, stats
+            counts[i] = int(torch.count_nonzero(sent[where]))
+        passing = sum(int((accs[i].abs() >= taus[i]).sum()) for i in segments)
+        overflowed = passing > capacity
+        if overflowed:  # a full payload, the rest in the residual
+            assert sum(counts.values()) == capacity, (step, counts)
+        used = dict(taus)
+        for i in segments:
+            taus[i], averages[i] = expected_rule(used[i], counts[i], ks[i], averages[i],
+                                                 overflowed)
+            assert_bitwise_equal(saved[f"p{i}"]["threshold"], torch.tensor([taus[i]]),
+                                 f"step {step} p{i}: τ")
+        total = sum(float(averages[i]) for i in segments)
+        live = [i for i in segments if used[i] > TAU_FLOOR]
+        out = (total > sum(math.floor(high * ks[i]) for i in segments) or overflowed or
+               sum(float(averages[i]) for i in live) <
+               sum(math.ceil(low * ks[i]) for i in live))
+        streak = streak + 1 if out else 0
+        flagged = streak >= patience
+        assert saved["p0"]["excursion_streak"] == streak, (step, saved["p0"], streak)
+        empty_steps += sum(counts.values()) == 0
+    # One empty step is no excursion (the averages look past it); a run of them is, and so
+    # is an overflow: both led to an early refresh, patience steps late.
+    assert empty_steps >= patience + 2, empty_steps
+    assert len(refreshed_steps) >= 3, refreshed_steps
+    assert state.stats()["overflow"] > 0 and state.stats()["early_refreshes"] >= 2
 
 
 # ----------------------------------------------------------------------- checkpointing
@@ -401,7 +467,7 @@ def check_hook_empty_and_overflow(rank, world):
 
 RESUME_STEPS = 12
 RESUME_KWARGS = dict(ratio=0.05, warmup_steps=2, refresh_every=5, capacity_factor=4.0,
-                     refresh_band=(0.9, 1.2), min_numel=100)
+                     refresh_band=(0.9, 1.2), refresh_patience=1, min_numel=100)
 
 
 def _resume_run(rank, named, split, exchange="allgather"):
@@ -468,6 +534,9 @@ def check_checkpoint_resume(rank, world, exchange="allgather"):
                 assert_bitwise_equal(entry["threshold"], other["threshold"], f"{what} {key}")
                 assert entry["refreshed_at"] == other["refreshed_at"], what
                 assert entry["refresh_pending"] == other["refresh_pending"], what
+                assert entry["excursion_streak"] == other["excursion_streak"], what
+                assert_bitwise_equal(entry["count_average"], other["count_average"],
+                                     f"{what} {key}: count average")
             assert state.stats() == straight.stats(), what
     # A checkpoint of another configuration is refused.
     other = DCTState(ratio=0.1)

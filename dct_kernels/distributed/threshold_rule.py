@@ -33,8 +33,9 @@ comparisons are made in float64 against integers ((a + 1) x 1000 against (k + 1)
 round(1000 x 2^(j/4))) and the multiplier is one fp32 product with a constant from a table, so
 τ is bitwise the same on every machine and backend for the same counts. When the payload
 overflowed (or, with reduce_scatter, the parameter's stage-1 row did), the counts after the
-cut say nothing about τ: τ is then only ever raised. Parameters with k = numel keep τ = 2^-149;
-dense ones +inf.
+cut say nothing about τ: τ is then raised by at least one notch (2^(1/32)) and never lowered
+(a payload capped at its capacity could not push it up otherwise). Parameters with k = numel
+keep τ = 2^-149; dense ones +inf.
 
 Early refresh. The band is the bucket's (a sum over its parameters is steady where one small
 parameter's count is mostly noise): a step is *out* when the bucket's summed count average
@@ -140,6 +141,9 @@ class ThresholdRule:
         a1 = (self.averages.to(torch.float64) + 1)[:, None]
         up = (a1 * _RATIO_SCALE >= self.k_marked).sum(1)
         down = (a1 * self.marks[None, :] < self.k_scaled[:, None]).sum(1)
+        # An overflow hides the counts after the cut: τ then rises by at least one notch and
+        # never falls (otherwise a payload capped at capacity could never push τ up).
+        up = torch.where(held, torch.clamp_min(up, 1), up)
         down = torch.where(held, 0, down)
         # The band is the bucket's: a sum over its parameters is steady where one small
         # parameter's count is mostly noise. Parameters at the floor send every nonzero they
