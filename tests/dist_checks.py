@@ -586,71 +586,40 @@ def check_mismatched_configurations(rank, world):
 # ---------------------------------------------------------------------------- convergence
 
 
+# Bounds on the mean over CONVERGENCE_SEEDS of the held-out loss ratio DCT-DP / dense, from
+# the spread bench/convergence.py measured (5 seeds; W = 2 and 4; the AVX2 and the default
+# kernels of ATEN_CPU_CAPABILITY; bench/results/<cpu>/convergence.md). At W = 4 the ratio's
+# mean over seeds was 1.000 for allgather (max 1.003, stdev 0.0016) and 1.011-1.012 for
+# reduce_scatter (max 1.029, stdev 0.015): the bounds sit about four standard deviations of a
+# 3-seed mean above those means. A single run is chaotic in the last bit (one rounding
+# difference flips which entries pass τ); a mean over seeds is not.
+CONVERGENCE_SEEDS = (0, 1, 2)
+CONVERGENCE_BOUND = {"allgather": 1.01, "reduce_scatter": 1.05}
+
+
 def check_convergence(rank, world, exchange="allgather"):
-    """DCT-DP at >= 100x fewer gradient bytes than dense fp32 reaches the dense loss within 2%
-    on a recommender-like task (a linear model over Zipf-distributed embedding-bag features),
-    from the same seed and data."""
-    rows, dim, features, batch, steps = 20000, 4, 4, 16, 300
-    g = torch.Generator().manual_seed(10)
-    teacher = torch.randn(rows, dim, generator=g)
-    popularity = 1.0 / torch.arange(1, rows + 1, dtype=torch.float64) ** 1.1
+    """DCT-DP at >= 100x fewer gradient bytes than dense fp32 reaches the dense loss within
+    the measured spread on a recommender-like task (bench/convergence.py: a linear model over
+    Zipf-distributed embedding-bag features), from the same seeds and data; parameters are
+    bitwise identical on every rank at every step."""
+    from convergence import train_task
 
-    # With reduce_scatter the ids are hashed (a fixed permutation, as real click logs hash
-    # them): contiguous shards assume kept entries spread over a parameter's index range,
-    # and ids sorted by popularity would put the hot rows all in the first shard.
-    hashed = torch.randperm(rows, generator=torch.Generator().manual_seed(14)) \
-        if exchange == "reduce_scatter" else torch.arange(rows)
+    def same_everywhere(model, step):
+        assert_same_on_all_ranks(_flat_params(model), f"parameters at step {step}")
 
-    def draw(generator, n):
-        return hashed[torch.multinomial(popularity, n * features, replacement=True,
-                                        generator=generator)].view(n, features)
-
-    def target(idx):
-        return teacher[idx].mean(1).sum(-1)
-
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(11)
-            self.emb = torch.nn.EmbeddingBag(rows, dim, mode="mean")
-            self.out = torch.nn.Linear(dim, 1)
-            torch.nn.init.zeros_(self.emb.weight)
-
-        def forward(self, idx):
-            return self.out(self.emb(idx)).squeeze(-1)
-
-    test_idx = draw(torch.Generator().manual_seed(12), 4096)
-    losses, states = [], []
-    for sparse in (False, True):
-        model = Model()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        state = None
-        if sparse:
-            state = DCTState(ratio=0.002, warmup_steps=0, refresh_every=50,
-                             capacity_factor=1.0, value_dtype=torch.bfloat16, min_numel=64,
-                             exchange=exchange, module=model)
-            ddp.register_comm_hook(state, dct_hook)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        data = rank_generator(13, rank)
-        with torch.no_grad():
-            initial = (model(test_idx) - target(test_idx)).pow(2).mean().item()
-        for step in range(steps):
-            idx = draw(data, batch)
-            loss = (ddp(idx) - target(idx)).pow(2).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if sparse:
-                assert_same_on_all_ranks(_flat_params(model), f"parameters at step {step}")
-        with torch.no_grad():
-            losses.append((model(test_idx) - target(test_idx)).pow(2).mean().item())
-        states.append(state)
-    dense, sparse = losses
-    stats = states[1].stats()
-    assert stats["compression"] >= 100, stats
-    assert dense < 0.5 * initial, (initial, dense)
-    assert sparse <= dense * 1.02, f"DCT-DP loss {sparse} vs dense {dense} (initial {initial})"
-    assert stats["kept_density"] > 0.001, stats
+    ratios = []
+    for seed in CONVERGENCE_SEEDS:
+        initial, dense, _ = train_task(rank, world, seed=seed)
+        _, sparse, state = train_task(rank, world, exchange=exchange, seed=seed,
+                                      on_step=same_everywhere)
+        stats = state.stats()
+        assert stats["compression"] >= 100, stats
+        assert dense < 0.5 * initial, (initial, dense)
+        assert stats["kept_density"] > 0.001, stats
+        ratios.append(sparse / dense)
+    mean = sum(ratios) / len(ratios)
+    assert mean <= CONVERGENCE_BOUND[exchange], \
+        f"DCT-DP / dense loss over seeds {ratios}: mean {mean:.4f}"
 
 
 def check_convergence_reduce_scatter(rank, world):
