@@ -245,7 +245,7 @@ def _record_sparse(state: DCTState, layout: BucketLayout, exchange, sent) -> Non
         # allgather capacity would also have had does.
         overflowed = count + overflow > layout.capacity
     else:
-        slots = torch.arange(sent.capacity, device=layout.device)
+        slots = layout.slot_index(sent.capacity)
         positions, valid = sent.indices, slots < sent.count
         count, overflow = sent.count, sent.overflow
         overflowed = overflow > 0
@@ -264,7 +264,7 @@ def _record_shard(state: DCTState, layout: BucketLayout, payload: wire.SparsePay
     """After stage 2 of reduce_scatter: the threshold rule on the shard payload corrects τ'
     and stages its flags; statistics."""
     shard = layout.shard
-    slots = torch.arange(payload.capacity, device=layout.device)
+    slots = layout.slot_index(payload.capacity)
     shard.rule.step(shard.thresholds, payload.indices, slots < payload.count,
                     payload.overflow > 0)
     state.statistics.add_device(shard_kept=payload.count, shard_overflow=payload.overflow)

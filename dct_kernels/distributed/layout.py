@@ -92,6 +92,7 @@ class BucketLayout:
                  value_dtype: Optional[torch.dtype] = None, exchange: str = "allgather"):
         self.keys = keys
         self.numels = numels
+        self._slots = {}
         self.sparse = sparse
         self.dtype = dtype
         self.device = device
@@ -173,6 +174,14 @@ class BucketLayout:
                 state.residual[lo:lo + old_piece.numel] += old_piece.residual.reshape(-1)
                 old_piece = None
             state.shard = self.shard.adopt(slot, old_piece) if piece is not None else None
+
+    def slot_index(self, capacity: int) -> torch.Tensor:
+        """``arange(capacity)`` on the layout's device, made once (compared with a payload's
+        count to mark its used slots, every step)."""
+        slots = self._slots.get(capacity)
+        if slots is None:
+            slots = self._slots[capacity] = torch.arange(capacity, device=self.device)
+        return slots
 
     def owns_all(self) -> bool:
         return self.owned == sum(self.sparse)

@@ -184,5 +184,5 @@ class ReduceScatterExchange:
         overflow [W]) of the rows this rank sent in stage 1."""
         indices, count, overflow = row_fields(self.send, self.capacity)
         positions = indices.to(torch.int64) + self.shard.cut_starts[:, None]
-        slots = torch.arange(self.capacity, device=self.send.device)
+        slots = self.layout.slot_index(self.capacity)
         return positions, slots[None, :] < count[:, None], count, overflow

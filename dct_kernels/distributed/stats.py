@@ -26,6 +26,7 @@ class Stats:
     def __init__(self, world: int = 1):
         self.world = world
         self._lock = threading.Lock()
+        self._indices = {}
         self.reset()
 
     def reset(self) -> None:
@@ -50,7 +51,8 @@ class Stats:
             self._bytes["bytes_ring"] += round(ring * w)
 
     def add_device(self, **values: torch.Tensor) -> None:
-        """Add 0-d device tensors to the device counters (no sync)."""
+        """Add 0-d device tensors to the device counters (no sync; one indexed add, not one
+        small kernel per counter)."""
         with self._lock:
             device = next(iter(values.values())).device
             if self._device is None or self._device.device != device:
@@ -58,9 +60,19 @@ class Stats:
                     self._device_base = self._device_totals()
                 self._device = torch.zeros(len(DEVICE_FIELDS), dtype=torch.int64,
                                            device=device)
-            for name, value in values.items():
-                i = DEVICE_FIELDS.index(name)
-                self._device[i:i + 1] += value.reshape(1).to(torch.int64)
+            where = self._index_of(tuple(values), device)
+            self._device.index_add_(0, where, torch.stack([v.reshape(()).to(torch.int64)
+                                                           for v in values.values()]))
+
+    def _index_of(self, names, device) -> torch.Tensor:
+        # Cached per (names, device): the positions of the counters in the device tensor.
+        key = (names, device)
+        where = self._indices.get(key)
+        if where is None:
+            where = torch.tensor([DEVICE_FIELDS.index(n) for n in names],
+                                 dtype=torch.int64).to(device)
+            self._indices[key] = where
+        return where
 
     def _device_totals(self) -> list:
         values = self._device.tolist() if self._device is not None else [0] * len(DEVICE_FIELDS)

@@ -89,8 +89,10 @@ class ThresholdRule:
         self.high = tensor([math.floor(k * high) for k in ks], torch.int64)
         self.sparse = tensor(sparse, torch.bool)
         self.adjustable = tensor([s and not a for s, a in zip(sparse, keep_all)], torch.bool)
-        k1 = torch.tensor([k + 1 for k in ks], dtype=torch.int64)
-        marks = torch.tensor(_RATIO_MARKS, dtype=torch.int64)
+        # The ratio's marks as float64 products of integers (exact), for comparisons with
+        # (average + 1) x 1000 and (average + 1) x mark.
+        k1 = torch.tensor([k + 1 for k in ks], dtype=torch.float64)
+        marks = torch.tensor(_RATIO_MARKS, dtype=torch.float64)
         self.k_scaled = (k1 * _RATIO_SCALE).to(device)                     # [S]
         self.k_marked = (k1[:, None] * marks[None, :]).to(device)          # [S, 8]
         self.marks = marks.to(device)
@@ -98,6 +100,8 @@ class ThresholdRule:
             [2.0 ** (s / (UP_DIVISOR if s > 0 else DOWN_DIVISOR))
              for s in range(-OCTAVE_STEPS, OCTAVE_STEPS + 1)], dtype=torch.float32).to(device)
         self.ks = tensor(ks, torch.float32)
+        self.low_f = self.low.to(torch.float32)
+        self.sparse_f = self.sparse.to(torch.float32)
         self.high_total = float(sum(math.floor(k * high) for k, s in zip(ks, sparse) if s))
         self.streaks = torch.zeros(self.num_segments, dtype=torch.int32, device=device)
         self.averages = self.ks.clone()
@@ -135,23 +139,22 @@ class ThresholdRule:
         counts = self.counts(positions, valid)
         # The average: a + (c - a) / 8, as separate fp32 operations (the scaling by 1/8 is
         # exact), so that it is the same on every machine.
-        delta = counts.to(torch.float32) - self.averages
-        self.averages.add_(delta.mul_(AVERAGE_WEIGHT))
+        averages = self.averages
+        averages.add_((counts - averages).mul_(AVERAGE_WEIGHT))
         held = overflowed if capped is None else (capped | overflowed)
-        a1 = (self.averages.to(torch.float64) + 1)[:, None]
-        up = (a1 * _RATIO_SCALE >= self.k_marked).sum(1)
-        down = (a1 * self.marks[None, :] < self.k_scaled[:, None]).sum(1)
+        a1 = averages.double().add_(1)
+        up = (a1.mul(_RATIO_SCALE)[:, None] >= self.k_marked).sum(1)
+        down = (a1[:, None] * self.marks < self.k_scaled[:, None]).sum(1)
         # An overflow hides the counts after the cut: τ then rises by at least one notch and
         # never falls (otherwise a payload capped at capacity could never push τ up).
-        up = torch.where(held, torch.clamp_min(up, 1), up)
-        down = torch.where(held, 0, down)
+        up = torch.where(held, up.clamp_min(1), up)
+        down = down.masked_fill(held, 0)
         # The band is the bucket's: a sum over its parameters is steady where one small
         # parameter's count is mostly noise. Parameters at the floor send every nonzero they
         # have; they are left out of the low side.
-        live = (self.sparse & (thresholds > FLOOR)).to(torch.float32)
-        sparse = self.sparse.to(torch.float32)
-        high = ((self.averages * sparse).sum() > self.high_total) | overflowed
-        low = (self.averages * live).sum() < (self.low.to(torch.float32) * live).sum()
+        live = self.sparse & (thresholds > FLOOR)
+        high = (averages.dot(self.sparse_f) > self.high_total) | overflowed
+        low = torch.where(live, averages - self.low_f, 0.0).sum() < 0
         out = (high | low) & self.sparse
         self.streaks.copy_(torch.where(out, self.streaks + 1, 0))
         flags = self.streaks >= self.patience

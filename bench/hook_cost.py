@@ -1,0 +1,133 @@
+"""The DDP hook's own cost per bucket and step: host time and the device operations it
+launches, against a dense all-reduce hook on the same bucket.
+
+    python bench/hook_cost.py [--steps 200] [--device cpu|cuda]
+
+One process (a gloo group of one rank, or NCCL on a GPU), the dense part of the DLRM of
+bench/train_dlrm.py as one bucket (its MLP shapes; ratio 0.003, bf16 values, min_numel 0, as
+the quick configuration), gradients drawn once and reused (the timing is of the hook, not of
+the random numbers). Per mode, the median host time of ``dct_hook(...).wait()`` over
+``--steps`` steady-state steps (no refresh falls in the timed window: refresh_every is
+larger) and the number of operations it dispatches per step, counted with torch.profiler:
+aten operations on the CPU, CUDA kernels on a GPU. At world size 1 the collectives are local,
+so this is the hook's compute and bookkeeping, the floor a real cluster adds its network to.
+Writes ``hook_cost.json`` / ``.md`` under bench/results/<device>/.
+"""
+
+import argparse
+import collections
+import datetime
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+from dct_kernels.distributed import DCTState, dct_hook
+from dct_kernels.distributed.stand_in import StandInBucket
+
+# The dense part of the quick DLRM (bottom MLP, projection, top MLP), one bucket.
+SHAPES = [(64, 13), (64,), (16, 64), (16,), (128, 1024), (128,), (128, 1040), (128,),
+          (64, 128), (64,), (1, 64), (1,)]
+
+
+def _dense_hook(_, bucket):
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+
+
+def measure(mode: str, device: torch.device, steps: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(s, device=device)) for s in SHAPES]
+    grads = [torch.randn(s, generator=g).to(device) for s in SHAPES]
+    if mode == "dense":
+        state, hook = None, _dense_hook
+    else:
+        state = DCTState(ratio=0.003, warmup_steps=0, min_numel=0, refresh_every=10 ** 6,
+                         value_dtype=torch.bfloat16, exchange=mode)
+        hook = dct_hook
+    bucket = StandInBucket(params, grads)
+    flat = bucket.buffer().clone()
+
+    def step():
+        bucket.buffer().copy_(flat)
+        hook(state, bucket).wait()
+
+    for _ in range(20):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(10):
+            step()
+    counted = collections.Counter()
+    for event in prof.events():
+        if device.type == "cuda":
+            if event.device_type.name == "CUDA":
+                counted["kernel"] += 1
+        elif event.name.startswith("aten::") and event.cpu_parent is None:
+            counted["op"] += 1
+    per_step = {k: v / 10 for k, v in counted.items()}
+    return {"mode": mode, "median_ms": statistics.median(times) * 1e3,
+            "p20_ms": sorted(times)[len(times) // 5] * 1e3,
+            "p80_ms": sorted(times)[4 * len(times) // 5] * 1e3,
+            ("kernels_per_step" if device.type == "cuda" else "aten_ops_per_step"):
+                per_step.get("kernel", per_step.get("op", 0.0)),
+            "bucket_elements": sum(p.numel() for p in params)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="output folder (default bench/results/<device>/)")
+    args = p.parse_args()
+    from dlrm.cli import device_slug
+    from dlrm.context import device_name
+    from kernel_backend import kernel_backend
+
+    device = torch.device(args.device)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                init_method=f"file://{tmp}/store", rank=0, world_size=1)
+        rows = [measure(mode, device, args.steps)
+                for mode in ("dense", "allgather", "reduce_scatter")]
+        dist.destroy_process_group()
+    name = device_name()
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                       device_slug(name))
+    os.makedirs(out_dir, exist_ok=True)
+    report = {"device": name, "machine": platform.processor() or platform.machine(),
+              "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "kernel_backend": kernel_backend(device), "threads": 1, "rows": rows}
+    with open(os.path.join(out_dir, "hook_cost.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    key = "kernels_per_step" if device.type == "cuda" else "aten_ops_per_step"
+    lines = [f"| mode | median ms | p20 | p80 | {key.replace('_', ' ')} |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f} | "
+                     f"{r['p80_ms']:.3f} | {r[key]:.0f} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "hook_cost.md"), "w") as f:
+        f.write(f"{name}, {report['date']}, kernel backend {report['kernel_backend']}, "
+                f"one bucket of {rows[0]['bucket_elements']} elements, world size 1\n\n" + text)
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
