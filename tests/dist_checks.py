@@ -501,6 +501,13 @@ def _resume_run(rank, named, split, exchange="allgather"):
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     state.load_state_dict(checkpoint["dct"])
+    # The rule's state travels: what was saved is what the loaded state would save.
+    for key, entry in state.state_dict()["params"].items():
+        saved = checkpoint["dct"]["params"][key]
+        assert entry["excursion_streak"] == saved["excursion_streak"], key
+        assert (entry["count_average"] is None) == (saved["count_average"] is None), key
+        if saved["count_average"] is not None:
+            assert_bitwise_equal(entry["count_average"], saved["count_average"], key)
     _train(ddp, optimizer, widths, 6, rank, steps=RESUME_STEPS - split, first_step=split)
     return model, state, None
 

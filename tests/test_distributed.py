@@ -25,6 +25,9 @@ from dist_harness import spawned_checks
     (dict(refresh_band=(1.1, 2.0)), "refresh_band"), (dict(refresh_band=(0.5, 0.9)),
                                                        "refresh_band"),
     (dict(refresh_band=0.5), "refresh_band"), (dict(backend="numpy"), "backend"),
+    (dict(refresh_patience=0), "refresh_patience"), (dict(refresh_patience=2.5),
+                                                     "refresh_patience"),
+    (dict(refresh_patience=True), "refresh_patience"),
 ])
 def test_state_rejects_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -37,6 +40,7 @@ def test_state_accepts_the_documented_range():
                  min_numel=0, value_dtype=value_dtype)
     state = DCTState(capacity_factor=2.5)
     assert state.refresh_band == (0.5, 2.5)
+    assert state.refresh_patience == 32 and DCTState(refresh_patience=1).refresh_patience == 1
     assert state.config()["value_dtype"] == "None"
 
 
