@@ -31,7 +31,7 @@ SMOKE_DEADLINE_S = 120
 CPU_KERNELS = resolve(None, torch.device("cpu")).NAME
 RUN_FIELDS = ("steps", "auc", "logloss", "dp_bytes_per_step", "dp_bytes_ring_per_step",
               "dp_compression", "mp_bytes_per_step", "mp_bytes_dense_per_step",
-              "mp_compression", "step_ms", "dp_overflow_frequency")
+              "mp_compression", "step_ms", "dp_overflow_frequency", "train_s", "eval_s")
 
 
 # ------------------------------------------------------------------ collective byte counting
@@ -92,7 +92,7 @@ class _Counter:
         self.per_step.setdefault(run, []).append(dict(t))
 
 
-def _smoke_worker(rank, world, store, out_dir, result_dir):
+def _smoke_worker(rank, world, store, out_dir, result_dir, runs=None):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -121,6 +121,8 @@ def _smoke_worker(rank, world, store, out_dir, result_dir):
 
     cfg = tiny()
     cfg.exchange = "allgather"
+    if runs is not None:
+        cfg.runs = list(runs)
     report = cli.train(cfg, out_dir, callbacks=Watch(), progress=False)
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"per_step": counter.per_step, "unexpected": counter.unexpected,
@@ -227,6 +229,228 @@ def test_smoke_ranks_end_identical(smoke):
     for run in report["runs"]:
         assert ranks[0]["digests"][run] == ranks[1]["digests"][run], run
         assert report["runs"][run]["ranks_identical"] is True
+
+
+# ------------------------------------------------------- baselines: bytes, identical ranks
+
+BASELINE_RUNS = ("dense", "bf16", "powersgd")
+
+
+@pytest.fixture(scope="module")
+def baselines(tmp_path_factory):
+    """A tiny loopback run of dense, bf16 and powersgd, with the collectives wrapped."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    tmp = tmp_path_factory.mktemp("dlrm_baselines")
+    out_dir = str(tmp / "out")
+    _spawn(2, _smoke_worker, (str(tmp / "store"), out_dir, str(tmp), BASELINE_RUNS),
+           SMOKE_DEADLINE_S)
+    with open(os.path.join(out_dir, "dlrm.json")) as f:
+        report = json.load(f)
+    ranks = []
+    for r in range(2):
+        with open(tmp / f"rank{r}.json") as f:
+            ranks.append(json.load(f))
+    return report, ranks
+
+
+def _ring(nbytes, world=2):
+    """Sent plus received by one rank in a ring all-reduce of ``nbytes``."""
+    return 4 * (world - 1) / world * nbytes
+
+
+def _powersgd_step_bytes(cfg, world=2):
+    """What torch's powerSGD_hook all-reduces per compressed step on the DLRM's data-parallel
+    part (one bucket), from the parameters' shapes alone: per matrix n x m of rank
+    r = min(n, m, rank), P (n r) and Q (m r) when (n + m) r 2 < n m, else the whole matrix;
+    vectors whole. Three all-reduces: the uncompressed tensors, the Ps, the Qs."""
+    from dlrm.model import DenseArch
+
+    arch = DenseArch(world, cfg.tower_width, width=cfg.width, vectors=cfg.vectors)
+    plain = ps = qs = 0
+    for p in arch.parameters():
+        n = p.shape[0]
+        m = p.numel() // n
+        r = min(n, m, cfg.powersgd_rank)
+        if p.dim() > 1 and (n + m) * r * 2 < n * m:
+            ps, qs = ps + n * r, qs + m * r
+        else:
+            plain += p.numel()
+    return sum(_ring(4 * k, world) for k in (plain, ps, qs)), _ring(
+        4 * sum(p.numel() for p in arch.parameters()), world)
+
+
+def test_baseline_bytes_match_wrapped_collectives(baselines):
+    """Every step of dense, bf16 and powersgd: the bytes the trainer reports equal those
+    counted by wrapping the torch.distributed collectives; bf16 moves half of dense's DP and
+    MP bytes; PowerSGD moves the whole fp32 bucket during its warm-up and afterwards what its
+    P/Q all-reduces move, as computed from the shapes."""
+    report, ranks = baselines
+    cfg = tiny()
+    start = cfg.powersgd_start()
+    assert 2 <= start < cfg.steps
+    compressed, full = _powersgd_step_bytes(cfg)
+    assert compressed < full / 4
+    for rank, got in enumerate(ranks):
+        assert got["unexpected"] == [], got["unexpected"]
+        assert set(got["series"]) == set(BASELINE_RUNS)
+        per_run = {}
+        for run, series in got["series"].items():
+            counted = got["per_step"][run]
+            assert len(counted) == cfg.steps and series["step"] == list(range(1, cfg.steps + 1))
+            dp = [c["dp"] for c in counted]
+            mp = [c["mp_sent"] for c in counted]
+            assert series["dp_bytes"] == pytest.approx(dp, rel=1e-12), (rank, run)
+            assert series["mp_bytes"] == pytest.approx(mp, rel=1e-12), (rank, run)
+            assert [c["mp_received"] for c in counted] == pytest.approx(mp)
+            per_run[run] = (np.diff([0] + dp), np.diff([0] + mp), series)
+        dense_dp, dense_mp, dense = per_run["dense"]
+        assert np.allclose(dense_dp, full)
+        bf16_dp, bf16_mp, bf16 = per_run["bf16"]
+        assert np.allclose(bf16_dp, dense_dp / 2) and np.allclose(bf16_mp, dense_mp / 2)
+        assert bf16["dp_ring"][-1] == pytest.approx(dense["dp_ring"][-1])
+        assert bf16["mp_dense"][-1] == pytest.approx(dense["mp_dense"][-1])
+        psgd_dp, psgd_mp, psgd = per_run["powersgd"]
+        assert np.allclose(psgd_dp[:start], full)
+        assert np.allclose(psgd_dp[start:], compressed)
+        assert np.allclose(psgd_mp, dense_mp / 2)
+        assert psgd["dp_ring"][-1] == pytest.approx(dense["dp_ring"][-1])
+    runs = report["runs"]
+    assert runs["bf16"]["dp_compression"] == pytest.approx(2.0)
+    assert runs["bf16"]["mp_compression"] == pytest.approx(2.0)
+    assert runs["powersgd"]["mp_compression"] == pytest.approx(2.0)
+    assert runs["powersgd"]["dp_compression_steady"] == pytest.approx(full / compressed)
+    assert runs["powersgd"]["powersgd"]["buckets_plain"] == start
+    assert runs["powersgd"]["powersgd"]["buckets_compressed"] == cfg.steps - start
+
+
+def test_baseline_ranks_end_identical(baselines):
+    report, ranks = baselines
+    for run in BASELINE_RUNS:
+        assert ranks[0]["digests"][run] == ranks[1]["digests"][run], run
+        assert report["runs"][run]["ranks_identical"] is True
+
+
+def test_time_to_target_fields(baselines):
+    """target_auc is the dense run's final AUC - 0.002; every run's time_to_target_s is the
+    training time at its first evaluation reaching it (None if none), within its train_s."""
+    report, _ = baselines
+    runs = report["runs"]
+    assert report["link"] is None
+    assert report["target_auc"] == pytest.approx(runs["dense"]["auc"] - 0.002)
+    for name, run in runs.items():
+        evals = run["evals"]
+        assert len(evals["train_s"]) == len(evals["step"])
+        assert evals["train_s"] == sorted(evals["train_s"])
+        assert evals["train_s"][-1] == pytest.approx(run["train_s"])
+        assert run["eval_s"] > 0
+        reached = [i for i, auc in enumerate(evals["auc"]) if auc >= report["target_auc"]]
+        if reached:
+            assert run["time_to_target_s"] == evals["train_s"][reached[0]]
+            assert run["steps_to_target"] == evals["step"][reached[0]]
+        else:
+            assert run["time_to_target_s"] is None and run["steps_to_target"] is None
+    assert runs["dense"]["time_to_target_s"] is not None  # its final AUC is above its target
+
+
+def test_time_to_target_without_dense():
+    from dlrm.cli import add_time_to_target, time_to_target
+
+    evals = {"step": [10, 20, 30], "auc": [0.6, 0.71, 0.70], "train_s": [1.0, 2.0, 3.0]}
+    assert time_to_target(evals, 0.7) == (2.0, 20)
+    assert time_to_target(evals, 0.8) == (None, None)
+    assert time_to_target(evals, None) == (None, None)
+    runs = {"bf16": {"auc": 0.7, "evals": evals}}
+    assert add_time_to_target(runs) is None
+    assert runs["bf16"]["time_to_target_s"] is None
+
+
+# --------------------------------------------------------------- the emulated cluster (--link)
+
+def _cli_exit(argv, capsys):
+    """Run the trainer's main in this process; (exit status or message, stderr)."""
+    from dlrm import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    return exc.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tiny", "--link", "1gbit", "--ranks", "1"], "--link needs at least 2 ranks"),
+    (["--tiny", "--link", "fast"], "--link: 'fast' is not a rate as tc writes it"),
+    (["--tiny", "--link", "1 gbit"], "is not a rate"),
+    (["--tiny", "--link", "0mbit"], "zero"),
+    (["--tiny", "--link", "1gbit", "--ranks", "16"], "2 to 8 ranks"),
+    (["--tiny", "--link-delay", "5"], "need --link"),
+    (["--tiny", "--runs", "dense,sgd"], "unknown run 'sgd'"),
+    (["--tiny", "--runs", "dense,dense"], "names a run twice"),
+])
+def test_link_argument_errors(argv, message, capsys):
+    """Clear errors, before any cluster or rank exists."""
+    code, _ = _cli_exit(argv, capsys)
+    assert isinstance(code, str) and message in code, code
+
+
+def test_link_without_privileges_gives_the_clusters_message(monkeypatch, capsys):
+    """Without CAP_SYS_ADMIN/CAP_NET_ADMIN the launcher stops with the cluster's message
+    (exit status 1) before creating anything."""
+    import cluster
+
+    monkeypatch.setattr(cluster, "_capabilities", lambda: 0)
+    before = cluster.list_namespaces()
+    code, err = _cli_exit(["--tiny", "--link", "1gbit"], capsys)
+    assert code == 1
+    assert "the emulated cluster needs root" in err and "CAP_NET_ADMIN" in err, err
+    assert cluster.list_namespaces() == before
+
+
+def _cluster_unavailable():
+    import cluster
+
+    try:
+        cluster.check_available()
+    except cluster.ClusterUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def test_link_smoke_run(tmp_path):
+    """--tiny --link 1gbit --ranks 2 with all five runs: dlrm.json carries the link (set and
+    measured rate), target_auc, and per run train_s and time_to_target_s; the AUCs and bytes
+    are those of the same runs on loopback; nothing is left in ip netns list."""
+    import subprocess
+
+    import cluster
+
+    pytest.importorskip("sklearn")
+    reason = _cluster_unavailable()
+    if reason:
+        pytest.skip(f"emulated cluster unavailable: {reason}")
+    out_dir = tmp_path / "out"
+    runs = "dense,bf16,powersgd,dct_dp,dct_dp_mp"
+    proc = subprocess.Popen([sys.executable, TRAIN_DLRM, "--tiny", "--link", "1gbit", "--ranks",
+                             "2", "--runs", runs, "--out", str(out_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=4 * SMOKE_DEADLINE_S)
+    assert proc.returncode == 0, err[-3000:]
+    assert [n for n in cluster.list_namespaces()
+            if n.startswith(f"{cluster.PREFIX}{proc.pid}-")] == []
+    with open(out_dir / "dlrm.json") as f:
+        report = json.load(f)
+    link = report["link"]
+    assert link["rate_bit_s"] == 10**9 and link["rate"] == "1gbit"
+    assert link["measured_bit_s"] > 0
+    assert link["delay_ms"] is None and link["loss_pct"] is None
+    assert report["world_size"] == 2 and report["backend"] == "gloo"
+    assert list(report["runs"]) == runs.split(",")
+    assert report["target_auc"] == pytest.approx(report["runs"]["dense"]["auc"] - 0.002)
+    for name, run in report["runs"].items():
+        assert run["train_s"] > 0 and run["step_ms"] > 0, name
+        assert "time_to_target_s" in run, name
+        assert run["ranks_identical"] is True, name
+    assert report["config"]["ranks"] == 2
+    assert "| powersgd |" in out and "emulated links of 1gbit" in out
 
 
 def test_one_rank_run_reports_every_field(tmp_path):

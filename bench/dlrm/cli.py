@@ -1,26 +1,36 @@
-"""Command line and launch: spawns its own ranks, or joins the group torchrun made."""
+"""Command line and launch: spawns its own ranks, joins the group torchrun made, or, with
+``--link``, builds an emulated cluster (bench/cluster.py) and starts one rank per network
+namespace on it."""
 
 import argparse
 import dataclasses
 import datetime
+import json
 import os
 import re
 import sys
 import tempfile
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import report as report_mod
-from .config import RUNS, Config, quick, tiny
+from .config import DEFAULT_RUNS, RUNS, TARGET_MARGIN, Config, quick, tiny
 from .context import device_name, kernel_backends, load_data, rank_device, teacher_auc
 from .data import ClickLogs
 from .runner import Callbacks, RankRunner
 
 BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_DLRM = os.path.join(BENCH_DIR, "train_dlrm.py")
+# Set by the --link launcher in its ranks' environment: the link's description (JSON), which
+# rank 0 writes into dlrm.json. Its presence also tells a rank it runs on the emulated cluster.
+LINK_ENV = "DCT_DLRM_LINK"
+# At most this many ranks on the emulated cluster: every rank is a process on this machine's
+# cores, and with several ranks per core the step times show the scheduler more than the link.
+MAX_LINK_RANKS = 8
 
 
 def device_slug(name: str) -> str:
@@ -37,11 +47,63 @@ def _check_same_config(cfg: Config, group=None) -> None:
         raise ValueError("config: the ranks were started with different settings")
 
 
+def time_to_target(evals: dict, target: Optional[float]) -> Tuple[Optional[float],
+                                                                  Optional[int]]:
+    """(training time, step) at the first evaluation whose AUC reaches ``target``; (None, None)
+    when none does or there is no target."""
+    if target is None:
+        return None, None
+    for step, auc, seconds in zip(evals["step"], evals["auc"], evals["train_s"]):
+        if auc >= target:
+            return seconds, step
+    return None, None
+
+
+def add_time_to_target(runs: dict) -> Optional[float]:
+    """Set every run's ``time_to_target_s`` and ``steps_to_target`` against the target AUC,
+    the dense run's final AUC - TARGET_MARGIN (None, and so are the times, without a dense
+    run); returns the target."""
+    target = runs["dense"]["auc"] - TARGET_MARGIN if "dense" in runs else None
+    for run in runs.values():
+        run["time_to_target_s"], run["steps_to_target"] = time_to_target(run["evals"], target)
+    return target
+
+
+class _LineProgress:
+    """Progress as a plain line every fifth of a run, for output that is not a terminal (the
+    emulated cluster forwards the ranks' output line by line, where tqdm's carriage returns
+    would pile up into one line)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.done, self.postfix = steps, 0, {}
+        self.every = max(1, steps // 5)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        step = (self.done - 1) % self.steps + 1
+        if step % self.every == 0 or step == self.steps:
+            extra = " ".join(f"{k}={v}" for k, v in self.postfix.items())
+            print(f"dlrm: step {step}/{self.steps} {extra}", file=sys.stderr, flush=True)
+
+    def set_postfix(self, **kwargs) -> None:
+        self.postfix = kwargs
+
+    def close(self) -> None:
+        pass
+
+
 def train(cfg: Config, out_dir: Optional[str], *, callbacks: Optional[Callbacks] = None,
           progress: bool = True, started: Optional[float] = None, write_plots: bool = True,
-          data: Optional[ClickLogs] = None) -> dict:
+          data: Optional[ClickLogs] = None, link: Optional[dict] = None) -> dict:
     """Run the comparison on this rank of an initialized process group; rank 0 writes the
     report into ``out_dir`` (None: nothing written). Returns the report (every rank).
+
+    Time to accuracy: ``target_auc`` is the dense run's final held-out AUC minus
+    TARGET_MARGIN (None without a dense run), and every run gets ``time_to_target_s``, the
+    training time (``train_s`` so far: the steps, no evaluation) at its first evaluation
+    whose AUC reaches it, and ``steps_to_target`` (both None if none does). Times are rank
+    0's. ``link`` describes the emulated cluster's link (the report's ``link``: None on
+    loopback).
 
     Besides the runs, the report records where they ran: ``device`` (the card's or CPU's
     name), ``backend`` (torch.distributed's), and ``kernel_backend``, the dct_kernels backend
@@ -62,16 +124,22 @@ def train(cfg: Config, out_dir: Optional[str], *, callbacks: Optional[Callbacks]
     data = load_data(cfg) if data is None else data
     bar = None
     if progress and rank == 0:
-        from tqdm import tqdm
+        if sys.stderr.isatty():
+            from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps * len(cfg.runs), desc="dlrm", unit="step",
-                   dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+            bar = tqdm(total=cfg.steps * len(cfg.runs), desc="dlrm", unit="step",
+                       dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+        else:
+            bar = _LineProgress(cfg.steps)
     runs = RankRunner(cfg, data, device, callbacks=callbacks, progress=bar).run()
     if bar is not None:
         bar.close()
+    target = add_time_to_target(runs)
     name = device_name()
     result = {
         "world_size": world,
+        "link": link,
+        "target_auc": target,
         "device": name,
         "backend": dist.get_backend(),
         "kernel_backend": kernels,
@@ -96,11 +164,16 @@ def _pick_backend(world: int) -> str:
         else "gloo"
 
 
+def default_threads(ranks_on_host: int) -> int:
+    """Torch threads per rank when ``ranks_on_host`` ranks share this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, ranks_on_host))
+
+
 def _worker(rank: int, world: int, store: str, cfg: Config, out_dir: str, started: float,
-            sweep: bool) -> None:
+            sweep: bool, threads: Optional[int]) -> None:
     backend = _pick_backend(world)
     if backend == "gloo":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(threads or default_threads(world))
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(minutes=10))
     try:
@@ -109,29 +182,48 @@ def _worker(rank: int, world: int, store: str, cfg: Config, out_dir: str, starte
         dist.destroy_process_group()
 
 
-def _main_rank(cfg: Config, out_dir: str, started: float, sweep: bool) -> None:
+def _main_rank(cfg: Config, out_dir: str, started: float, sweep: bool,
+               link: Optional[dict] = None) -> None:
     if sweep:
         from .sweep import run_sweep
 
         run_sweep(cfg, out_dir, started)
         return
-    result = train(cfg, out_dir, started=started)
-    if dist.get_rank() == 0:
+    result = train(cfg, out_dir, started=started, link=link)
+    # On the emulated cluster the launcher prints the table (the ranks' lines carry prefixes).
+    if dist.get_rank() == 0 and link is None:
         print()
-        print("\n".join([report_mod.TABLE_HEADER,
-                         "|---" * (report_mod.TABLE_HEADER.count("|") - 1) + "|"]
-                        + report_mod.table_rows(result)))
-        print(f"\nteacher AUC {result['teacher_auc']}, world size {result['world_size']} "
-              f"({result['backend']}), dct_kernels backend "
-              f"{report_mod.kernel_backend_text(result)}, wall {result['wall_s']:.0f} s; "
-              f"written to {out_dir}")
+        print(_summary_text(result, out_dir))
+
+
+def _summary_text(result: dict, out_dir: str) -> str:
+    """The table of a report and a line about where it ran."""
+    link = result.get("link")
+    where = "loopback" if not link else (
+        f"emulated links of {link['rate']} (measured "
+        + (f"{link['measured_bit_s'] / 1e6:.0f} Mbit/s" if link.get("measured_bit_s") else
+           "not measured") + ")")
+    target = result.get("target_auc")
+    return "\n".join(
+        [report_mod.TABLE_HEADER, "|---" * (report_mod.TABLE_HEADER.count("|") - 1) + "|"]
+        + report_mod.table_rows(result)
+        + ["", f"teacher AUC {result['teacher_auc']}, target AUC "
+               + (f"{target:.4f}" if target is not None else "none (no dense run)")
+               + f", world size {result['world_size']} ({result['backend']}, {where}), "
+               f"dct_kernels backend {report_mod.kernel_backend_text(result)}, wall "
+               f"{result['wall_s']:.0f} s; written to {out_dir}"])
 
 
 def parse_args(argv=None):
+    # No abbreviations: the --link launcher hands its command line on to the ranks without the
+    # --link options, which it finds by their full names.
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="Hybrid-parallel DLRM on synthetic (or Criteo) click logs: dense vs "
-                    "DCT-DP vs DCT-DP+MP, with held-out AUC and bytes per step. Spawns "
-                    "--ranks processes, or joins the group when started by torchrun.")
+                    "the bf16 and PowerSGD baselines vs DCT-DP vs DCT-DP+MP, with held-out "
+                    "AUC, bytes per step and time to accuracy. Spawns --ranks processes, "
+                    "joins the group when started by torchrun, or runs the ranks on an "
+                    "emulated cluster with --link (root).")
     p.add_argument("--quick", action="store_true",
                    help="the README's comparison (the default sizes; 1000 steps of 1024)")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke configuration")
@@ -149,7 +241,26 @@ def parse_args(argv=None):
     p.add_argument("--min-numel", type=int, help="DCT-DP: smaller parameters go dense")
     p.add_argument("--capacity-factor", type=float)
     p.add_argument("--refresh-every", type=int)
-    p.add_argument("--runs", help=f"comma-separated subset of {','.join(RUNS)}")
+    p.add_argument("--runs", help=f"comma-separated subset of {','.join(RUNS)} (default "
+                                  f"{','.join(DEFAULT_RUNS)})")
+    p.add_argument("--powersgd-rank", type=int,
+                   help="PowerSGD baseline: matrix approximation rank (default 2)")
+    p.add_argument("--powersgd-start-iter", type=int,
+                   help="PowerSGD baseline: plain all-reduce steps before compression "
+                        "(default 10%% of the steps, at least 2)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads per rank (default: the cores divided by the ranks "
+                        "on this machine)")
+    p.add_argument("--link", metavar="RATE",
+                   help="run the ranks on an emulated cluster (bench/cluster.py; needs root): "
+                        "one network namespace per rank, links shaped to RATE as tc writes "
+                        "it (1gbit, 500mbit, 2.5gbit)")
+    p.add_argument("--link-delay", type=float, metavar="MS",
+                   help="with --link: one-way delay of every packet a rank sends (needs the "
+                        "kernel's netem)")
+    p.add_argument("--link-loss", type=float, metavar="PCT",
+                   help="with --link: random loss of the packets a rank sends, in percent "
+                        "(needs the kernel's netem)")
     p.add_argument("--data-file", help="a Criteo-format TSV file instead of synthetic data")
     p.add_argument("--hash-size", type=int, help="rows per table for --data-file")
     p.add_argument("--out", help="output folder (default bench/results/<device>/dlrm, and "
@@ -165,7 +276,9 @@ def config_from_args(args) -> Config:
               "exchange": args.exchange, "warmup_steps": args.warmup_steps,
               "min_numel": args.min_numel, "capacity_factor": args.capacity_factor,
               "refresh_every": args.refresh_every, "data_file": args.data_file,
-              "hash_size": args.hash_size, "seed": args.seed}
+              "hash_size": args.hash_size, "seed": args.seed,
+              "powersgd_rank": args.powersgd_rank,
+              "powersgd_start_iter": args.powersgd_start_iter}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in fields.items() if v is not None})
     if args.runs:
         cfg.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
@@ -173,22 +286,124 @@ def config_from_args(args) -> Config:
     return cfg
 
 
+def _link_errors(args, cfg: Config) -> Optional[str]:
+    """What is wrong with the --link options (None if nothing); checked before any cluster
+    is built."""
+    if args.link is None:
+        if args.link_delay is not None or args.link_loss is not None:
+            return "--link-delay and --link-loss need --link RATE"
+        return None
+    import cluster  # bench/cluster.py
+
+    try:
+        cluster.parse_rate(args.link, "--link")
+    except ValueError as exc:
+        return str(exc)
+    if cfg.ranks < 2:
+        return (f"--link needs at least 2 ranks (--ranks {cfg.ranks}): with one rank no byte "
+                f"crosses a link")
+    if cfg.ranks > MAX_LINK_RANKS:
+        return f"--link runs 2 to {MAX_LINK_RANKS} ranks, not {cfg.ranks}"
+    if args.sweep:
+        return "--link runs the comparison; --sweep is not run on the emulated cluster"
+    if "RANK" in os.environ and LINK_ENV not in os.environ:
+        return ("--link starts its own ranks on the emulated cluster; run it as a plain "
+                "command, not under torchrun")
+    return None
+
+
+def _rank_argv(argv: List[str], out_dir: str, threads: int) -> List[str]:
+    """The ranks' command line on the cluster: this one without the --link options (so that
+    the ranks join the cluster's group instead of building another) and with the output
+    folder and the thread count made explicit."""
+    drop = ("--link", "--link-delay", "--link-loss", "--out", "--threads")
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in drop:
+            skip = True
+            continue
+        if arg.split("=", 1)[0] in drop:
+            continue
+        kept.append(arg)
+    return [sys.executable, TRAIN_DLRM, *kept, "--out", os.path.abspath(out_dir),
+            "--threads", str(threads)]
+
+
+def _run_on_cluster(args, argv: List[str], cfg: Config, out_dir: str, started: float) -> int:
+    """The --link launcher: build the emulated cluster (its link measured), run the ranks on it
+    and print rank 0's table. Returns the exit status. The cluster deletes its namespaces on
+    every way out (bench/cluster.py)."""
+    import cluster  # bench/cluster.py
+
+    # W ranks share this machine's cores as the spawned ranks do; the cluster tells each rank
+    # it is alone on its node (LOCAL_WORLD_SIZE=1), so the count is passed explicitly.
+    threads = args.threads or default_threads(cfg.ranks)
+    try:
+        with cluster.EmulatedCluster(cfg.ranks, args.link, delay_ms=args.link_delay,
+                                     loss_pct=args.link_loss) as emu:
+            link = {"rate": args.link, "rate_bit_s": emu.rate_bit_s,
+                    "measured_bit_s": emu.measured_bit_s, "delay_ms": emu.delay_ms,
+                    "loss_pct": emu.loss_pct,
+                    "measured_netem_bit_s": emu.measured_netem_bit_s}
+            print(f"emulated cluster: {cfg.ranks} ranks, links of {args.link}, measured "
+                  f"{emu.measured_bit_s / 1e6:.0f} Mbit/s; {threads} torch thread(s) per rank",
+                  file=sys.stderr, flush=True)
+            emu.launch(_rank_argv(argv, out_dir, threads),
+                       env={LINK_ENV: json.dumps(link), "PYTHONUNBUFFERED": "1"},
+                       cwd=os.path.dirname(BENCH_DIR))
+    except cluster.RankFailed as exc:
+        print(f"train_dlrm.py: {exc}", file=sys.stderr)
+        return 1
+    except cluster.ClusterError as exc:
+        print(f"train_dlrm.py: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError) as exc:  # delay or loss out of range
+        print(f"train_dlrm.py: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("train_dlrm.py: interrupted; ranks stopped and namespaces deleted",
+              file=sys.stderr)
+        return 130
+    with open(os.path.join(out_dir, "dlrm.json")) as f:
+        result = json.load(f)
+    print()
+    print(_summary_text(result, out_dir))
+    print(f"total wall time {time.time() - started:.0f} s")
+    return 0
+
+
 def main(argv=None) -> None:
     started = time.time()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    cfg = config_from_args(args)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        sys.exit(f"train_dlrm.py: {exc}")
+    problem = _link_errors(args, cfg)
+    if problem:
+        sys.exit(f"train_dlrm.py: {problem}")
+    if args.threads is not None and args.threads < 1:
+        sys.exit(f"train_dlrm.py: --threads: expected >= 1, got {args.threads}")
     results = os.path.join(BENCH_DIR, "results", device_slug(device_name()))
     out_dir = args.out or (results if args.sweep else os.path.join(results, "dlrm"))
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
+    if args.link is not None:
+        sys.exit(_run_on_cluster(args, argv, cfg, out_dir, started))
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun, or the --link launcher
         world = int(os.environ["WORLD_SIZE"])
-        backend = _pick_backend(world)
+        link = json.loads(os.environ[LINK_ENV]) if LINK_ENV in os.environ else None
+        # On the emulated cluster the links are TCP between namespaces: gloo.
+        backend = "gloo" if link is not None else _pick_backend(world)
         if backend == "gloo":
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+            torch.set_num_threads(args.threads or default_threads(local))
         dist.init_process_group(backend)
         cfg = dataclasses.replace(cfg, ranks=world)
         try:
-            _main_rank(cfg, out_dir, started, args.sweep)
+            _main_rank(cfg, out_dir, started, args.sweep, link)
         finally:
             dist.destroy_process_group()
         return
@@ -196,6 +411,6 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="dlrm_") as tmp:
         mp.start_processes(_worker, args=(cfg.ranks, os.path.join(tmp, "store"), cfg, out_dir,
-                                          started, args.sweep),
+                                          started, args.sweep, args.threads),
                            nprocs=cfg.ranks, join=True, start_method="spawn")
     print(f"total wall time {time.time() - started:.0f} s")

@@ -4,14 +4,24 @@
   hook (``torch.distributed.all_reduce``, then divide by W, as DDP's default) so that its bytes
   are counted the same way as DCT-DP's: an all-reduce of M bytes counts as a ring,
   2 (W - 1)/W x M sent and as much received.
+- ``Bf16Traffic`` + ``bf16_hook``: the bf16 baseline, torch's ``bf16_compress_hook`` (cast to
+  bfloat16, divide by W, all-reduce, cast back) with its bytes counted; see ``bf16_hook`` for
+  why DDP is handed a wrapper of its own name.
+- ``PowerSGDTraffic`` + ``powersgd_hook``: the PowerSGD baseline, torch's ``powerSGD_hook``
+  with its bytes counted from the shapes of its P and Q matrices (``powersgd_sizes``).
 - ``dp_totals(state, world)``: (bytes sent + received, bytes of a ring all-reduce of the same
-  buckets) from a ``DCTState``'s ``stats()`` or a ``DenseTraffic``.
+  buckets) from a ``DCTState``'s ``stats()`` or one of the states above.
+
+Every all-reduce counts as a ring all-reduce of the tensor it moves, whatever its dtype, and
+``bytes_ring`` is the ring all-reduce of the bucket as DDP hands it over (fp32), so the
+baselines' compression is measured against the same reference as DCT-DP's.
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
 
 class DenseTraffic:
@@ -31,19 +41,119 @@ class DenseTraffic:
                 "compression": self.bytes_ring / total if total else 0.0}
 
 
+    def count_allreduce(self, world: int, nbytes: float, reference_bytes: float) -> None:
+        """Count one ring all-reduce of ``nbytes`` (2 (W - 1)/W of it sent and as much
+        received), and ``reference_bytes`` of the bucket as DDP hands it over into the ring
+        reference (pass 0 for the second and later all-reduces of one bucket)."""
+        self.bytes_sent += 2 * (world - 1) * nbytes / world
+        self.bytes_received += 2 * (world - 1) * nbytes / world
+        self.bytes_ring += 4 * (world - 1) * reference_bytes / world
+
+
+def _group_and_world(state: DenseTraffic):
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    return group, dist.get_world_size(group)
+
+
 def dense_hook(state: DenseTraffic, bucket: dist.GradBucket):
     """DDP comm hook: the average of the bucket by one asynchronous all-reduce (what DDP does
     without a hook), counting ring bytes. Returns the future of the averaged bucket."""
-    group = state.process_group if state.process_group is not None else dist.group.WORLD
-    world = dist.get_world_size(group)
+    group, world = _group_and_world(state)
     buffer = bucket.buffer()
     nbytes = buffer.numel() * buffer.element_size()
-    state.bytes_sent += 2 * (world - 1) * nbytes / world
-    state.bytes_received += 2 * (world - 1) * nbytes / world
-    state.bytes_ring += 4 * (world - 1) * nbytes / world
+    state.count_allreduce(world, nbytes, nbytes)
     buffer.div_(world)
     future = dist.all_reduce(buffer, group=group, async_op=True).get_future()
     return future.then(lambda fut: fut.value()[0])
+
+
+class Bf16Traffic(DenseTraffic):
+    """State of ``bf16_hook``: the process group and byte counters."""
+
+
+def bf16_hook(state: Bf16Traffic, bucket: dist.GradBucket):
+    """DDP comm hook of the bf16 baseline: torch's ``bf16_compress_hook`` (the bucket cast to
+    bfloat16 and divided by W, all-reduced, cast back into the bucket), counting the bf16
+    all-reduce's ring bytes against the fp32 bucket's.
+
+    DDP refuses to register torch's function itself unless CUDA and NCCL >= 2.10 are there (it
+    recognises the hook by its name, ``bf16_compress_hook``), although the function runs on
+    gloo and CPU tensors as it is: gloo sums bfloat16. This wrapper has a name of its own, so
+    DDP registers it on every backend, and the cast, the division, the all-reduce and the cast
+    back are torch's own code on every backend (on NCCL exactly what torch's hook does)."""
+    _, world = _group_and_world(state)
+    buffer = bucket.buffer()
+    state.count_allreduce(world, buffer.numel() * torch.finfo(torch.bfloat16).bits // 8,
+                          buffer.numel() * buffer.element_size())
+    return default_hooks.bf16_compress_hook(state.process_group, bucket)
+
+
+class PowerSGDTraffic(DenseTraffic):
+    """State of ``powersgd_hook``: torch's ``PowerSGDState`` (``powersgd``) with the usual
+    settings besides the rank and the warm-up (error feedback, warm start, minimum compression
+    rate 2, no batching of same-shaped tensors), and byte counters.
+
+    ``matrix_approximation_rank``: the rank of the P and Q factors; ``start_iter``: torch's
+    ``start_powerSGD_iter``, the steps of plain fp32 all-reduces before compression starts;
+    ``seed``: the seed of the random Q initialisation, the same on every rank."""
+
+    def __init__(self, process_group=None, *, matrix_approximation_rank: int = 2,
+                 start_iter: int = 1000, seed: int = 0):
+        super().__init__(process_group)
+        self.powersgd = powerSGD_hook.PowerSGDState(
+            process_group, matrix_approximation_rank=matrix_approximation_rank,
+            start_powerSGD_iter=start_iter, random_seed=seed)
+        self.buckets_plain = 0
+        self.buckets_compressed = 0
+
+    def stats(self) -> Dict[str, float]:
+        """The counters of ``DenseTraffic.stats()``, plus the buckets sent plain (warm-up)
+        and compressed."""
+        out = super().stats()
+        out.update(buckets_plain=self.buckets_plain, buckets_compressed=self.buckets_compressed)
+        return out
+
+
+def powersgd_sizes(gradients: Sequence[torch.Tensor], rank: int,
+                   min_compression_rate: float = 2) -> Tuple[int, int, int]:
+    """Elements that torch's ``powerSGD_hook`` all-reduces for a bucket of these gradients once
+    it compresses: (uncompressed, P, Q). Each gradient is viewed as a matrix of n = its first
+    dimension rows and m = the rest; with r = min(n, m, rank) it is compressed (P: n x r, Q:
+    m x r) when (n + m) r x ``min_compression_rate`` < n m (torch's documented rule), else
+    all-reduced as it is, as are vectors (biases)."""
+    uncompressed = ps = qs = 0
+    for g in gradients:
+        n = g.shape[0] if g.dim() else 1
+        m = g.numel() // n if n else 0
+        r = min(n, m, rank)
+        if (n + m) * r * min_compression_rate < n * m:
+            ps += n * r
+            qs += m * r
+        else:
+            uncompressed += g.numel()
+    return uncompressed, ps, qs
+
+
+def powersgd_hook(state: PowerSGDTraffic, bucket: dist.GradBucket):
+    """DDP comm hook of the PowerSGD baseline: torch's ``powerSGD_hook`` on ``state.powersgd``,
+    counting ring bytes: the whole bucket during torch's warm-up (one plain all-reduce), then
+    its three all-reduces (the uncompressed tensors, the Ps, the Qs; ``powersgd_sizes``)."""
+    _, world = _group_and_world(state)
+    buffer = bucket.buffer()
+    size = buffer.element_size()
+    reference = buffer.numel() * size
+    ps = state.powersgd
+    # The hook itself decides by the same counter, read before it advances it.
+    if ps.iter < ps.start_powerSGD_iter:
+        state.buckets_plain += 1
+        state.count_allreduce(world, reference, reference)
+    else:
+        state.buckets_compressed += 1
+        parts = powersgd_sizes(bucket.gradients(), ps.matrix_approximation_rank,
+                               ps.min_compression_rate)
+        for i, numel in enumerate(parts):
+            state.count_allreduce(world, numel * size, reference if i == 0 else 0)
+    return powerSGD_hook.powerSGD_hook(ps, bucket)
 
 
 def dp_totals(state, world: int) -> Tuple[float, float]:

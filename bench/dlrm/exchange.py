@@ -6,6 +6,8 @@ x ``[W*B, H]`` on every rank, block j (rows j*B .. (j+1)*B) for rank j; the resu
 - ``DenseExchange``: the baseline, a dense all-to-all forward and backward
   (``torch.distributed.all_to_all_single``, the process-group collective, so any caller can
   count it by wrapping it).
+- ``Bf16Exchange``: the baselines' exchange, the dense all-to-all with bfloat16 on the wire
+  (activations forward, gradients backward), half the dense bytes.
 - ``SparseExchange``: DCT-MP, ``dct_kernels.mp.sparse_all_to_all`` (top k of each row
   forward, the gradient at the same positions backward).
 
@@ -37,6 +39,26 @@ class DenseAllToAll(torch.autograd.Function):
         out = torch.empty_like(grad)
         dist.all_to_all_single(out, grad.contiguous(), group=ctx.group)
         return out, None
+
+
+class Bf16AllToAll(torch.autograd.Function):
+    """The dense all-to-all with bfloat16 on the wire both ways: x cast to bfloat16, exchanged,
+    cast back to x's dtype; the gradient likewise."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        wire = x.to(torch.bfloat16).contiguous()
+        out = torch.empty_like(wire)
+        dist.all_to_all_single(out, wire, group=group)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        wire = grad.to(torch.bfloat16).contiguous()
+        out = torch.empty_like(wire)
+        dist.all_to_all_single(out, wire, group=ctx.group)
+        return out.to(grad.dtype), None
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -87,6 +109,20 @@ class DenseExchange:
             self.bytes_sent += nbytes
             self.bytes_dense += nbytes
         return DenseAllToAll.apply(x, self.group)
+
+
+class Bf16Exchange(DenseExchange):
+    """The dense all-to-all with bfloat16 values on the wire, forward and backward (what a user
+    pairs with a 16-bit gradient exchange). ``bytes_sent`` counts the bf16 bytes,
+    ``bytes_dense`` the fp32 exchange's."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            world = dist.get_world_size(self.group)
+            dense = self.dense_bytes(x, world)
+            self.bytes_sent += dense * 2 // x.element_size()
+            self.bytes_dense += dense
+        return Bf16AllToAll.apply(x, self.group)
 
 
 class SparseExchange(DenseExchange):

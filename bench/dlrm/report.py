@@ -6,7 +6,7 @@ from typing import Dict
 
 TABLE_HEADER = ("| run | AUC | Δ AUC vs dense | log loss | DP bytes/step | DP ring bytes/step | "
                 "DP compression (whole run / steady) | MP bytes/step | MP dense bytes/step | "
-                "MP compression | DP overflow freq. | step ms |")
+                "MP compression | DP overflow freq. | step ms | train s | to target s |")
 
 
 def _fmt_bytes(n: float) -> str:
@@ -37,13 +37,35 @@ def table_rows(report: dict) -> list:
             f"{r['dp_compression']:.1f}x / {r['dp_compression_steady']:.1f}x | "
             f"{_fmt_bytes(r['mp_bytes_per_step'])} | {_fmt_bytes(r['mp_bytes_dense_per_step'])} | "
             f"{r['mp_compression']:.1f}x | {r['dp_overflow_frequency']:.3f} | "
-            f"{r['step_ms']:.1f} |")
+            f"{r['step_ms']:.1f} | {_fmt_s(r.get('train_s'))} | "
+            f"{_fmt_s(r.get('time_to_target_s'))} |")
     return rows
+
+
+def _fmt_s(seconds) -> str:
+    """Seconds for the table; "-" for none (a target never reached, or no dense run)."""
+    return "-" if seconds is None else f"{seconds:.1f}"
+
+
+def link_text(report: dict) -> str:
+    """Where the ranks' bytes went, in words: loopback, or the emulated cluster's link."""
+    link = report.get("link")
+    if not link:
+        return "loopback (one machine, no emulated link)"
+    text = (f"emulated links of {link.get('rate') or str(link['rate_bit_s']) + 'bit'} per rank "
+            f"(bench/cluster.py; measured " + (f"{link['measured_bit_s'] / 1e6:.0f} Mbit/s"
+                                                if link.get("measured_bit_s") else "not measured"))
+    if link.get("delay_ms"):
+        text += f", one-way delay {link['delay_ms']:g} ms"
+    if link.get("loss_pct"):
+        text += f", loss {link['loss_pct']:g}%"
+    return text + ")"
 
 
 def markdown(report: dict) -> str:
     cfg = report["config"]
-    lines = [f"# Hybrid-parallel DLRM: dense vs DCT-DP vs DCT-DP+MP ({report['device']})", "",
+    target = report.get("target_auc")
+    lines = [f"# Hybrid-parallel DLRM: {' vs '.join(report['runs'])} ({report['device']})", "",
              f"{report['world_size']} ranks ({report['backend']}; dct_kernels backend "
              f"{kernel_backend_text(report)}), {cfg['steps']} steps of "
              f"{cfg['batch_size']} samples (global), {report['num_heldout']} held-out samples, "
@@ -54,6 +76,16 @@ def markdown(report: dict) -> str:
              f"Teacher AUC (the ceiling): "
              + (f"{report['teacher_auc']:.4f}" if report["teacher_auc"] is not None else "n/a")
              + f". Wall time {report['wall_s']:.0f} s.", "",
+             f"Network: {link_text(report)}.", "",
+             "Baselines: bf16 = torch's bf16_compress_hook on the MLPs' gradients and a bf16 "
+             "all-to-all at the embedding boundary; powersgd = torch's powerSGD_hook (rank "
+             f"{cfg.get('powersgd_rank', 2)}, plain all-reduces for its first steps) and the "
+             "bf16 all-to-all.", "",
+             "Time: step ms = median step (forward, backward, optimizer), train s = their sum "
+             "(no evaluation), to target s = the training time at the first evaluation whose "
+             "held-out AUC reaches the target, the dense run's final AUC − 0.002: "
+             + (f"{target:.4f}" if target is not None else "none (no dense run)")
+             + "; - where it was not reached. Times are rank 0's.", "",
              "Bytes are per step and rank: DP = sent + received in the gradient exchange, next "
              "to a ring all-reduce of the same gradients (docs/design.md#traffic-statistics); "
              "MP = sent in the embedding all-to-all, forward + backward, next to the dense "
@@ -67,24 +99,35 @@ def markdown(report: dict) -> str:
 
 
 def plots(report: dict, out_dir: str) -> None:
-    """dlrm_quality.png (held-out AUC and training loss vs step) and dlrm_bytes.png (DP and
-    MP bytes per step, logged-interval averages, log scale)."""
+    """dlrm_quality.png (held-out AUC against step and against training time, training loss
+    against step) and dlrm_bytes.png (DP and MP bytes per step, logged-interval averages, log
+    scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs: Dict[str, dict] = report["runs"]
-    fig, (ax_auc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_auc, ax_time, ax_loss) = plt.subplots(1, 3, figsize=(16, 4))
     for name, r in runs.items():
         ax_auc.plot(r["evals"]["step"], r["evals"]["auc"], marker="o", ms=3, label=name)
+        if "train_s" in r["evals"]:
+            ax_time.plot(r["evals"]["train_s"], r["evals"]["auc"], marker="o", ms=3,
+                         label=name)
         ax_loss.plot(r["series"]["step"], r["series"]["train_loss"], lw=1, label=name)
     if report["teacher_auc"] is not None:
         ax_auc.axhline(report["teacher_auc"], color="grey", ls="--", lw=1, label="teacher")
+    if report.get("target_auc") is not None:
+        for ax in (ax_auc, ax_time):
+            ax.axhline(report["target_auc"], color="black", ls=":", lw=1,
+                       label="target (dense − 0.002)")
     ax_auc.set(xlabel="step", ylabel="held-out AUC", title="held-out AUC")
+    ax_time.set(xlabel="training time (s, no evaluation)", ylabel="held-out AUC",
+                title="time to accuracy" + ("" if not report.get("link") else
+                                            f" ({report['link'].get('rate')} links)"))
     ax_loss.set(xlabel="step", ylabel="training log loss",
                 title=f"training loss (mean over {report['config']['log_every']} steps)")
-    for ax in (ax_auc, ax_loss):
+    for ax in (ax_auc, ax_time, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

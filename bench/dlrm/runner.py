@@ -24,7 +24,7 @@ import dct_kernels.distributed as dct_dist
 from . import dp_traffic
 from .config import Config
 from .data import ClickLogs
-from .exchange import DenseExchange, SparseExchange, scale_grad
+from .exchange import Bf16Exchange, DenseExchange, SparseExchange, scale_grad
 from .model import DenseArch, EmbeddingShard, shard_tables
 from .optim import RowWiseAdagrad
 
@@ -63,6 +63,12 @@ def _make_state(cfg: Config, name: str, ddp, group):
     """The DDP comm hook and its state for a run; notes on what was used."""
     if name == "dense":
         return dp_traffic.DenseTraffic(group), dp_traffic.dense_hook, {"exchange": "allreduce"}
+    if name == "bf16":
+        return dp_traffic.Bf16Traffic(group), dp_traffic.bf16_hook, {"exchange": "allreduce"}
+    if name == "powersgd":
+        state = dp_traffic.PowerSGDTraffic(group, matrix_approximation_rank=cfg.powersgd_rank,
+                                           start_iter=cfg.powersgd_start(), seed=cfg.seed)
+        return state, dp_traffic.powersgd_hook, {"exchange": "powersgd"}
     kwargs = dict(ratio=cfg.dp_ratio, refresh_every=cfg.refresh_every,
                   warmup_steps=cfg.warmup_steps, capacity_factor=cfg.capacity_factor,
                   min_numel=cfg.min_numel, value_dtype=_DTYPES[cfg.dp_value_dtype],
@@ -133,6 +139,23 @@ class RankRunner:
         self.ids = torch.from_numpy(np.ascontiguousarray(data.ids[:, self.tables]))
         self.dense = torch.from_numpy(data.dense)
         self.labels = torch.from_numpy(data.labels)
+        self._own_dp_group = None
+
+    def _powersgd_group(self):
+        """A process group of the same ranks for the PowerSGD run's data-parallel part, made
+        once (collectively: every rank runs the same runs in the same order).
+
+        torch's ``powerSGD_hook`` issues its P and Q all-reduces from the completion callbacks
+        of the one before, i.e. from the backend's threads, while the backward pass goes on to
+        the MP all-to-all on the calling thread. gloo pairs the collectives of a group by the
+        order they are issued in, and that order would differ between ranks: a hang (seen at
+        the first compressed step). On a group of its own, with one bucket (see ``_run``),
+        each group's order is the same on every rank."""
+        if self._own_dp_group is None:
+            ranks = (list(range(self.world)) if self.group is None
+                     else dist.get_process_group_ranks(self.group))
+            self._own_dp_group = dist.new_group(ranks=ranks)
+        return self._own_dp_group
 
     # ------------------------------------------------------------------------------ pieces
 
@@ -188,7 +211,8 @@ class RankRunner:
 
     def run(self) -> Dict[str, dict]:
         """Every configured run in turn; {run name: results} (the same on every rank except
-        ``step_ms``, which is this rank's). Collective: every rank must call it."""
+        the times, ``step_ms``, ``train_s``, ``eval_s`` and the evaluations' ``train_s``,
+        which are this rank's). Collective: every rank must call it."""
         return {name: self._run(name) for name in self.cfg.runs}
 
     def _run(self, name: str) -> dict:
@@ -199,13 +223,24 @@ class RankRunner:
         torch.manual_seed(cfg.seed)  # the same data-parallel weights on every rank
         arch = DenseArch(world, cfg.tower_width, width=cfg.width,
                          vectors=cfg.vectors).to(self.device)
+        dp_group, buckets = self.group, {}
+        if name == "powersgd":
+            # One bucket: several would run their callback chains side by side, in an order
+            # that differs between ranks (see _powersgd_group).
+            dp_group = self._powersgd_group()
+            param_mb = sum(p.numel() * p.element_size() for p in arch.parameters()) / 2**20
+            buckets = {"bucket_cap_mb": param_mb + 1}
         ddp = DistributedDataParallel(arch, device_ids=[self.device] if
                                       self.device.type == "cuda" else None,
-                                      process_group=self.group)
-        state, hook, notes = _make_state(cfg, name, ddp, self.group)
+                                      process_group=dp_group, **buckets)
+        state, hook, notes = _make_state(cfg, name, ddp, dp_group)
         ddp.register_comm_hook(state, self.callbacks.dp_hook(name, hook))
-        exchange = SparseExchange(cfg.mp_k, self.group, _DTYPES[cfg.mp_value_dtype]) \
-            if name == "dct_dp_mp" else DenseExchange(self.group)
+        if name == "dct_dp_mp":
+            exchange = SparseExchange(cfg.mp_k, self.group, _DTYPES[cfg.mp_value_dtype])
+        elif name in ("bf16", "powersgd"):
+            exchange = Bf16Exchange(self.group)
+        else:
+            exchange = DenseExchange(self.group)
         dense_params = list(arch.parameters()) + list(shard.tower.parameters())
         opt = torch.optim.Adam(dense_params, lr=cfg.lr)
         opt_emb = RowWiseAdagrad(list(shard.tables.parameters()), lr=cfg.emb_lr)
@@ -214,8 +249,10 @@ class RankRunner:
 
         series = {"step": [], "train_loss": [], "dp_bytes": [], "dp_ring": [], "mp_bytes": [],
                   "mp_dense": [], "overflowed_buckets": [], "buckets_sparse": []}
-        evals = {"step": [], "auc": [], "logloss": []}
+        # train_s: the training time (the sum of the step times so far) at each evaluation.
+        evals = {"step": [], "auc": [], "logloss": [], "train_s": []}
         step_s: List[float] = []
+        eval_s = 0.0
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         loss_count = 0
         for step in range(cfg.steps):
@@ -254,15 +291,19 @@ class RankRunner:
                 loss_sum.zero_()
                 loss_count = 0
             if done % cfg.eval_every == 0 or done == cfg.steps:
+                t_eval = time.perf_counter()
                 metrics = self._evaluate(shard, ddp, exchange, final=done == cfg.steps)
+                eval_s += time.perf_counter() - t_eval
                 evals["step"].append(done)
                 evals["auc"].append(metrics["auc"])
                 evals["logloss"].append(metrics["logloss"])
+                evals["train_s"].append(float(np.sum(step_s)))
             if self.progress is not None:
                 self.progress.update(1)
                 if done % cfg.log_every == 0:
                     self.progress.set_postfix(run=name, loss=f"{series['train_loss'][-1]:.4f}")
         self.callbacks.run_end(name, ddp.module, shard)
+        notes["eval_s"] = eval_s
         return self._summary(name, state, exchange, ddp, series, evals, step_s, notes)
 
     def _summary(self, name, state, exchange, ddp, series, evals, step_s, notes) -> dict:
@@ -289,10 +330,11 @@ class RankRunner:
             _ratio(steady_ring, steady_dp),
             "mp_bytes_per_step": mp / steps,
             "mp_bytes_dense_per_step": mp_dense / steps,
-            "mp_compression": 1.0 if name != "dct_dp_mp" else _ratio(mp_dense, mp),
+            "mp_compression": _ratio(mp_dense, mp),
             "step_ms": 1000 * float(np.median(step_s)),
             "step_ms_mean": 1000 * float(np.mean(step_s)),
             "train_s": float(np.sum(step_s)),
+            "eval_s": notes["eval_s"],
             "dp_overflow_frequency": (over["overflowed_buckets"] / over["buckets_sparse"]
                                       if over["buckets_sparse"] else 0.0),
             "dp_overflowed_buckets": over["overflowed_buckets"],
@@ -305,7 +347,13 @@ class RankRunner:
             "series": series,
             "evals": evals,
         }
-        if name != "dense":
+        if name == "powersgd":
+            out["powersgd"] = {"matrix_approximation_rank": cfg.powersgd_rank,
+                               "start_powerSGD_iter": cfg.powersgd_start(),
+                               "min_compression_rate": state.powersgd.min_compression_rate,
+                               "buckets_plain": state.buckets_plain,
+                               "buckets_compressed": state.buckets_compressed}
+        if name not in ("dense", "bf16", "powersgd"):
             stats = state.stats()
             out["dp_stats"] = {k: (float(v) if isinstance(v, float) else v)
                                for k, v in stats.items()
