@@ -84,8 +84,14 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
         if state.step < state.warmup_steps or not layout.has_sparse:
             future = _dense(state, layout, buffer)                 # 2
         else:
-            _refresh_thresholds(state, layout, buffer)             # 3
-            future = _sparse(state, layout, buffer)                # 4, 5 (6 in callbacks)
+            # The layout's parameter order (the bucket's own, except on the first step after
+            # a checkpoint was loaded: see DCTState.order_for).
+            work = layout.to_layout_order(buffer)
+            _refresh_thresholds(state, layout, work)               # 3
+            future = _sparse(state, layout, work)                  # 4, 5 (6 in callbacks)
+            if work is not buffer:
+                future = after([future], lambda: layout.to_bucket_order(work, buffer),
+                               buffer.device)
     except Exception as error:
         _end_bucket(state, bucket, error)
         raise
@@ -110,11 +116,13 @@ def _layout_of(state: DCTState, bucket) -> BucketLayout:
     ident = (tuple(keys), buffer.dtype, buffer.device)
     layout = state.layouts.get(ident)
     if layout is None:
-        numels = [p.numel() for p in params]
-        if sum(numels) != buffer.numel():
+        numel_of = {key: p.numel() for key, p in zip(keys, params)}
+        if sum(numel_of.values()) != buffer.numel():
             raise ValueError(f"bucket: its buffer has {buffer.numel()} elements but its "
-                             f"parameters {sum(numels)}; dct_hook expects DDP's flat "
-                             f"bucket layout (parameters back to back)")
+                             f"parameters {sum(numel_of.values())}; dct_hook expects DDP's "
+                             f"flat bucket layout (parameters back to back)")
+        bucket_keys, keys = keys, state.order_for(keys)
+        numels = [numel_of[key] for key in keys]
         group = state.group()
         world = dist.get_world_size(group)
         state.statistics.set_world(world)
@@ -124,6 +132,8 @@ def _layout_of(state: DCTState, bucket) -> BucketLayout:
                               dtype=buffer.dtype,
                               device=buffer.device, world=world, rank=dist.get_rank(group),
                               value_dtype=state.value_dtype, exchange=state.exchange)
+        if keys != bucket_keys:
+            layout.set_bucket_order(bucket_keys)
         fingerprint.verify_across_ranks(
             state.fingerprint(layout), group, buffer.device,
             f"bucket of {len(params)} parameters, {buffer.numel()} elements")

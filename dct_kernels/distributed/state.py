@@ -180,6 +180,11 @@ class DCTState:
         self.exchanges: Dict[int, object] = {}  # id(layout) -> its exchange object
         self.order: Optional[StepOrder] = None  # the current step's issue order
         self.statistics = Stats()
+        # Parameter orders of the bucket layouts a loaded checkpoint had (frozenset of keys ->
+        # keys in order), used by the first step after ``load_state_dict`` (see
+        # ``order_for``), and the step they apply to.
+        self._saved_orders: Dict[frozenset, Tuple[str, ...]] = {}
+        self._saved_orders_step = -1
 
         logger.info("DCTState: %s", self.config())
 
@@ -244,6 +249,22 @@ class DCTState:
             raise ValueError(f"parameter {key!r}: {numel} elements, but its saved state has "
                              f"{state.numel}")
         return state
+
+    def order_for(self, keys: List[str]) -> List[str]:
+        """The parameter order a new bucket layout of ``keys`` (in the bucket's order) uses.
+
+        The bucket's own order, except on the first step after ``load_state_dict``: a fresh
+        DDP runs its first iteration with its initial bucket order (registration order) and
+        only then rebuilds its buckets as the checkpointed run had them. A bucket holding the
+        same parameters as a layout of the checkpoint then takes that layout's order, so that
+        the step cuts the same reduce_scatter shards and an overflowing payload keeps the same
+        entries as the uninterrupted run did (the hook permutes the bucket into that order
+        and back, for that step only)."""
+        if self.step == self._saved_orders_step:
+            saved = self._saved_orders.get(frozenset(keys))
+            if saved is not None:
+                return list(saved)
+        return list(keys)
 
     def add_layout(self, ident: tuple, layout: BucketLayout) -> None:
         """Keep a new bucket layout (checked across ranks) under ``ident``."""
@@ -324,8 +345,9 @@ class DCTState:
                                                 "refresh_pending": bool,
                                                 "excursion_streak": int,
                                                 "count_average": fp32 [1] or None}}},
-             "stats": {counter: int}}
+             "stats": {counter: int}, "layouts": [[key, ...], ...]}
 
+        "layouts" is the parameter order of each bucket layout (see ``order_for``).
         "excursion_streak" and "count_average" are the threshold rule's state (consecutive
         out-of-band steps of the bucket; the parameter's kept-count average, None before its
         first sparse step). Version 1 (before the per-step correction) loads with streaks of 0
@@ -354,7 +376,9 @@ class DCTState:
                            "excursion_streak": int(state.streak.item()),
                            "count_average": _average_of(state), "shard": shard}
         return {"version": STATE_DICT_VERSION, "config": self.config(), "step": self.step,
-                "params": params, "stats": self.statistics.state_dict()}
+                "params": params, "stats": self.statistics.state_dict(),
+                "layouts": [list(layout.keys) for layout in self.layouts.values()
+                            if layout.has_sparse]}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore a ``state_dict()``: step, statistics and every parameter's residual, τ,
@@ -411,6 +435,9 @@ class DCTState:
         self.exchanges.clear()
         self._states.update(loaded)
         self.step = int(state_dict["step"])
+        self._saved_orders = {frozenset(keys): tuple(keys)
+                              for keys in state_dict.get("layouts", [])}
+        self._saved_orders_step = self.step
         self.statistics.load_state_dict(state_dict.get("stats", {}))
 
     def __getstate__(self) -> Dict[str, Any]:
