@@ -17,8 +17,8 @@ them (default ``bench/results/<device>/link_sweep_w<W>/``):
 - ``link_sweep_model.png``: which run the model says is fastest for a cluster of a given
   compute speed (relative to this machine) and link rate (modelled).
 
-The model (docs/time.md): per run, step time = a + b / rate, fitted by least squares to the
-measured median step times, with the rate the link's measured payload rate (loopback: b / rate
+The model (docs/time.md): per run, step time = a + b / rate, fitted (Theil-Sen: medians, robust
+to a point slowed by other jobs) to the measured median step times, with the rate the link's measured payload rate (loopback: b / rate
 = 0). ``a`` is the step without the network: the compute plus the hook's own cost; ``b`` (bits)
 is what the step waits for on the wire: the bytes not hidden behind the backward pass. Break-even
 rates of each DCT run against dense and against the faster baseline are given as measured
@@ -99,17 +99,26 @@ def seconds_per_bit(point: dict) -> float:
 
 
 def fit_line(xs: Sequence[float], ys: Sequence[float]) -> Dict[str, float]:
-    """Least squares y = a + b x: {"a", "b", "rms"} (rms: the residuals' root mean square).
-    With one distinct x, b is None."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
-        return {"a": my, "b": None, "rms": None}
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    a = my - b * mx
-    rms = math.sqrt(sum((a + b * x - y) ** 2 for x, y in zip(xs, ys)) / n)
+    """y = a + b x by Theil-Sen: b the median of the slopes between every two points of
+    distinct x, a the median of y - b x. Medians, not least squares, because the points are
+    step times on a shared machine: one point slowed by another job would tilt a least-squares
+    line, and moves these medians little (up to about a third of the points can be off).
+    Returns {"a", "b", "rms"}, rms the root mean square of the residuals (all points); b and
+    rms are None with fewer than two distinct x."""
+    slopes = sorted((y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(zip(xs, ys))
+                    for x2, y2 in zip(xs[i + 1:], ys[i + 1:]) if x2 != x1)
+    if not slopes:
+        return {"a": sorted(ys)[len(ys) // 2], "b": None, "rms": None}
+    b = _median(slopes)
+    a = _median([y - b * x for x, y in zip(xs, ys)])
+    rms = math.sqrt(sum((a + b * x - y) ** 2 for x, y in zip(xs, ys)) / len(xs))
     return {"a": a, "b": b, "rms": rms}
+
+
+def _median(values: Sequence[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
 
 
 def wire_bytes_one_way(run: dict) -> float:
@@ -119,9 +128,9 @@ def wire_bytes_one_way(run: dict) -> float:
 
 
 def fit_runs(points: List[dict]) -> Dict[str, dict]:
-    """Per run: the model step = a + b / rate fitted to the median step times, with a and
-    the residual in ms, b as exposed bytes per step (b / 8), the bytes a rank sends per step,
-    and the fraction of those the fit says the step waits for (``exposed_fraction``; 1 - it
+    """Per run: the model step = a + b / rate fitted (``fit_line``) to the median step times,
+    with a and the residual in ms, b as exposed bytes per step (b / 8), the bytes a rank sends
+    per step, and the fraction of those the fit says the step waits for (``exposed_fraction``; 1 - it
     is the part hidden behind the backward pass)."""
     fits = {}
     runs = [name for name in RUNS if all(name in p["report"]["runs"] for p in points)]
@@ -295,7 +304,8 @@ def markdown(summary: dict) -> str:
         f"{r} {by[(summary['points'][0], r)]['auc']:.4f}" for r in runs
         if (summary["points"][0], r) in by) + ".", ""]
     lines += ["## The model (modelled)", "",
-              "step = a + b / rate, least squares over the points above. a: the step without "
+              "step = a + b / rate, fitted to the points above by Theil-Sen (the median of the "
+              "pairwise slopes, robust to a point slowed by other jobs). a: the step without "
               "the network (compute and the hook's own cost); b / 8: the bytes per step the "
               "step waits for; sent/step: what a rank sends per step (as much arrives); "
               "exposed: their ratio (1 − exposed is hidden behind the computation).", "",

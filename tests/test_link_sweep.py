@@ -124,3 +124,15 @@ def test_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         link_sweep.main(["--runs", "dense,sgd", "--analyse-only"])
     assert "unknown sgd" in capsys.readouterr().err
+
+
+def test_fit_ignores_one_disturbed_point():
+    """Theil-Sen: one point far off the line (a step slowed by another job) leaves the fit
+    close to the line through the others."""
+    xs = [0.0, 1e-10, 4e-10, 1e-9, 2e-9]
+    ys = [0.020 + 2e6 * 8 * x for x in xs]
+    ys[0] = 0.045  # loopback slowed
+    line = link_sweep.fit_line(xs, ys)
+    assert line["a"] == pytest.approx(0.020, rel=0.05)
+    assert line["b"] == pytest.approx(16e6, rel=0.05)
+    assert link_sweep.fit_line([1.0, 1.0], [2.0, 4.0])["b"] is None
