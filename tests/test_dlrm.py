@@ -410,6 +410,23 @@ def test_link_without_privileges_gives_the_clusters_message(monkeypatch, capsys)
     assert cluster.list_namespaces() == before
 
 
+def test_link_delay_without_netem_gives_the_clusters_message(capsys):
+    """On a kernel without netem (this machine's) --link-delay and --link-loss stop with the
+    cluster's message, before anything is created."""
+    import cluster
+
+    reason = _cluster_unavailable()
+    if reason:
+        pytest.skip(f"emulated cluster unavailable: {reason}")
+    if cluster._kernel_has_netem() is not False:
+        pytest.skip("this kernel has netem (or its configuration cannot be read)")
+    before = cluster.list_namespaces()
+    for flag in ("--link-delay", "--link-loss"):
+        code, err = _cli_exit(["--tiny", "--link", "1gbit", flag, "1"], capsys)
+        assert code == 1 and "netem" in err, err
+    assert cluster.list_namespaces() == before
+
+
 def _cluster_unavailable():
     import cluster
 
