@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The main job. Installs into .venv (scripts/setup_env.sh), then prints two tables:
 #   1. the kernel microbenchmark's quick table (bench/run.py --quick; arguments go to it);
-#   2. the end-to-end comparison: a hybrid-parallel DLRM trained dense, with DCT-DP and with
-#      DCT-DP+MP on 2 spawned ranks (bench/train_dlrm.py --quick; extra trainer options in
-#      $DLRM_ARGS, e.g. DLRM_ARGS="--ranks 4"). Results and plots in bench/results/<device>/.
+#   2. the end-to-end comparison: a hybrid-parallel DLRM trained dense, with the baselines a
+#      user would pick (bf16, PowerSGD), with DCT-DP and with DCT-DP+MP on 2 spawned ranks
+#      (bench/train_dlrm.py --quick; extra trainer options in $DLRM_ARGS, e.g.
+#      DLRM_ARGS="--ranks 4", or as root DLRM_ARGS="--link 1gbit" for shaped links).
+#      Results and plots in bench/results/<device>/.
 source "$(dirname "$0")/setup_env.sh"
 start=$(date +%s)
 echo "== 1/2 kernel microbenchmark: python bench/run.py --quick =="
 python bench/run.py --quick "$@"
 echo
-echo "== 2/2 hybrid-parallel DLRM, dense vs DCT-DP vs DCT-DP+MP: python bench/train_dlrm.py --quick =="
+echo "== 2/2 hybrid-parallel DLRM, dense vs bf16 vs PowerSGD vs DCT-DP vs DCT-DP+MP: python bench/train_dlrm.py --quick =="
 # shellcheck disable=SC2086
 python bench/train_dlrm.py --quick ${DLRM_ARGS:-}
 echo "demo: $(( $(date +%s) - start )) s after installation"
