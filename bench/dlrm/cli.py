@@ -18,16 +18,22 @@ import torch
 import torch.distributed as dist
 
 from . import report as report_mod
+from .checkpoint import Checkpointer, CheckpointError
 from .config import DEFAULT_RUNS, RUNS, TARGET_MARGIN, Config, quick, tiny
 from .context import device_name, kernel_backends, load_data, rank_device, teacher_auc
 from .data import ClickLogs
-from .runner import Callbacks, RankRunner
+from .runner import Callbacks, RankRunner, StopRequested
 
 BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_DLRM = os.path.join(BENCH_DIR, "train_dlrm.py")
 # Set by the --link launcher in its ranks' environment: the link's description (JSON), which
 # rank 0 writes into dlrm.json. Its presence also tells a rank it runs on the emulated cluster.
 LINK_ENV = "DCT_DLRM_LINK"
+# How long a collective waits for a peer before it fails (--pg-timeout): a rank that died is
+# usually noticed at once (gloo sees its connections close), a rank that hangs only then.
+DEFAULT_PG_TIMEOUT_S = 300
+# Steps between checkpoints within a run (--checkpoint-every) when --checkpoint-dir is given.
+DEFAULT_CHECKPOINT_EVERY = 100
 # At most this many ranks on the emulated cluster: every rank is a process on this machine's
 # cores, and with several ranks per core the step times show the scheduler more than the link.
 MAX_LINK_RANKS = 8
@@ -94,7 +100,10 @@ class _LineProgress:
 
 def train(cfg: Config, out_dir: Optional[str], *, callbacks: Optional[Callbacks] = None,
           progress: bool = True, started: Optional[float] = None, write_plots: bool = True,
-          data: Optional[ClickLogs] = None, link: Optional[dict] = None) -> dict:
+          data: Optional[ClickLogs] = None, link: Optional[dict] = None,
+          checkpoint_dir: Optional[str] = None,
+          checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+          stop_after: Optional[tuple] = None) -> dict:
     """Run the comparison on this rank of an initialized process group; rank 0 writes the
     report into ``out_dir`` (None: nothing written). Returns the report (every rank).
 
@@ -110,6 +119,12 @@ def train(cfg: Config, out_dir: Optional[str], *, callbacks: Optional[Callbacks]
     the ops resolved to on each rank's device ("cpu" or "cuda" for the compiled cores,
     "triton", or "torch" for the reference): one name when every rank agrees, else the list in
     rank order. A run whose compiled core is not built says so in one line before training.
+
+    ``checkpoint_dir``: checkpoints every ``checkpoint_every`` steps of a run and after each
+    run (bench/dlrm/checkpoint.py), and a resume from the newest complete one there (a
+    checkpoint of another configuration raises CheckpointError naming the differing fields).
+    ``stop_after`` (run name, step): raise StopRequested after that step, as a killed job
+    would stop (no report).
 
     Collective: every rank calls it with the same ``cfg``."""
     started = time.time() if started is None else started
@@ -131,7 +146,10 @@ def train(cfg: Config, out_dir: Optional[str], *, callbacks: Optional[Callbacks]
                        dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
         else:
             bar = _LineProgress(cfg.steps)
-    runs = RankRunner(cfg, data, device, callbacks=callbacks, progress=bar).run()
+    checkpointer = (Checkpointer(checkpoint_dir, checkpoint_every, cfg.as_dict())
+                    if checkpoint_dir is not None else None)
+    runs = RankRunner(cfg, data, device, callbacks=callbacks, progress=bar).run(
+        checkpointer, stop_after)
     if bar is not None:
         bar.close()
     target = add_time_to_target(runs)
@@ -170,30 +188,50 @@ def default_threads(ranks_on_host: int) -> int:
 
 
 def _worker(rank: int, world: int, store: str, cfg: Config, out_dir: str, started: float,
-            sweep: bool, threads: Optional[int]) -> None:
+            sweep: bool, threads: Optional[int], options: dict) -> None:
     backend = _pick_backend(world)
     if backend == "gloo":
         torch.set_num_threads(threads or default_threads(world))
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(minutes=10))
+                            world_size=world,
+                            timeout=datetime.timedelta(seconds=options["pg_timeout"]))
     try:
-        _main_rank(cfg, out_dir, started, sweep)
+        status = _main_rank(cfg, out_dir, started, sweep, options=options)
     finally:
         dist.destroy_process_group()
+    if status:
+        sys.exit(status)
 
 
 def _main_rank(cfg: Config, out_dir: str, started: float, sweep: bool,
-               link: Optional[dict] = None) -> None:
+               link: Optional[dict] = None, options: Optional[dict] = None) -> int:
+    """This rank's part of the command; the exit status (0, or 2 for a checkpoint of another
+    configuration, 3 for a requested stop)."""
+    options = options or {}
     if sweep:
         from .sweep import run_sweep
 
         run_sweep(cfg, out_dir, started)
-        return
-    result = train(cfg, out_dir, started=started, link=link)
+        return 0
+    try:
+        result = train(cfg, out_dir, started=started, link=link,
+                       checkpoint_dir=options.get("checkpoint_dir"),
+                       checkpoint_every=options.get("checkpoint_every",
+                                                    DEFAULT_CHECKPOINT_EVERY),
+                       stop_after=options.get("stop_after"))
+    except CheckpointError as exc:
+        if dist.get_rank() == 0:
+            print(f"train_dlrm.py: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except StopRequested as exc:
+        if dist.get_rank() == 0:
+            print(f"train_dlrm.py: {exc}", file=sys.stderr, flush=True)
+        return 3
     # On the emulated cluster the launcher prints the table (the ranks' lines carry prefixes).
     if dist.get_rank() == 0 and link is None:
         print()
         print(_summary_text(result, out_dir))
+    return 0
 
 
 def _summary_text(result: dict, out_dir: str) -> str:
@@ -266,7 +304,43 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output folder (default bench/results/<device>/dlrm, and "
                                  "bench/results/<device> for --sweep)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="write checkpoints into DIR and resume from the newest complete one "
+                        "there (same settings only); README 'Checkpoints and restarts'")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help=f"with --checkpoint-dir: steps between checkpoints within a run "
+                        f"(default {DEFAULT_CHECKPOINT_EVERY}; one more after each run)")
+    p.add_argument("--pg-timeout", type=float, metavar="SECONDS", default=DEFAULT_PG_TIMEOUT_S,
+                   help=f"how long a collective waits for the other ranks before it fails "
+                        f"(default {DEFAULT_PG_TIMEOUT_S}); spawned ranks and torchrun alike")
+    # Stops every rank after RUN's STEP as a killed job would (no report): for tests.
+    p.add_argument("--stop-after", metavar="RUN:STEP", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def run_options(args) -> dict:
+    """The options of a rank besides the Config: checkpoints, the process group's timeout and
+    the tests' stop. ValueError naming the flag for a bad value."""
+    if args.pg_timeout <= 0:
+        raise ValueError(f"--pg-timeout: expected > 0 seconds, got {args.pg_timeout}")
+    if args.checkpoint_every is not None and args.checkpoint_dir is None:
+        raise ValueError("--checkpoint-every needs --checkpoint-dir")
+    every = (DEFAULT_CHECKPOINT_EVERY if args.checkpoint_every is None
+             else args.checkpoint_every)
+    if every < 1:
+        raise ValueError(f"--checkpoint-every: expected >= 1, got {every}")
+    if args.checkpoint_dir is not None and args.sweep:
+        raise ValueError("--checkpoint-dir checkpoints the comparison, not --sweep")
+    stop = None
+    if args.stop_after:
+        run, _, step = args.stop_after.partition(":")
+        if not step.isdigit():
+            raise ValueError(f"--stop-after: expected RUN:STEP, got {args.stop_after!r}")
+        stop = (run, int(step))
+    return {"pg_timeout": args.pg_timeout, "stop_after": stop,
+            "checkpoint_dir": (os.path.abspath(args.checkpoint_dir)
+                               if args.checkpoint_dir else None),
+            "checkpoint_every": every}
 
 
 def config_from_args(args) -> Config:
@@ -381,6 +455,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         cfg = config_from_args(args)
+        options = run_options(args)
     except ValueError as exc:
         sys.exit(f"train_dlrm.py: {exc}")
     problem = _link_errors(args, cfg)
@@ -400,17 +475,25 @@ def main(argv=None) -> None:
         if backend == "gloo":
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             torch.set_num_threads(args.threads or default_threads(local))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend,
+                                timeout=datetime.timedelta(seconds=options["pg_timeout"]))
         cfg = dataclasses.replace(cfg, ranks=world)
         try:
-            _main_rank(cfg, out_dir, started, args.sweep, link)
+            status = _main_rank(cfg, out_dir, started, args.sweep, link, options)
         finally:
             dist.destroy_process_group()
+        if status:
+            sys.exit(status)
         return
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="dlrm_") as tmp:
-        mp.start_processes(_worker, args=(cfg.ranks, os.path.join(tmp, "store"), cfg, out_dir,
-                                          started, args.sweep, args.threads),
-                           nprocs=cfg.ranks, join=True, start_method="spawn")
+        try:
+            mp.start_processes(_worker, args=(cfg.ranks, os.path.join(tmp, "store"), cfg,
+                                              out_dir, started, args.sweep, args.threads,
+                                              options),
+                               nprocs=cfg.ranks, join=True, start_method="spawn")
+        except mp.ProcessExitedException as exc:
+            # The rank said why (a checkpoint refused, a requested stop): keep its status.
+            sys.exit(exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1)
     print(f"total wall time {time.time() - started:.0f} s")

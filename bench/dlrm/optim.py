@@ -50,3 +50,21 @@ class RowWiseAdagrad:
             s.index_add_(0, rows, values.float().pow(2).mean(dim=1))
             scale = (s.index_select(0, rows).sqrt_().add_(self.eps)).reciprocal_().mul_(-self.lr)
             p.index_add_(0, rows, values * scale.unsqueeze(1).to(values.dtype))
+
+    def state_dict(self) -> dict:
+        """The accumulators (copies) and settings, for a checkpoint."""
+        return {"lr": self.lr, "eps": self.eps,
+                "state": [s.detach().clone() for s in self.state]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore ``state_dict()``'s accumulators; ValueError when their number or shapes
+        differ from this optimizer's tables (another sharding or table sizes)."""
+        saved = state_dict["state"]
+        if len(saved) != len(self.state) or any(a.shape != b.shape
+                                                for a, b in zip(saved, self.state)):
+            raise ValueError(f"state_dict: accumulators of shapes "
+                             f"{[tuple(a.shape) for a in saved]}, this optimizer has "
+                             f"{[tuple(b.shape) for b in self.state]}")
+        self.lr, self.eps = state_dict["lr"], state_dict["eps"]
+        for mine, s in zip(self.state, saved):
+            mine.copy_(s)

@@ -11,6 +11,8 @@ system would exchange them, a few bytes per id, not counted here).
 import hashlib
 import inspect
 import math
+import random
+import sys
 import time
 from typing import Dict, List, Optional
 
@@ -22,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 import dct_kernels.distributed as dct_dist
 
 from . import dp_traffic
+from .checkpoint import Checkpointer
 from .config import Config
 from .data import ClickLogs
 from .exchange import Bf16Exchange, DenseExchange, SparseExchange, scale_grad
@@ -94,12 +97,57 @@ def _exchange_used(state, configured: str) -> str:
     return "+".join(used) if used else configured
 
 
-def _digest(module: torch.nn.Module) -> str:
+def _digest(*modules: torch.nn.Module) -> str:
+    """sha256 over the names and bytes of every parameter of ``modules``, in order."""
     h = hashlib.sha256()
-    for name, p in module.named_parameters():
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for i, module in enumerate(modules):
+        for name, p in module.named_parameters():
+            h.update(f"{i}.{name}".encode())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+class StopRequested(Exception):
+    """Raised on every rank after the step ``stop_after`` names (the tests' stand-in for a
+    rank killed mid-run: no report is written, the checkpoints so far stay)."""
+
+
+def _rng_states() -> dict:
+    """Every RNG the training could draw from: torch's (and CUDA's), numpy's global, Python's.
+    The batches and the initial weights come from generators seeded afresh from the seed, so
+    they need nothing saved."""
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+              "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# The byte counters of the baselines' hook states (dp_traffic), saved and restored as they are.
+_TRAFFIC_COUNTERS = ("bytes_sent", "bytes_received", "bytes_ring", "buckets_plain",
+                     "buckets_compressed")
+
+
+def _dp_state_dict(state) -> dict:
+    if isinstance(state, dp_traffic.DenseTraffic):
+        return {k: getattr(state, k) for k in _TRAFFIC_COUNTERS if hasattr(state, k)}
+    return state.state_dict()
+
+
+def _load_dp_state(state, saved: dict) -> None:
+    if isinstance(state, dp_traffic.DenseTraffic):
+        for k, v in saved.items():
+            setattr(state, k, v)
+    else:
+        state.load_state_dict(saved)
 
 
 class _Batches:
@@ -209,13 +257,46 @@ class RankRunner:
 
     # -------------------------------------------------------------------------------- runs
 
-    def run(self) -> Dict[str, dict]:
+    def run(self, checkpointer: Optional[Checkpointer] = None,
+            stop_after: Optional[tuple] = None) -> Dict[str, dict]:
         """Every configured run in turn; {run name: results} (the same on every rank except
-        the times, ``step_ms``, ``train_s``, ``eval_s`` and the evaluations' ``train_s``,
-        which are this rank's). Collective: every rank must call it."""
-        return {name: self._run(name) for name in self.cfg.runs}
+        the times, ``step_ms``, ``train_s``, ``eval_s``, ``checkpoint_s`` and the evaluations'
+        ``train_s``, which are this rank's). Collective: every rank must call it.
 
-    def _run(self, name: str) -> dict:
+        With a ``checkpointer``: resumes from its newest complete checkpoint (the runs that
+        had finished are taken from it, the run in progress continues from its step), writes
+        a checkpoint every ``checkpointer.every`` steps of a run and one after each run (the
+        finished runs' results, so a restart never repeats a finished run). ``stop_after``
+        (run name, step): raise StopRequested after that step (and its checkpoint)."""
+        finished: Dict[str, dict] = {}
+        start_index, resume = 0, None
+        marker = checkpointer.latest() if checkpointer is not None else None
+        if marker is not None:
+            part = checkpointer.load(marker)
+            finished = part["finished"]
+            start_index, resume = part["run_index"], part["run_state"]
+            if self.rank == 0:
+                where = (f"run {part['run']} step {part['step']}" if part["step"]
+                         else "the start of run " + (self.cfg.runs[start_index]
+                                                     if start_index < len(self.cfg.runs)
+                                                     else "(none: every run finished)"))
+                print(f"checkpoint: resuming from {marker['path']} ({where})",
+                      file=sys.stderr, flush=True)
+            if self.progress is not None:
+                self.progress.update(start_index * self.cfg.steps
+                                     + (resume["step"] if resume else 0))
+        for index, name in enumerate(self.cfg.runs):
+            if index < start_index:
+                continue
+            finished[name] = self._run(name, index, finished, checkpointer, stop_after,
+                                       resume if index == start_index else None)
+            if checkpointer is not None:
+                checkpointer.save(index + 1, None, 0, {"finished": finished, "run_state": None})
+        return {name: finished[name] for name in self.cfg.runs}
+
+    def _run(self, name: str, index: int = 0, finished: Optional[Dict[str, dict]] = None,
+             checkpointer: Optional[Checkpointer] = None,
+             stop_after: Optional[tuple] = None, resume: Optional[dict] = None) -> dict:
         cfg, world = self.cfg, self.world
         torch.manual_seed(cfg.seed)
         shard = EmbeddingShard(self.tables, self.data.table_sizes, cfg.emb_dim,
@@ -255,7 +336,31 @@ class RankRunner:
         eval_s = 0.0
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         loss_count = 0
-        for step in range(cfg.steps):
+        checkpoint_s = 0.0
+        start = 0
+        if resume is not None:
+            ddp.module.load_state_dict(resume["arch"])
+            shard.load_state_dict(resume["shard"])
+            opt.load_state_dict(resume["opt"])
+            opt_emb.load_state_dict(resume["opt_emb"])
+            _load_dp_state(state, resume["dp"])
+            exchange.bytes_sent, exchange.bytes_dense = resume["exchange"]
+            series, evals = resume["series"], resume["evals"]
+            step_s, eval_s = resume["step_s"], resume["eval_s"]
+            loss_sum.copy_(resume["loss_sum"])
+            loss_count, checkpoint_s = resume["loss_count"], resume["checkpoint_s"]
+            start = resume["step"]
+            _set_rng_states(resume["rng"])
+        # PowerSGD's hook state (torch's PowerSGDState: error and P/Q memories kept per
+        # bucket index, in the bucket's memory order, bound to its process group) is not
+        # checkpointed: a restart repeats the PowerSGD run from its start, which gives the
+        # same result (every run starts from the seed), only later.
+        every = (checkpointer.every if checkpointer is not None and name != "powersgd"
+                 else None)
+        if checkpointer is not None and every is None and self.rank == 0:
+            print(f"checkpoint: the {name} run is not checkpointed within the run (a restart "
+                  f"repeats it from its start)", file=sys.stderr, flush=True)
+        for step in range(start, cfg.steps):
             rows = batches.rows(step)
             self.callbacks.step_begin(name, step)
             t0 = time.perf_counter()
@@ -302,11 +407,29 @@ class RankRunner:
                 self.progress.update(1)
                 if done % cfg.log_every == 0:
                     self.progress.set_postfix(run=name, loss=f"{series['train_loss'][-1]:.4f}")
+            # The last step needs none: the checkpoint after the run follows.
+            if every is not None and done % every == 0 and done < cfg.steps:
+                run_state = {
+                    "step": done, "arch": ddp.module.state_dict(), "shard": shard.state_dict(),
+                    "opt": opt.state_dict(), "opt_emb": opt_emb.state_dict(),
+                    "dp": _dp_state_dict(state),
+                    "exchange": (exchange.bytes_sent, exchange.bytes_dense),
+                    "series": series, "evals": evals, "step_s": step_s, "eval_s": eval_s,
+                    "loss_sum": loss_sum.cpu(), "loss_count": loss_count,
+                    "checkpoint_s": checkpoint_s, "rng": _rng_states()}
+                checkpoint_s += checkpointer.save(index, name, done,
+                                                  {"finished": finished or {},
+                                                   "run_state": run_state})
+            if stop_after is not None and stop_after == (name, done):
+                raise StopRequested(f"stopped after run {name} step {done}")
         self.callbacks.run_end(name, ddp.module, shard)
         notes["eval_s"] = eval_s
-        return self._summary(name, state, exchange, ddp, series, evals, step_s, notes)
+        notes["checkpoint_s"] = checkpoint_s
+        notes["resumed_from_step"] = resume["step"] if resume is not None else None
+        return self._summary(name, state, exchange, ddp, series, evals, step_s, notes, shard)
 
-    def _summary(self, name, state, exchange, ddp, series, evals, step_s, notes) -> dict:
+    def _summary(self, name, state, exchange, ddp, series, evals, step_s, notes,
+                 shard) -> dict:
         cfg, steps = self.cfg, self.cfg.steps
         dp, ring = series["dp_bytes"][-1], series["dp_ring"][-1]
         mp, mp_dense = series["mp_bytes"][-1], series["mp_dense"][-1]
@@ -316,8 +439,13 @@ class RankRunner:
         span = series["step"][-1] - series["step"][half]
         steady_dp = (dp - series["dp_bytes"][half]) / span if span else float("nan")
         steady_ring = (ring - series["dp_ring"][half]) / span if span else float("nan")
+        # One gather for both: the data-parallel part's digest (the same on every rank when
+        # the ranks agree) and this rank's whole model, shard included.
         digests = [None] * self.world
-        dist.all_gather_object(digests, _digest(ddp.module), group=self.group)
+        dist.all_gather_object(digests, (_digest(ddp.module), _digest(ddp.module, shard)),
+                               group=self.group)
+        final = hashlib.sha256("".join(whole for _, whole in digests).encode()).hexdigest()
+        digests = [dp for dp, _ in digests]
         first100 = next((i for i, s in enumerate(series["step"]) if s >= 100), None)
         out = {
             "steps": steps,
@@ -335,6 +463,7 @@ class RankRunner:
             "step_ms_mean": 1000 * float(np.mean(step_s)),
             "train_s": float(np.sum(step_s)),
             "eval_s": notes["eval_s"],
+            "checkpoint_s": notes["checkpoint_s"],
             "dp_overflow_frequency": (over["overflowed_buckets"] / over["buckets_sparse"]
                                       if over["buckets_sparse"] else 0.0),
             "dp_overflowed_buckets": over["overflowed_buckets"],
@@ -344,6 +473,9 @@ class RankRunner:
                 series["overflowed_buckets"][first100] if first100 is not None else None,
             "dp_exchange": _exchange_used(state, notes["exchange"]),
             "ranks_identical": all(d == digests[0] for d in digests),
+            # sha256 of the W ranks' digests (rank order) of every parameter they hold.
+            "final_params_sha256": final,
+            "resumed_from_step": notes["resumed_from_step"],
             "series": series,
             "evals": evals,
         }
