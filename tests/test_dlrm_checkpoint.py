@@ -196,3 +196,45 @@ def test_row_wise_adagrad_state_round_trip():
     assert not torch.equal(saved["state"][0], opt.state[0])
     with pytest.raises(ValueError, match="accumulators of shapes"):
         RowWiseAdagrad([torch.nn.Parameter(torch.zeros(4, 3))]).load_state_dict(saved)
+
+
+def test_torchrun_restarts_a_killed_rank(tmp_path):
+    """A rank SIGKILLed right after the first checkpoint under torchrun --max-restarts 1: the
+    agent restarts both ranks, they resume from the checkpoint (their group's keys under the
+    new attempt's prefix) and the report equals an uninterrupted run's."""
+    pytest.importorskip("sklearn")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("no torchrun next to this Python")
+    folder, out = tmp_path / "ckpt", tmp_path / "out"
+    # One run of 200 tiny steps: the kill lands soon after the checkpoint at step 5, long
+    # before the end.
+    common = ["--tiny", "--runs", "dct_dp_mp", "--exchange", "reduce_scatter", "--steps", "200",
+              "--checkpoint-every", "5", "--pg-timeout", "60"]
+    whole = subprocess.run([sys.executable, TRAIN_DLRM, *common, "--out", str(tmp_path / "w"),
+                            "--checkpoint-dir", str(tmp_path / "w_ckpt")],
+                           capture_output=True, text=True, timeout=DEADLINE_S)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    job = subprocess.Popen([torchrun, "--standalone", "--nproc-per-node", "2",
+                            "--max-restarts", "1", TRAIN_DLRM, *common,
+                            "--checkpoint-dir", str(folder), "--out", str(out)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while not any(os.path.exists(os.path.join(p, checkpoint.MARKER))
+                      for _, p in checkpoint.folders(str(folder))):
+            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.05)
+        workers = subprocess.run(["ps", "--ppid", str(job.pid), "-o", "pid=,args="],
+                                 capture_output=True, text=True).stdout.splitlines()
+        victim = [int(line.split()[0]) for line in workers if "train_dlrm" in line][-1]
+        os.kill(victim, signal.SIGKILL)
+        output, _ = job.communicate(timeout=DEADLINE_S)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, output[-3000:]
+    assert "checkpoint: resuming from" in output
+    resumed = _report(out)
+    _assert_same_runs(_report(tmp_path / "w"), resumed)
+    assert resumed["runs"]["dct_dp_mp"]["resumed_from_step"] is not None

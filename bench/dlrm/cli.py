@@ -203,6 +203,27 @@ def _worker(rank: int, world: int, store: str, cfg: Config, out_dir: str, starte
         sys.exit(status)
 
 
+def _init_torchrun_group(backend: str, timeout: datetime.timedelta) -> None:
+    """The process group of a rank that torchrun (or the --link launcher) started.
+
+    torchrun's workers share the agent's store, and it keeps its keys when the agent restarts
+    the workers (--max-restarts): a restarted rank could read the address a killed rank had
+    published in the attempt before and wait on it until the timeout (seen: "Gloo
+    connectFullMesh failed ... Connection refused" after a SIGKILL, or a hang for the whole
+    timeout). Under the agent's store the group's keys are therefore kept under a prefix of
+    the attempt (TORCHELASTIC_RESTART_COUNT); elsewhere the usual env:// initialization."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"train_dlrm/attempt_{attempt}/",
+                                                            store),
+                            rank=rank, world_size=world, timeout=timeout)
+
+
 def _main_rank(cfg: Config, out_dir: str, started: float, sweep: bool,
                link: Optional[dict] = None, options: Optional[dict] = None) -> int:
     """This rank's part of the command; the exit status (0, or 2 for a checkpoint of another
@@ -475,8 +496,7 @@ def main(argv=None) -> None:
         if backend == "gloo":
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             torch.set_num_threads(args.threads or default_threads(local))
-        dist.init_process_group(backend,
-                                timeout=datetime.timedelta(seconds=options["pg_timeout"]))
+        _init_torchrun_group(backend, datetime.timedelta(seconds=options["pg_timeout"]))
         cfg = dataclasses.replace(cfg, ranks=world)
         try:
             status = _main_rank(cfg, out_dir, started, args.sweep, link, options)
