@@ -853,9 +853,20 @@ class EmulatedCluster:
         exits = queue.Queue()
         ranks = []
         try:
-            for rank in range(self.world):
-                ranks.append(_Rank(rank, self.exec_argv(rank, argv),
-                                   self.rank_env(rank, port, env), cwd, capture_stdout, exits))
+            # A signal while the ranks start is held until every started rank is on the list,
+            # so that none of them escapes the stop below (a rank started but not yet listed
+            # would outlive the launcher, and its output threads would keep it waiting).
+            held = []
+            previous = self._hold_signals(held)
+            try:
+                for rank in range(self.world):
+                    ranks.append(_Rank(rank, self.exec_argv(rank, argv),
+                                       self.rank_env(rank, port, env), cwd, capture_stdout,
+                                       exits))
+            finally:
+                self._restore_signals(previous)
+            if held:
+                self._raise_for_signal(held[0])
             failed = self._wait_all(ranks, exits, timeout)
         except BaseException as exc:
             sig = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else getattr(
@@ -971,6 +982,10 @@ def main(argv=None):
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if args.measure_only == bool(command):
         parser.error("give either --measure-only or -- CMD ARGS...")
+    # Ctrl-C stops the command even when it was started with SIGINT ignored (a background
+    # job of a non-interactive shell inherits that, and Python then installs no handler).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         cluster = EmulatedCluster(args.ranks, args.rate, delay_ms=args.delay,
                                   loss_pct=args.loss,
