@@ -150,14 +150,13 @@ def _spawn(world, fn, args, deadline_s):
             pytest.fail(f"the smoke run outlived its {deadline_s} s deadline")
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def _two_rank_run(tmp_path_factory, name, runs):
+    """Spawn a two-rank run of ``runs``; (report, each rank's record, output folder)."""
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
-    tmp = tmp_path_factory.mktemp("dlrm_smoke")
+    tmp = tmp_path_factory.mktemp(name)
     out_dir = str(tmp / "out")
-    _spawn(2, _smoke_worker, (str(tmp / "store"), out_dir, str(tmp), SMOKE_RUNS),
-           SMOKE_DEADLINE_S)
+    _spawn(2, _smoke_worker, (str(tmp / "store"), out_dir, str(tmp), runs), SMOKE_DEADLINE_S)
     with open(os.path.join(out_dir, "dlrm.json")) as f:
         report = json.load(f)
     ranks = []
@@ -165,6 +164,11 @@ def smoke(tmp_path_factory):
         with open(tmp / f"rank{r}.json") as f:
             ranks.append(json.load(f))
     return report, ranks, out_dir
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    return _two_rank_run(tmp_path_factory, "dlrm_smoke", SMOKE_RUNS)
 
 
 def test_smoke_report_fields(smoke):
@@ -244,19 +248,7 @@ BASELINE_RUNS = ("dense", "bf16", "powersgd")
 @pytest.fixture(scope="module")
 def baselines(tmp_path_factory):
     """A tiny loopback run of dense, bf16 and powersgd, with the collectives wrapped."""
-    pytest.importorskip("sklearn")
-    pytest.importorskip("matplotlib")
-    tmp = tmp_path_factory.mktemp("dlrm_baselines")
-    out_dir = str(tmp / "out")
-    _spawn(2, _smoke_worker, (str(tmp / "store"), out_dir, str(tmp), BASELINE_RUNS),
-           SMOKE_DEADLINE_S)
-    with open(os.path.join(out_dir, "dlrm.json")) as f:
-        report = json.load(f)
-    ranks = []
-    for r in range(2):
-        with open(tmp / f"rank{r}.json") as f:
-            ranks.append(json.load(f))
-    return report, ranks
+    return _two_rank_run(tmp_path_factory, "dlrm_baselines", BASELINE_RUNS)[:2]
 
 
 def _ring(nbytes, world=2):
