@@ -16,7 +16,6 @@ from . import collectives, fingerprint
 from .allgather import AllGatherExchange
 from .futures import StepOrder, after
 from .layout import BucketLayout
-from .threshold_rule import FLOOR
 from .reduce_scatter import ReduceScatterExchange
 from .state import DCTState
 
@@ -137,7 +136,7 @@ def _layout_of(state: DCTState, bucket) -> BucketLayout:
         fingerprint.verify_across_ranks(
             state.fingerprint(layout), group, buffer.device,
             f"bucket of {len(params)} parameters, {buffer.numel()} elements")
-        state.add_layout(ident, layout)
+        state.layouts[ident] = layout
     layout.collect_flags()
     state.adopt(layout)
     return layout
@@ -167,14 +166,11 @@ def _refresh_thresholds(state: DCTState, layout: BucketLayout, buffer: torch.Ten
     if not (scheduled or early):
         return False
     acc = buffer.to(torch.float32) + layout.residual
-    taus = ops.select_threshold(acc, layout.ks, segments=layout.segments,
-                                backend=state.backend).to(torch.float32)
-    # The floor keeps exact zeros out; torch.clamp_min keeps a NaN τ (it selects NaNs).
-    taus = torch.where(layout.keep_all_mask, FLOOR, torch.clamp_min(taus, FLOOR))
-    layout.thresholds.copy_(torch.where(layout.sparse_mask, taus, float("inf")))
+    layout.rule.refresh(layout.thresholds,
+                        ops.select_threshold(acc, layout.ks, segments=layout.segments,
+                                             backend=state.backend))
     for s in states:
         s.refreshed_at, s.pending = state.step, False
-    layout.rule.refreshed()
     state.statistics.add(refreshes=layout.owned, bucket_refreshes=1,
                          early_refreshes=int(early))
     return True
@@ -191,7 +187,6 @@ def _shard_refresh_due(state: DCTState, layout: BucketLayout, step: int) -> bool
     if due:
         for p in pieces:
             p.refreshed_at, p.pending = step, False
-        layout.shard.rule.refreshed()
         state.statistics.add(shard_refreshes=1)
     return due
 

@@ -130,12 +130,6 @@ class BucketLayout:
         # get their parameter's τ at adoption.
         self.thresholds = torch.tensor([0.0 if s else math.inf for s in sparse],
                                        dtype=torch.float32).to(device)
-        self.sparse_mask = torch.tensor(sparse, dtype=torch.bool).to(device)
-        # k = numel keeps every nonzero: τ = FLOOR does so at every step, where the exact
-        # k-th magnitude would go stale (ratio = 1 then reproduces a dense all-reduce).
-        self.keep_all_mask = torch.tensor([s and k == n for s, k, n in
-                                           zip(sparse, self.ks, numels)],
-                                          dtype=torch.bool).to(device)
         keep_all = [s and k == n for s, k, n in zip(sparse, self.ks, numels)]
         self.rule = ThresholdRule(offsets, self.ks, sparse, keep_all, band, patience, device)
         if self.exchange == "reduce_scatter":
@@ -276,10 +270,6 @@ class _Shard:
         self.thresholds = torch.tensor([0.0 if q.sparse else math.inf for q in self.pieces],
                                        dtype=torch.float32).to(device)
         self.ks = [q.k for q in self.pieces]
-        self.keep_all_mask = torch.tensor([q.sparse and q.k == q.end - q.start
-                                           for q in self.pieces], dtype=torch.bool).to(device)
-        self.sparse_mask = torch.tensor([q.sparse for q in self.pieces],
-                                        dtype=torch.bool).to(device)
         offsets = [0] + [q.end - self.start for q in self.pieces]
         self.segments = ops.Segments(offsets, device=device) if self.pieces else None
         keep_all = [q.sparse and q.k == q.end - q.start for q in self.pieces]

@@ -28,7 +28,6 @@ from .. import ops
 from .. import payload as wire
 from . import collectives
 from .futures import new_future
-from .threshold_rule import FLOOR
 
 _NUMEL_WORDS = slice(2, 4)  # header words 2-3: numel (int64), see payload.header_words
 
@@ -127,10 +126,9 @@ class ReduceScatterExchange:
                             errors=self.errors, backend=self.backend)
         if refresh:
             acc = self.sum + shard.residual
-            taus = ops.select_threshold(acc, shard.ks, segments=shard.segments,
-                                        backend=self.backend).to(torch.float32)
-            taus = torch.where(shard.keep_all_mask, FLOOR, torch.clamp_min(taus, FLOOR))
-            shard.thresholds.copy_(torch.where(shard.sparse_mask, taus, float("inf")))
+            shard.rule.refresh(shard.thresholds,
+                               ops.select_threshold(acc, shard.ks, segments=shard.segments,
+                                                    backend=self.backend))
         payload = ops.compress(self.sum, shard.thresholds, segments=shard.segments,
                                residual=shard.residual, capacity=self.capacity,
                                value_dtype=self.value_dtype, out=self.own,

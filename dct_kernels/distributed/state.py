@@ -266,10 +266,6 @@ class DCTState:
                 return list(saved)
         return list(keys)
 
-    def add_layout(self, ident: tuple, layout: BucketLayout) -> None:
-        """Keep a new bucket layout (checked across ranks) under ``ident``."""
-        self.layouts[ident] = layout
-
     def adopt(self, layout: BucketLayout) -> None:
         """Make ``layout`` the owner of its sparse parameters' states (created at their first
         sight), moving residuals, thresholds and pending flags out of the layouts that held

@@ -88,7 +88,8 @@ class ThresholdRule:
         self.low = tensor([math.ceil(k * low) for k in ks], torch.int64)
         self.high = tensor([math.floor(k * high) for k in ks], torch.int64)
         self.sparse = tensor(sparse, torch.bool)
-        self.adjustable = tensor([s and not a for s, a in zip(sparse, keep_all)], torch.bool)
+        self.keep_all = tensor([s and a for s, a in zip(sparse, keep_all)], torch.bool)
+        self.adjustable = self.sparse & ~self.keep_all
         # The ratio's marks as float64 products of integers (exact), for comparisons with
         # (average + 1) x 1000 and (average + 1) x mark.
         k1 = torch.tensor([k + 1 for k in ks], dtype=torch.float64)
@@ -167,9 +168,16 @@ class ThresholdRule:
         self._staged = True
         return counts
 
-    def refreshed(self) -> None:
-        """After an exact refresh of every segment: excursions start over, and the count
-        averages from the target (an exact τ keeps k entries at its own step)."""
+    def refresh(self, thresholds: torch.Tensor, selected: torch.Tensor) -> None:
+        """An exact refresh of every segment: ``thresholds`` (fp32 [S]) := the k-th largest
+        magnitudes ``selected`` (from ``select_threshold``), never below the floor (exact
+        zeros never pass; ``torch.clamp_min`` keeps a NaN), the floor itself where k = numel
+        (every nonzero, at every step, where the exact k-th would go stale), +inf for dense
+        segments. Excursions start over, and the count averages from the target (an exact τ
+        keeps k entries at its own step)."""
+        taus = torch.where(self.keep_all, FLOOR,
+                           torch.clamp_min(selected.to(torch.float32), FLOOR))
+        thresholds.copy_(torch.where(self.sparse, taus, float("inf")))
         self.streaks.zero_()
         self.averages.copy_(self.ks)
 
