@@ -207,9 +207,9 @@ def test_torchrun_restarts_a_killed_rank(tmp_path):
     if not os.path.exists(torchrun):
         pytest.skip("no torchrun next to this Python")
     folder, out = tmp_path / "ckpt", tmp_path / "out"
-    # One run of 200 tiny steps: the kill lands soon after the checkpoint at step 5, long
+    # One run of 400 tiny steps: the kill lands soon after the checkpoint at step 5, long
     # before the end.
-    common = ["--tiny", "--runs", "dct_dp_mp", "--exchange", "reduce_scatter", "--steps", "200",
+    common = ["--tiny", "--runs", "dct_dp_mp", "--exchange", "reduce_scatter", "--steps", "400",
               "--checkpoint-every", "5", "--pg-timeout", "60"]
     whole = subprocess.run([sys.executable, TRAIN_DLRM, *common, "--out", str(tmp_path / "w"),
                             "--checkpoint-dir", str(tmp_path / "w_ckpt")],
@@ -225,10 +225,18 @@ def test_torchrun_restarts_a_killed_rank(tmp_path):
                       for _, p in checkpoint.folders(str(folder))):
             assert job.poll() is None and time.monotonic() < deadline, "no checkpoint"
             time.sleep(0.05)
-        workers = subprocess.run(["ps", "--ppid", str(job.pid), "-o", "pid=,args="],
-                                 capture_output=True, text=True).stdout.splitlines()
-        victim = [int(line.split()[0]) for line in workers if "train_dlrm" in line][-1]
-        os.kill(victim, signal.SIGKILL)
+        # A worker is any process but the agent whose command line names this checkpoint
+        # folder (looked for until one shows: the agent may still be starting its workers).
+        victims = []
+        while not victims:
+            assert job.poll() is None and time.monotonic() < deadline, \
+                "the job ended before a rank could be killed"
+            found = subprocess.run(["pgrep", "-f", f"train_dlrm.py.*{folder}"],
+                                   capture_output=True, text=True).stdout.split()
+            victims = [int(p) for p in found if int(p) != job.pid]
+            if not victims:
+                time.sleep(0.05)
+        os.kill(victims[-1], signal.SIGKILL)
         output, _ = job.communicate(timeout=DEADLINE_S)
     finally:
         if job.poll() is None:
