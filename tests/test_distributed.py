@@ -140,7 +140,7 @@ def test_hook_rejects_an_unnamed_parameter():
 CHECKS_2 = ["check_sparse_all_reduce", "check_hook_ratio_one",
             "check_hook_ratio_one_reduce_scatter",
             "check_ddp_ratio_one_matches_dense", "check_ddp_sparse_audited",
-            "check_hook_empty_and_overflow", "check_checkpoint_resume",
+            "check_hook_band_and_excursions", "check_checkpoint_resume",
             "check_checkpoint_resume_reduce_scatter", "check_mismatched_configurations",
             "check_convergence"]
 CHECKS_4 = ["check_sparse_all_reduce", "check_hook_ratio_one",

@@ -38,7 +38,9 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
        parameter's kept count has been out of its band, or the payload overflowing, for
        ``refresh_patience`` consecutive steps — decided on the device one step earlier):
        τ_p = max(exact k_p-th largest |gradient + residual|, 2^-149) for every parameter, in
-       one segmented ``select_threshold``; exact zeros never pass.
+       one segmented ``select_threshold``; else τ_p = max(ρ_p x q_p, 2^-149), q_p the same
+       order statistic estimated on a fixed sample of about 32 / ratio entries (one segmented
+       ``select_threshold`` over the gathered sample). Exact zeros never pass.
     4. Small parameters are taken out for one dense all-reduce (async). The bucket's exchange
        starts: with "allgather", ``compress`` packs the entries with |gradient + residual| >=
        τ_p into one fixed-capacity wire buffer (the rest stays in the residual) and one
@@ -48,8 +50,8 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
        the shard owner's rank-order sum, second threshold τ' and shard residual, and one
        all-gather of the shard payloads.
     5. The threshold rule, on the device, from each parameter's kept count (first stage):
-       τ_p moves toward its target k_p (at most a factor 2 per step) for the next step, and
-       the streaks of out-of-band steps advance; the early-refresh flags are staged to the
+       the scale ρ_p moves toward the target k_p (at most a factor 2^(1/4) per step) for the
+       next step, and the streaks of out-of-band steps advance; the early-refresh flags are staged to the
        host for the next step's decision (the same for τ' at the second stage of
        reduce_scatter). Statistics accumulate (bytes on the host, counts on the device).
     6. In the last collective's callback, ``decompress_many(average=True)`` writes the
@@ -86,7 +88,7 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
             # The layout's parameter order (the bucket's own, except on the first step after
             # a checkpoint was loaded: see DCTState.order_for).
             work = layout.to_layout_order(buffer)
-            _refresh_thresholds(state, layout, work)               # 3
+            _thresholds(state, layout, work)                       # 3
             future = _sparse(state, layout, work)                  # 4, 5 (6 in callbacks)
             if work is not buffer:
                 future = after([future], lambda: layout.to_bucket_order(work, buffer),
@@ -153,17 +155,20 @@ def _dense(state: DCTState, layout: BucketLayout, buffer: torch.Tensor):
     return after([reduced], lambda: buffer.div_(world), buffer.device)
 
 
-# ------------------------------------------------------------- 3. thresholds when due
+# ----------------------------------------------------------------- 3. this step's τ
 
-def _refresh_thresholds(state: DCTState, layout: BucketLayout, buffer: torch.Tensor) -> bool:
-    """Recompute the bucket's τ_p when due: scheduled (never computed, or ``refresh_every``
-    steps old) or early (a pending flag: the last step's kept counts left the band, or its
-    payload overflowed). Dense segments keep +inf. Returns whether it refreshed."""
+def _thresholds(state: DCTState, layout: BucketLayout, buffer: torch.Tensor) -> bool:
+    """This step's τ_p of the bucket: recomputed exactly when due — scheduled (never
+    computed, or ``refresh_every`` steps old) or early (a pending flag: the bucket's kept
+    counts have been out of the band, or its payload overflowing, for ``refresh_patience``
+    steps) — and otherwise the threshold rule's sampled estimate times each parameter's
+    scale. Dense segments keep +inf. Returns whether it refreshed."""
     states = [s for s in layout.states if s is not None]
     scheduled = any(s.refreshed_at < 0 or state.step - s.refreshed_at >= state.refresh_every
                     for s in states)
     early = not scheduled and any(s.pending for s in states)
     if not (scheduled or early):
+        layout.rule.estimate(layout.thresholds, buffer, layout.residual, state.backend)
         return False
     acc = buffer.to(torch.float32) + layout.residual
     layout.rule.refresh(layout.thresholds,

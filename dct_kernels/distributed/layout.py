@@ -34,16 +34,18 @@ class ShardPiece:
 
     def __init__(self, start: int, residual: torch.Tensor, threshold: torch.Tensor,
                  refreshed_at: int = -1, pending: bool = False,
-                 streak: Optional[torch.Tensor] = None, average: Optional[torch.Tensor] = None):
+                 streak: Optional[torch.Tensor] = None, average: Optional[torch.Tensor] = None,
+                 scale: Optional[torch.Tensor] = None):
         self.start = start
         self.residual = residual        # fp32 [numel]: a view into the owner's shard residual
         self.threshold = threshold      # fp32 [1]: τ', a view into the owner's shard τ'
         self.refreshed_at = refreshed_at
         self.pending = pending
-        # int32 [1] / fp32 [1]: the rule's streak and count average for τ' (views into the
-        # shard's rule; an average of None: not yet known, the rule starts it at k)
+        # int32 [1] / fp32 [1] / fp32 [1]: the rule's streak, count average and scale for τ'
+        # (views into the shard's rule; None: not yet known, the rule starts them at k, 1)
         self.streak = streak if streak is not None else torch.zeros(1, dtype=torch.int32)
         self.average = average
+        self.scale = scale
 
     @property
     def numel(self) -> int:
@@ -56,17 +58,19 @@ class ParamState:
     def __init__(self, key: str, numel: int, residual: torch.Tensor,
                  threshold: torch.Tensor, refreshed_at: int = -1, pending: bool = False,
                  shard: Optional[ShardPiece] = None, streak: Optional[torch.Tensor] = None,
-                 average: Optional[torch.Tensor] = None):
+                 average: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None):
         self.key = key
         self.numel = numel
         self.residual = residual      # fp32 [numel]: a view into owner.residual when owned
         self.threshold = threshold    # fp32 [1]: a view into owner.thresholds when owned
         self.refreshed_at = refreshed_at  # step τ was last computed at; -1: never
         self.pending = pending        # an early refresh of τ is due (a persistent excursion)
-        # int32 [1] / fp32 [1]: the threshold rule's streak and count average (views into
-        # owner.rule when owned; an average of None: not yet known, the rule starts it at k)
+        # int32 [1] / fp32 [1] / fp32 [1]: the threshold rule's streak, count average and
+        # scale ρ (views into owner.rule when owned; None: not yet known, the rule starts them
+        # at k and 1)
         self.streak = streak if streak is not None else torch.zeros(1, dtype=torch.int32)
         self.average = average
+        self.scale = scale
         self.shard = shard            # this rank's reduce_scatter piece, or None
         self.owner: Optional["BucketLayout"] = None
         self.slot = -1                # segment index in the owner
@@ -153,10 +157,13 @@ class BucketLayout:
             self.rule.streaks[slot:slot + 1].copy_(state.streak.reshape(-1))
             if state.average is not None:
                 self.rule.averages[slot:slot + 1].copy_(state.average.reshape(-1))
+            if state.scale is not None:
+                self.rule.scales[slot:slot + 1].copy_(state.scale.reshape(-1))
             state.residual = self.residual[a:b]
             state.threshold = self.thresholds[slot:slot + 1]
             state.streak = self.rule.streaks[slot:slot + 1]
             state.average = self.rule.averages[slot:slot + 1]
+            state.scale = self.rule.scales[slot:slot + 1]
             state.owner, state.slot = self, slot
             self.states[slot] = state
             self.owned += 1
@@ -293,13 +300,16 @@ class _Shard:
         a, b = q.start - self.start, q.end - self.start
         piece = ShardPiece(q.start - self.param_start[slot], self.residual[a:b],
                            self.thresholds[i:i + 1], streak=self.rule.streaks[i:i + 1],
-                           average=self.rule.averages[i:i + 1])
+                           average=self.rule.averages[i:i + 1],
+                           scale=self.rule.scales[i:i + 1])
         if old is not None:
             piece.residual.copy_(old.residual.reshape(-1))
             piece.threshold.copy_(old.threshold.reshape(-1))
             piece.streak.copy_(old.streak.reshape(-1))
             if old.average is not None:
                 piece.average.copy_(old.average.reshape(-1))
+            if old.scale is not None:
+                piece.scale.copy_(old.scale.reshape(-1))
             piece.refreshed_at, piece.pending = old.refreshed_at, old.pending
         self.states[i] = piece
         return piece

@@ -10,8 +10,8 @@ every rank, fixed per bucket layout, balanced by the kept-count targets k_p). Pe
    (``decompress_many``), compresses that sum with its shard residual (fp32, the second error
    feedback, which rank s owns) against τ' (per piece of a parameter in the shard: the k-th
    largest of the piece's sum + residual, k the piece's share of k_p, refreshed on the same
-   schedule and band as τ_p), keeps the rest in the shard residual, and rebases the payload's
-   indices to bucket positions.
+   schedule and band as τ_p and estimated by the same rule in between), keeps the rest in
+   the shard residual, and rebases the payload's indices to bucket positions.
 3. One all-gather of the W shard payloads; ``decompress_many(average=True)`` of the W disjoint
    shards gives every rank the whole bucket, divided by W, bitwise the same everywhere.
 
@@ -129,6 +129,8 @@ class ReduceScatterExchange:
             shard.rule.refresh(shard.thresholds,
                                ops.select_threshold(acc, shard.ks, segments=shard.segments,
                                                     backend=self.backend))
+        else:
+            shard.rule.estimate(shard.thresholds, self.sum, shard.residual, self.backend)
         payload = ops.compress(self.sum, shard.thresholds, segments=shard.segments,
                                residual=shard.residual, capacity=self.capacity,
                                value_dtype=self.value_dtype, out=self.own,

@@ -43,13 +43,14 @@ def _streak(entry: Dict[str, Any]) -> torch.Tensor:
     return torch.tensor([int(entry.get("excursion_streak", 0))], dtype=torch.int32)
 
 
-def _average(entry: Dict[str, Any]) -> Optional[torch.Tensor]:
-    value = entry.get("count_average")
+def _average(entry: Dict[str, Any], field: str = "count_average") -> Optional[torch.Tensor]:
+    value = entry.get(field)
     return None if value is None else value.to(torch.float32).reshape(1).clone()
 
 
-def _average_of(state) -> Optional[torch.Tensor]:
-    return None if state.average is None else state.average.detach().cpu().clone().reshape(1)
+def _average_of(state, attribute: str = "average") -> Optional[torch.Tensor]:
+    value = getattr(state, attribute)
+    return None if value is None else value.detach().cpu().clone().reshape(1)
 
 
 def _dtype_code(dtype: Optional[torch.dtype]) -> int:
@@ -66,9 +67,10 @@ class DCTState:
             step).
         ratio: fraction of each parameter's entries to send, in (0, 1]: each sparse parameter
             of n elements gets k = max(1, ceil(ratio x n)) (the product in float64) and a
-            threshold τ, the exact k-th largest magnitude of its (gradient + residual) when τ
-            is computed, corrected at every step from the step's kept count toward k (see
-            ``threshold_rule``), and never below 2^-149 (so exact zeros are never sent).
+            threshold τ, the exact k-th largest magnitude of its (gradient + residual) at an
+            exact refresh and in between a per-step estimate of it from a fixed sample of
+            about 32 / ratio entries, scaled by a factor corrected from the kept counts toward
+            k (see ``threshold_rule``); never below 2^-149 (so exact zeros are never sent).
         refresh_every: recompute every τ exactly at least every this many steps (>= 1).
         warmup_steps: the first steps are plain dense all-reduces (>= 0).
         capacity_factor: the wire buffer of a bucket holds the sum of
@@ -336,18 +338,22 @@ class DCTState:
                               "threshold": fp32 tensor [1], "refreshed_at": int (-1: never),
                               "refresh_pending": bool, "excursion_streak": int,
                               "count_average": fp32 tensor [1] or None,
+                              "threshold_scale": fp32 tensor [1] or None,
                               "shard": None or {"start": int, "residual": fp32 [n],
                                                 "threshold": fp32 [1], "refreshed_at": int,
                                                 "refresh_pending": bool,
                                                 "excursion_streak": int,
-                                                "count_average": fp32 [1] or None}}},
+                                                "count_average": fp32 [1] or None,
+                                                "threshold_scale": fp32 [1] or None}}},
              "stats": {counter: int}, "layouts": [[key, ...], ...]}
 
         "layouts" is the parameter order of each bucket layout (see ``order_for``).
-        "excursion_streak" and "count_average" are the threshold rule's state (consecutive
-        out-of-band steps of the bucket; the parameter's kept-count average, None before its
-        first sparse step). Version 1 (before the per-step correction) loads with streaks of 0
-        and averages started at k.
+        "excursion_streak", "count_average" and "threshold_scale" are the threshold rule's
+        state (consecutive out-of-band steps of the bucket; the parameter's kept-count
+        average and the scale ρ of its sampled τ, None before its first sparse step);
+        "threshold" is the τ of the last step. Version 1 (before the per-step correction)
+        loads with streaks of 0, averages started at k and scales at 1, as does a version 2
+        without "threshold_scale".
 
         Keys are parameter names (with ``module=``) or "param.<i>" in order of first sight.
         "shard" is this rank's reduce_scatter piece of the parameter (its second-level error
@@ -363,14 +369,16 @@ class DCTState:
                 "threshold": piece.threshold.detach().cpu().clone().reshape(1),
                 "refreshed_at": piece.refreshed_at, "refresh_pending": bool(piece.pending),
                 "excursion_streak": int(piece.streak.item()),
-                "count_average": _average_of(piece)}
+                "count_average": _average_of(piece),
+                "threshold_scale": _average_of(piece, "scale")}
             params[key] = {"numel": state.numel,
                            "residual": state.residual.detach().cpu().clone().reshape(-1),
                            "threshold": state.threshold.detach().cpu().clone().reshape(1),
                            "refreshed_at": state.refreshed_at,
                            "refresh_pending": bool(state.pending),
                            "excursion_streak": int(state.streak.item()),
-                           "count_average": _average_of(state), "shard": shard}
+                           "count_average": _average_of(state),
+                           "threshold_scale": _average_of(state, "scale"), "shard": shard}
         return {"version": STATE_DICT_VERSION, "config": self.config(), "step": self.step,
                 "params": params, "stats": self.statistics.state_dict(),
                 "layouts": [list(layout.keys) for layout in self.layouts.values()
@@ -415,7 +423,8 @@ class DCTState:
                                    shard["residual"].to(torch.float32).reshape(-1).clone(),
                                    shard["threshold"].to(torch.float32).reshape(1).clone(),
                                    int(shard["refreshed_at"]), bool(shard["refresh_pending"]),
-                                   _streak(shard), _average(shard))
+                                   _streak(shard), _average(shard),
+                                   _average(shard, "threshold_scale"))
                 if piece.start < 0 or piece.start + piece.numel > numel:
                     raise ValueError(f"state_dict: parameter {key!r} has a shard piece "
                                      f"outside its {numel} elements")
@@ -423,7 +432,7 @@ class DCTState:
                                      entry["threshold"].to(torch.float32).reshape(1).clone(),
                                      int(entry["refreshed_at"]),
                                      bool(entry["refresh_pending"]), piece, _streak(entry),
-                                     _average(entry))
+                                     _average(entry), _average(entry, "threshold_scale"))
         # The layouts are rebuilt at the next step and adopt the loaded states.
         for state in self._states.values():
             state.owner, state.slot = None, -1
