@@ -55,7 +55,8 @@ def run_step(state, buckets):
 
 def check_zeros_never_sent(rank, world):
     """An all-zero parameter before a normal one (ratio 0.01): the payload carries no zero
-    and the normal parameter sends its k entries; a parameter with fewer than k nonzeros
+    and the normal parameter sends its k entries (with reduce_scatter, each of its pieces its
+    share); a parameter with fewer than k nonzeros
     sends exactly its nonzeros, and none of this triggers early refreshes. Both exchanges."""
     n = 5000
     k = math.ceil(0.01 * n)
@@ -90,10 +91,19 @@ def check_zeros_never_sent(rank, world):
             acc_few = few + (before["p1"]["residual"] if step else 0)
             assert_bitwise_equal(sent[n:2 * n], acc_few, f"{exchange} step {step}: few")
             acc_normal = normal + (before["p2"]["residual"] if step else 0)
-            if step == 0:
+            if step == 0 and exchange == "allgather":
                 passing = acc_normal.abs() >= kth(acc_normal, k)
                 assert_bitwise_equal(sent[2 * n:], torch.where(passing, acc_normal, 0.0),
                                      "normal parameter at its refresh")
+            elif step == 0:  # each piece of it in a shard: its own share of k
+                passing = torch.zeros(n, dtype=torch.bool)
+                for lo, hi in zip(cuts[:-1], cuts[1:]):
+                    a, b = max(lo, 2 * n) - 2 * n, min(hi, 3 * n) - 2 * n
+                    if a < b:
+                        share = sizing.piece_k(k, n, b - a)
+                        passing[a:b] = acc_normal[a:b].abs() >= kth(acc_normal[a:b], share)
+                assert_bitwise_equal(sent[2 * n:], torch.where(passing, acc_normal, 0.0),
+                                     "normal parameter's pieces at their refresh")
             # Its τ is estimated from a sample between refreshes, so its count varies around
             # k; the zero and the few-nonzeros parameters must not take its slots.
             assert int(torch.count_nonzero(sent[2 * n:])) >= k // 2, "normal parameter starved"
@@ -155,8 +165,9 @@ def _buckets_of(params, grads, groups):
 def check_reduce_scatter_audited(rank, world, steps=6):
     """Three buckets per step with the reduce_scatter exchange, bf16 on the wire, every step
     against an oracle written from the contract: stage 1 (each rank's rows: entries with
-    |grad + residual| >= τ_p shard by shard, the first that fit; τ_p at a refresh the exact
-    k-th magnitude, else the sampled estimate times the scale (expected_tau); the scale
+    |grad + residual| >= the τ of each piece of a parameter in a shard, the first that fit;
+    that τ at a refresh the piece's exact k-th magnitude for its share of k, else the sampled
+    estimate times the parameter's scale (expected_tau); the scale
     corrections and count averages as expected_rule has them), stage 2 (the shard owner's
     rank-order sum + shard residual, τ' the exact k-th of each piece at a refresh, else
     estimated and corrected likewise; the first that fit),
@@ -213,8 +224,10 @@ def _audit_bucket(rank, world, step, keys, numels, local, result, before, after,
     assert cuts[0] == 0 and cuts[-1] == numel and list(cuts) == sorted(cuts)
     # Each cut lies within one element's share of k (k / n <= 1) of its target s K / W.
     assert all(abs(m - sum(ks) / world) <= 2 + 1e-9 for m in mass), (mass, sum(ks) / world)
-    # Stage 1 oracle for every rank (accs and τ gathered from the ranks). τ is the exact k-th
-    # magnitude at a refresh, else the one the last step's correction left.
+    # Stage 1 oracle for every rank (accs and τ gathered from the ranks). Each piece of a
+    # parameter in a shard has its own τ for its share of k: the exact k-th magnitude of the
+    # piece at a refresh, else the sampled estimate times the parameter's scale; 2^-149 where
+    # the share is the whole piece. The saved τ of a parameter is the largest of its pieces'.
     acc = torch.zeros(numel)
     tau = torch.full((numel,), math.inf)
     used = {}
@@ -223,15 +236,22 @@ def _audit_bucket(rank, world, step, keys, numels, local, result, before, after,
             continue
         a, b = offsets[i], offsets[i + 1]
         acc[a:b] = local[a:b] + before[key]["residual"]
-        if after[key]["refreshed_at"] == step:
-            used[key] = (kth(acc[a:b], ks[i]), ks[i], 1.0)
-        else:
-            scale = before[key]["threshold_scale"].item()
-            used[key] = (torch.tensor([expected_tau(acc[a:b], ks[i], scale)]),
-                         before[key]["count_average"].item(), scale)
-        assert_bitwise_equal(after[key]["threshold"], used[key][0].reshape(1),
-                             f"step {step} {key}: τ used")
-        tau[a:b] = used[key][0]
+        refreshed = after[key]["refreshed_at"] == step
+        scale = 1.0 if refreshed else before[key]["threshold_scale"].item()
+        for t in range(world):
+            pa, pb = max(a, cuts[t]), min(b, cuts[t + 1])
+            if pa >= pb:
+                continue
+            k = sizing.piece_k(ks[i], numels[i], pb - pa)
+            if k == pb - pa:
+                tau[pa:pb] = FLOOR
+            elif refreshed:
+                tau[pa:pb] = max(kth(acc[pa:pb], k).item(), FLOOR)
+            else:
+                tau[pa:pb] = float(expected_tau(acc[pa:pb], k, scale))
+        used[key] = (None, ks[i] if refreshed else before[key]["count_average"].item(), scale)
+        assert_bitwise_equal(after[key]["threshold"], tau[a:b].max().reshape(1),
+                             f"step {step} {key}: largest τ of its pieces")
     accs, taus = gather(acc), gather(tau)
     sent1 = torch.zeros(world, numel)
     row_full = torch.zeros(world, world, dtype=torch.bool)  # [rank, row]: a cut row

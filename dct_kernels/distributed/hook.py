@@ -162,18 +162,32 @@ def _thresholds(state: DCTState, layout: BucketLayout, buffer: torch.Tensor) -> 
     computed, or ``refresh_every`` steps old) or early (a pending flag: the bucket's kept
     counts have been out of the band, or its payload overflowing, for ``refresh_patience``
     steps) — and otherwise the threshold rule's sampled estimate times each parameter's
-    scale. Dense segments keep +inf. Returns whether it refreshed."""
+    scale. With reduce_scatter, stage 1 has one τ per piece of a parameter in a shard (the
+    piece's own k-th magnitude, exact or estimated), so that a shard holding a parameter's hot
+    rows does not overflow its row while others go short. Dense segments keep +inf. Returns
+    whether it refreshed."""
     states = [s for s in layout.states if s is not None]
     scheduled = any(s.refreshed_at < 0 or state.step - s.refreshed_at >= state.refresh_every
                     for s in states)
     early = not scheduled and any(s.pending for s in states)
+    shard = layout.shard  # reduce_scatter: stage 1 has one τ per piece of a shard
     if not (scheduled or early):
-        layout.rule.estimate(layout.thresholds, buffer, layout.residual, state.backend)
+        layout.rule.estimate(layout.thresholds if shard is None else shard.stage1_thresholds,
+                             buffer, layout.residual, state.backend)
+        if shard is not None:
+            layout.thresholds_from_pieces()
         return False
     acc = buffer.to(torch.float32) + layout.residual
-    layout.rule.refresh(layout.thresholds,
-                        ops.select_threshold(acc, layout.ks, segments=layout.segments,
-                                             backend=state.backend))
+    if shard is None:
+        layout.rule.refresh(layout.thresholds,
+                            ops.select_threshold(acc, layout.ks, segments=layout.segments,
+                                                 backend=state.backend))
+    else:
+        shard.refresh_stage1(ops.select_threshold(acc, shard.stage1_ks,
+                                                  segments=shard.stage1_segments,
+                                                  backend=state.backend))
+        layout.rule.restart()
+        layout.thresholds_from_pieces()
     for s in states:
         s.refreshed_at, s.pending = state.step, False
     state.statistics.add(refreshes=layout.owned, bucket_refreshes=1,

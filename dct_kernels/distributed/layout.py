@@ -135,7 +135,14 @@ class BucketLayout:
         self.thresholds = torch.tensor([0.0 if s else math.inf for s in sparse],
                                        dtype=torch.float32).to(device)
         keep_all = [s and k == n for s, k, n in zip(sparse, self.ks, numels)]
-        self.rule = ThresholdRule(offsets, self.ks, sparse, keep_all, band, patience, device)
+        self.keep_all = keep_all
+        units = None
+        if self.exchange == "reduce_scatter":
+            # Stage 1 estimates one τ per piece of a parameter in a shard (see ThresholdRule).
+            flat = [q for pieces in self.plan.shards for q in pieces]
+            units = [(q.start, q.end, q.k, q.segment, i) for i, q in enumerate(flat)]
+        self.rule = ThresholdRule(offsets, self.ks, sparse, keep_all, band, patience, device,
+                                  units)
         if self.exchange == "reduce_scatter":
             self.shard = _Shard(self, band, patience)
 
@@ -176,6 +183,12 @@ class BucketLayout:
                 state.residual[lo:lo + old_piece.numel] += old_piece.residual.reshape(-1)
                 old_piece = None
             state.shard = self.shard.adopt(slot, old_piece) if piece is not None else None
+
+    def thresholds_from_pieces(self) -> None:
+        """With reduce_scatter: each parameter's τ := the largest stage-1 τ of its pieces (what
+        the band's "at the floor" test and the saved state see)."""
+        self.thresholds.index_reduce_(0, self.shard.piece_param, self.shard.stage1_thresholds,
+                                      "amax", include_self=False)
 
     def set_bucket_order(self, bucket_keys: List[str]) -> None:
         """The bucket holds this layout's parameters in another order (``bucket_keys``): the
@@ -271,6 +284,19 @@ class _Shard:
             bounds.append(bounds[-1] + len(pieces))
         self.piece_bounds = bounds
         self.cut_starts = torch.tensor(list(plan.cuts[:-1]), dtype=torch.int64).to(device)
+        # Stage 1's τ, one per piece of every shard (the pieces tile the bucket): +inf for
+        # dense pieces, 2^-149 where the piece's k is its length or its parameter's k = numel,
+        # else estimated (or recomputed exactly) at every sparse step.
+        every = [q for pieces in self.all_pieces for q in pieces]
+        self.stage1_ks = [q.k for q in every]
+        self.stage1_segments = ops.Segments([0] + [q.end for q in every], device=device)
+        stage1_keep_all = [q.sparse and (layout.keep_all[q.segment] or q.k == q.end - q.start)
+                           for q in every]
+        self.stage1_sparse = torch.tensor([q.sparse for q in every]).to(device)
+        self.stage1_keep_all = torch.tensor(stage1_keep_all).to(device)
+        self.stage1_thresholds = torch.tensor(
+            [FLOOR if a else 0.0 if q.sparse else math.inf
+             for q, a in zip(every, stage1_keep_all)], dtype=torch.float32).to(device)
         self.capacity = plan.shard_capacity
         # Second level: only this rank's shard.
         self.residual = torch.zeros(self.numel, dtype=torch.float32, device=device)
@@ -285,6 +311,14 @@ class _Shard:
         self.piece_slot = {q.segment: i for i, q in enumerate(self.pieces)}
         self.param_start = layout.offsets_list
         self.states: List[Optional[ShardPiece]] = [None] * len(self.pieces)
+
+    def refresh_stage1(self, selected: torch.Tensor) -> None:
+        """An exact refresh of stage 1: every piece's τ := its k-th largest magnitude
+        ``selected`` (fp32 [pieces]), at least 2^-149 (exactly that where the piece keeps
+        all), +inf for dense pieces."""
+        taus = torch.where(self.stage1_keep_all, FLOOR,
+                           torch.clamp_min(selected.to(torch.float32), FLOOR))
+        self.stage1_thresholds.copy_(torch.where(self.stage1_sparse, taus, math.inf))
 
     def piece_of(self, slot: int):
         """(start within the parameter, numel) of parameter ``slot``'s piece here, or None."""

@@ -3,8 +3,9 @@
 The bucket's index range is cut into W contiguous shards (``sizing.shard_cuts``: the same on
 every rank, fixed per bucket layout, balanced by the kept-count targets k_p). Per step:
 
-1. Each rank compresses its (gradient + residual) shard by shard, each shard's pieces against
-   their parameters' τ_p, into W fixed-capacity wire buffers — the rows of one ``[W, nbytes]``
+1. Each rank compresses its (gradient + residual) shard by shard, each piece of a parameter
+   against its own τ (the piece's share of k_p: exact at a refresh, else the threshold rule's
+   estimate times the parameter's scale), into W fixed-capacity wire buffers — the rows of one ``[W, nbytes]``
    send tensor, written in place — and one ``all_to_all_single`` sends row s to rank s.
 2. Once the all-to-all is done, rank s sums the W payloads of its shard in rank order
    (``decompress_many``), compresses that sum with its shard residual (fp32, the second error
@@ -101,7 +102,7 @@ class ReduceScatterExchange:
     def stage1(self, buffer: torch.Tensor) -> None:
         """Compress the bucket shard by shard into the rows of ``send`` (no sync)."""
         layout, shard = self.layout, self.shard
-        taus = layout.thresholds.index_select(0, shard.piece_param)
+        taus = shard.stage1_thresholds
         value_dtype = self.value_dtype
         cuts = layout.plan.cuts
         for s, segments in enumerate(shard.all_segments):

@@ -50,7 +50,7 @@ synchronizes.
 """
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -93,6 +93,14 @@ class ThresholdRule:
     ``sparse`` mask (dense segments never flag and keep +inf) and ``keep_all`` mask (k = numel:
     τ stays at the floor), on ``device``. ``band`` is (low, high), ``patience`` >= 1.
 
+    ``units`` are the ranges τ is estimated for, (start, end, k, segment, slot) each: the
+    estimate of range [start, end) with target k, scaled by its segment's ρ, goes to ``slot``
+    of the output of ``estimate``. Default: one per segment (slot = segment); the
+    reduce_scatter exchange estimates one τ per piece of a parameter in a shard instead, so
+    that a shard holding a parameter's hot rows keeps its own share (the counts and the scale
+    stay per parameter). Ranges with k = their length and non-adjustable segments are left
+    out (their τ is set at the refresh).
+
     ``streaks`` (int32 [S]; every sparse segment of a bucket carries the bucket's streak),
     ``averages`` (fp32 [S]) and ``scales`` (ρ, fp32 [S]) are the rule's own state; the
     per-parameter states hold views into them (``ParamState.streak``, ``.average``,
@@ -100,7 +108,8 @@ class ThresholdRule:
     """
 
     def __init__(self, offsets: Sequence[int], ks: Sequence[int], sparse: Sequence[bool],
-                 keep_all: Sequence[bool], band, patience: int, device: torch.device):
+                 keep_all: Sequence[bool], band, patience: int, device: torch.device,
+                 units: Optional[Sequence[Tuple[int, int, int, int, int]]] = None):
         low, high = band
         self.num_segments = len(ks)
         self.device = device
@@ -134,18 +143,21 @@ class ThresholdRule:
         self.scales = torch.ones(self.num_segments, dtype=torch.float32, device=device)
         # The sample of every adjustable segment, back to back: positions in the rule's
         # range, its Segments and order statistics, and the segments' slots.
-        slots = [i for i, (s, a) in enumerate(zip(sparse, keep_all)) if s and not a]
+        if units is None:
+            units = [(offsets[i], offsets[i + 1], ks[i], i, i) for i in range(len(ks))]
+        units = [u for u in units
+                 if sparse[u[3]] and not keep_all[u[3]] and u[2] < u[1] - u[0]]
         positions, bounds, orders = [], [0], []
-        for i in slots:
-            n = offsets[i + 1] - offsets[i]
-            where = sample_positions(n, ks[i])
-            positions.append(where + offsets[i])
+        for start, end, k, _, _ in units:
+            where = sample_positions(end - start, k)
+            positions.append(where + start)
             bounds.append(bounds[-1] + where.numel())
-            orders.append(sample_k(n, ks[i], where.numel()))
-        self.sample_index = torch.cat(positions).to(device) if slots else None
-        self.sample_segments = ops.Segments(bounds, device=device) if slots else None
+            orders.append(sample_k(end - start, k, where.numel()))
+        self.sample_index = torch.cat(positions).to(device) if units else None
+        self.sample_segments = ops.Segments(bounds, device=device) if units else None
         self.sample_ks = orders
-        self.sample_slots = tensor(slots, torch.int64)
+        self.sample_segment = tensor([u[3] for u in units], torch.int64)
+        self.sample_slots = tensor([u[4] for u in units], torch.int64)
         pin = device.type == "cuda"
         self._host = torch.zeros(self.num_segments, dtype=torch.bool, pin_memory=pin)
         self._event = torch.cuda.Event() if pin else None
@@ -162,17 +174,18 @@ class ThresholdRule:
 
     def estimate(self, thresholds: torch.Tensor, x: torch.Tensor, residual: torch.Tensor,
                  backend: Optional[str] = None) -> None:
-        """This step's τ of every adjustable segment, in place in ``thresholds`` (fp32 [S]):
-        max(ρ_p x q_p, 2^-149), q_p the sample's k_s-th largest |x + residual| (fp32, x
-        converted first, as ``compress`` adds them). ``x`` and ``residual`` span the rule's
-        range. Other segments keep their τ. No host synchronization."""
+        """This step's τ of every estimated unit, in place in ``thresholds`` (fp32, indexed by
+        the units' slots: [S] by default): max(ρ_p x q_u, 2^-149), q_u the unit's sample's
+        k_s-th largest |x + residual| (fp32, x converted first, as ``compress`` adds them), ρ_p
+        its segment's scale. ``x`` and ``residual`` span the rule's range. Other slots keep
+        their τ. No host synchronization."""
         if self.sample_index is None:
             return
         index = self.sample_index
         acc = x.index_select(0, index).to(torch.float32) + residual.index_select(0, index)
         quantiles = ops.select_threshold(acc, self.sample_ks, segments=self.sample_segments,
                                          backend=backend).to(torch.float32)
-        scales = self.scales.index_select(0, self.sample_slots)
+        scales = self.scales.index_select(0, self.sample_segment)
         thresholds.index_copy_(0, self.sample_slots,
                                torch.clamp_min(scales * quantiles, FLOOR))
 
@@ -233,6 +246,10 @@ class ThresholdRule:
         taus = torch.where(self.keep_all, FLOOR,
                            torch.clamp_min(selected.to(torch.float32), FLOOR))
         thresholds.copy_(torch.where(self.sparse, taus, float("inf")))
+        self.restart()
+
+    def restart(self) -> None:
+        """After an exact refresh: streaks 0, count averages k, scales 1."""
         self.streaks.zero_()
         self.averages.copy_(self.ks)
         self.scales.fill_(1.0)
