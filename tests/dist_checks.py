@@ -699,6 +699,55 @@ def check_convergence_reduce_scatter(rank, world):
     check_convergence(rank, world, exchange="reduce_scatter")
 
 
+def check_checkpoint_resume_regrouped(rank, world):
+    """A fresh DDP whose first-iteration buckets hold other parameter sets than the
+    checkpointed run's rebuilt ones (widths 100, 50, 5300: one bucket in registration order,
+    two after the rebuild) resumes bit for bit with both exchanges: the first step after the
+    load holds the fresh bucket and steps the saved layouts (see regroup); parameters,
+    residuals, thresholds, the rule's state and statistics equal an uninterrupted run's, and
+    from the second step DDP's rebuilt buckets are the saved layouts."""
+    widths, steps, split = [100, 50, 5300], 8, 4
+    for exchange in ("allgather", "reduce_scatter"):
+        def fresh(seed):
+            model = _MLP(widths, seed=seed)
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            state = DCTState(ratio=0.01, warmup_steps=1, refresh_every=3, min_numel=100,
+                             exchange=exchange, module=model)
+            ddp.register_comm_hook(state, dct_hook)
+            return model, ddp, state, torch.optim.SGD(model.parameters(), lr=0.05,
+                                                      momentum=0.9)
+
+        model, ddp, straight, optimizer = fresh(seed=4)
+        _train(ddp, optimizer, widths, 4, rank, steps=steps)
+        want = _flat_params(model)
+        model, ddp, state, optimizer = fresh(seed=4)
+        _train(ddp, optimizer, widths, 4, rank, steps=split)
+        saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "dct": state.state_dict()}
+        assert len(saved["dct"]["layouts"]) == 2, saved["dct"]["layouts"]
+        model, ddp, state, optimizer = fresh(seed=5)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state.load_state_dict(saved["dct"])
+        _train(ddp, optimizer, widths, 4, rank, steps=1, first_step=split)
+        # The held first step created only the saved layouts, not the fresh DDP's bucket.
+        assert sorted(tuple(sorted(l.keys)) for l in state.layouts.values()) == \
+            sorted(tuple(sorted(keys)) for keys in saved["dct"]["layouts"]), exchange
+        _train(ddp, optimizer, widths, 4, rank, steps=steps - split - 1, first_step=split + 1)
+        assert_bitwise_equal(_flat_params(model), want, f"{exchange}: parameters")
+        a, b = state.state_dict(), straight.state_dict()
+        assert a["stats"] == b["stats"], (exchange, a["stats"], b["stats"])
+        assert sorted(a["layouts"]) == sorted(b["layouts"]), (exchange, a["layouts"], b["layouts"])
+        for key, entry in a["params"].items():
+            other = b["params"][key]
+            for field in ("residual", "threshold", "count_average", "threshold_scale"):
+                assert_bitwise_equal(entry[field], other[field], f"{exchange} {key} {field}")
+            assert (entry["shard"] is None) == (other["shard"] is None), key
+            if entry["shard"] is not None:
+                assert_bitwise_equal(entry["shard"]["residual"], other["shard"]["residual"],
+                                     f"{exchange} {key} shard residual")
+
+
 def check_checkpoint_resume_reduce_scatter(rank, world):
     """The same with reduce_scatter: the fresh DDP's first iteration, with its initial bucket
     order, cuts the shards of the checkpoint's layouts (DCTState.order_for)."""

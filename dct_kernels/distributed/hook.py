@@ -17,6 +17,7 @@ from .allgather import AllGatherExchange
 from .futures import StepOrder, after
 from .layout import BucketLayout
 from .reduce_scatter import ReduceScatterExchange
+from .stand_in import StandInBucket
 from .state import DCTState
 
 __all__ = ["dct_hook"]
@@ -81,23 +82,81 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
     """
     buffer = bucket.buffer()
     try:
-        layout = _layout_of(state, bucket)                         # 1
-        if state.step < state.warmup_steps or not layout.has_sparse:
-            future = _dense(state, layout, buffer)                 # 2
-        else:
-            # The layout's parameter order (the bucket's own, except on the first step after
-            # a checkpoint was loaded: see DCTState.order_for).
-            work = layout.to_layout_order(buffer)
-            _thresholds(state, layout, work)                       # 3
-            future = _sparse(state, layout, work)                  # 4, 5 (6 in callbacks)
-            if work is not buffer:
-                future = after([future], lambda: layout.to_bucket_order(work, buffer),
-                               buffer.device)
+        future = _regrouped(state, bucket)
+        if future is None:
+            layout = _layout_of(state, bucket)                     # 1
+            if state.step < state.warmup_steps or not layout.has_sparse:
+                future = _dense(state, layout, buffer)             # 2
+            else:
+                future = _sparse_step(state, layout, buffer)       # 3-5 (6 in callbacks)
     except Exception as error:
         _end_bucket(state, bucket, error)
         raise
     _end_bucket(state, bucket)
     return future
+
+
+def _sparse_step(state: DCTState, layout: BucketLayout, buffer: torch.Tensor):
+    """Stages 3-5 of a sparse step on ``buffer``; the future of its average (stage 6)."""
+    # The layout's parameter order (the bucket's own, except on the first step after a
+    # checkpoint was loaded: see DCTState.order_for).
+    work = layout.to_layout_order(buffer)
+    _thresholds(state, layout, work)                               # 3
+    future = _sparse(state, layout, work)                          # 4, 5
+    if work is not buffer:
+        future = after([future], lambda: layout.to_bucket_order(work, buffer), buffer.device)
+    return future
+
+
+# ------------------------------------------------- the first step after a checkpoint load
+
+def _regrouped(state: DCTState, bucket):
+    """On the first sparse step after ``load_state_dict``, a bucket that holds no saved
+    layout's parameter set but only parameters of saved layouts (a fresh DDP's first-iteration
+    buckets) is held (see ``regroup``); each saved layout it completes is stepped now, on a
+    stand-in bucket, as the checkpointed run stepped it. Returns the bucket's future, or None
+    when the bucket takes the usual path.
+
+    Raises:
+        ValueError at the step's last bucket when a held bucket's saved layouts were never
+        completed by this step's buckets (the model's parameters differ from the
+        checkpoint's).
+    """
+    regroup = state.regroup_for_step()
+    if regroup is None:
+        return None
+    params = list(bucket.parameters())
+    keys = [state.key_of(p) for p in params]
+    if state.is_saved_layout(keys) or not regroup.covers(keys):
+        _check_regroup_complete(regroup, bucket)
+        return None
+    held, ready = regroup.hold(params, keys, bucket.buffer())
+    for saved in ready:
+        saved_params, flat = regroup.gather(saved)
+        stand_in = StandInBucket(saved_params, flat, last=False)
+        layout = _layout_of(state, stand_in)
+        future = _sparse_step(state, layout, flat)
+
+        def release(done, saved=saved, flat=flat):
+            try:
+                done.wait()
+                regroup.release(saved, flat)
+            except Exception as error:  # every held bucket fails with it: nothing waits
+                regroup.fail(error)
+
+        future.then(release)
+    _check_regroup_complete(regroup, bucket)
+    return held.future
+
+
+def _check_regroup_complete(regroup, bucket) -> None:
+    if bucket.is_last() and regroup.incomplete():
+        error = ValueError(
+            f"load_state_dict: the checkpoint's bucket layouts {regroup.incomplete()} were "
+            f"not completed by this step's buckets; the model's parameters differ from the "
+            f"checkpoint's")
+        regroup.fail(error)
+        raise error
 
 
 # ---------------------------------------------------------------- 1. the bucket's layout

@@ -187,8 +187,9 @@ class BucketLayout:
     def thresholds_from_pieces(self) -> None:
         """With reduce_scatter: each parameter's τ := the largest stage-1 τ of its pieces (what
         the band's "at the floor" test and the saved state see)."""
-        self.thresholds.index_reduce_(0, self.shard.piece_param, self.shard.stage1_thresholds,
-                                      "amax", include_self=False)
+        self.thresholds.scatter_reduce_(0, self.shard.piece_param,
+                                        self.shard.stage1_thresholds, "amax",
+                                        include_self=False)
 
     def set_bucket_order(self, bucket_keys: List[str]) -> None:
         """The bucket holds this layout's parameters in another order (``bucket_keys``): the

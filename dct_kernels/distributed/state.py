@@ -15,6 +15,7 @@ from ..backends import NAMES as BACKEND_NAMES
 from . import fingerprint
 from .futures import StepOrder
 from .layout import BucketLayout, ParamState, ShardPiece
+from .regroup import Regroup
 from .sizing import EXCHANGES
 from .stats import Stats
 
@@ -187,6 +188,8 @@ class DCTState:
         # ``order_for``), and the step they apply to.
         self._saved_orders: Dict[frozenset, Tuple[str, ...]] = {}
         self._saved_orders_step = -1
+        self._regroup: Optional[Regroup] = None
+        self._regroup_step = -1
 
         logger.info("DCTState: %s", self.config())
 
@@ -267,6 +270,21 @@ class DCTState:
             if saved is not None:
                 return list(saved)
         return list(keys)
+
+    def is_saved_layout(self, keys: List[str]) -> bool:
+        """Whether ``keys`` are the parameter set of a layout of the loaded checkpoint."""
+        return frozenset(keys) in self._saved_orders
+
+    def regroup_for_step(self) -> Optional[Regroup]:
+        """The held buckets of the first sparse step after ``load_state_dict`` (see
+        ``regroup``), None on any other step."""
+        if (self.step != self._saved_orders_step or not self._saved_orders
+                or self.step < self.warmup_steps):
+            return None
+        if self._regroup is None or self._regroup_step != self.step:
+            saved = {key: keys for keys in self._saved_orders.values() for key in keys}
+            self._regroup, self._regroup_step = Regroup(saved), self.step
+        return self._regroup
 
     def adopt(self, layout: BucketLayout) -> None:
         """Make ``layout`` the owner of its sparse parameters' states (created at their first
@@ -443,6 +461,7 @@ class DCTState:
         self._saved_orders = {frozenset(keys): tuple(keys)
                               for keys in state_dict.get("layouts", [])}
         self._saved_orders_step = self.step
+        self._regroup = None
         self.statistics.load_state_dict(state_dict.get("stats", {}))
 
     def __getstate__(self) -> Dict[str, Any]:

@@ -1,0 +1,102 @@
+"""The first step after ``load_state_dict`` when a fresh DDP buckets its parameters otherwise
+than the checkpointed run did.
+
+DDP runs its first iteration with buckets in registration order and rebuilds them afterwards in
+the order gradients became ready; the checkpointed run was past that rebuild. When a fresh
+bucket holds exactly the parameters of a saved layout, ``DCTState.order_for`` gives it the saved
+order. When it holds others (a parameter set that no saved layout has), its gradients are held
+here until every parameter of each saved layout it touches has arrived; each saved layout is then
+stepped on a stand-in bucket, exactly as the checkpointed run would have stepped it (the same
+layout, shards, thresholds and cut), and the averages are copied back into the fresh buckets,
+whose futures complete when all their parameters are back. Every rank holds and releases the
+same buckets in the same order, so the collectives stay matched. From the next step on, DDP's
+rebuilt buckets are the saved layouts and the hook runs as usual.
+"""
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from .futures import new_future
+
+Keys = Tuple[str, ...]
+
+
+class Held:
+    """One fresh DDP bucket held for the regrouped step: its buffer, its future and how many of
+    the saved layouts it touches are still to come back."""
+
+    def __init__(self, buffer: torch.Tensor, waiting: int):
+        self.buffer = buffer
+        self.future = new_future(buffer.device)
+        self.waiting = waiting
+
+
+class Regroup:
+    """The held gradients of one regrouped step. ``saved`` maps every key of a saved layout to
+    that layout's keys (in its order)."""
+
+    def __init__(self, saved: Dict[str, Keys]):
+        self.saved = saved
+        self.views: Dict[str, torch.Tensor] = {}    # key -> its gradient, a view of a held buffer
+        self.params: Dict[str, torch.Tensor] = {}
+        self.owner: Dict[str, Held] = {}
+        self.started: set = set()
+
+    def covers(self, keys: Sequence[str]) -> bool:
+        """Whether every key of a bucket belongs to a saved layout."""
+        return all(key in self.saved for key in keys)
+
+    def hold(self, params: Sequence[torch.Tensor], keys: Sequence[str],
+             buffer: torch.Tensor) -> Tuple[Held, List[Keys]]:
+        """Hold a bucket; returns it and the saved layouts now complete (in the order of their
+        first key in this bucket, the same on every rank)."""
+        layouts = []
+        for key in keys:
+            if self.saved[key] not in layouts:
+                layouts.append(self.saved[key])
+        held = Held(buffer, len(layouts))
+        flat = buffer.reshape(-1)
+        offset = 0
+        for key, param in zip(keys, params):
+            self.views[key] = flat[offset:offset + param.numel()]
+            self.params[key] = param
+            self.owner[key] = held
+            offset += param.numel()
+        ready = [layout for layout in layouts
+                 if layout not in self.started and all(k in self.views for k in layout)]
+        self.started.update(ready)
+        return held, ready
+
+    def gather(self, layout: Keys) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """The parameters of a complete saved layout and a new flat buffer of their gradients,
+        in the layout's order."""
+        return ([self.params[k] for k in layout],
+                torch.cat([self.views[k] for k in layout]))
+
+    def release(self, layout: Keys, flat: torch.Tensor) -> None:
+        """Copy a stepped layout's averages back into the held buffers; complete each held
+        bucket whose layouts are all back."""
+        offset = 0
+        touched = []
+        for key in layout:
+            view = self.views[key]
+            view.copy_(flat[offset:offset + view.numel()])
+            offset += view.numel()
+            if self.owner[key] not in touched:
+                touched.append(self.owner[key])
+        for held in touched:
+            held.waiting -= 1
+            if held.waiting == 0:
+                held.future.set_result(held.buffer)
+
+    def fail(self, error: Exception) -> None:
+        """Complete every held bucket not yet complete with ``error``."""
+        for held in {id(h): h for h in self.owner.values()}.values():
+            if not held.future.done():
+                held.future.set_exception(error)
+
+    def incomplete(self) -> List[Keys]:
+        """Saved layouts touched by held buckets but never complete."""
+        touched = {self.saved[k] for k in self.views}
+        return [layout for layout in touched if layout not in self.started]
