@@ -14,6 +14,13 @@ The newest ``KEEP`` complete checkpoints are kept, older folders deleted.
 A step of 0 with run index i is the boundary before run i (every earlier run finished; their
 results are in the parts); a boundary past the last run means the comparison is done.
 
+Writing happens behind training: ``save`` serializes the part on the calling thread (the only
+time the step loop spends; the part holds live tensors) and a writer thread writes it, agrees
+with the other ranks' writers on a process group of its own (gloo, so its collectives never
+interleave with training's) and, on rank 0, writes the marker. The next ``save`` and ``wait``
+first join the previous writer, so at most one write is in flight and a write that failed
+raises there.
+
 The parts are pickles (``torch.save``) of this trainer's own state (numpy and Python RNG
 states included), loaded with ``weights_only=False``: load only checkpoint folders you wrote.
 """
@@ -25,6 +32,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -171,7 +179,14 @@ class Checkpointer:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        self.seconds: List[float] = []   # each save's time on this rank
+        self.seconds: List[float] = []   # each save's time on the calling thread, this rank
+        self.write_seconds: List[float] = []  # each write's time in the writer thread
+        # The writers' own group: collective over every rank of the world, created in the
+        # same order on every rank (here, before any run's groups).
+        ranks = None if group is None else dist.get_process_group_ranks(group)
+        self._writer_group = dist.new_group(ranks=ranks, backend="gloo")
+        self._writer: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
         if self.rank == 0:
             os.makedirs(self.directory, exist_ok=True)
 
@@ -206,29 +221,55 @@ class Checkpointer:
         return part
 
     def save(self, run_index: int, run: Optional[str], step: int, part: dict) -> float:
-        """Write this rank's ``part`` of the checkpoint (run ``run_index``, ``step``); rank 0
-        writes the marker once every rank has written, then prunes. Returns the seconds it
-        took on this rank."""
+        """Serialize this rank's ``part`` of the checkpoint (run ``run_index``, ``step``) and
+        hand it to the writer thread (the previous write is joined first); the writer writes
+        it, and rank 0's writes the marker once every rank's has written, then prunes. Returns
+        the seconds the calling thread spent.
+
+        Raises:
+            Whatever the previous write raised (CheckpointError, OSError, a collective's
+            error)."""
         t0 = time.perf_counter()
-        folder = os.path.join(self.directory, f"ckpt-{self.seq(run_index, step):010d}")
-        os.makedirs(folder, exist_ok=True)
+        self.wait()
         buffer = io.BytesIO()
         torch.save(dict(part, format=FORMAT, run=run, run_index=run_index, step=step,
                         rank=self.rank, world=self.world), buffer)
-        data = buffer.getvalue()
-        name = f"rank{self.rank}.pt"
-        write_atomic(os.path.join(folder, name), data)
-        mine = (name, {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-        everyone: List[Any] = [None] * self.world
-        # Also the barrier: the marker is written only after every part is.
-        dist.all_gather_object(everyone, mine, group=self.group)
-        if self.rank == 0:
-            marker = {"format": FORMAT, "run": run, "run_index": run_index, "step": step,
-                      "world_size": self.world, "config_digest": config_digest(self.config),
-                      "config": self.config, "parts": dict(everyone)}
-            write_atomic(os.path.join(folder, MARKER),
-                         json.dumps(marker, indent=1, sort_keys=True).encode())
-            prune(self.directory)
+        self._writer = threading.Thread(
+            target=self._write, args=(run_index, run, step, buffer.getvalue()),
+            name="checkpoint-writer", daemon=True)
+        self._writer.start()
         seconds = time.perf_counter() - t0
         self.seconds.append(seconds)
         return seconds
+
+    def wait(self) -> None:
+        """Join the write in flight (if any); raise what it raised."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write(self, run_index: int, run: Optional[str], step: int, data: bytes) -> None:
+        try:
+            t0 = time.perf_counter()
+            folder = os.path.join(self.directory, f"ckpt-{self.seq(run_index, step):010d}")
+            os.makedirs(folder, exist_ok=True)
+            name = f"rank{self.rank}.pt"
+            write_atomic(os.path.join(folder, name), data)
+            mine = (name, {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+            everyone: List[Any] = [None] * self.world
+            # Also the barrier: the marker is written only after every part is.
+            dist.all_gather_object(everyone, mine, group=self._writer_group)
+            if self.rank == 0:
+                marker = {"format": FORMAT, "run": run, "run_index": run_index, "step": step,
+                          "world_size": self.world,
+                          "config_digest": config_digest(self.config),
+                          "config": self.config, "parts": dict(everyone)}
+                write_atomic(os.path.join(folder, MARKER),
+                             json.dumps(marker, indent=1, sort_keys=True).encode())
+                prune(self.directory)
+            self.write_seconds.append(time.perf_counter() - t0)
+        except BaseException as error:  # raised on the training thread by the next wait()
+            self._error = error

@@ -292,6 +292,8 @@ class RankRunner:
                                        resume if index == start_index else None)
             if checkpointer is not None:
                 checkpointer.save(index + 1, None, 0, {"finished": finished, "run_state": None})
+        if checkpointer is not None:
+            checkpointer.wait()
         return {name: finished[name] for name in self.cfg.runs}
 
     def _run(self, name: str, index: int = 0, finished: Optional[Dict[str, dict]] = None,
@@ -421,6 +423,8 @@ class RankRunner:
                                                   {"finished": finished or {},
                                                    "run_state": run_state})
             if stop_after is not None and stop_after == (name, done):
+                if checkpointer is not None:
+                    checkpointer.wait()  # a kill after the checkpoint was complete
                 raise StopRequested(f"stopped after run {name} step {done}")
         self.callbacks.run_end(name, ddp.module, shard)
         notes["eval_s"] = eval_s
