@@ -92,6 +92,34 @@ def test_stopped_and_resumed_equals_uninterrupted(stopped, tmp_path):
             != whole["runs"]["dct_dp_mp"]["final_params_sha256"])
 
 
+def test_powersgd_resumes_mid_run(tmp_path):
+    """The PowerSGD baseline is checkpointed within its run (torch's PowerSGDState through its
+    own __getstate__/__setstate__, and the bucket's parameter order its memories are laid out
+    in): stopped at step 13 after compression started (step 4), resumed from step 10, it ends
+    with the uninterrupted run's parameters and AUC."""
+    pytest.importorskip("sklearn")
+    args = ["--runs", "powersgd", "--powersgd-start-iter", "4"]
+    whole = subprocess.run([sys.executable, TRAIN_DLRM, "--tiny", *args, "--out",
+                            str(tmp_path / "whole")], capture_output=True, text=True,
+                           timeout=DEADLINE_S)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "5"]
+    stopped = subprocess.run([sys.executable, TRAIN_DLRM, "--tiny", *args, *ckpt,
+                              "--stop-after", "powersgd:13", "--out", str(tmp_path / "x")],
+                             capture_output=True, text=True, timeout=DEADLINE_S)
+    assert stopped.returncode == 3, stopped.stderr[-3000:]
+    resumed = subprocess.run([sys.executable, TRAIN_DLRM, "--tiny", *args, *ckpt, "--out",
+                              str(tmp_path / "resumed")], capture_output=True, text=True,
+                             timeout=DEADLINE_S)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(run powersgd step 10)" in resumed.stderr
+    a = _report(tmp_path / "whole")["runs"]["powersgd"]
+    b = _report(tmp_path / "resumed")["runs"]["powersgd"]
+    assert b["resumed_from_step"] == 10
+    assert a["final_params_sha256"] == b["final_params_sha256"]
+    assert a["auc"] == b["auc"] and a["dp_bytes_per_step"] == b["dp_bytes_per_step"]
+
+
 def test_torn_checkpoints_are_never_loaded(stopped, tmp_path):
     """The newest checkpoint with a truncated part, and then also without its marker: each
     time the previous complete one is used, with a warning naming the problem."""

@@ -17,11 +17,14 @@ Every all-reduce counts as a ring all-reduce of the tensor it moves, whatever it
 baselines' compression is measured against the same reference as DCT-DP's.
 """
 
-from typing import Dict, Sequence, Tuple
+import logging
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+from dct_kernels.distributed.stand_in import StandInBucket
 
 
 class DenseTraffic:
@@ -105,6 +108,19 @@ class PowerSGDTraffic(DenseTraffic):
             start_powerSGD_iter=start_iter, random_seed=seed)
         self.buckets_plain = 0
         self.buckets_compressed = 0
+        # Parameter names (by id), the names of each bucket's parameters in the order the
+        # hook last saw them (checkpointed: torch keeps its memories in that order), and the
+        # orders of a loaded checkpoint, used on the first step after the load.
+        self.names: Dict[int, str] = {}
+        self.params: Dict[str, torch.Tensor] = {}
+        self.bucket_orders: Dict[int, List[str]] = {}
+        self.resume_orders: Dict[int, List[str]] = {}
+
+    def name_parameters(self, module: torch.nn.Module) -> None:
+        """Key the buckets' parameters by their names in ``module``."""
+        for name, param in module.named_parameters():
+            self.names[id(param)] = name
+            self.params[name] = param
 
     def stats(self) -> Dict[str, float]:
         """The counters of ``DenseTraffic.stats()``, plus the buckets sent plain (warm-up)
@@ -112,6 +128,40 @@ class PowerSGDTraffic(DenseTraffic):
         out = super().stats()
         out.update(buckets_plain=self.buckets_plain, buckets_compressed=self.buckets_compressed)
         return out
+
+
+def powersgd_state_dict(state: powerSGD_hook.PowerSGDState) -> dict:
+    """torch's own pickling state of a ``PowerSGDState`` (``__getstate__``: every slot but the
+    process group: the error and P/Q memories per bucket index, the iteration, the RNG of the
+    Q initialisation), its tensors copied to the CPU; torch's note that the process group is
+    left out is not logged at every checkpoint."""
+    logger = logging.getLogger(powerSGD_hook.__name__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        saved = state.__getstate__()
+    finally:
+        logger.setLevel(level)
+    return {k: ({i: t.detach().cpu().clone() for i, t in v.items()}
+                if isinstance(v, dict) else v) for k, v in saved.items()}
+
+
+def load_powersgd_state(state: powerSGD_hook.PowerSGDState, saved: dict,
+                        device: torch.device) -> None:
+    """Restore ``powersgd_state_dict`` into ``state`` through torch's ``__setstate__``,
+    keeping ``state``'s process group, with the memories on ``device``."""
+    group = state.process_group
+    logger = logging.getLogger(powerSGD_hook.__name__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        state.__setstate__(saved)
+    finally:
+        logger.setLevel(level)
+    state.process_group = group
+    for memories in (state.error_dict, state.p_memory_dict, state.q_memory_dict):
+        for i in list(memories):
+            memories[i] = memories[i].to(device)
 
 
 def powersgd_sizes(gradients: Sequence[torch.Tensor], rank: int,
@@ -153,7 +203,29 @@ def powersgd_hook(state: PowerSGDTraffic, bucket: dist.GradBucket):
                                ps.min_compression_rate)
         for i, numel in enumerate(parts):
             state.count_allreduce(world, numel * size, reference if i == 0 else 0)
-    return powerSGD_hook.powerSGD_hook(ps, bucket)
+    order = [state.names.get(id(p)) for p in bucket.parameters()]
+    saved = state.resume_orders.pop(bucket.index(), None)
+    state.bucket_orders[bucket.index()] = order
+    if saved is None or saved == order or None in order or sorted(saved) != sorted(order):
+        return powerSGD_hook.powerSGD_hook(ps, bucket)
+    # The first step after a checkpoint load: a fresh DDP's first iteration holds the
+    # parameters in registration order, the checkpointed run (past DDP's rebuild) in gradient
+    # order, and torch's error and P/Q memories are laid out in that one. Run the hook on the
+    # bucket permuted into the saved order, then put the result back.
+    state.bucket_orders[bucket.index()] = saved
+    views = dict(zip(order, bucket.gradients()))
+    stand_in = StandInBucket([state.params[n] for n in saved],
+                             torch.cat([views[n].reshape(-1) for n in saved]),
+                             last=bucket.is_last(), index=bucket.index())
+
+    def put_back(future):
+        flat = future.value()
+        flat = flat[0] if isinstance(flat, (list, tuple)) else flat
+        for name, part in zip(saved, flat.split([views[n].numel() for n in saved])):
+            views[name].copy_(part.view_as(views[name]))
+        return bucket.buffer()
+
+    return powerSGD_hook.powerSGD_hook(ps, stand_in).then(put_back)
 
 
 def dp_totals(state, world: int) -> Tuple[float, float]:

@@ -71,6 +71,7 @@ def _make_state(cfg: Config, name: str, ddp, group):
     if name == "powersgd":
         state = dp_traffic.PowerSGDTraffic(group, matrix_approximation_rank=cfg.powersgd_rank,
                                            start_iter=cfg.powersgd_start(), seed=cfg.seed)
+        state.name_parameters(ddp.module)
         return state, dp_traffic.powersgd_hook, {"exchange": "powersgd"}
     kwargs = dict(ratio=cfg.dp_ratio, refresh_every=cfg.refresh_every,
                   warmup_steps=cfg.warmup_steps, capacity_factor=cfg.capacity_factor,
@@ -138,14 +139,23 @@ _TRAFFIC_COUNTERS = ("bytes_sent", "bytes_received", "bytes_ring", "buckets_plai
 
 def _dp_state_dict(state) -> dict:
     if isinstance(state, dp_traffic.DenseTraffic):
-        return {k: getattr(state, k) for k in _TRAFFIC_COUNTERS if hasattr(state, k)}
+        saved = {k: getattr(state, k) for k in _TRAFFIC_COUNTERS if hasattr(state, k)}
+        if isinstance(state, dp_traffic.PowerSGDTraffic):
+            saved["powersgd"] = dp_traffic.powersgd_state_dict(state.powersgd)
+            saved["bucket_orders"] = dict(state.bucket_orders)
+        return saved
     return state.state_dict()
 
 
-def _load_dp_state(state, saved: dict) -> None:
+def _load_dp_state(state, saved: dict, device: torch.device) -> None:
     if isinstance(state, dp_traffic.DenseTraffic):
         for k, v in saved.items():
-            setattr(state, k, v)
+            if k == "powersgd":
+                dp_traffic.load_powersgd_state(state.powersgd, v, device)
+            elif k == "bucket_orders":
+                state.resume_orders = dict(v)
+            else:
+                setattr(state, k, v)
     else:
         state.load_state_dict(saved)
 
@@ -345,7 +355,7 @@ class RankRunner:
             shard.load_state_dict(resume["shard"])
             opt.load_state_dict(resume["opt"])
             opt_emb.load_state_dict(resume["opt_emb"])
-            _load_dp_state(state, resume["dp"])
+            _load_dp_state(state, resume["dp"], self.device)
             exchange.bytes_sent, exchange.bytes_dense = resume["exchange"]
             series, evals = resume["series"], resume["evals"]
             step_s, eval_s = resume["step_s"], resume["eval_s"]
@@ -353,15 +363,7 @@ class RankRunner:
             loss_count, checkpoint_s = resume["loss_count"], resume["checkpoint_s"]
             start = resume["step"]
             _set_rng_states(resume["rng"])
-        # PowerSGD's hook state (torch's PowerSGDState: error and P/Q memories kept per
-        # bucket index, in the bucket's memory order, bound to its process group) is not
-        # checkpointed: a restart repeats the PowerSGD run from its start, which gives the
-        # same result (every run starts from the seed), only later.
-        every = (checkpointer.every if checkpointer is not None and name != "powersgd"
-                 else None)
-        if checkpointer is not None and every is None and self.rank == 0:
-            print(f"checkpoint: the {name} run is not checkpointed within the run (a restart "
-                  f"repeats it from its start)", file=sys.stderr, flush=True)
+        every = checkpointer.every if checkpointer is not None else None
         for step in range(start, cfg.steps):
             rows = batches.rows(step)
             self.callbacks.step_begin(name, step)
