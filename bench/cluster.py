@@ -218,9 +218,9 @@ def _tool(name):
     return shutil.which(name, path=path)
 
 
-_NO_NETEM = ("delay and loss need the kernel's netem qdisc (sch_netem, CONFIG_NET_SCH_NETEM), "
-             "which this kernel does not have; run without --delay/--loss (delay_ms/loss_pct) "
-             "or on a kernel with netem")
+_NO_NETEM = ("delay needs the kernel's netem qdisc (sch_netem, CONFIG_NET_SCH_NETEM), which "
+             "this kernel does not have; run without --delay (delay_ms), or on a kernel with "
+             "netem (loss alone works without it)")
 
 
 def _kernel_has_netem():
@@ -568,12 +568,16 @@ class EmulatedCluster:
     each way and traffic from many ranks to one queues at that rank's switch port, as on a
     switch. ``delay_ms`` (one-way, per packet a rank sends) and ``loss_pct`` (random loss of the
     packets a rank sends) are added by netem below tbf on the rank side; with loss, the rank
-    sends one packet per buffer (no segmentation offload) so that loss applies per packet.
+    sends one packet per buffer (no segmentation offload) so that loss applies per packet. On a
+    kernel without netem, loss alone (no delay) is made by a random dropper instead: tc's bpf
+    classifier sends a random ``loss_pct`` of the rank's packets to a class whose queue holds
+    nothing (``loss_method`` is then "bpf", else "netem"; None without loss).
     Loopback is up in every namespace. Names carry the launcher's pid and start time, so runs
     never collide.
 
-    Entering the context (or :meth:`open`): checks privileges and programs, and for delay or
-    loss the kernel's netem, before creating anything (:class:`ClusterUnavailable`; a kernel
+    Entering the context (or :meth:`open`): checks privileges and programs, and for delay
+    (or loss on a kernel whose netem state is unknown) the kernel's netem, before creating
+    anything (:class:`ClusterUnavailable`; a kernel
     whose configuration is unreadable is found to lack netem only when it is added, and what
     was created is deleted before the exception propagates), deletes leftovers of dead launchers
     (:func:`cleanup_stale`), creates the namespaces, links and qdiscs, and, with ``measure``
@@ -608,6 +612,7 @@ class EmulatedCluster:
         self.measure = bool(measure)
         self.measured_bit_s = None
         self.measured_netem_bit_s = None
+        self.loss_method = None
         self.tag = None
         self.namespaces = []
         self.switch_namespace = None
@@ -632,7 +637,12 @@ class EmulatedCluster:
         deleted before the exception propagates."""
         if self.tag is not None:
             raise ClusterError("this cluster was already opened")
-        check_available(netem=bool(self.delay_ms or self.loss_pct))
+        # Loss alone on a kernel without netem: a random packet dropper (see _add_rank).
+        self.loss_method = None
+        if self.loss_pct:
+            self.loss_method = ("bpf" if not self.delay_ms and _kernel_has_netem() is False
+                                else "netem")
+        check_available(netem=bool(self.delay_ms) or self.loss_method == "netem")
         cleanup_stale()
         self.tag = _new_run_tag()
         self._install_signal_handlers()
@@ -710,10 +720,27 @@ class EmulatedCluster:
         _run(["ip", "-n", sw, "link", "set", port, "addrgenmode", "none"])
         _run(["ip", "-n", ns, "addr", "add", f"{self.addresses[rank]}/24", "dev", "eth0"])
         _run(["ip", "-n", sw, "link", "set", port, "master", "br0"])
-        for where, dev in ((ns, "eth0"), (sw, port)):
-            _run(["tc", "-n", where, "qdisc", "add", "dev", dev, "root", "handle", "1:",
-                  "tbf", "rate", f"{self.rate_bit_s}bit", "burst", str(self._burst_bytes()),
-                  "latency", f"{QUEUE_LATENCY_MS}ms"])
+        tbf = ["tbf", "rate", f"{self.rate_bit_s}bit", "burst", str(self._burst_bytes()),
+               "latency", f"{QUEUE_LATENCY_MS}ms"]
+        _run(["tc", "-n", sw, "qdisc", "add", "dev", port, "root", "handle", "1:", *tbf])
+        if self.loss_method != "bpf":
+            _run(["tc", "-n", ns, "qdisc", "add", "dev", "eth0", "root", "handle", "1:", *tbf])
+        else:
+            # A kernel without netem can still lose packets at random: an htb root whose
+            # class 1:10 holds the rank's tbf and whose class 1:20 holds a fifo of no room
+            # (every packet put there is dropped); the classifier (added after the
+            # measurement) sends a random loss_pct of the packets to 1:20. htb's own rate is
+            # far above the link's, so tbf alone shapes.
+            _run(["tc", "-n", ns, "qdisc", "add", "dev", "eth0", "root", "handle", "1:",
+                  "htb", "default", "10"])
+            for classid, parent in (("1:1", "1:"), ("1:10", "1:1"), ("1:20", "1:1")):
+                _run(["tc", "-n", ns, "class", "add", "dev", "eth0", "parent", parent,
+                      "classid", classid, "htb", "rate", f"{100 * self.rate_bit_s}bit",
+                      "quantum", "60000"])
+            _run(["tc", "-n", ns, "qdisc", "add", "dev", "eth0", "parent", "1:10", "handle",
+                  "10:", *tbf])
+            _run(["tc", "-n", ns, "qdisc", "add", "dev", "eth0", "parent", "1:20", "handle",
+                  "20:", "pfifo", "limit", "0"])
         _run(["ip", "-n", sw, "link", "set", port, "up"])
         _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
 
@@ -722,9 +749,30 @@ class EmulatedCluster:
         the timer's granularity at high rates), so little passes unshaped at low rates."""
         return max(16 << 10, int(self.rate_bit_s / 8 / 1000))
 
+    def _random_drop_bytecode(self):
+        """Classic BPF for tc's bpf classifier: class 1:20 (dropped) for a random loss_pct
+        of the packets (the kernel's per-packet random number, SKF_AD_RANDOM, at or above
+        (1 - loss_pct / 100) x 2^32), class 1:10 for the others."""
+        threshold = min(2 ** 32 - 1, round((1 - self.loss_pct / 100) * 2 ** 32))
+        load_random = 0xFFFFF000 + 56     # BPF_LD|BPF_W|BPF_ABS of SKF_AD_OFF + SKF_AD_RANDOM
+        program = [(0x20, 0, 0, load_random), (0x35, 0, 1, threshold),  # jge threshold
+                   (0x06, 0, 0, 0x10020), (0x06, 0, 0, 0x10010)]       # ret classid
+        return ",".join([str(len(program))] + [" ".join(map(str, i)) for i in program])
+
     def _add_netem(self):
-        """netem below each rank's tbf, for the delay and loss of the packets ranks send."""
+        """netem below each rank's tbf, for the delay and loss of the packets ranks send (or,
+        for loss on a kernel without netem, the random dropper's classifier)."""
         if not self.delay_ms and not self.loss_pct:
+            return
+        if self.loss_method == "bpf":
+            for ns in self.namespaces:
+                _run(["ip", "-n", ns, "link", "set", "eth0", "gso_max_segs", "1"])
+                _run(["tc", "-n", ns, "filter", "add", "dev", "eth0", "parent", "1:", "bpf",
+                      "bytecode", self._random_drop_bytecode()])
+            if self.measure and self.world >= 2:
+                self.measured_netem_bit_s = _measure_tcp(
+                    self.namespaces[0], self.namespaces[1], self.addresses[1],
+                    self.rate_bit_s)
             return
         args = []
         if self.delay_ms:
@@ -971,6 +1019,7 @@ def _summary(cluster):
         "measured_over_rate": (None if cluster.measured_bit_s is None
                                else round(cluster.measured_bit_s / cluster.rate_bit_s, 4)),
         "measured_netem_bit_s": cluster.measured_netem_bit_s,
+        "loss_method": cluster.loss_method,
     }
 
 

@@ -6,6 +6,7 @@ or SIGINT, and the cleanup of leftovers. Every cluster test checks that nothing 
 left in ``ip netns list``."""
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -302,6 +303,31 @@ def test_measure_only_command():
     report = json.loads(out.stdout)
     assert report["rate_bit_s"] == 10**8 and report["measured_bit_s"] > 0
     assert report["subnet"].startswith("10.") and report["subnet"].endswith(".0/24")
+
+
+@needs_cluster
+def test_loss_without_netem_drops_packets_at_random():
+    """On a kernel without netem, loss alone is a random dropper (tc's bpf classifier into a
+    queue of no room): the rank-side dropped count over a bulk transfer is the loss rate,
+    within a binomial bound; TCP still delivers every byte."""
+    if emu._kernel_has_netem() is not False:
+        pytest.skip("this kernel has netem: loss goes through it")
+    with emu.EmulatedCluster(2, "200mbit", loss_pct=5, measure=False) as cluster:
+        assert cluster.loss_method == "bpf"
+        # One bulk transfer (about half a second), all of it with the dropper in place.
+        assert emu._measure_tcp(cluster.namespaces[0], cluster.namespaces[1],
+                                cluster.addresses[1], cluster.rate_bit_s) > 0
+        shown = subprocess.run(["tc", "-s", "-n", cluster.namespaces[0], "qdisc", "show",
+                                "dev", "eth0"], capture_output=True, text=True).stdout
+        sent = int(re.search(r"qdisc tbf 10:.*?Sent \d+ bytes (\d+) pkt", shown, re.S)[1])
+        dropped = int(re.search(r"qdisc pfifo 20:.*?dropped (\d+)", shown, re.S)[1])
+        n = sent + dropped
+        # About 0.5 s at 200 Mbit/s: thousands of packets.
+        assert n > 2000, shown
+        rate = dropped / n
+        bound = 5 * (0.05 * 0.95 / n) ** 0.5
+        assert abs(rate - 0.05) < bound, (rate, n, shown)
+    _assert_gone(cluster)
 
 
 @needs_cluster

@@ -441,7 +441,7 @@ def _run_on_cluster(args, argv: List[str], cfg: Config, out_dir: str, started: f
                                      loss_pct=args.link_loss) as emu:
             link = {"rate": args.link, "rate_bit_s": emu.rate_bit_s,
                     "measured_bit_s": emu.measured_bit_s, "delay_ms": emu.delay_ms,
-                    "loss_pct": emu.loss_pct,
+                    "loss_pct": emu.loss_pct, "loss_method": emu.loss_method,
                     "measured_netem_bit_s": emu.measured_netem_bit_s}
             print(f"emulated cluster: {cfg.ranks} ranks, links of {args.link}, measured "
                   f"{emu.measured_bit_s / 1e6:.0f} Mbit/s; {threads} torch thread(s) per rank",
