@@ -70,6 +70,21 @@ def dense_hook(state: DenseTraffic, bucket: dist.GradBucket):
     return future.then(lambda fut: fut.value()[0])
 
 
+class Fp16Traffic(DenseTraffic):
+    """State of ``fp16_hook``: the process group and byte counters."""
+
+
+def fp16_hook(state: Fp16Traffic, bucket: dist.GradBucket):
+    """DDP comm hook of the fp16 baseline: torch's ``fp16_compress_hook`` (the bucket cast to
+    float16 and divided by W, all-reduced, cast back), counting the fp16 all-reduce's ring
+    bytes against the fp32 bucket's."""
+    _, world = _group_and_world(state)
+    buffer = bucket.buffer()
+    state.count_allreduce(world, buffer.numel() * torch.finfo(torch.float16).bits // 8,
+                          buffer.numel() * buffer.element_size())
+    return default_hooks.fp16_compress_hook(state.process_group, bucket)
+
+
 class Bf16Traffic(DenseTraffic):
     """State of ``bf16_hook``: the process group and byte counters."""
 
