@@ -141,8 +141,8 @@ class ThresholdRule:
         self.streaks = torch.zeros(self.num_segments, dtype=torch.int32, device=device)
         self.averages = self.ks.clone()
         self.scales = torch.ones(self.num_segments, dtype=torch.float32, device=device)
-        # The sample of every adjustable segment, back to back: positions in the rule's
-        # range, its Segments and order statistics, and the segments' slots.
+        # The sample of every estimated unit, back to back: positions in the rule's
+        # range, its Segments and order statistics, the units' segments and output slots.
         if units is None:
             units = [(offsets[i], offsets[i + 1], ks[i], i, i) for i in range(len(ks))]
         units = [u for u in units
