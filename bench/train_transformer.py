@@ -31,6 +31,7 @@ bench/results/<device>/transformers_w<W>/).
 """
 
 import argparse
+import ast
 import datetime
 import json
 import math
@@ -137,8 +138,9 @@ def build_model(task: str, seed: int) -> torch.nn.Module:
 
 # ------------------------------------------------------------------------------- runs
 
-def make_hook(run: str, ddp_group, world: int):
-    """(state, hook, notes) of a run."""
+def make_hook(run: str, ddp_group, world: int, overrides: Dict[str, object]):
+    """(state, hook, notes) of a run; ``overrides`` are DCTState settings for the dct runs
+    (``--dct-set``)."""
     if run == "dense":
         return dp_traffic.DenseTraffic(ddp_group), dp_traffic.dense_hook, {}
     if run == "fp16":
@@ -149,6 +151,7 @@ def make_hook(run: str, ddp_group, world: int):
         return state, dp_traffic.powersgd_hook, {"powersgd_rank": 4, "start_iter": 10}
     kwargs = {"dct": dict(ratio=0.01), "dct_rs": dict(ratio=0.01, exchange="reduce_scatter"),
               "dct_bf16": dict(ratio=0.003, value_dtype=torch.bfloat16)}[run]
+    kwargs.update(overrides)
     return DCTState(ddp_group, **kwargs), dct_hook, {
         k: str(v) for k, v in kwargs.items()}
 
@@ -185,7 +188,7 @@ def train_run(task: Task, run: str, rank: int, world: int, args, groups) -> dict
     cap = {"bucket_cap_mb": 1 + sum(p.numel() * 4 for p in model.parameters()) / 2 ** 20} \
         if run == "powersgd" else {}
     ddp = DistributedDataParallel(model, process_group=group, **cap)
-    state, hook, notes = make_hook(run, group, world)
+    state, hook, notes = make_hook(run, group, world, args.dct_set)
     ddp.register_comm_hook(state, hook)
     opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr)
     steps = args.steps or STEPS[task.name]
@@ -311,8 +314,21 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=16, help="sequences per rank and step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dct-set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a DCTState setting for the dct runs, e.g. warmup_steps=100 "
+                             "(repeatable; values are Python literals)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.dct_set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--dct-set: expected NAME=VALUE, got {item!r}")
+        try:
+            overrides[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parser.error(f"--dct-set: {name}: not a Python literal: {value!r}")
+    args.dct_set = overrides
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.runs = [r for r in args.runs.split(",") if r]
     for t in args.tasks:
@@ -337,7 +353,9 @@ def main(argv=None) -> None:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "transformers": transformers.__version__,
               "python": platform.python_version(), "seed": args.seed, "lr": args.lr,
-              "batch_per_rank": args.batch, "tasks": tasks, "wall_s": time.time() - started}
+              "batch_per_rank": args.batch, "dct_set": {k: repr(v) for k, v in
+                                                        args.dct_set.items()},
+              "tasks": tasks, "wall_s": time.time() - started}
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    device_slug(device), f"transformers_w{args.ranks}")
     write_report(report, out)
