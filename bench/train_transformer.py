@@ -190,7 +190,8 @@ def train_run(task: Task, run: str, rank: int, world: int, args, groups) -> dict
     ddp = DistributedDataParallel(model, process_group=group, **cap)
     state, hook, notes = make_hook(run, group, world, args.dct_set)
     ddp.register_comm_hook(state, hook)
-    opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr)
+    opt = (torch.optim.AdamW(ddp.parameters(), lr=args.lr) if args.optimizer == "adamw" else
+           torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9))
     steps = args.steps or STEPS[task.name]
     every = max(1, steps // 10)
     curve = {"step": [], "quality": []}
@@ -313,6 +314,8 @@ def main(argv=None) -> None:
                         help="steps per run (default: 1000 classify, 500 LM)")
     parser.add_argument("--batch", type=int, default=16, help="sequences per rank and step")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                        help="AdamW, or SGD with momentum 0.9 (default adamw)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dct-set", action="append", default=[], metavar="NAME=VALUE",
                         help="a DCTState setting for the dct runs, e.g. warmup_steps=100 "
@@ -353,6 +356,7 @@ def main(argv=None) -> None:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "transformers": transformers.__version__,
               "python": platform.python_version(), "seed": args.seed, "lr": args.lr,
+              "optimizer": args.optimizer,
               "batch_per_rank": args.batch, "dct_set": {k: repr(v) for k, v in
                                                         args.dct_set.items()},
               "tasks": tasks, "wall_s": time.time() - started}
