@@ -59,6 +59,10 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
        average into the bucket, bitwise identical on every rank; the small parameters'
        average is put back; the returned future completes.
 
+    On the first sparse step after ``state.load_state_dict``, buckets that group parameters
+    otherwise than the checkpoint's layouts (a fresh DDP's first iteration) are held and the
+    saved layouts stepped instead, so the resumed run continues bit for bit (``regroup``).
+
     No host synchronization on the per-step path: everything is sized from host-known k, and
     the only wait is for the one-step-old event of the staged flags. The first step of each
     bucket layout (the cross-rank check) does synchronize. The backward pass goes on while the
