@@ -213,7 +213,8 @@ def train_run(task: Task, run: str, rank: int, world: int, args, groups) -> dict
     moved = stats["bytes_sent"] + stats["bytes_received"]
     out = {"quality": curve["quality"][-1], "curve": curve, "steps": steps,
            "step_ms": 1e3 * sorted(step_s)[len(step_s) // 2],
-           "dp_bytes_per_step": moved / steps, "dp_ring_bytes_per_step": stats["bytes_ring"] / steps,
+           "dp_bytes_per_step": moved / steps,
+           "dp_ring_bytes_per_step": stats["bytes_ring"] / steps,
            "compression": stats["bytes_ring"] / moved if moved else None, "settings": notes}
     if isinstance(state, DCTState):
         keep = ("buckets_sparse", "bucket_refreshes", "early_refreshes", "shard_refreshes",

@@ -750,5 +750,5 @@ def check_checkpoint_resume_regrouped(rank, world):
 
 def check_checkpoint_resume_reduce_scatter(rank, world):
     """The same with reduce_scatter: the fresh DDP's first iteration, with its initial bucket
-    order, cuts the shards of the checkpoint's layouts (DCTState.order_for)."""
+    order, cuts the shards of the checkpoint's layouts (the regrouped first step, see regroup)."""
     check_checkpoint_resume(rank, world, exchange="reduce_scatter")

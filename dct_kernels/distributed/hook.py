@@ -52,8 +52,8 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
        all-gather of the shard payloads.
     5. The threshold rule, on the device, from each parameter's kept count (first stage):
        the scale ρ_p moves toward the target k_p (at most a factor 2^(1/4) per step) for the
-       next step, and the streaks of out-of-band steps advance; the early-refresh flags are staged to the
-       host for the next step's decision (the same for τ' at the second stage of
+       next step, and the streaks of out-of-band steps advance; the early-refresh flags are
+       staged to the host for the next step's decision (the same for τ' at the second stage of
        reduce_scatter). Statistics accumulate (bytes on the host, counts on the device).
     6. In the last collective's callback, ``decompress_many(average=True)`` writes the
        average into the bucket, bitwise identical on every rank; the small parameters'
@@ -102,22 +102,17 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
 
 def _sparse_step(state: DCTState, layout: BucketLayout, buffer: torch.Tensor):
     """Stages 3-5 of a sparse step on ``buffer``; the future of its average (stage 6)."""
-    # The layout's parameter order (the bucket's own, except on the first step after a
-    # checkpoint was loaded: see DCTState.order_for).
-    work = layout.to_layout_order(buffer)
-    _thresholds(state, layout, work)                               # 3
-    future = _sparse(state, layout, work)                          # 4, 5
-    if work is not buffer:
-        future = after([future], lambda: layout.to_bucket_order(work, buffer), buffer.device)
-    return future
+    _thresholds(state, layout, buffer)                             # 3
+    return _sparse(state, layout, buffer)                          # 4, 5
 
 
 # ------------------------------------------------- the first step after a checkpoint load
 
 def _regrouped(state: DCTState, bucket):
-    """On the first sparse step after ``load_state_dict``, a bucket that holds no saved
-    layout's parameter set but only parameters of saved layouts (a fresh DDP's first-iteration
-    buckets) is held (see ``regroup``); each saved layout it completes is stepped now, on a
+    """On the first sparse step after ``load_state_dict``, a bucket that is not one of the
+    saved layouts (same parameters in the same order) but holds only parameters of saved
+    layouts (a fresh DDP's first-iteration buckets: other sets, or the same set in another
+    order) is held (see ``regroup``); each saved layout it completes is stepped now, on a
     stand-in bucket, as the checkpointed run stepped it. Returns the bucket's future, or None
     when the bucket takes the usual path.
 
@@ -185,7 +180,6 @@ def _layout_of(state: DCTState, bucket) -> BucketLayout:
             raise ValueError(f"bucket: its buffer has {buffer.numel()} elements but its "
                              f"parameters {sum(numel_of.values())}; dct_hook expects DDP's "
                              f"flat bucket layout (parameters back to back)")
-        bucket_keys, keys = keys, state.order_for(keys)
         numels = [numel_of[key] for key in keys]
         group = state.group()
         world = dist.get_world_size(group)
@@ -196,8 +190,6 @@ def _layout_of(state: DCTState, bucket) -> BucketLayout:
                               dtype=buffer.dtype,
                               device=buffer.device, world=world, rank=dist.get_rank(group),
                               value_dtype=state.value_dtype, exchange=state.exchange)
-        if keys != bucket_keys:
-            layout.set_bucket_order(bucket_keys)
         fingerprint.verify_across_ranks(
             state.fingerprint(layout), group, buffer.device,
             f"bucket of {len(params)} parameters, {buffer.numel()} elements")

@@ -97,7 +97,6 @@ class BucketLayout:
         self.keys = keys
         self.numels = numels
         self._slots = {}
-        self.bucket_blocks = None  # (bucket offset, layout offset, numel) per parameter
         self.sparse = sparse
         self.dtype = dtype
         self.device = device
@@ -190,33 +189,6 @@ class BucketLayout:
         self.thresholds.scatter_reduce_(0, self.shard.piece_param,
                                         self.shard.stage1_thresholds, "amax",
                                         include_self=False)
-
-    def set_bucket_order(self, bucket_keys: List[str]) -> None:
-        """The bucket holds this layout's parameters in another order (``bucket_keys``): the
-        hook then permutes its buffer into the layout's order and back (``to_layout_order``,
-        ``to_bucket_order``)."""
-        where = {}
-        offset = 0
-        for key in bucket_keys:
-            n = self.numels[self.keys.index(key)]
-            where[key] = offset
-            offset += n
-        self.bucket_blocks = [(where[key], self.offsets_list[i], self.numels[i])
-                              for i, key in enumerate(self.keys)]
-
-    def to_layout_order(self, buffer: torch.Tensor) -> torch.Tensor:
-        """``buffer`` (the bucket's flat gradient) in the layout's parameter order: itself
-        when the orders agree, else a permuted copy."""
-        if self.bucket_blocks is None:
-            return buffer
-        return torch.cat([buffer[a:a + n] for a, _, n in self.bucket_blocks])
-
-    def to_bucket_order(self, work: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-        """Write ``work`` (layout order) back into ``buffer`` (bucket order); returns it."""
-        if work is not buffer:
-            for a, b, n in self.bucket_blocks:
-                buffer[a:a + n].copy_(work[b:b + n])
-        return buffer
 
     def slot_index(self, capacity: int) -> torch.Tensor:
         """``arange(capacity)`` on the layout's device, made once (compared with a payload's

@@ -5,8 +5,9 @@ every rank, fixed per bucket layout, balanced by the kept-count targets k_p). Pe
 
 1. Each rank compresses its (gradient + residual) shard by shard, each piece of a parameter
    against its own τ (the piece's share of k_p: exact at a refresh, else the threshold rule's
-   estimate times the parameter's scale), into W fixed-capacity wire buffers — the rows of one ``[W, nbytes]``
-   send tensor, written in place — and one ``all_to_all_single`` sends row s to rank s.
+   estimate times the parameter's scale), into W fixed-capacity wire buffers — the rows of
+   one ``[W, nbytes]`` send tensor, written in place — and one ``all_to_all_single`` sends row
+   s to rank s.
 2. Once the all-to-all is done, rank s sums the W payloads of its shard in rank order
    (``decompress_many``), compresses that sum with its shard residual (fp32, the second error
    feedback, which rank s owns) against τ' (per piece of a parameter in the shard: the k-th

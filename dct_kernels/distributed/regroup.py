@@ -2,10 +2,9 @@
 than the checkpointed run did.
 
 DDP runs its first iteration with buckets in registration order and rebuilds them afterwards in
-the order gradients became ready; the checkpointed run was past that rebuild. When a fresh
-bucket holds exactly the parameters of a saved layout, ``DCTState.order_for`` gives it the saved
-order. When it holds others (a parameter set that no saved layout has), its gradients are held
-here until every parameter of each saved layout it touches has arrived; each saved layout is then
+the order gradients became ready; the checkpointed run was past that rebuild. A fresh bucket
+that is not a saved layout (other parameters, or the same ones in another order) is held here
+until every parameter of each saved layout it touches has arrived; each saved layout is then
 stepped on a stand-in bucket, exactly as the checkpointed run would have stepped it (the same
 layout, shards, thresholds and cut), and the averages are copied back into the fresh buckets,
 whose futures complete when all their parameters are back. Every rank holds and releases the

@@ -44,12 +44,12 @@ def _streak(entry: Dict[str, Any]) -> torch.Tensor:
     return torch.tensor([int(entry.get("excursion_streak", 0))], dtype=torch.int32)
 
 
-def _average(entry: Dict[str, Any], field: str = "count_average") -> Optional[torch.Tensor]:
+def _saved_scalar(entry: Dict[str, Any], field: str) -> Optional[torch.Tensor]:
     value = entry.get(field)
     return None if value is None else value.to(torch.float32).reshape(1).clone()
 
 
-def _average_of(state, attribute: str = "average") -> Optional[torch.Tensor]:
+def _scalar_of(state, attribute: str) -> Optional[torch.Tensor]:
     value = getattr(state, attribute)
     return None if value is None else value.detach().cpu().clone().reshape(1)
 
@@ -183,13 +183,12 @@ class DCTState:
         self.exchanges: Dict[int, object] = {}  # id(layout) -> its exchange object
         self.order: Optional[StepOrder] = None  # the current step's issue order
         self.statistics = Stats()
-        # Parameter orders of the bucket layouts a loaded checkpoint had (frozenset of keys ->
-        # keys in order), used by the first step after ``load_state_dict`` (see
-        # ``order_for``), and the step they apply to.
-        self._saved_orders: Dict[frozenset, Tuple[str, ...]] = {}
-        self._saved_orders_step = -1
+        # The bucket layouts a loaded checkpoint had (their keys in order) and the step they
+        # apply to: the first after ``load_state_dict`` (see ``regroup_for_step``), with the
+        # buckets held on that step.
+        self._saved_layouts: set = set()
+        self._saved_layouts_step = -1
         self._regroup: Optional[Regroup] = None
-        self._regroup_step = -1
 
         logger.info("DCTState: %s", self.config())
 
@@ -255,35 +254,24 @@ class DCTState:
                              f"{state.numel}")
         return state
 
-    def order_for(self, keys: List[str]) -> List[str]:
-        """The parameter order a new bucket layout of ``keys`` (in the bucket's order) uses.
-
-        The bucket's own order, except on the first step after ``load_state_dict``: a fresh
-        DDP runs its first iteration with its initial bucket order (registration order) and
-        only then rebuilds its buckets as the checkpointed run had them. A bucket holding the
-        same parameters as a layout of the checkpoint then takes that layout's order, so that
-        the step cuts the same reduce_scatter shards and an overflowing payload keeps the same
-        entries as the uninterrupted run did (the hook permutes the bucket into that order
-        and back, for that step only)."""
-        if self.step == self._saved_orders_step:
-            saved = self._saved_orders.get(frozenset(keys))
-            if saved is not None:
-                return list(saved)
-        return list(keys)
-
     def is_saved_layout(self, keys: List[str]) -> bool:
-        """Whether ``keys`` are the parameter set of a layout of the loaded checkpoint."""
-        return frozenset(keys) in self._saved_orders
+        """Whether ``keys`` (in order) are a bucket layout of the loaded checkpoint."""
+        return tuple(keys) in self._saved_layouts
 
     def regroup_for_step(self) -> Optional[Regroup]:
         """The held buckets of the first sparse step after ``load_state_dict`` (see
-        ``regroup``), None on any other step."""
-        if (self.step != self._saved_orders_step or not self._saved_orders
+        ``regroup``), None on any other step.
+
+        A fresh DDP runs its first iteration with its initial buckets (registration order) and
+        only then rebuilds them as the checkpointed run had them; the first step after the
+        load therefore steps the checkpoint's layouts, so that it cuts the same reduce_scatter
+        shards and an overflowing payload keeps the same entries as the uninterrupted run."""
+        if (self.step != self._saved_layouts_step or not self._saved_layouts
                 or self.step < self.warmup_steps):
             return None
-        if self._regroup is None or self._regroup_step != self.step:
-            saved = {key: keys for keys in self._saved_orders.values() for key in keys}
-            self._regroup, self._regroup_step = Regroup(saved), self.step
+        if self._regroup is None:
+            self._regroup = Regroup({key: keys for keys in self._saved_layouts
+                                     for key in keys})
         return self._regroup
 
     def adopt(self, layout: BucketLayout) -> None:
@@ -365,7 +353,7 @@ class DCTState:
                                                 "threshold_scale": fp32 [1] or None}}},
              "stats": {counter: int}, "layouts": [[key, ...], ...]}
 
-        "layouts" is the parameter order of each bucket layout (see ``order_for``).
+        "layouts" is the parameter order of each bucket layout (see ``regroup_for_step``).
         "excursion_streak", "count_average" and "threshold_scale" are the threshold rule's
         state (consecutive out-of-band steps of the bucket; the parameter's kept-count
         average and the scale ρ of its sampled τ, None before its first sparse step);
@@ -387,16 +375,16 @@ class DCTState:
                 "threshold": piece.threshold.detach().cpu().clone().reshape(1),
                 "refreshed_at": piece.refreshed_at, "refresh_pending": bool(piece.pending),
                 "excursion_streak": int(piece.streak.item()),
-                "count_average": _average_of(piece),
-                "threshold_scale": _average_of(piece, "scale")}
+                "count_average": _scalar_of(piece, "average"),
+                "threshold_scale": _scalar_of(piece, "scale")}
             params[key] = {"numel": state.numel,
                            "residual": state.residual.detach().cpu().clone().reshape(-1),
                            "threshold": state.threshold.detach().cpu().clone().reshape(1),
                            "refreshed_at": state.refreshed_at,
                            "refresh_pending": bool(state.pending),
                            "excursion_streak": int(state.streak.item()),
-                           "count_average": _average_of(state),
-                           "threshold_scale": _average_of(state, "scale"), "shard": shard}
+                           "count_average": _scalar_of(state, "average"),
+                           "threshold_scale": _scalar_of(state, "scale"), "shard": shard}
         return {"version": STATE_DICT_VERSION, "config": self.config(), "step": self.step,
                 "params": params, "stats": self.statistics.state_dict(),
                 "layouts": [list(layout.keys) for layout in self.layouts.values()
@@ -441,8 +429,8 @@ class DCTState:
                                    shard["residual"].to(torch.float32).reshape(-1).clone(),
                                    shard["threshold"].to(torch.float32).reshape(1).clone(),
                                    int(shard["refreshed_at"]), bool(shard["refresh_pending"]),
-                                   _streak(shard), _average(shard),
-                                   _average(shard, "threshold_scale"))
+                                   _streak(shard), _saved_scalar(shard, "count_average"),
+                                   _saved_scalar(shard, "threshold_scale"))
                 if piece.start < 0 or piece.start + piece.numel > numel:
                     raise ValueError(f"state_dict: parameter {key!r} has a shard piece "
                                      f"outside its {numel} elements")
@@ -450,7 +438,8 @@ class DCTState:
                                      entry["threshold"].to(torch.float32).reshape(1).clone(),
                                      int(entry["refreshed_at"]),
                                      bool(entry["refresh_pending"]), piece, _streak(entry),
-                                     _average(entry), _average(entry, "threshold_scale"))
+                                     _saved_scalar(entry, "count_average"),
+                                     _saved_scalar(entry, "threshold_scale"))
         # The layouts are rebuilt at the next step and adopt the loaded states.
         for state in self._states.values():
             state.owner, state.slot = None, -1
@@ -458,9 +447,8 @@ class DCTState:
         self.exchanges.clear()
         self._states.update(loaded)
         self.step = int(state_dict["step"])
-        self._saved_orders = {frozenset(keys): tuple(keys)
-                              for keys in state_dict.get("layouts", [])}
-        self._saved_orders_step = self.step
+        self._saved_layouts = {tuple(keys) for keys in state_dict.get("layouts", [])}
+        self._saved_layouts_step = self.step
         self._regroup = None
         self.statistics.load_state_dict(state_dict.get("stats", {}))
 
