@@ -17,6 +17,7 @@ Every all-reduce counts as a ring all-reduce of the tensor it moves, whatever it
 baselines' compression is measured against the same reference as DCT-DP's.
 """
 
+import contextlib
 import logging
 from typing import Dict, List, Sequence, Tuple
 
@@ -145,18 +146,26 @@ class PowerSGDTraffic(DenseTraffic):
         return out
 
 
+@contextlib.contextmanager
+def _quiet_powersgd_notes():
+    """torch's PowerSGD logs a note about the process group at every (un)pickling: keep it out
+    of every checkpoint's output."""
+    logger = logging.getLogger(powerSGD_hook.__name__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def powersgd_state_dict(state: powerSGD_hook.PowerSGDState) -> dict:
     """torch's own pickling state of a ``PowerSGDState`` (``__getstate__``: every slot but the
     process group: the error and P/Q memories per bucket index, the iteration, the RNG of the
     Q initialisation), its tensors copied to the CPU; torch's note that the process group is
     left out is not logged at every checkpoint."""
-    logger = logging.getLogger(powerSGD_hook.__name__)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
+    with _quiet_powersgd_notes():
         saved = state.__getstate__()
-    finally:
-        logger.setLevel(level)
     return {k: ({i: t.detach().cpu().clone() for i, t in v.items()}
                 if isinstance(v, dict) else v) for k, v in saved.items()}
 
@@ -166,13 +175,8 @@ def load_powersgd_state(state: powerSGD_hook.PowerSGDState, saved: dict,
     """Restore ``powersgd_state_dict`` into ``state`` through torch's ``__setstate__``,
     keeping ``state``'s process group, with the memories on ``device``."""
     group = state.process_group
-    logger = logging.getLogger(powerSGD_hook.__name__)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
+    with _quiet_powersgd_notes():
         state.__setstate__(saved)
-    finally:
-        logger.setLevel(level)
     state.process_group = group
     for memories in (state.error_dict, state.p_memory_dict, state.q_memory_dict):
         for i in list(memories):
