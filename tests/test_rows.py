@@ -59,6 +59,32 @@ def test_compress_rows_wide(backend_device, dtype):
     check_rows(backend, device, x, 1 + seed % 300, what="D=5000")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_compress_rows_rows_differ(backend_device, dtype):
+    """Consecutive rows of different kinds and scales: the cpu core starts each row's search
+    from the previous row's k-th magnitude, and must give the same exact result when that guess
+    fits (a row like the last), when fewer than k keys reach it (a row at a smaller scale) and
+    when far more than k do (a row at a larger scale, ties, zeros)."""
+    backend, device = backend_device
+    seed = seed_of("rows-differ", dtype)
+    rng = np.random.default_rng(seed)
+    columns = 150
+    plan = ["normal", "normal", "normal", "small", "normal", "large", "normal", "ties", "relu",
+            "relu", "specials", "normal", "equal", "normal", "narrow", "wide", "zero", "normal"]
+    rows = []
+    for i, kind in enumerate(plan):
+        base = "normal" if kind in ("small", "large", "relu", "zero") else kind
+        row = make_tensor(base, columns, torch.float32, seed + i)
+        if kind == "normal":  # one scale for the run of "normal" rows
+            row = row / row.abs().max()
+        row = {"small": row * 1e-3, "large": row * 1e3, "relu": row.clamp(min=0),
+               "zero": row * 0}.get(kind, row)
+        rows.append(row)
+    x = torch.stack(rows).to(dtype)
+    for k in (1, int(rng.integers(2, 20)), 40, columns):
+        check_rows(backend, device, x, k, what=f"k={k}")
+
+
 @pytest.mark.parametrize("columns,index_dtype", [(32768, torch.int16), (32769, torch.int32)],
                          ids=("D32768-int16", "D32769-int32"))
 def test_compress_rows_index_dtype(backend_device, columns, index_dtype):
