@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
+from . import codec
 from . import library
 from . import payload as wire
 from .backends import available_backends as _available_backends
@@ -65,13 +66,21 @@ def _check_capacity(capacity) -> int:
     return capacity
 
 
-def _check_value_dtype(value_dtype, x_dtype: torch.dtype) -> torch.dtype:
+def _check_value_dtype(value_dtype, x_dtype: torch.dtype, fp8: bool = False) -> torch.dtype:
     if value_dtype is None:
         return x_dtype
-    if value_dtype not in wire.VALUE_DTYPES:
-        raise TypeError(f"value_dtype: expected torch.float32, torch.float16 or torch.bfloat16, "
-                        f"got {value_dtype}")
+    allowed = wire.WIRE_VALUE_DTYPES if fp8 else wire.VALUE_DTYPES
+    if value_dtype not in allowed:
+        names = ("torch.float32, torch.float16, torch.bfloat16 or torch.float8_e4m3fn" if fp8
+                 else "torch.float32, torch.float16 or torch.bfloat16")
+        raise TypeError(f"value_dtype: expected {names}, got {value_dtype}")
     return value_dtype
+
+
+def _check_index_encoding(index_encoding) -> str:
+    if index_encoding not in wire.INDEX_ENCODINGS:
+        raise ValueError(f"index_encoding: expected 'int32' or 'delta', got {index_encoding!r}")
+    return index_encoding
 
 
 class Segments:
@@ -314,7 +323,7 @@ def select_threshold(x: torch.Tensor, k, *, segments: Optional[torch.Tensor] = N
 def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
              segments: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
              capacity: Optional[int] = None, value_dtype: Optional[torch.dtype] = None,
-             out: Optional[torch.Tensor] = None,
+             index_encoding: str = "int32", out: Optional[torch.Tensor] = None,
              backend: Optional[str] = None) -> SparsePayload:
     """Keep the entries of x (+ residual) whose magnitude reaches the threshold.
 
@@ -335,12 +344,26 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
             entries past the capacity stay in the residual and are counted in ``overflow``.
         value_dtype: wire dtype of the values (default x.dtype); fp16/bf16 saturate finite
             values at their largest finite value; every NaN is sent as the wire dtype's
-            canonical quiet NaN, so all backends write the same bytes.
+            canonical quiet NaN, so all backends write the same bytes. ``torch.float8_e4m3fn``
+            sends acc / 2^e_s rounded to fp8 with one power-of-two scale per segment, chosen so
+            that no value saturates (inf and NaN go as NaN); a value that rounds to +-0 is not
+            sent and stays in the residual. The error-feedback identity then holds for every
+            finite acc.
+        index_encoding: "int32" (format version 1 unless the values are fp8) or "delta":
+            uint16 gaps between kept indices, an escape slot per 65535 x M positions a gap
+            needs beyond 65535 (M = 256 with fp8 values, else 32768); an entry whose slots do
+            not all fit is cut with everything after it (overflow; it stays in the residual).
+            Either with fp8 values writes format version 2 (docs/design.md).
         segments: also a ``Segments`` object (offsets validated once, device offsets kept).
         out: optional 1-D contiguous uint8 tensor on x's device of exactly the wire size of
-            (capacity, value_dtype) — e.g. a row of a preallocated ``[W, nbytes]`` send
-            tensor: the payload is written there (zeroed, header, entries) and the returned
-            payload views it, so nothing is copied before a collective. Needs ``capacity``.
+            the configuration (``payload.wire_layout(capacity, value_dtype, index_encoding,
+            S)``, S the segments with fp8 values, else 0) — e.g. a row of a preallocated
+            ``[W, nbytes]`` send tensor: the payload is written there (zeroed, header,
+            entries) and the returned payload views it, so nothing is copied before a
+            collective. Needs ``capacity``.
+
+    With format version 2, capacity counts slots (escapes included) and ``capacity=None``
+    sizes the payload for every kept entry and its escapes.
 
     Returns:
         A ``SparsePayload``: kept indices ascending, in one wire buffer (``out`` when given).
@@ -353,10 +376,13 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
     _check_numel(x, "x")
     numel = x.numel()
     device = x.device
-    value_dtype = _check_value_dtype(value_dtype, x.dtype)
+    value_dtype = _check_value_dtype(value_dtype, x.dtype, fp8=True)
+    index_encoding = _check_index_encoding(index_encoding)
     segmented = segments is not None
     offsets = _check_segments(segments, numel) if segmented else _whole(numel)
     num_segments = len(offsets) - 1
+    version = wire.version_of(value_dtype, index_encoding)
+    num_scales = num_segments if value_dtype == wire.FLOAT8 else 0
     if capacity is not None:
         capacity = _check_capacity(capacity)
     if residual is not None:
@@ -378,11 +404,11 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
     if out is not None:
         if capacity is None:
             raise ValueError("out: needs a fixed capacity= (the buffer's size depends on it)")
-        needed = wire.layout(capacity, value_dtype)[1]
+        needed = wire.wire_layout(capacity, value_dtype, index_encoding, num_scales).nbytes
         if not isinstance(out, torch.Tensor) or out.dtype != torch.uint8 or out.dim() != 1 \
                 or out.numel() != needed:
             raise ValueError(f"out: expected a 1-D uint8 tensor of {needed} bytes (capacity "
-                             f"{capacity}, {value_dtype}), got "
+                             f"{capacity}, {value_dtype}, {index_encoding}), got "
                              f"{tuple(getattr(out, 'shape', ()))} {getattr(out, 'dtype', out)}")
         if out.device != device:
             raise ValueError(f"out: expected a tensor on {device} (like x), got {out.device}")
@@ -396,17 +422,21 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
     residual_flat = residual.detach().view(-1) if residual is not None else None
     if numel == 0:
         payload = wire.new_payload(0, capacity or 0, value_dtype, tuple(x.shape), x.dtype,
-                                   device)
+                                   device, index_encoding, num_scales)
         if out is not None:
             out.copy_(payload.buffer)
             payload = wire.SparsePayload(out, numel=0, capacity=capacity,
                                          value_dtype=value_dtype, shape=tuple(x.shape),
-                                         dtype=x.dtype)
+                                         dtype=x.dtype, index_encoding=index_encoding,
+                                         num_scales=num_scales)
         return payload
     if isinstance(segments, Segments) and segments.tensor.device == device:
         seg_dev = segments.tensor
     else:
         seg_dev = _device_offsets(offsets, device) if segmented else None
+    if version == 2:
+        return _compress_v2(impl, x, flat, thresholds, offsets, seg_dev, residual_flat,
+                            capacity, value_dtype, index_encoding, num_scales, out)
     if capacity is None:
         capacity = library.call_count_kept(impl, flat, thresholds, offsets, seg_dev,
                                            residual_flat)
@@ -421,6 +451,38 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
         payload = wire.new_payload(numel, capacity, value_dtype, tuple(x.shape), x.dtype,
                                    device)
     library.call_compress(impl, flat, thresholds, offsets, seg_dev, residual_flat, payload)
+    return payload
+
+
+def _compress_v2(impl, x, flat, thresholds, offsets, seg_dev, residual_flat, capacity,
+                 value_dtype, index_encoding, num_scales, out) -> SparsePayload:
+    """Format version 2: the backend's kernel writes the candidates as a version-1 payload
+    (fp32 values under fp8, so that they are exactly acc), ``codec.encode`` the rest."""
+    numel = flat.numel()
+    device = flat.device
+    candidate_dtype = torch.float32 if value_dtype == wire.FLOAT8 else value_dtype
+    kept = capacity
+    if kept is None:
+        kept = library.call_count_kept(impl, flat, thresholds, offsets, seg_dev, residual_flat)
+    candidates = wire.new_payload(numel, kept, candidate_dtype, (numel,), x.dtype, device)
+    library.call_compress(impl, flat, thresholds, offsets, seg_dev, residual_flat, candidates)
+    if capacity is None:  # every kept entry and its escapes (synchronizes, as documented)
+        capacity = kept + int(codec.escapes_needed(candidates, value_dtype, index_encoding))
+    if out is not None:
+        out.zero_()
+        out[:wire.HEADER_BYTES].view(torch.int32).copy_(
+            wire.header_tensor(numel, capacity, value_dtype, index_encoding, num_scales),
+            non_blocking=True)
+        payload = wire.SparsePayload(out, numel=numel, capacity=capacity,
+                                     value_dtype=value_dtype, shape=tuple(x.shape),
+                                     dtype=x.dtype, index_encoding=index_encoding,
+                                     num_scales=num_scales)
+    else:
+        payload = wire.new_payload(numel, capacity, value_dtype, tuple(x.shape), x.dtype,
+                                   device, index_encoding, num_scales)
+    if seg_dev is None and value_dtype == wire.FLOAT8:
+        seg_dev = _device_offsets(offsets, device)
+    codec.encode(candidates, payload, seg_dev, residual_flat)
     return payload
 
 
@@ -461,6 +523,12 @@ def decompress(payload: SparsePayload, *, out: Optional[torch.Tensor] = None,
     _check_out(out, payload.numel, device)
     counter = _errors_for(errors, device)
     impl = resolve(backend, device)
+    if payload.version == 2:
+        rows = _decode_v2(payload.buffer[None], payload.numel, payload.layout, validate,
+                          counter, "payload")
+        library.call_decompress(impl, out.view(-1), rows[0], payload.numel, payload.capacity,
+                                torch.float32, accumulate, _scratch_counter(device))
+        return out
     if validate:
         _raise_invalid(check_rows(payload.buffer[None], payload.numel, payload.capacity,
                                   payload.value_dtype), "payload")
@@ -469,37 +537,65 @@ def decompress(payload: SparsePayload, *, out: Optional[torch.Tensor] = None,
     return out
 
 
-def _buffers_config(buffers: torch.Tensor, capacity, value_dtype) -> Tuple[int, torch.dtype]:
-    """The rows' (capacity, value dtype): as given, or the one carried by most rows whose
-    headers describe a payload of this row size (the lowest rank's on a tie)."""
+def _scratch_counter(device: torch.device) -> torch.Tensor:
+    """A counter for the version-1 rows the codec builds (valid by construction)."""
+    return torch.zeros((), dtype=torch.int32, device=device)
+
+
+def _decode_v2(buffers: torch.Tensor, numel: int, where, validate: bool,
+               counter: torch.Tensor, name: str) -> torch.Tensor:
+    """Version-2 rows as version-1 rows with fp32 values: with ``validate`` a bad row raises
+    ValueError (synchronizes) before anything is written; otherwise what is bad is skipped and
+    counted in ``counter``."""
+    positions, decoded, ok, row_ok, errors = codec.decode(buffers, numel, where)
+    if validate:
+        if int(errors.sum()):
+            raise ValueError(f"{name}: invalid payload: {codec.describe_rows(row_ok, errors)}")
+    else:
+        counter.add_(errors.sum().to(torch.int32))
+    return codec.to_version1(buffers, numel, where, positions, decoded, ok)
+
+
+def _buffers_config(buffers: torch.Tensor, capacity, value_dtype, index_encoding,
+                    num_scales) -> wire.WireLayout:
+    """The rows' configuration: as given, or the one carried by most rows whose headers
+    describe a payload of this row size (the lowest rank's on a tie)."""
     nbytes = buffers.shape[1]
     if capacity is not None or value_dtype is not None:
         if capacity is None or value_dtype is None:
             raise ValueError("capacity, value_dtype: give both or neither")
         capacity = _check_capacity(capacity)
-        value_dtype = _check_value_dtype(value_dtype, torch.float32)
-        needed = wire.layout(capacity, value_dtype)[1]
-        if needed != nbytes:
+        value_dtype = _check_value_dtype(value_dtype, torch.float32, fp8=True)
+        index_encoding = _check_index_encoding(index_encoding or "int32")
+        if value_dtype == wire.FLOAT8:
+            num_scales = _check_int(num_scales, "num_scales") if num_scales is not None else 0
+            if num_scales < 1:
+                raise ValueError(f"num_scales: fp8 rows need the number of scale segments "
+                                 f"(>= 1), got {num_scales}")
+        elif num_scales:
+            raise ValueError(f"num_scales: only rows with fp8 values have scale segments, "
+                             f"got {num_scales}")
+        where = wire.wire_layout(capacity, value_dtype, index_encoding, num_scales or 0)
+        if where.nbytes != nbytes:
             raise ValueError(f"buffers: rows of {nbytes} bytes, but capacity {capacity} with "
-                             f"{value_dtype} needs {needed}")
-        return capacity, value_dtype
+                             f"{value_dtype} ({index_encoding}) needs {where.nbytes}")
+        return where
     # One copy of all the headers; a corrupted row is then one invalid row, whichever it is.
     headers = [wire.Header.parse(raw.tobytes())
                for raw in buffers[:, :wire.HEADER_BYTES].cpu().numpy()]
     votes = {}  # insertion-ordered: ties go to the lowest rank
     for header in headers:
         if not header.problems():
-            config = header.capacity, wire.dtype_of_code(header.value_code)
-            if wire.layout(*config)[1] == nbytes:
-                votes[config] = votes.get(config, 0) + 1
+            where = header.layout()
+            if where.nbytes == nbytes:
+                votes[where] = votes.get(where, 0) + 1
     if votes:
         return max(votes, key=votes.get)
     row0 = headers[0]
     why = "; ".join(row0.problems())
     if not why:
-        row0_dtype = wire.dtype_of_code(row0.value_code)
-        why = (f"capacity {row0.capacity} with {row0_dtype} needs "
-               f"{wire.layout(row0.capacity, row0_dtype)[1]} bytes")
+        why = (f"capacity {row0.capacity} with {row0.value_dtype} needs "
+               f"{row0.layout().nbytes} bytes")
     raise ValueError(f"buffers: no row is a dct_kernels payload in rows of {nbytes} bytes "
                      f"(row 0: {why}); pass capacity= and value_dtype= to decode them as "
                      "payloads of that configuration")
@@ -508,6 +604,7 @@ def _buffers_config(buffers: torch.Tensor, capacity, value_dtype) -> Tuple[int, 
 def decompress_many(buffers: torch.Tensor, *, out: torch.Tensor, accumulate: bool = False,
                     average: bool = False, validate: bool = True,
                     capacity: Optional[int] = None, value_dtype: Optional[torch.dtype] = None,
+                    index_encoding: Optional[str] = None, num_scales: Optional[int] = None,
                     errors: Optional[torch.Tensor] = None,
                     backend: Optional[str] = None) -> torch.Tensor:
     """Sum W gathered payloads into ``out``, in rank order, deterministically.
@@ -524,6 +621,8 @@ def decompress_many(buffers: torch.Tensor, *, out: torch.Tensor, accumulate: boo
             headers carry among those that describe a payload of the rows' size (one small
             device-to-host copy of the headers, which synchronizes; ValueError when no row
             does). Rows that differ, or whose numel is not out's, are invalid rows.
+        index_encoding, num_scales: with capacity and value_dtype, the rest of a format-2
+            configuration (default "int32"; num_scales, the scale segments, for fp8 values).
 
     The sum is ``0 + d_0 + d_1 + ... + d_{W-1}`` in fp32 (d_w the dense tensor of row w; a sum
     of zeros is +0), then ``/ W`` with ``average`` (IEEE division), then added to out in fp32
@@ -545,9 +644,15 @@ def decompress_many(buffers: torch.Tensor, *, out: torch.Tensor, accumulate: boo
     device = buffers.device
     _check_out(out, out.numel(), device)
     buffers = buffers.contiguous()
-    capacity, value_dtype = _buffers_config(buffers, capacity, value_dtype)
+    where = _buffers_config(buffers, capacity, value_dtype, index_encoding, num_scales)
+    capacity, value_dtype = where.capacity, where.value_dtype
     counter = _errors_for(errors, device)
     impl = resolve(backend, device)
+    if where.version == 2:
+        rows = _decode_v2(buffers, out.numel(), where, validate, counter, "buffers")
+        library.call_decompress_many(impl, out.view(-1), rows, capacity, torch.float32,
+                                     accumulate, average, _scratch_counter(device))
+        return out
     if validate:
         _raise_invalid(check_rows(buffers, out.numel(), capacity, value_dtype), "buffers")
     library.call_decompress_many(impl, out.view(-1), buffers, capacity, value_dtype,

@@ -19,9 +19,18 @@ bytes  field
        the buffer ends at the next multiple of 16 after them
 ====== =====================================================================
 
+Version 2 (written for ``index_encoding="delta"`` or fp8 values; version-1 configurations are
+still written as version 1) keeps the header, with byte 6 also 3 = float8_e4m3fn, byte 7 also
+1 = delta16, and bytes 28-31 the number S of scale segments (S >= 1 with fp8 values, else 0).
+After the header: S + 1 int32 segment offsets and S fp32 scales (fp8 only), then the index
+field from the next multiple of 16 (int32 indices or uint16 delta codes), then the values from
+the next multiple of 16; the buffer ends at the next multiple of 16. ``dct_kernels.codec``
+encodes and decodes it; the compiled cores see version 1 only.
+
 This module is the one Python definition of that layout (docs/design.md#wire-format), used
 by every Python backend and the Triton kernels; ``csrc/wire_format.h`` is the one C++
-definition, and tests/test_payload.py checks that the two agree.
+definition (of version 1, the only one the compiled cores read), and tests/test_payload.py
+checks that the two agree.
 """
 
 from __future__ import annotations
@@ -69,15 +78,82 @@ _DTYPE_OF = {code: dtype for dtype, code in _CODE_OF.items()}
 
 MAX_NUMEL = 2**31 - 1  # indices are int32
 
+# Version 2 (see the module docstring and dct_kernels.codec).
+FORMAT_VERSION_2 = 2
+WORD_SCALES = WORD_RESERVED   # v2: S, the number of scale segments
+FLOAT8 = torch.float8_e4m3fn
+CODE_FLOAT8_E4M3FN = 3
+INDEX_CODE_DELTA16 = 1
+INDEX_ENCODINGS = ("int32", "delta")
+_INDEX_CODE_OF = {"int32": INDEX_CODE_INT32, "delta": INDEX_CODE_DELTA16}
+WIRE_VALUE_DTYPES = VALUE_DTYPES + (FLOAT8,)
+_WIRE_DTYPE_OF = {**_DTYPE_OF, CODE_FLOAT8_E4M3FN: FLOAT8}
+
 
 def value_code(dtype: torch.dtype) -> int:
-    """The wire's code for a value dtype (0 fp32, 1 fp16, 2 bf16)."""
-    return _CODE_OF[dtype]
+    """The wire's code for a value dtype (0 fp32, 1 fp16, 2 bf16, 3 float8_e4m3fn)."""
+    return CODE_FLOAT8_E4M3FN if dtype == FLOAT8 else _CODE_OF[dtype]
 
 
 def dtype_of_code(code: int) -> torch.dtype:
     """The value dtype of a wire code (KeyError for an unknown code)."""
-    return _DTYPE_OF[code]
+    return _WIRE_DTYPE_OF[code]
+
+
+def index_code(index_encoding: str) -> int:
+    """The wire's code for an index encoding (0 "int32", 1 "delta")."""
+    return _INDEX_CODE_OF[index_encoding]
+
+
+def index_encoding_of_code(code: int) -> str:
+    """The index encoding of a wire code (KeyError for an unknown code)."""
+    return INDEX_ENCODINGS[code] if 0 <= code < len(INDEX_ENCODINGS) else {}[code]
+
+
+def version_of(value_dtype: torch.dtype, index_encoding: str = "int32") -> int:
+    """The format version a configuration is written in: 1 for int32 indices with fp32, fp16
+    or bf16 values (byte for byte as before version 2 existed), else 2."""
+    return 1 if index_encoding == "int32" and value_dtype != FLOAT8 else FORMAT_VERSION_2
+
+
+@dataclass(frozen=True)
+class WireLayout:
+    """Where the fields of a wire buffer lie (byte offsets) and its size, for one
+    configuration: ``capacity`` slots, ``value_dtype``, ``index_encoding`` and ``num_scales``
+    (S, the scale segments of fp8 values; 0 otherwise)."""
+
+    capacity: int
+    value_dtype: torch.dtype
+    index_encoding: str
+    num_scales: int
+    version: int
+    bounds_offset: int    # S + 1 int32 segment offsets (version 2 with fp8 values)
+    scales_offset: int    # S fp32 scales
+    indices_offset: int   # int32 indices or uint16 delta codes
+    values_offset: int
+    nbytes: int
+
+    @property
+    def index_bytes(self) -> int:
+        return 2 if self.index_encoding == "delta" else 4
+
+
+def wire_layout(capacity: int, value_dtype: torch.dtype, index_encoding: str = "int32",
+                num_scales: int = 0) -> WireLayout:
+    """The layout of a payload of ``capacity`` slots in any format version."""
+    version = version_of(value_dtype, index_encoding)
+    if version == 1:
+        values_offset, nbytes = layout(capacity, value_dtype)
+        return WireLayout(capacity, value_dtype, index_encoding, 0, 1, HEADER_BYTES,
+                          HEADER_BYTES, HEADER_BYTES, values_offset, nbytes)
+    bounds_offset = HEADER_BYTES
+    scales_offset = bounds_offset + 4 * (num_scales + 1 if num_scales else 0)
+    indices_offset = _round_up(scales_offset + 4 * num_scales, ALIGN_BYTES)
+    index_bytes = 2 if index_encoding == "delta" else 4
+    values_offset = _round_up(indices_offset + index_bytes * capacity, ALIGN_BYTES)
+    nbytes = _round_up(values_offset + value_dtype.itemsize * capacity, ALIGN_BYTES)
+    return WireLayout(capacity, value_dtype, index_encoding, num_scales, version,
+                      bounds_offset, scales_offset, indices_offset, values_offset, nbytes)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -91,11 +167,12 @@ def layout(capacity: int, value_dtype: torch.dtype) -> Tuple[int, int]:
                                     ALIGN_BYTES)
 
 
-def version_codes_word(value_dtype: torch.dtype) -> int:
+def version_codes_word(value_dtype: torch.dtype, index_encoding: str = "int32") -> int:
     """Header word WORD_VERSION_CODES: version (uint16) | value code << 16 | index code << 24
     (fits int32)."""
-    return (FORMAT_VERSION | (value_code(value_dtype) << VALUE_CODE_SHIFT)
-            | (INDEX_CODE_INT32 << INDEX_CODE_SHIFT))
+    return (version_of(value_dtype, index_encoding)
+            | (value_code(value_dtype) << VALUE_CODE_SHIFT)
+            | (index_code(index_encoding) << INDEX_CODE_SHIFT))
 
 
 def _as_int32(value: int) -> int:
@@ -103,14 +180,16 @@ def _as_int32(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-def header_words(numel: int, capacity: int, value_dtype: torch.dtype) -> list:
+def header_words(numel: int, capacity: int, value_dtype: torch.dtype,
+                 index_encoding: str = "int32", num_scales: int = 0) -> list:
     """The header as HEADER_WORDS int32 words (in WORD_* order), with count = overflow = 0."""
     words = [0] * HEADER_WORDS
     words[WORD_MAGIC] = MAGIC_WORD
-    words[WORD_VERSION_CODES] = version_codes_word(value_dtype)
+    words[WORD_VERSION_CODES] = version_codes_word(value_dtype, index_encoding)
     words[WORD_NUMEL_LOW] = _as_int32(numel)
     words[WORD_NUMEL_HIGH] = _as_int32(numel >> 32)
     words[WORD_CAPACITY] = capacity
+    words[WORD_SCALES] = num_scales
     return words
 
 
@@ -126,29 +205,58 @@ class Header:
     capacity: int
     count: int
     overflow: int
+    num_scales: int = 0   # bytes 28-31: S in version 2 (reserved in version 1)
 
     @staticmethod
     def parse(raw: bytes) -> "Header":
-        magic, version, vcode, icode, numel, capacity, count, overflow, _ = struct.unpack(
+        magic, version, vcode, icode, numel, capacity, count, overflow, scales = struct.unpack(
             "<4sHBBqiiii", raw[:HEADER_BYTES])
-        return Header(magic, version, vcode, icode, numel, capacity, count, overflow)
+        return Header(magic, version, vcode, icode, numel, capacity, count, overflow, scales)
 
     def problems(self) -> list:
-        """Why this header cannot describe a payload of this format (empty when it can)."""
+        """Why this header cannot describe a payload of either format version (empty when it
+        can)."""
         out = []
         if self.magic != MAGIC:
             out.append(f"magic {self.magic!r} != {MAGIC!r}")
-        if self.version != FORMAT_VERSION:
-            out.append(f"format version {self.version} != {FORMAT_VERSION}")
-        if self.value_code not in _DTYPE_OF:
-            out.append(f"unknown value dtype code {self.value_code}")
-        if self.index_code != INDEX_CODE_INT32:
-            out.append(f"unknown index dtype code {self.index_code}")
+        if self.version == FORMAT_VERSION:
+            if self.value_code not in _DTYPE_OF:
+                out.append(f"unknown value dtype code {self.value_code}")
+            if self.index_code != INDEX_CODE_INT32:
+                out.append(f"unknown index dtype code {self.index_code}")
+        elif self.version == FORMAT_VERSION_2:
+            if self.value_code not in _WIRE_DTYPE_OF:
+                out.append(f"unknown value dtype code {self.value_code}")
+            if self.index_code not in (INDEX_CODE_INT32, INDEX_CODE_DELTA16):
+                out.append(f"unknown index dtype code {self.index_code}")
+            if not out:
+                fp8 = self.value_code == CODE_FLOAT8_E4M3FN
+                if version_of(self.value_dtype, self.index_encoding) != FORMAT_VERSION_2:
+                    out.append("format version 2 for a version-1 configuration")
+                if fp8 and not 1 <= self.num_scales <= MAX_NUMEL:
+                    out.append(f"{self.num_scales} scale segments (fp8 values need >= 1)")
+                if not fp8 and self.num_scales != 0:
+                    out.append(f"{self.num_scales} scale segments without fp8 values")
+        else:
+            out.append(f"format version {self.version} not in (1, 2)")
         if not 0 <= self.numel <= MAX_NUMEL:
             out.append(f"numel {self.numel} outside [0, 2^31)")
         if self.capacity < 0:
             out.append(f"negative capacity {self.capacity}")
         return out
+
+    @property
+    def value_dtype(self) -> torch.dtype:
+        return dtype_of_code(self.value_code)
+
+    @property
+    def index_encoding(self) -> str:
+        return index_encoding_of_code(self.index_code)
+
+    def layout(self) -> WireLayout:
+        """The layout this (problem-free) header describes."""
+        return wire_layout(self.capacity, self.value_dtype, self.index_encoding,
+                           self.num_scales if self.version == FORMAT_VERSION_2 else 0)
 
 
 class SparsePayload:
@@ -157,18 +265,25 @@ class SparsePayload:
     Attributes:
         buffer: the contiguous uint8 wire buffer (header, indices, values); send it as is.
         indices: int32 ``[capacity]`` view of the buffer, positions in the flattened tensor,
-            strictly ascending over the first ``count`` slots.
+            strictly ascending over the first ``count`` slots (int32 index encoding only; a
+            delta-coded payload has ``codes`` instead; ``codec.entries`` decodes either).
+        codes: uint16 ``[capacity]`` view of a delta-coded payload's index field.
         values: ``[capacity]`` view of the buffer in the wire dtype (``value_dtype``).
-        count, overflow: 0-d int32 views of the buffer's header, written on the device.
+        scales, scale_offsets: fp32 ``[S]`` and int32 ``[S + 1]`` views (fp8 values only).
+        count, overflow: 0-d int32 views of the buffer's header, written on the device
+            (count: slots used, escapes of the delta code included).
         numel, shape, dtype: the dense tensor that ``decompress`` rebuilds.
-        capacity, value_dtype: the size and value type of the wire format.
+        capacity, value_dtype, index_encoding, num_scales: the wire configuration
+            (``version`` 1 or 2 follows from it).
 
     Slots at or past ``count`` are unspecified (``compress`` zeroes them).
     """
 
     def __init__(self, buffer: torch.Tensor, *, numel: int, capacity: int,
-                 value_dtype: torch.dtype, shape: Tuple[int, ...], dtype: torch.dtype):
-        values_offset, nbytes = layout(capacity, value_dtype)
+                 value_dtype: torch.dtype, shape: Tuple[int, ...], dtype: torch.dtype,
+                 index_encoding: str = "int32", num_scales: int = 0):
+        where = wire_layout(capacity, value_dtype, index_encoding, num_scales)
+        nbytes = where.nbytes
         if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() != nbytes:
             raise ValueError(
                 f"buffer: expected a 1-D uint8 tensor of {nbytes} bytes for capacity {capacity} "
@@ -179,19 +294,44 @@ class SparsePayload:
         self.numel = int(numel)
         self.capacity = int(capacity)
         self.value_dtype = value_dtype
+        self.index_encoding = index_encoding
+        self.num_scales = int(num_scales)
+        self.version = where.version
         self.shape = tuple(int(s) for s in shape)
         self.dtype = dtype
-        self._values_offset = values_offset
+        self.layout = where
+        self._values_offset = where.values_offset
 
     @property
     def indices(self) -> torch.Tensor:
-        end = HEADER_BYTES + INDEX_BYTES * self.capacity
-        return self.buffer[HEADER_BYTES:end].view(torch.int32)
+        if self.index_encoding != "int32":
+            raise ValueError("indices: a delta-coded payload has codes, not indices; "
+                             "dct_kernels.codec.entries decodes its positions")
+        start = self.layout.indices_offset
+        return self.buffer[start:start + INDEX_BYTES * self.capacity].view(torch.int32)
+
+    @property
+    def codes(self) -> torch.Tensor:
+        if self.index_encoding != "delta":
+            raise ValueError("codes: only a delta-coded payload has codes")
+        start = self.layout.indices_offset
+        return self.buffer[start:start + 2 * self.capacity].view(torch.uint16)
 
     @property
     def values(self) -> torch.Tensor:
         end = self._values_offset + self.value_dtype.itemsize * self.capacity
         return self.buffer[self._values_offset:end].view(self.value_dtype)
+
+    @property
+    def scales(self) -> torch.Tensor:
+        start = self.layout.scales_offset
+        return self.buffer[start:start + 4 * self.num_scales].view(torch.float32)
+
+    @property
+    def scale_offsets(self) -> torch.Tensor:
+        start = self.layout.bounds_offset
+        n = self.num_scales + 1 if self.num_scales else 0
+        return self.buffer[start:start + 4 * n].view(torch.int32)
 
     @property
     def count(self) -> torch.Tensor:
@@ -208,13 +348,13 @@ class SparsePayload:
     @staticmethod
     def from_buffer(buffer: torch.Tensor, shape: Optional[Tuple[int, ...]] = None,
                     dtype: Optional[torch.dtype] = None) -> "SparsePayload":
-        """View a received wire buffer as a payload.
+        """View a received wire buffer (either format version) as a payload.
 
         Reads the 32-byte header to the host (a device-to-host copy, so it synchronizes with
         the buffer's stream). ``shape`` defaults to ``(numel,)`` and ``dtype`` (of the dense
-        tensor) to the value dtype. Raises ValueError when the header is not of this format or
-        does not match the buffer's size or ``shape``. Counts and indices are not checked here;
-        ``decompress`` checks them.
+        tensor) to the value dtype (fp32 for fp8 values). Raises ValueError when the header is
+        not of this format or does not match the buffer's size or ``shape``. Counts, indices
+        and scales are not checked here; ``decompress`` checks them.
         """
         if not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8 or buffer.dim() != 1:
             raise ValueError("buffer: expected a 1-D uint8 tensor (a wire buffer)")
@@ -225,11 +365,11 @@ class SparsePayload:
         problems = header.problems()
         if problems:
             raise ValueError("buffer: not a dct_kernels payload: " + "; ".join(problems))
-        value_dtype = dtype_of_code(header.value_code)
-        _, nbytes = layout(header.capacity, value_dtype)
-        if nbytes != buffer.numel():
-            raise ValueError(f"buffer: header says capacity {header.capacity} ({nbytes} bytes) "
-                             f"but the buffer has {buffer.numel()} bytes")
+        value_dtype = header.value_dtype
+        where = header.layout()
+        if where.nbytes != buffer.numel():
+            raise ValueError(f"buffer: header says capacity {header.capacity} "
+                             f"({where.nbytes} bytes) but the buffer has {buffer.numel()} bytes")
         if shape is None:
             shape = (header.numel,)
         shape = tuple(int(s) for s in shape)
@@ -241,15 +381,18 @@ class SparsePayload:
         if n != header.numel:
             raise ValueError(f"shape: {shape} has {n} elements, the payload has {header.numel}")
         if dtype is None:
-            dtype = value_dtype
+            dtype = torch.float32 if value_dtype == FLOAT8 else value_dtype
         if dtype not in VALUE_DTYPES:
             raise TypeError(f"dtype: expected one of fp32, fp16, bf16, got {dtype}")
         return SparsePayload(buffer.contiguous(), numel=header.numel, capacity=header.capacity,
-                             value_dtype=value_dtype, shape=shape, dtype=dtype)
+                             value_dtype=value_dtype, shape=shape, dtype=dtype,
+                             index_encoding=where.index_encoding, num_scales=where.num_scales)
 
     def __repr__(self) -> str:
+        extra = "" if self.version == 1 else \
+            f", index_encoding={self.index_encoding!r}, num_scales={self.num_scales}"
         return (f"SparsePayload(numel={self.numel}, capacity={self.capacity}, "
-                f"value_dtype={self.value_dtype}, shape={self.shape}, dtype={self.dtype}, "
+                f"value_dtype={self.value_dtype}{extra}, shape={self.shape}, dtype={self.dtype}, "
                 f"nbytes={self.nbytes}, device={self.buffer.device})")
 
 
@@ -257,31 +400,37 @@ _TEMPLATE_BYTES = 1 << 16  # buffers up to this size are cloned from a cached te
 
 
 @functools.lru_cache(maxsize=256)
-def _header_tensor(numel: int, capacity: int, value_dtype: torch.dtype) -> torch.Tensor:
+def _header_tensor(numel: int, capacity: int, value_dtype: torch.dtype,
+                   index_encoding: str = "int32", num_scales: int = 0) -> torch.Tensor:
     with torch.inference_mode(False):
-        return torch.tensor(header_words(numel, capacity, value_dtype), dtype=torch.int32)
+        return torch.tensor(header_words(numel, capacity, value_dtype, index_encoding,
+                                         num_scales), dtype=torch.int32)
 
 
-def header_tensor(numel: int, capacity: int, value_dtype: torch.dtype) -> torch.Tensor:
+def header_tensor(numel: int, capacity: int, value_dtype: torch.dtype,
+                  index_encoding: str = "int32", num_scales: int = 0) -> torch.Tensor:
     """The header as a host int32 tensor of HEADER_WORDS words (count = overflow = 0); cached,
     so do not write to it (a fresh one while torch.compile traces)."""
     if torch.compiler.is_compiling():
-        return torch.tensor(header_words(numel, capacity, value_dtype), dtype=torch.int32)
-    return _header_tensor(numel, capacity, value_dtype)
+        return torch.tensor(header_words(numel, capacity, value_dtype, index_encoding,
+                                         num_scales), dtype=torch.int32)
+    return _header_tensor(numel, capacity, value_dtype, index_encoding, num_scales)
 
 
 @functools.lru_cache(maxsize=64)
 def _template(numel: int, capacity: int, value_dtype: torch.dtype, nbytes: int,
-              device: torch.device) -> torch.Tensor:
+              device: torch.device, index_encoding: str = "int32",
+              num_scales: int = 0) -> torch.Tensor:
     with torch.inference_mode(False):
         buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        buffer[:HEADER_BYTES].view(torch.int32).copy_(_header_tensor(numel, capacity,
-                                                                     value_dtype))
+        buffer[:HEADER_BYTES].view(torch.int32).copy_(
+            _header_tensor(numel, capacity, value_dtype, index_encoding, num_scales))
         return buffer
 
 
 def new_payload(numel: int, capacity: int, value_dtype: torch.dtype, shape, dtype,
-                device: torch.device) -> SparsePayload:
+                device: torch.device, index_encoding: str = "int32",
+                num_scales: int = 0) -> SparsePayload:
     """A zeroed wire buffer with its header written (count = overflow = 0).
 
     The header travels with a non-blocking host-to-device copy, so no host synchronization.
@@ -289,15 +438,18 @@ def new_payload(numel: int, capacity: int, value_dtype: torch.dtype, shape, dtyp
     every compress call, where the separate zeroing, header tensor and header copy cost more
     than a small CPU kernel).
     """
-    _, nbytes = layout(capacity, value_dtype)
+    nbytes = wire_layout(capacity, value_dtype, index_encoding, num_scales).nbytes
     if nbytes <= _TEMPLATE_BYTES and not torch.compiler.is_compiling():
-        buffer = _template(numel, capacity, value_dtype, nbytes, torch.device(device)).clone()
+        buffer = _template(numel, capacity, value_dtype, nbytes, torch.device(device),
+                           index_encoding, num_scales).clone()
     else:
         buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         buffer[:HEADER_BYTES].view(torch.int32).copy_(
-            header_tensor(numel, capacity, value_dtype), non_blocking=True)
+            header_tensor(numel, capacity, value_dtype, index_encoding, num_scales),
+            non_blocking=True)
     return SparsePayload(buffer, numel=numel, capacity=capacity, value_dtype=value_dtype,
-                         shape=shape, dtype=dtype)
+                         shape=shape, dtype=dtype, index_encoding=index_encoding,
+                         num_scales=num_scales)
 
 
 @dataclass
