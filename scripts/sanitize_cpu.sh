@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the cpu backend (dct_kernels._cpu) with AddressSanitizer and UndefinedBehaviorSanitizer
-# into a temporary directory and runs the corrupted-payload tests, the cpu backend's own tests
-# and the row ops' tests on it there: every out-of-bounds access, use after free or undefined operation aborts
+# into a temporary directory and runs the corrupted-payload tests (format versions 1 and 2), the
+# cpu backend's own tests and the row ops' tests on it there: every out-of-bounds access, use after free or undefined operation aborts
 # the run with a report. The installed package is left alone.
 #
 #   bash scripts/sanitize_cpu.sh [extra pytest arguments]
@@ -42,5 +42,5 @@ LD_PRELOAD="$PRELOAD" PYTHONPATH="$WORK/pkg" "$PYTHON" -c \
 LD_PRELOAD="$PRELOAD" PYTHONPATH="$WORK/pkg" "$PYTHON" -m pytest -q -p no:cacheprovider \
   --rootdir "$ROOT" "$ROOT/tests/test_errors.py" "$ROOT/tests/test_decompress.py" \
   "$ROOT/tests/test_decompress_many.py" "$ROOT/tests/test_payload.py" \
-  "$ROOT/tests/test_cpu_backend.py" "$ROOT/tests/test_rows.py" \
+  "$ROOT/tests/test_cpu_backend.py" "$ROOT/tests/test_rows.py" "$ROOT/tests/test_codec.py" \
   -k "not triton and not torch-cpu" "$@"
