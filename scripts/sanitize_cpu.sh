@@ -2,7 +2,8 @@
 # Builds the cpu backend (dct_kernels._cpu) with AddressSanitizer and UndefinedBehaviorSanitizer
 # into a temporary directory and runs the corrupted-payload tests (format versions 1 and 2), the
 # cpu backend's own tests and the row ops' tests on it there: every out-of-bounds access, use
-# after free or undefined operation aborts the run with a report. The installed package is left alone.
+# after free or undefined operation aborts the run with a report. The installed package is left
+# alone.
 #
 #   bash scripts/sanitize_cpu.sh [extra pytest arguments]
 #
