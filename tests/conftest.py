@@ -6,6 +6,7 @@ be set before the kernels are decorated, i.e. before dct_kernels' Triton backend
 With a GPU they run compiled on CUDA tensors, and the torch reference runs on both devices.
 """
 
+import importlib.util
 import os
 
 import torch
@@ -84,3 +85,12 @@ def backend_device(request):
         yield backend, device
     finally:
         torch.set_num_threads(before)
+
+
+# tests/torchrec/ needs TorchRec, whose kernels load only against their own torch release: it
+# runs in its own environment (scripts/check_torchrec.sh), and is not collected without it.
+# (With tests/ on sys.path that folder is itself a namespace package "torchrec", which has no
+# origin; the library is a regular package and wins over it where it is installed.)
+_TORCHREC = importlib.util.find_spec("torchrec")
+if _TORCHREC is None or _TORCHREC.origin is None:
+    collect_ignore = ["torchrec"]
