@@ -66,12 +66,12 @@ def powers_of_two(exponents: torch.Tensor) -> torch.Tensor:
 
 
 def escapes_needed(candidates: SparsePayload, value_dtype: torch.dtype,
-                   index_encoding: str) -> torch.Tensor:
+                   index_encoding: str, position_offset: int = 0) -> torch.Tensor:
     """0-d int64 on the device: the escape slots the candidates' gaps need if every one of them
     is sent (an upper bound when fp8 drops some: merging two gaps never needs more slots)."""
     if index_encoding != "delta" or candidates.capacity == 0:
         return torch.zeros((), dtype=torch.int64, device=candidates.buffer.device)
-    index = candidates.indices.to(torch.int64)
+    index = candidates.indices.to(torch.int64) + position_offset
     valid = torch.arange(candidates.capacity, device=index.device) < candidates.count
     previous = running_highest(index[None], valid[None])[1][0]
     quotient = torch.where(valid, (index - previous - 1) // ESCAPE_STEP, torch.zeros_like(index))
@@ -107,19 +107,21 @@ def _write_header_counts(buffer: torch.Tensor, count: torch.Tensor,
 
 
 def encode(candidates: SparsePayload, out: SparsePayload, offsets: Optional[torch.Tensor],
-           residual: Optional[torch.Tensor]) -> None:
+           residual: Optional[torch.Tensor], position_offset: int = 0) -> None:
     """Write the version-2 payload ``out`` (zeroed, header written) from ``candidates``, the
-    version-1 payload a compress kernel wrote with out's capacity (fp32 values when out's are
-    fp8, else out's value dtype), and fix the residual up for what was rounded or cut.
+    version-1 payload a compress kernel wrote (fp32 values when out's are fp8, else out's
+    value dtype; its indices + ``position_offset`` are out's positions), and fix the residual
+    (of the candidates' tensor) up for what was rounded or cut.
 
-    ``offsets``: int64 [S + 1] segment offsets on the device (out.num_scales = S), needed for
-    fp8. No host synchronization.
+    ``offsets``: int64 [S + 1] scale-segment offsets over out's positions on the device
+    (out.num_scales = S), needed for fp8. No host synchronization.
     """
     device = out.buffer.device
     capacity = candidates.capacity
     fp8 = out.value_dtype == wire.FLOAT8
     delta = out.index_encoding == "delta"
-    index = candidates.indices.to(torch.int64)
+    local = candidates.indices.to(torch.int64)
+    index = local + position_offset
     value = candidates.values
     slot = torch.arange(capacity, device=device)
     valid = slot < candidates.count
@@ -185,7 +187,7 @@ def encode(candidates: SparsePayload, out: SparsePayload, offsets: Optional[torc
 
     if residual is not None and capacity:
         # Candidates hold acc (fp32 on the wire) or a value whose v1 residual completes it.
-        current = residual.gather(0, index)
+        current = residual.gather(0, local)
         if fp8:
             sent = torch.where(finite, value - decoded, torch.zeros_like(value))
             fixed = torch.where(fits, sent, value)
@@ -195,7 +197,7 @@ def encode(candidates: SparsePayload, out: SparsePayload, offsets: Optional[torc
         # Slots past the count point at the last candidate with its own value, so the scatter
         # writes each position with one value only (deterministic, no host sync).
         last = (candidates.count.to(torch.int64) - 1).clamp(min=0)
-        target = torch.where(valid, index, index[last])
+        target = torch.where(valid, local, local[last])
         residual.scatter_(0, target, torch.where(valid, fixed, fixed[last]))
 
 
@@ -244,7 +246,7 @@ def decode(buffers: torch.Tensor, numel: int, where: wire.WireLayout):
                      & (exponent - 1 >= MIN_SCALE_EXPONENT)
                      & (exponent - 1 <= MAX_SCALE_EXPONENT)).all(dim=1)
         bounds_ok = (bounds[:, 0] == 0) & (bounds[:, -1] == numel) & \
-            (bounds[:, 1:] > bounds[:, :-1]).all(dim=1)
+            (bounds[:, 1:] >= bounds[:, :-1]).all(dim=1)
         row_ok &= scales_ok & bounds_ok
     errors = (~row_ok).to(torch.int64) + (row_ok & ~count_ok).to(torch.int64)
     count = torch.where(row_ok, count, torch.zeros_like(count))
@@ -322,6 +324,24 @@ def describe_rows(row_ok: torch.Tensor, errors: torch.Tensor) -> str:
                              "out of range, dangling escape)")
              for w, ok, e in bad[:4]]
     return ", ".join(parts) + (" ..." if len(bad) > 4 else "")
+
+
+def row_positions(rows: torch.Tensor, where: wire.WireLayout):
+    """(positions int64 [W, capacity], sent bool [W, capacity]) of trusted rows of one
+    configuration (this rank's own send rows; the numel in each header may differ), without
+    the checks of ``decode``. No host synchronization."""
+    count = rows[:, :wire.HEADER_BYTES].contiguous().view(torch.int32)[:, wire.WORD_COUNT]
+    field, values = _row_fields(rows, where)
+    slot = torch.arange(where.capacity, device=rows.device)
+    used = slot[None, :] < count.to(torch.int64)[:, None]
+    if where.index_encoding == "delta":
+        is_entry = field != 0
+        step = torch.where(is_entry, field, ESCAPE_STEP * (_value_field_bits(values) + 1))
+        positions = torch.cumsum(torch.where(used, step, torch.zeros_like(step)), dim=1) - 1
+        sent = used & is_entry
+    else:
+        positions, sent = field, used
+    return torch.where(sent, positions, torch.full_like(positions, -1)), sent
 
 
 def entries(payload: SparsePayload) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

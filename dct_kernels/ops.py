@@ -9,6 +9,7 @@ Every op takes ``backend=None`` ("cuda", "triton", "cpu" or "torch"; see
 Semantics are identical on every backend; docs/design.md#op-semantics is the contract.
 """
 
+import functools
 import numbers
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -323,7 +324,9 @@ def select_threshold(x: torch.Tensor, k, *, segments: Optional[torch.Tensor] = N
 def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
              segments: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
              capacity: Optional[int] = None, value_dtype: Optional[torch.dtype] = None,
-             index_encoding: str = "int32", out: Optional[torch.Tensor] = None,
+             index_encoding: str = "int32", position_offset: int = 0,
+             total_numel: Optional[int] = None, scale_offsets: Optional[List[int]] = None,
+             out: Optional[torch.Tensor] = None,
              backend: Optional[str] = None) -> SparsePayload:
     """Keep the entries of x (+ residual) whose magnitude reaches the threshold.
 
@@ -355,6 +358,15 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
             not all fit is cut with everything after it (overflow; it stays in the residual).
             Either with fp8 values writes format version 2 (docs/design.md).
         segments: also a ``Segments`` object (offsets validated once, device offsets kept).
+        position_offset, total_numel: x is the range [position_offset, position_offset +
+            x.numel()) of a tensor of ``total_numel`` elements (default: x itself), and the
+            payload describes that tensor: positions are written as index + position_offset
+            and the header's numel is total_numel (so W payloads of disjoint ranges decode
+            with ``decompress_many`` into one tensor).
+        scale_offsets: fp8 values only: the scale segments, a list of S+1 ints rising (not
+            necessarily strictly) from 0 to total_numel; default: the segments (shifted by
+            position_offset, with the parts of the tensor before and after x as segments of
+            their own). A fixed S keeps a payload's size the same whatever x covers.
         out: optional 1-D contiguous uint8 tensor on x's device of exactly the wire size of
             the configuration (``payload.wire_layout(capacity, value_dtype, index_encoding,
             S)``, S the segments with fp8 values, else 0) — e.g. a row of a preallocated
@@ -382,7 +394,18 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
     offsets = _check_segments(segments, numel) if segmented else _whole(numel)
     num_segments = len(offsets) - 1
     version = wire.version_of(value_dtype, index_encoding)
-    num_scales = num_segments if value_dtype == wire.FLOAT8 else 0
+    position_offset = _check_int(position_offset, "position_offset")
+    total = numel + position_offset if total_numel is None else \
+        _check_int(total_numel, "total_numel")
+    if position_offset < 0 or position_offset + numel > total or total > wire.MAX_NUMEL:
+        raise ValueError(f"position_offset, total_numel: x's {numel} elements from "
+                         f"{position_offset} must lie within [0, total_numel = {total}), "
+                         f"total_numel < 2^31")
+    if value_dtype == wire.FLOAT8:
+        scale_offsets = _check_scale_offsets(scale_offsets, offsets, position_offset, total)
+    elif scale_offsets is not None:
+        raise ValueError("scale_offsets: only fp8 values have scale segments")
+    num_scales = len(scale_offsets) - 1 if value_dtype == wire.FLOAT8 else 0
     if capacity is not None:
         capacity = _check_capacity(capacity)
     if residual is not None:
@@ -420,13 +443,16 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
     thresholds = _thresholds(threshold, num_segments, device)
     flat = x.detach().contiguous().view(-1)
     residual_flat = residual.detach().view(-1) if residual is not None else None
+    shape = tuple(x.shape) if total == numel else (total,)
     if numel == 0:
-        payload = wire.new_payload(0, capacity or 0, value_dtype, tuple(x.shape), x.dtype,
+        payload = wire.new_payload(total, capacity or 0, value_dtype, shape, x.dtype,
                                    device, index_encoding, num_scales)
+        if value_dtype == wire.FLOAT8:
+            payload.scale_offsets.copy_(torch.tensor(scale_offsets, dtype=torch.int32))
         if out is not None:
             out.copy_(payload.buffer)
-            payload = wire.SparsePayload(out, numel=0, capacity=capacity,
-                                         value_dtype=value_dtype, shape=tuple(x.shape),
+            payload = wire.SparsePayload(out, numel=total, capacity=capacity,
+                                         value_dtype=value_dtype, shape=shape,
                                          dtype=x.dtype, index_encoding=index_encoding,
                                          num_scales=num_scales)
         return payload
@@ -436,7 +462,8 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
         seg_dev = _device_offsets(offsets, device) if segmented else None
     if version == 2:
         return _compress_v2(impl, x, flat, thresholds, offsets, seg_dev, residual_flat,
-                            capacity, value_dtype, index_encoding, num_scales, out)
+                            capacity, value_dtype, index_encoding, scale_offsets,
+                            position_offset, total, shape, out)
     if capacity is None:
         capacity = library.call_count_kept(impl, flat, thresholds, offsets, seg_dev,
                                            residual_flat)
@@ -451,39 +478,90 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
         payload = wire.new_payload(numel, capacity, value_dtype, tuple(x.shape), x.dtype,
                                    device)
     library.call_compress(impl, flat, thresholds, offsets, seg_dev, residual_flat, payload)
+    if total != numel:
+        payload = _as_range(payload, position_offset, total, shape)
     return payload
 
 
+def _as_range(payload: SparsePayload, position_offset: int, total: int,
+              shape) -> SparsePayload:
+    """A version-1 payload of x as one of the whole tensor: indices += position_offset (every
+    slot: those past the count are unspecified anyway) and the header's numel := total."""
+    words = wire.header_tensor(total, payload.capacity, payload.value_dtype)
+    head = payload.buffer[:wire.HEADER_BYTES].view(torch.int32)
+    head[wire.WORD_NUMEL_LOW:wire.WORD_NUMEL_HIGH + 1].copy_(
+        words[wire.WORD_NUMEL_LOW:wire.WORD_NUMEL_HIGH + 1], non_blocking=True)
+    if position_offset:
+        payload.indices.add_(position_offset)
+    return wire.SparsePayload(payload.buffer, numel=total, capacity=payload.capacity,
+                              value_dtype=payload.value_dtype, shape=shape,
+                              dtype=payload.dtype)
+
+
+def _check_scale_offsets(scale_offsets, offsets: List[int], position_offset: int,
+                         total: int) -> List[int]:
+    """fp8 scale segments: as given (checked) or from the segments over the whole tensor."""
+    if scale_offsets is None:
+        bounds = sorted(set([0] + [position_offset + o for o in offsets] + [total]))
+        return bounds if len(bounds) > 1 else [0, 0]
+    if not isinstance(scale_offsets, (list, tuple)) or \
+            any(isinstance(o, bool) or not isinstance(o, numbers.Integral)
+                for o in scale_offsets):
+        raise TypeError("scale_offsets: expected a list of int offsets")
+    bounds = [int(o) for o in scale_offsets]
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total or \
+            any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"scale_offsets: expected S+1 >= 2 offsets rising from 0 to "
+                         f"total_numel = {total}, got {bounds[:4]}...")
+    return bounds
+
+
 def _compress_v2(impl, x, flat, thresholds, offsets, seg_dev, residual_flat, capacity,
-                 value_dtype, index_encoding, num_scales, out) -> SparsePayload:
+                 value_dtype, index_encoding, scale_offsets, position_offset, total, shape,
+                 out) -> SparsePayload:
     """Format version 2: the backend's kernel writes the candidates as a version-1 payload
     (fp32 values under fp8, so that they are exactly acc), ``codec.encode`` the rest."""
     numel = flat.numel()
     device = flat.device
-    candidate_dtype = torch.float32 if value_dtype == wire.FLOAT8 else value_dtype
+    fp8 = value_dtype == wire.FLOAT8
+    num_scales = len(scale_offsets) - 1 if fp8 else 0
+    candidate_dtype = torch.float32 if fp8 else value_dtype
     kept = capacity
     if kept is None:
         kept = library.call_count_kept(impl, flat, thresholds, offsets, seg_dev, residual_flat)
     candidates = wire.new_payload(numel, kept, candidate_dtype, (numel,), x.dtype, device)
     library.call_compress(impl, flat, thresholds, offsets, seg_dev, residual_flat, candidates)
     if capacity is None:  # every kept entry and its escapes (synchronizes, as documented)
-        capacity = kept + int(codec.escapes_needed(candidates, value_dtype, index_encoding))
+        capacity = kept + int(codec.escapes_needed(candidates, value_dtype, index_encoding,
+                                                   position_offset))
     if out is not None:
         out.zero_()
         out[:wire.HEADER_BYTES].view(torch.int32).copy_(
-            wire.header_tensor(numel, capacity, value_dtype, index_encoding, num_scales),
+            wire.header_tensor(total, capacity, value_dtype, index_encoding, num_scales),
             non_blocking=True)
-        payload = wire.SparsePayload(out, numel=numel, capacity=capacity,
-                                     value_dtype=value_dtype, shape=tuple(x.shape),
-                                     dtype=x.dtype, index_encoding=index_encoding,
-                                     num_scales=num_scales)
+        payload = wire.SparsePayload(out, numel=total, capacity=capacity,
+                                     value_dtype=value_dtype, shape=shape, dtype=x.dtype,
+                                     index_encoding=index_encoding, num_scales=num_scales)
     else:
-        payload = wire.new_payload(numel, capacity, value_dtype, tuple(x.shape), x.dtype,
-                                   device, index_encoding, num_scales)
-    if seg_dev is None and value_dtype == wire.FLOAT8:
-        seg_dev = _device_offsets(offsets, device)
-    codec.encode(candidates, payload, seg_dev, residual_flat)
+        payload = wire.new_payload(total, capacity, value_dtype, shape, x.dtype, device,
+                                   index_encoding, num_scales)
+    bounds = _scale_tensor(tuple(scale_offsets), device) if fp8 else None
+    codec.encode(candidates, payload, bounds, residual_flat, position_offset)
     return payload
+
+
+@functools.lru_cache(maxsize=256)
+def _scale_tensor_cached(bounds: tuple, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return torch.tensor(bounds, dtype=torch.int64).to(device)
+
+
+def _scale_tensor(bounds: tuple, device: torch.device) -> torch.Tensor:
+    """The scale segments as an int64 device tensor, cached (the hook passes the same ones
+    every step)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(bounds, dtype=torch.int64).to(device)
+    return _scale_tensor_cached(bounds, torch.device(device))
 
 
 def _raise_invalid(check, name: str) -> None:

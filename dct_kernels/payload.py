@@ -425,7 +425,22 @@ def _template(numel: int, capacity: int, value_dtype: torch.dtype, nbytes: int,
         buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         buffer[:HEADER_BYTES].view(torch.int32).copy_(
             _header_tensor(numel, capacity, value_dtype, index_encoding, num_scales))
+        _neutral_scales(buffer, numel, capacity, value_dtype, index_encoding, num_scales)
         return buffer
+
+
+def _neutral_scales(buffer: torch.Tensor, numel: int, capacity: int, value_dtype: torch.dtype,
+                    index_encoding: str, num_scales: int) -> None:
+    """A fresh fp8 buffer's scale section: one segment covering everything, the others empty
+    (offsets 0, ..., 0, numel), every scale 1, so that even an empty payload decodes."""
+    if not num_scales:
+        return
+    where = wire_layout(capacity, value_dtype, index_encoding, num_scales)
+    bounds = [0] * num_scales + [numel]
+    buffer[where.bounds_offset:where.scales_offset].view(torch.int32).copy_(
+        torch.tensor(bounds, dtype=torch.int32), non_blocking=True)
+    buffer[where.scales_offset:where.scales_offset + 4 * num_scales].view(
+        torch.float32).fill_(1.0)
 
 
 def new_payload(numel: int, capacity: int, value_dtype: torch.dtype, shape, dtype,
@@ -447,6 +462,7 @@ def new_payload(numel: int, capacity: int, value_dtype: torch.dtype, shape, dtyp
         buffer[:HEADER_BYTES].view(torch.int32).copy_(
             header_tensor(numel, capacity, value_dtype, index_encoding, num_scales),
             non_blocking=True)
+        _neutral_scales(buffer, numel, capacity, value_dtype, index_encoding, num_scales)
     return SparsePayload(buffer, numel=numel, capacity=capacity, value_dtype=value_dtype,
                          shape=shape, dtype=dtype, index_encoding=index_encoding,
                          num_scales=num_scales)

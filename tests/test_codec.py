@@ -350,3 +350,57 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="num_scales"):
         dct_kernels.decompress_many(p.buffer[None], out=torch.zeros(100), capacity=10,
                                     value_dtype=FP8)
+
+
+@pytest.mark.parametrize("config", CONFIGS + [(torch.bfloat16, "int32")],
+                         ids=CONFIG_IDS + ["bf16-int32"])
+def test_a_range_of_a_larger_tensor(backend_device, config):
+    """position_offset/total_numel: the payload of x describes the larger tensor (positions
+    shifted, numel the total), entries and residual as for x alone; padded scale segments
+    (empty ones) decode; disjoint ranges decode together with decompress_many."""
+    backend, device = backend_device
+    value_dtype, encoding = config
+    seed = seed_of("codec-range", value_dtype, encoding)
+    total, cut = 9000, 4000
+    full = make_tensor("normal", total, torch.float32, seed)
+    threshold = float(oracle.kth_largest_magnitude(full, 200))
+    fp8 = value_dtype == FP8
+    rows = []
+    for lo, hi in ((0, cut), (cut, total)):
+        extra = {"scale_offsets": [0, lo, (lo + hi) // 2, hi, total, total]} if fp8 else {}
+        alone, r_alone = run(backend, device, full[lo:hi], threshold,
+                             residual=torch.zeros(hi - lo), capacity=150,
+                             value_dtype=value_dtype, index_encoding=encoding)
+        residual = torch.zeros(hi - lo, device=device)
+        p = dct_kernels.compress(full[lo:hi].to(device), threshold, residual=residual,
+                                 capacity=150, value_dtype=value_dtype, index_encoding=encoding,
+                                 position_offset=lo, total_numel=total, backend=backend, **extra)
+        assert p.numel == total and p.shape == (total,)
+        pos, val, sent = codec.entries(p)
+        pos_a, val_a, sent_a = codec.entries(alone)
+        assert (pos[sent] - lo).tolist() == pos_a[sent_a].tolist()
+        if not fp8:  # (fp8 scales may differ: other segments)
+            assert_bitwise_equal(val[sent].cpu(), val_a[sent_a].cpu(), "values")
+            assert_bitwise_equal(residual.cpu(), r_alone.cpu(), "residual")
+        rows.append(p.buffer)
+    if fp8:
+        return  # the two ranges' payloads have their own scale layouts
+    out = torch.zeros(total, device=device)
+    dct_kernels.decompress_many(torch.stack(rows), out=out, backend=backend)
+    keep = full.abs() >= threshold
+    assert torch.equal((out.cpu() != 0), keep & (full != 0))
+
+
+def test_range_arguments_are_checked():
+    x = torch.randn(100)
+    with pytest.raises(ValueError, match="position_offset"):
+        dct_kernels.compress(x, 0.5, capacity=10, position_offset=-1)
+    with pytest.raises(ValueError, match="total_numel"):
+        dct_kernels.compress(x, 0.5, capacity=10, position_offset=50, total_numel=120)
+    with pytest.raises(ValueError, match="scale_offsets"):
+        dct_kernels.compress(x, 0.5, capacity=10, value_dtype=FP8, scale_offsets=[0, 50, 90])
+    with pytest.raises(ValueError, match="scale_offsets"):
+        dct_kernels.compress(x, 0.5, capacity=10, value_dtype=FP8,
+                             scale_offsets=[0, 60, 50, 100])
+    with pytest.raises(ValueError, match="scale_offsets"):
+        dct_kernels.compress(x, 0.5, capacity=10, scale_offsets=[0, 100])

@@ -47,14 +47,17 @@ class AllGatherExchange:
         layout = self.layout
         payload = ops.compress(buffer, layout.thresholds, segments=layout.segments,
                                residual=layout.residual, capacity=self.capacity,
-                               value_dtype=self.value_dtype, out=self.send,
+                               value_dtype=self.value_dtype,
+                               index_encoding=layout.index_encoding, out=self.send,
                                backend=self.backend)
         rows, gathered = collectives.all_gather_rows_async(self.send, self.group)
 
         def finish():
             ops.decompress_many(rows, out=buffer, average=True, validate=self.validate,
                                 capacity=self.capacity, value_dtype=payload.value_dtype,
-                                errors=self.errors, backend=self.backend)
+                                index_encoding=payload.index_encoding,
+                                num_scales=payload.num_scales or None, errors=self.errors,
+                                backend=self.backend)
             return buffer
 
         return after([gathered], finish, buffer.device), payload

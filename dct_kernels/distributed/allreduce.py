@@ -10,7 +10,7 @@ from .. import ops
 from .. import payload as wire
 from ..payload import SparsePayload
 from . import collectives, sizing
-from .reduce_scatter import rebase, write_empty
+from .reduce_scatter import write_empty
 
 __all__ = ["sparse_all_reduce"]
 
@@ -184,9 +184,9 @@ def _reduce_scatter(tensor, threshold, *, capacity, residual, segments, value_dt
         payload = ops.compress(total, level2,
                                residual=None if shard_residual is None
                                else shard_residual.view(-1)[lo:hi],
-                               capacity=row_capacity, value_dtype=value_dtype, out=own,
+                               capacity=row_capacity, value_dtype=value_dtype,
+                               position_offset=lo, total_numel=numel, out=own,
                                backend=backend)
-        rebase(own, lo, numel, row_capacity)
         payload = wire.SparsePayload(own, numel=numel, capacity=row_capacity,
                                      value_dtype=value_dtype, shape=(numel,),
                                      dtype=tensor.dtype)

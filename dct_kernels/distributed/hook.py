@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .. import ops
+from .. import codec, ops
 from .. import payload as wire
 from . import collectives, fingerprint
 from .allgather import AllGatherExchange
@@ -189,7 +189,8 @@ def _layout_of(state: DCTState, bucket) -> BucketLayout:
                               band=state.refresh_band, patience=state.refresh_patience,
                               dtype=buffer.dtype,
                               device=buffer.device, world=world, rank=dist.get_rank(group),
-                              value_dtype=state.value_dtype, exchange=state.exchange)
+                              value_dtype=state.value_dtype,
+                              index_encoding=state.index_encoding, exchange=state.exchange)
         fingerprint.verify_across_ranks(
             state.fingerprint(layout), group, buffer.device,
             f"bucket of {len(params)} parameters, {buffer.numel()} elements")
@@ -324,9 +325,8 @@ def _record_sparse(state: DCTState, layout: BucketLayout, exchange, sent) -> Non
         # allgather capacity would also have had does.
         overflowed = count + overflow > layout.capacity
     else:
-        slots = layout.slot_index(sent.capacity)
-        positions, valid = sent.indices, slots < sent.count
-        count, overflow = sent.count, sent.overflow
+        positions, _, valid = codec.entries(sent)
+        count, overflow = valid.sum(), sent.overflow
         overflowed = overflow > 0
     layout.rule.step(layout.thresholds, positions, valid, overflowed, capped)
     stats = state.statistics
@@ -343,10 +343,9 @@ def _record_shard(state: DCTState, layout: BucketLayout, payload: wire.SparsePay
     """After stage 2 of reduce_scatter: the threshold rule on the shard payload corrects τ'
     and stages its flags; statistics."""
     shard = layout.shard
-    slots = layout.slot_index(payload.capacity)
-    shard.rule.step(shard.thresholds, payload.indices, slots < payload.count,
-                    payload.overflow > 0)
-    state.statistics.add_device(shard_kept=payload.count, shard_overflow=payload.overflow)
+    positions, _, valid = codec.entries(payload)  # bucket positions: the shard's from start
+    shard.rule.step(shard.thresholds, positions - shard.start, valid, payload.overflow > 0)
+    state.statistics.add_device(shard_kept=valid.sum(), shard_overflow=payload.overflow)
 
 
 # ----------------------------------------------------------------- the step's issue order

@@ -93,7 +93,8 @@ class BucketLayout:
                  ratio: float, capacity_factor: float, band: tuple, patience: int = 32,
                  dtype: torch.dtype,
                  device: torch.device, world: int = 1, rank: int = 0,
-                 value_dtype: Optional[torch.dtype] = None, exchange: str = "allgather"):
+                 value_dtype: Optional[torch.dtype] = None, index_encoding: str = "int32",
+                 exchange: str = "allgather"):
         self.keys = keys
         self.numels = numels
         self._slots = {}
@@ -102,10 +103,12 @@ class BucketLayout:
         self.device = device
         self.world, self.rank = world, rank
         self.value_dtype = value_dtype or dtype
+        self.index_encoding = index_encoding
         self.numel = sum(numels)
         self.plan: Plan = make_plan(numels, sparse, ratio=ratio,
                                     capacity_factor=capacity_factor, world=world,
-                                    dtype=dtype, value_dtype=self.value_dtype)
+                                    dtype=dtype, value_dtype=self.value_dtype,
+                                    index_encoding=index_encoding)
         self.exchange = self.plan.choose(exchange)
         offsets = [0]
         for n in numels:

@@ -13,7 +13,7 @@ every rank, fixed per bucket layout, balanced by the kept-count targets k_p). Pe
    feedback, which rank s owns) against τ' (per piece of a parameter in the shard: the k-th
    largest of the piece's sum + residual, k the piece's share of k_p, refreshed on the same
    schedule and band as τ_p and estimated by the same rule in between), keeps the rest in
-   the shard residual, and rebases the payload's indices to bucket positions.
+   the shard residual, and writes the payload in bucket positions (``position_offset``).
 3. One all-gather of the W shard payloads; ``decompress_many(average=True)`` of the W disjoint
    shards gives every rank the whole bucket, divided by W, bitwise the same everywhere.
 
@@ -26,30 +26,30 @@ of stage 3 runs in the all-gather's callback.
 
 import torch
 
-from .. import ops
+from .. import codec, ops
 from .. import payload as wire
 from . import collectives
 from .futures import new_future
 
-_NUMEL_WORDS = slice(2, 4)  # header words 2-3: numel (int64), see payload.header_words
-
-
-def rebase(buffer: torch.Tensor, start: int, numel: int, capacity: int) -> None:
-    """Turn a wire buffer of a range's payload into one of the whole tensor: indices += start
-    and the header's numel := ``numel`` (count, overflow and values are left as they are)."""
-    words = torch.tensor(wire.header_words(numel, capacity, torch.float32)[_NUMEL_WORDS],
-                         dtype=torch.int32)
-    buffer[8:16].view(torch.int32).copy_(words, non_blocking=True)
-    if start:
-        buffer[wire.HEADER_BYTES:wire.HEADER_BYTES + 4 * capacity].view(torch.int32).add_(start)
-
 
 def write_empty(buffer: torch.Tensor, numel: int, capacity: int,
-                value_dtype: torch.dtype) -> None:
+                value_dtype: torch.dtype, index_encoding: str = "int32",
+                num_scales: int = 0) -> None:
     """An empty payload (count 0) of ``capacity`` slots for a tensor of ``numel`` elements."""
-    buffer.zero_()
-    words = torch.tensor(wire.header_words(numel, capacity, value_dtype), dtype=torch.int32)
-    buffer[:wire.HEADER_BYTES].view(torch.int32).copy_(words, non_blocking=True)
+    if wire.version_of(value_dtype, index_encoding) == 1:
+        buffer.zero_()
+        words = torch.tensor(wire.header_words(numel, capacity, value_dtype),
+                             dtype=torch.int32)
+        buffer[:wire.HEADER_BYTES].view(torch.int32).copy_(words, non_blocking=True)
+        return
+    buffer.copy_(wire.new_payload(numel, capacity, value_dtype, (numel,), torch.float32,
+                                  buffer.device, index_encoding, num_scales).buffer)
+
+
+def padded(bounds, length: int, total: int):
+    """Scale-segment offsets padded to ``length`` entries with ``total`` (empty segments), so
+    that every row of an exchange has the same size."""
+    return list(bounds) + [total] * (length - len(bounds))
 
 
 def row_fields(rows: torch.Tensor, capacity: int):
@@ -89,6 +89,24 @@ class ReduceScatterExchange:
         self.own = torch.zeros(row, dtype=torch.uint8, device=device)
         self.gathered = torch.zeros(world, row, dtype=torch.uint8, device=device)
         self.sum = torch.zeros(self.shard.numel, dtype=torch.float32, device=device)
+        self.index_encoding = layout.index_encoding
+        self.num_scales = layout.plan.shard_scales
+        self.version = wire.version_of(value_dtype, self.index_encoding)
+        self.row_layout = wire.wire_layout(self.capacity, value_dtype, self.index_encoding,
+                                           self.num_scales)
+        cuts, numel = layout.plan.cuts, layout.numel
+        # Version 2 with fp8: every row's scale segments, padded to one count. Stage-1 rows
+        # describe their shard; stage-2 payloads the whole bucket (positions from the shard's
+        # start, so no rebase).
+        fp8 = value_dtype == wire.FLOAT8
+        self.stage1_scales = [
+            padded(segments.offsets, self.num_scales + 1, cuts[s + 1] - cuts[s])
+            if fp8 and segments is not None else None
+            for s, segments in enumerate(self.shard.all_segments)]
+        own = self.shard.segments
+        self.stage2_scales = padded(
+            [0] + [self.shard.start + o for o in own.offsets] + [numel],
+            self.num_scales + 1, numel) if fp8 and own is not None else None
         bounds = self.shard.piece_bounds
         # The stage-1 row of every piece (for the band's "row overflowed" mask).
         self.piece_rows = torch.tensor([s for s in range(world)
@@ -109,23 +127,29 @@ class ReduceScatterExchange:
         for s, segments in enumerate(shard.all_segments):
             lo, hi = cuts[s], cuts[s + 1]
             if segments is None:
-                write_empty(self.send[s], 0, self.capacity, value_dtype)
+                write_empty(self.send[s], 0, self.capacity, value_dtype, self.index_encoding,
+                            self.num_scales)
                 continue
             ops.compress(buffer[lo:hi], taus[shard.piece_bounds[s]:shard.piece_bounds[s + 1]],
                          segments=segments, residual=layout.residual[lo:hi],
-                         capacity=self.capacity, value_dtype=value_dtype, out=self.send[s],
+                         capacity=self.capacity, value_dtype=value_dtype,
+                         index_encoding=self.index_encoding,
+                         scale_offsets=self.stage1_scales[s], out=self.send[s],
                          backend=self.backend)
 
     def stage2(self, refresh: bool) -> None:
         """Sum this rank's shard over the ranks, add the shard residual, threshold at τ'
-        (recomputed first when ``refresh``), rebase to bucket positions into ``own``."""
+        (recomputed first when ``refresh``), into ``own`` in bucket positions."""
         layout, shard = self.layout, self.shard
         if shard.segments is None:
-            write_empty(self.own, layout.numel, self.capacity, self.value_dtype)
+            write_empty(self.own, layout.numel, self.capacity, self.value_dtype,
+                        self.index_encoding, self.num_scales)
             return
         ops.decompress_many(self.recv, out=self.sum, validate=self.validate,
                             capacity=self.capacity, value_dtype=self.value_dtype,
-                            errors=self.errors, backend=self.backend)
+                            index_encoding=self.index_encoding,
+                            num_scales=self.num_scales or None, errors=self.errors,
+                            backend=self.backend)
         if refresh:
             acc = self.sum + shard.residual
             shard.rule.refresh(shard.thresholds,
@@ -135,10 +159,12 @@ class ReduceScatterExchange:
             shard.rule.estimate(shard.thresholds, self.sum, shard.residual, self.backend)
         payload = ops.compress(self.sum, shard.thresholds, segments=shard.segments,
                                residual=shard.residual, capacity=self.capacity,
-                               value_dtype=self.value_dtype, out=self.own,
+                               value_dtype=self.value_dtype,
+                               index_encoding=self.index_encoding,
+                               position_offset=shard.start, total_numel=layout.numel,
+                               scale_offsets=self.stage2_scales, out=self.own,
                                backend=self.backend)
         self.on_shard(payload, refresh)
-        rebase(self.own, shard.start, layout.numel, self.capacity)
 
     def start(self, buffer: torch.Tensor, order, refresh_due):
         device = buffer.device
@@ -161,8 +187,10 @@ class ReduceScatterExchange:
                     gathered.wait()
                     ops.decompress_many(self.gathered, out=buffer, average=True,
                                         validate=self.validate, capacity=self.capacity,
-                                        value_dtype=self.value_dtype, errors=self.errors,
-                                        backend=self.backend)
+                                        value_dtype=self.value_dtype,
+                                        index_encoding=self.index_encoding,
+                                        num_scales=self.num_scales or None,
+                                        errors=self.errors, backend=self.backend)
                     result.set_result(buffer)
                 except Exception as error:
                     result.set_exception(error)
@@ -184,6 +212,11 @@ class ReduceScatterExchange:
     def stage1_positions(self):
         """(bucket positions int64 [W, capacity], valid bool [W, capacity], count [W],
         overflow [W]) of the rows this rank sent in stage 1."""
+        if self.version == 2:
+            local, valid = codec.row_positions(self.send, self.row_layout)
+            overflow = self.send[:, 24:28].view(torch.int32)[:, 0]
+            positions = local + self.shard.cut_starts[:, None]
+            return positions, valid, valid.sum(dim=1), overflow
         indices, count, overflow = row_fields(self.send, self.capacity)
         positions = indices.to(torch.int64) + self.shard.cut_starts[:, None]
         slots = self.layout.slot_index(self.capacity)

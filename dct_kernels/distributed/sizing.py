@@ -47,9 +47,11 @@ def piece_k(k: int, numel: int, length: int) -> int:
     return min(length, max(1, math.ceil(k * length / numel)))
 
 
-def wire_bytes(capacity: int, value_dtype: torch.dtype) -> int:
-    """Size of one wire buffer of ``capacity`` slots (header, indices, values, padding)."""
-    return wire.layout(capacity, value_dtype)[1]
+def wire_bytes(capacity: int, value_dtype: torch.dtype, index_encoding: str = "int32",
+               num_scales: int = 0) -> int:
+    """Size of one wire buffer of ``capacity`` slots (header, scales, indices, values,
+    padding), in either format version."""
+    return wire.wire_layout(capacity, value_dtype, index_encoding, num_scales).nbytes
 
 
 def ring_bytes(nbytes: int, world: int) -> Tuple[float, float]:
@@ -131,7 +133,8 @@ class Plan:
         cuts, shards: the reduce_scatter shards and their pieces.
         shard_capacity: slots of every reduce_scatter row (the largest shard's share sum), the
             same for the W rows of stage 1 and the W shard payloads of stage 3.
-        value_dtype: the wire dtype.
+        value_dtype, index_encoding: the wire format (version 2 for fp8 or "delta").
+        num_params: the bucket's parameters (fp8 scale segments of an allgather payload).
     """
     world: int
     numel: int
@@ -143,14 +146,32 @@ class Plan:
     shards: Tuple[Tuple[Piece, ...], ...]
     shard_capacity: int
     value_dtype: torch.dtype
+    index_encoding: str = "int32"
+    num_params: int = 1
+
+    @property
+    def allgather_scales(self) -> int:
+        """Scale segments of an allgather payload (fp8 values): one per parameter."""
+        return self.num_params if self.value_dtype == wire.FLOAT8 else 0
+
+    @property
+    def shard_scales(self) -> int:
+        """Scale segments of every reduce_scatter row (fp8 values): the most pieces a shard
+        has, plus the parts of the bucket before and after a shard (stage 3 payloads describe
+        the whole bucket), so that all rows have one size."""
+        if self.value_dtype != wire.FLOAT8:
+            return 0
+        return max(len(pieces) for pieces in self.shards) + 2
 
     @property
     def allgather_row_bytes(self) -> int:
-        return wire_bytes(self.capacity, self.value_dtype)
+        return wire_bytes(self.capacity, self.value_dtype, self.index_encoding,
+                          self.allgather_scales)
 
     @property
     def shard_row_bytes(self) -> int:
-        return wire_bytes(self.shard_capacity, self.value_dtype)
+        return wire_bytes(self.shard_capacity, self.value_dtype, self.index_encoding,
+                          self.shard_scales)
 
     def dense_part(self) -> Tuple[float, float]:
         """(sent, received) of the small parameters' all-reduce (0 when there are none)."""
@@ -190,9 +211,10 @@ class Plan:
 
 def plan(numels: Sequence[int], sparse: Sequence[bool], *, ratio: float,
          capacity_factor: float, world: int, dtype: torch.dtype,
-         value_dtype: torch.dtype) -> Plan:
+         value_dtype: torch.dtype, index_encoding: str = "int32") -> Plan:
     """The ``Plan`` of a bucket of parameters of ``numels`` elements (``sparse[i]``: at least
-    min_numel elements), gradient dtype ``dtype`` and wire dtype ``value_dtype``."""
+    min_numel elements), gradient dtype ``dtype`` and wire format (``value_dtype``,
+    ``index_encoding``)."""
     offsets = [0]
     for n in numels:
         offsets.append(offsets[-1] + n)
@@ -207,4 +229,5 @@ def plan(numels: Sequence[int], sparse: Sequence[bool], *, ratio: float,
                 dense_numel=dense_numel, dense_bytes=dense_numel * itemsize,
                 capacity=capacity, cuts=tuple(cuts),
                 shards=tuple(tuple(p) for p in shards), shard_capacity=shard_capacity,
-                value_dtype=value_dtype)
+                value_dtype=value_dtype, index_encoding=index_encoding,
+                num_params=len(numels))

@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 STATE_DICT_VERSION = 2
 _CONFIG_FIELDS = ("ratio", "refresh_every", "warmup_steps", "capacity_factor", "min_numel",
-                  "value_dtype", "refresh_band", "refresh_patience", "exchange")
+                  "value_dtype", "index_encoding", "refresh_band", "refresh_patience",
+                  "exchange")
 
 
 def _check_number(value, name: str, integral: bool, minimum=None) -> None:
@@ -55,7 +56,7 @@ def _scalar_of(state, attribute: str) -> Optional[torch.Tensor]:
 
 
 def _dtype_code(dtype: Optional[torch.dtype]) -> int:
-    return wire.value_code(dtype) if dtype in wire.VALUE_DTYPES else -1
+    return wire.value_code(dtype) if dtype in wire.WIRE_VALUE_DTYPES else -1
 
 
 class DCTState:
@@ -81,8 +82,13 @@ class DCTState:
         min_numel: parameters with fewer elements are sent dense, in one batched all-reduce per
             bucket (>= 0).
         value_dtype: wire dtype of the sent values: None (the gradient's dtype), torch.float32,
-            torch.float16 or torch.bfloat16. fp16/bf16 saturate finite values; the rounding
-            error stays in the residual.
+            torch.float16, torch.bfloat16 or torch.float8_e4m3fn (one power-of-two scale per
+            parameter, chosen so that nothing saturates; see docs/design.md, "Wire format
+            version 2"). fp16/bf16 saturate finite values; the rounding error stays in the
+            residual.
+        index_encoding: "int32" (default) or "delta": uint16 gaps between the kept positions
+            (with escapes for gaps beyond 65535), half the index bytes. With fp8 values and
+            "delta" a kept entry costs 3 bytes on the wire instead of 6 (int32 + bf16).
         refresh_band: (low, high) with 0 <= low <= 1 <= high: a parameter's step is out of
             its band when its kept count falls below low x k while its τ is above 2^-149, or
             rises above high x k, or the bucket's payload overflowed. high=None means
@@ -119,7 +125,7 @@ class DCTState:
 
     def __init__(self, process_group=None, *, ratio: float = 0.01, refresh_every: int = 1000,
                  warmup_steps: int = 10, capacity_factor: float = 1.5, min_numel: int = 1024,
-                 value_dtype: Optional[torch.dtype] = None,
+                 value_dtype: Optional[torch.dtype] = None, index_encoding: str = "int32",
                  refresh_band: Tuple[float, Optional[float]] = (0.5, None),
                  refresh_patience: int = 32, exchange: str = "auto",
                  module: Union[torch.nn.Module, Iterable[Tuple[str, torch.Tensor]], None] = None,
@@ -132,9 +138,13 @@ class DCTState:
         _check_number(capacity_factor, "capacity_factor", integral=False, minimum=1)
         _check_number(min_numel, "min_numel", integral=True, minimum=0)
         _check_number(refresh_patience, "refresh_patience", integral=True, minimum=1)
-        if value_dtype is not None and not any(value_dtype is d for d in wire.VALUE_DTYPES):
-            raise ValueError(f"value_dtype: expected None, torch.float32, torch.float16 or "
-                             f"torch.bfloat16, got {value_dtype!r}")
+        if value_dtype is not None and \
+                not any(value_dtype is d for d in wire.WIRE_VALUE_DTYPES):
+            raise ValueError(f"value_dtype: expected None, torch.float32, torch.float16, "
+                             f"torch.bfloat16 or torch.float8_e4m3fn, got {value_dtype!r}")
+        if index_encoding not in wire.INDEX_ENCODINGS:
+            raise ValueError(f"index_encoding: expected 'int32' or 'delta', "
+                             f"got {index_encoding!r}")
         if backend is not None and backend not in BACKEND_NAMES:
             raise ValueError(f"backend: expected None or one of {BACKEND_NAMES}, "
                              f"got {backend!r}")
@@ -158,6 +168,7 @@ class DCTState:
         self.capacity_factor = float(capacity_factor)
         self.min_numel = int(min_numel)
         self.value_dtype = value_dtype
+        self.index_encoding = index_encoding
         self.refresh_band = (float(low), float(high))
         self.refresh_patience = int(refresh_patience)
         self.exchange = exchange
@@ -199,6 +210,7 @@ class DCTState:
         return {"ratio": self.ratio, "refresh_every": self.refresh_every,
                 "warmup_steps": self.warmup_steps, "capacity_factor": self.capacity_factor,
                 "min_numel": self.min_numel, "value_dtype": str(self.value_dtype),
+                "index_encoding": self.index_encoding,
                 "refresh_band": list(self.refresh_band),
                 "refresh_patience": self.refresh_patience, "exchange": self.exchange}
 
@@ -219,7 +231,8 @@ class DCTState:
                 layout.num_segments, fingerprint.checksum(layout.numels),
                 fingerprint.checksum(layout.keys) if self._named else 0,
                 _dtype_code(layout.dtype), layout.capacity, codes[self.exchange],
-                codes[layout.exchange], layout.plan.shard_capacity, self.refresh_patience]
+                codes[layout.exchange], layout.plan.shard_capacity, self.refresh_patience,
+                wire.index_code(self.index_encoding)]
 
     # ------------------------------------------------------------------ parameters, layouts
 
@@ -460,7 +473,7 @@ class DCTState:
 
     def __setstate__(self, saved: Dict[str, Any]) -> None:
         config = dict(saved["config"])
-        dtypes = {str(d): d for d in (None,) + wire.VALUE_DTYPES}
+        dtypes = {str(d): d for d in (None,) + wire.WIRE_VALUE_DTYPES}
         config["value_dtype"] = dtypes[config["value_dtype"]]
         config["refresh_band"] = tuple(config["refresh_band"])
         self.__init__(**config)
