@@ -705,12 +705,15 @@ def check_checkpoint_resume_regrouped(rank, world):
     two after the rebuild) resumes bit for bit with both exchanges: the first step after the
     load holds the fresh bucket and steps the saved layouts (see regroup); parameters,
     residuals, thresholds, the rule's state and statistics equal an uninterrupted run's, and
-    from the second step DDP's rebuilt buckets are the saved layouts."""
+    from the second step DDP's rebuilt buckets are the saved layouts. With
+    ``static_graph=True`` DDP keeps its first buckets for two iterations, so the first two
+    steps after the load are regrouped."""
     widths, steps, split = [100, 50, 5300], 8, 4
-    for exchange in ("allgather", "reduce_scatter"):
+    for exchange, static in (("allgather", False), ("reduce_scatter", False),
+                             ("allgather", True), ("reduce_scatter", True)):
         def fresh(seed):
             model = _MLP(widths, seed=seed)
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            ddp = torch.nn.parallel.DistributedDataParallel(model, static_graph=static)
             state = DCTState(ratio=0.01, warmup_steps=1, refresh_every=3, min_numel=100,
                              exchange=exchange, module=model)
             ddp.register_comm_hook(state, dct_hook)
@@ -734,7 +737,8 @@ def check_checkpoint_resume_regrouped(rank, world):
         assert sorted(tuple(sorted(l.keys)) for l in state.layouts.values()) == \
             sorted(tuple(sorted(keys)) for keys in saved["dct"]["layouts"]), exchange
         _train(ddp, optimizer, widths, 4, rank, steps=steps - split - 1, first_step=split + 1)
-        assert_bitwise_equal(_flat_params(model), want, f"{exchange}: parameters")
+        what = f"{exchange}, static_graph={static}"
+        assert_bitwise_equal(_flat_params(model), want, f"{what}: parameters")
         a, b = state.state_dict(), straight.state_dict()
         assert a["stats"] == b["stats"], (exchange, a["stats"], b["stats"])
         assert sorted(a["layouts"]) == sorted(b["layouts"]), (exchange, a["layouts"], b["layouts"])

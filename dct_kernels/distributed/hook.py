@@ -106,15 +106,15 @@ def _sparse_step(state: DCTState, layout: BucketLayout, buffer: torch.Tensor):
     return _sparse(state, layout, buffer)                          # 4, 5
 
 
-# ------------------------------------------------- the first step after a checkpoint load
+# ------------------------------------------------ the first steps after a checkpoint load
 
 def _regrouped(state: DCTState, bucket):
-    """On the first sparse step after ``load_state_dict``, a bucket that is not one of the
-    saved layouts (same parameters in the same order) but holds only parameters of saved
-    layouts (a fresh DDP's first-iteration buckets: other sets, or the same set in another
-    order) is held (see ``regroup``); each saved layout it completes is stepped now, on a
-    stand-in bucket, as the checkpointed run stepped it. Returns the bucket's future, or None
-    when the bucket takes the usual path.
+    """On the first sparse steps after ``load_state_dict`` (see ``regroup_for_step``), a
+    bucket that is not one of the saved layouts (same parameters in the same order) but holds
+    only parameters of saved layouts (a fresh DDP's first-iteration buckets: other sets, or the
+    same set in another order) is held (see ``regroup``); each saved layout it completes is
+    stepped now, on a stand-in bucket, as the checkpointed run stepped it. Returns the
+    bucket's future, or None when the bucket takes the usual path.
 
     Raises:
         ValueError at the step's last bucket when a held bucket's saved layouts were never
@@ -128,6 +128,8 @@ def _regrouped(state: DCTState, bucket):
     keys = [state.key_of(p) for p in params]
     if state.is_saved_layout(keys) or not regroup.covers(keys):
         _check_regroup_complete(regroup, bucket)
+        if bucket.is_last() and not regroup.views:  # nothing held: DDP has rebuilt
+            state.end_regroup()
         return None
     held, ready = regroup.hold(params, keys, bucket.buffer())
     for saved in ready:

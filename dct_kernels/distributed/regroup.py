@@ -1,15 +1,16 @@
-"""The first step after ``load_state_dict`` when a fresh DDP buckets its parameters otherwise
+"""The first steps after ``load_state_dict`` when a fresh DDP buckets its parameters otherwise
 than the checkpointed run did.
 
-DDP runs its first iteration with buckets in registration order and rebuilds them afterwards in
-the order gradients became ready; the checkpointed run was past that rebuild. A fresh bucket
+DDP runs its first iteration (a static-graph DDP its first two) with buckets in registration
+order and rebuilds them afterwards in the order gradients became ready; the checkpointed run
+was past that rebuild. A fresh bucket
 that is not a saved layout (other parameters, or the same ones in another order) is held here
 until every parameter of each saved layout it touches has arrived; each saved layout is then
 stepped on a stand-in bucket, exactly as the checkpointed run would have stepped it (the same
 layout, shards, thresholds and cut), and the averages are copied back into the fresh buckets,
 whose futures complete when all their parameters are back. Every rank holds and releases the
-same buckets in the same order, so the collectives stay matched. From the next step on, DDP's
-rebuilt buckets are the saved layouts and the hook runs as usual.
+same buckets in the same order, so the collectives stay matched. Once a step sees only the
+saved layouts (DDP has rebuilt its buckets), the hook runs as usual (``regroup_for_step``).
 """
 
 from typing import Dict, List, Sequence, Tuple

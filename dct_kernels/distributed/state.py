@@ -24,6 +24,9 @@ __all__ = ["DCTState"]
 logger = logging.getLogger(__name__)
 
 STATE_DICT_VERSION = 2
+# Sparse steps after a load that may still see a fresh DDP's first buckets: a static-graph DDP
+# keeps them for its first two iterations, a dynamic one for its first.
+_REGROUP_STEPS = 2
 _CONFIG_FIELDS = ("ratio", "refresh_every", "warmup_steps", "capacity_factor", "min_numel",
                   "value_dtype", "index_encoding", "refresh_band", "refresh_patience",
                   "exchange")
@@ -200,6 +203,7 @@ class DCTState:
         self._saved_layouts: set = set()
         self._saved_layouts_step = -1
         self._regroup: Optional[Regroup] = None
+        self._regroup_step = -1
 
         logger.info("DCTState: %s", self.config())
 
@@ -272,20 +276,31 @@ class DCTState:
         return tuple(keys) in self._saved_layouts
 
     def regroup_for_step(self) -> Optional[Regroup]:
-        """The held buckets of the first sparse step after ``load_state_dict`` (see
-        ``regroup``), None on any other step.
+        """The held buckets of this step (see ``regroup``) while the steps after
+        ``load_state_dict`` still see buckets other than the checkpoint's layouts, else None.
 
-        A fresh DDP runs its first iteration with its initial buckets (registration order) and
-        only then rebuilds them as the checkpointed run had them; the first step after the
-        load therefore steps the checkpoint's layouts, so that it cuts the same reduce_scatter
-        shards and an overflowing payload keeps the same entries as the uninterrupted run."""
-        if (self.step != self._saved_layouts_step or not self._saved_layouts
-                or self.step < self.warmup_steps):
+        A fresh DDP runs its first iteration (a static-graph DDP its first two) with its
+        initial buckets (registration order) and only then rebuilds them as the checkpointed
+        run had them; until then each step steps the checkpoint's layouts, so that it cuts the
+        same reduce_scatter shards and an overflowing payload keeps the same entries as the
+        uninterrupted run. The first step whose buckets are all saved layouts ends this, and so
+        does the third sparse step after the load whatever DDP does (buckets that never
+        become the saved ones, e.g. another ``bucket_cap_mb``, are then stepped as they are)."""
+        if (not self._saved_layouts or self.step < self.warmup_steps
+                or self.step >= self._saved_layouts_step + _REGROUP_STEPS
+                + max(0, self.warmup_steps - self._saved_layouts_step)):
             return None
-        if self._regroup is None:
+        if self._regroup is None or self._regroup_step != self.step:
             self._regroup = Regroup({key: keys for keys in self._saved_layouts
                                      for key in keys})
+            self._regroup_step = self.step
         return self._regroup
+
+    def end_regroup(self) -> None:
+        """A step saw only the checkpoint's layouts: DDP has rebuilt its buckets; no more
+        regrouping."""
+        self._saved_layouts = set()
+        self._regroup = None
 
     def adopt(self, layout: BucketLayout) -> None:
         """Make ``layout`` the owner of its sparse parameters' states (created at their first

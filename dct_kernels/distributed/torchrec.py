@@ -2,10 +2,9 @@
 
 DMP shards the embedding tables and wraps the rest of the model (the dense part) in one
 ``DistributedDataParallel``, built by a data-parallel wrapper. ``DCTDataParallelWrapper`` is
-such a wrapper: TorchRec's ``DefaultDataParallelWrapper`` builds the DDP (with
-``static_graph=False`` by default, see the class), then ``dct_hook`` is registered on it with a
-``DCTState`` made from the wrapper's arguments, keyed by the dense parameters' names, on DMP's
-process group::
+such a wrapper: TorchRec's ``DefaultDataParallelWrapper`` builds the DDP, then ``dct_hook`` is
+registered on it with a ``DCTState`` made from the wrapper's arguments, keyed by the dense
+parameters' names, on DMP's process group::
 
     wrapper = DCTDataParallelWrapper(ratio=0.003, value_dtype=torch.bfloat16)
     dmp = DistributedModelParallel(model, device=device, data_parallel_wrapper=wrapper)
@@ -71,13 +70,10 @@ class DCTDataParallelWrapper(DefaultDataParallelWrapper):
             ``allreduce_comm_precision`` is not taken: DDP holds one comm hook, and this one is
             ``dct_hook`` (``value_dtype=torch.bfloat16`` or ``torch.float16`` sends the kept
             values in half precision).
-        static_graph: False by default, where TorchRec's default is True. A static-graph DDP
-            keeps its initial bucket order for its first two iterations (a dynamic one for the
-            first only), and a ``DCTState`` loaded from a checkpoint steps the checkpoint's
-            bucket layouts on the first step after the load only: with ``static_graph=True``
-            the second step after a resume then cuts other reduce_scatter shards (or keeps
-            other entries of an overflowing payload) than the uninterrupted run, so the resumed
-            run does not continue bit for bit. Training itself is the same either way.
+        static_graph: as TorchRec's default (True). A static-graph DDP keeps its initial
+            bucket order for its first two iterations; a ``DCTState`` loaded from a checkpoint
+            steps the checkpoint's bucket layouts until DDP has rebuilt its buckets, so a
+            resumed run continues bit for bit either way.
         **dct_options: ``DCTState``'s keyword arguments: ``ratio``, ``refresh_every``,
             ``warmup_steps``, ``capacity_factor``, ``min_numel``, ``value_dtype``,
             ``refresh_band``, ``refresh_patience``, ``exchange``, ``validate``, ``backend``
@@ -99,7 +95,7 @@ class DCTDataParallelWrapper(DefaultDataParallelWrapper):
     One wrapper serves one DMP.
     """
 
-    def __init__(self, *, bucket_cap_mb: int = 25, static_graph: bool = False,
+    def __init__(self, *, bucket_cap_mb: int = 25, static_graph: bool = True,
                  find_unused_parameters: bool = False,
                  params_to_ignore: Optional[List[str]] = None,
                  ddp_kwargs: Optional[Dict[str, Any]] = None, **dct_options: Any) -> None:
