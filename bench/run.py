@@ -15,6 +15,8 @@ it measures again and keeps the others. ``--out DIR`` also writes this run's tab
     python bench/run.py                       # full sweep (GPU)
     python bench/run.py --quick               # small sweep, for a smoke run (GPU or CPU)
     python bench/run.py --device cpu --quick  # CPU demo (wall clock)
+    python bench/run.py --sizes 22 --ratios 0.01 --ops compress+residual decompress_many \
+        --wire int32/bf16 delta/fp8           # wire format 2 against int32 + bf16
 """
 
 import argparse
@@ -121,6 +123,17 @@ def bench_select(n, ratio, device, backends):
     return rows
 
 
+# Wire formats to time compress and decompress_many with (``--wire``): (value dtype, index
+# encoding); the provider of a row other than the default's is "<backend> (<wire>)".
+WIRES = {"fp32": (None, "int32"), "int32/bf16": (torch.bfloat16, "int32"),
+         "delta/fp8": (torch.float8_e4m3fn, "delta")}
+_wires = ["fp32"]
+
+
+def _provider(backend: str, wire: str) -> str:
+    return backend if wire == "fp32" else f"{backend} ({wire})"
+
+
 def bench_compress(n, ratio, device, backends, with_residual):
     k = max(1, int(ratio * n))
     capacity = int(1.5 * k) + 1
@@ -140,11 +153,14 @@ def bench_compress(n, ratio, device, backends, with_residual):
         if r is not None:
             r.copy_(saved)
     rows = []
-    for b in backends:
-        fn = lambda x, r, t, _: dk.compress(x, t, residual=r, capacity=capacity,  # noqa
-                                            backend=b)
-        rows.append(measure("compress", b, floor, time_op(fn, sets, device, setup=restore),
-                            **config))
+    for wire in _wires:
+        value_dtype, encoding = WIRES[wire]
+        for b in backends:
+            fn = lambda x, r, t, _: dk.compress(x, t, residual=r, capacity=capacity,  # noqa
+                                                value_dtype=value_dtype,
+                                                index_encoding=encoding, backend=b)
+            rows.append(measure("compress", _provider(b, wire), floor,
+                                time_op(fn, sets, device, setup=restore), **config))
 
     def torch_baseline(x, r, t, _):
         acc = x + r if r is not None else x
@@ -162,24 +178,29 @@ def bench_compress(n, ratio, device, backends, with_residual):
 def bench_decompress_many(n, ratio, device, backends, ranks=8):
     k = max(1, int(ratio * n))
     capacity = int(1.5 * k) + 1
-    payloads = []
-    for w in range(ranks):
-        x = random_tensor(n, device, seed=100 + w)
-        t = torch.topk(x.abs(), k).values[-1]
-        payloads.append(dk.compress(x, t, capacity=capacity))
-    buffers = torch.stack([p.buffer for p in payloads])
+    xs = [random_tensor(n, device, seed=100 + w) for w in range(ranks)]
+    thresholds = [torch.topk(x.abs(), k).values[-1] for x in xs]
+    payloads = [dk.compress(x, t, capacity=capacity) for x, t in zip(xs, thresholds)]
     indices = torch.cat([p.indices[:int(p.count)].long() for p in payloads])
     values = torch.cat([p.values[:int(p.count)] for p in payloads])
     out = torch.empty(n, device=device)
     floor = 4 * n + 8 * k * ranks
-    sets = [(buffers,)]
     config = dict(n=n, ratio=ratio, k=k, W=ranks)
     rows = []
-    for b in backends:
-        fn = lambda bufs: dk.decompress_many(bufs, out=out, average=True, validate=False,  # noqa
-                                             capacity=capacity, value_dtype=torch.float32,
-                                             backend=b)
-        rows.append(measure("decompress_many", b, floor, time_op(fn, sets, device), **config))
+    for wire in _wires:
+        value_dtype, encoding = WIRES[wire]
+        payloads = [dk.compress(x, t, capacity=capacity, value_dtype=value_dtype,
+                                index_encoding=encoding) for x, t in zip(xs, thresholds)]
+        buffers = torch.stack([p.buffer for p in payloads])
+        first = payloads[0]
+        for b in backends:
+            fn = lambda bufs: dk.decompress_many(  # noqa: E731
+                bufs, out=out, average=True, validate=False, capacity=capacity,
+                value_dtype=first.value_dtype, index_encoding=first.index_encoding,
+                num_scales=first.num_scales or None, backend=b)
+            rows.append(measure("decompress_many", _provider(b, wire), floor,
+                                time_op(fn, [(buffers,)], device), **config))
+    sets = [(None,)]
 
     def torch_baseline(_):
         out.zero_()
@@ -257,6 +278,10 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="*", help="log2 of the sizes to run")
     parser.add_argument("--ratios", type=float, nargs="*", default=[0.001, 0.01, 0.1])
     parser.add_argument("--ops", nargs="*", choices=OPS, default=list(OPS))
+    parser.add_argument("--wire", nargs="*", choices=list(WIRES), default=["fp32"],
+                        help="wire formats for compress and decompress_many (default fp32: "
+                             "int32 indices, fp32 values; int32/bf16; delta/fp8 = format "
+                             "version 2)")
     parser.add_argument("--backends", nargs="*", default=None,
                         help="backends to time (default: every available one that runs on "
                              "the device)")
@@ -269,6 +294,7 @@ def main():
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    _wires[:] = args.wire
     if args.sizes:
         sizes = [1 << s for s in args.sizes]
     elif args.quick:

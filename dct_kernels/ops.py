@@ -545,8 +545,12 @@ def _compress_v2(impl, x, flat, thresholds, offsets, seg_dev, residual_flat, cap
     else:
         payload = wire.new_payload(total, capacity, value_dtype, shape, x.dtype, device,
                                    index_encoding, num_scales)
-    bounds = _scale_tensor(tuple(scale_offsets), device) if fp8 else None
-    codec.encode(candidates, payload, bounds, residual_flat, position_offset)
+    if hasattr(impl, "encode_v2"):  # the backend's own encoder (bitwise the codec's)
+        impl.encode_v2(candidates, payload, scale_offsets if fp8 else None, residual_flat,
+                       position_offset)
+    else:
+        bounds = _scale_tensor(tuple(scale_offsets), device) if fp8 else None
+        codec.encode(candidates, payload, bounds, residual_flat, position_offset)
     return payload
 
 
@@ -602,10 +606,8 @@ def decompress(payload: SparsePayload, *, out: Optional[torch.Tensor] = None,
     counter = _errors_for(errors, device)
     impl = resolve(backend, device)
     if payload.version == 2:
-        rows = _decode_v2(payload.buffer[None], payload.numel, payload.layout, validate,
-                          counter, "payload")
-        library.call_decompress(impl, out.view(-1), rows[0], payload.numel, payload.capacity,
-                                torch.float32, accumulate, _scratch_counter(device))
+        _decompress_v2(impl, out.view(-1), payload.buffer[None], payload.numel,
+                       payload.layout, accumulate, False, False, validate, counter, "payload")
         return out
     if validate:
         _raise_invalid(check_rows(payload.buffer[None], payload.numel, payload.capacity,
@@ -620,18 +622,31 @@ def _scratch_counter(device: torch.device) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int32, device=device)
 
 
-def _decode_v2(buffers: torch.Tensor, numel: int, where, validate: bool,
-               counter: torch.Tensor, name: str) -> torch.Tensor:
-    """Version-2 rows as version-1 rows with fp32 values: with ``validate`` a bad row raises
-    ValueError (synchronizes) before anything is written; otherwise what is bad is skipped and
-    counted in ``counter``."""
-    positions, decoded, ok, row_ok, errors = codec.decode(buffers, numel, where)
-    if validate:
-        if int(errors.sum()):
+def _decompress_v2(impl, out: torch.Tensor, buffers: torch.Tensor, numel: int, where,
+                   accumulate: bool, average: bool, many: bool, validate: bool,
+                   counter: torch.Tensor, name: str) -> None:
+    """Version-2 rows into out as decompress (``many`` False) or decompress_many: with
+    ``validate`` a bad row raises ValueError (synchronizes) before anything is written;
+    otherwise what is bad is skipped and counted in ``counter``. A backend with its own
+    decoder (``decompress_v2``) decodes; the others get version-1 rows of fp32 values from
+    the codec."""
+    if validate or not hasattr(impl, "decompress_v2"):
+        positions, decoded, ok, row_ok, errors = codec.decode(buffers, numel, where)
+        if validate and int(errors.sum()):
             raise ValueError(f"{name}: invalid payload: {codec.describe_rows(row_ok, errors)}")
+    if hasattr(impl, "decompress_v2"):
+        impl.decompress_v2(out, buffers, numel, where, accumulate, average, many,
+                           counter if not validate else _scratch_counter(out.device))
+        return
+    counter.add_(errors.sum().to(torch.int32))
+    rows = codec.to_version1(buffers, numel, where, positions, decoded, ok)
+    scratch = _scratch_counter(out.device)
+    if many:
+        library.call_decompress_many(impl, out, rows, where.capacity, torch.float32,
+                                     accumulate, average, scratch)
     else:
-        counter.add_(errors.sum().to(torch.int32))
-    return codec.to_version1(buffers, numel, where, positions, decoded, ok)
+        library.call_decompress(impl, out, rows[0], numel, where.capacity, torch.float32,
+                                accumulate, scratch)
 
 
 def _buffers_config(buffers: torch.Tensor, capacity, value_dtype, index_encoding,
@@ -727,9 +742,8 @@ def decompress_many(buffers: torch.Tensor, *, out: torch.Tensor, accumulate: boo
     counter = _errors_for(errors, device)
     impl = resolve(backend, device)
     if where.version == 2:
-        rows = _decode_v2(buffers, out.numel(), where, validate, counter, "buffers")
-        library.call_decompress_many(impl, out.view(-1), rows, capacity, torch.float32,
-                                     accumulate, average, _scratch_counter(device))
+        _decompress_v2(impl, out.view(-1), buffers, out.numel(), where, accumulate, average,
+                       True, validate, counter, "buffers")
         return out
     if validate:
         _raise_invalid(check_rows(buffers, out.numel(), capacity, value_dtype), "buffers")

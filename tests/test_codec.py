@@ -404,3 +404,27 @@ def test_range_arguments_are_checked():
                              scale_offsets=[0, 60, 50, 100])
     with pytest.raises(ValueError, match="scale_offsets"):
         dct_kernels.compress(x, 0.5, capacity=10, scale_offsets=[0, 100])
+
+
+@pytest.mark.parametrize("backend_only", ("torch", "cpu"))
+def test_decompress_many_large_rows(backend_only):
+    """Rows of more than 4096 slots (the cpu core decodes them on several threads). Not on
+    the Triton interpreter (minutes at this size): its version-2 part is the shared codec."""
+    if backend_only == "cpu" and dct_kernels.available_backends()["cpu"] != "available":
+        pytest.skip("cpu extension not built")
+    backend, device = backend_only, "cpu"
+    n, rows, dense = 400000, [], torch.zeros(400000)
+    for w in range(3):
+        x = make_tensor("normal", n, torch.float32, seed_of("codec-large", w))
+        threshold = float(oracle.kth_largest_magnitude(x, 5000))
+        p, _ = run(backend, device, x, threshold, capacity=6000, value_dtype=FP8,
+                   index_encoding="delta", segments=[0, 123457, n])
+        rows.append(p.buffer)
+        positions, values = oc.decode(p.buffer.cpu())
+        part = torch.zeros(n)
+        part[torch.tensor(positions, dtype=torch.int64)] = torch.tensor(values,
+                                                                         dtype=torch.float32)
+        dense = dense + part
+    out = torch.zeros(n, device=device)
+    dct_kernels.decompress_many(torch.stack(rows), out=out, backend=backend)
+    assert_bitwise_equal(out.cpu(), dense, "sum of 3 rows of 6000 slots")

@@ -296,6 +296,13 @@ def parse_args(argv=None):
     p.add_argument("--dp-ratio", type=float, help="DCT-DP: fraction of each MLP parameter sent")
     p.add_argument("--mp-k", type=int, help="DCT-MP: activations kept per sample and rank")
     p.add_argument("--exchange", choices=["allgather", "reduce_scatter", "auto"])
+    p.add_argument("--dp-value-dtype",
+                   choices=["float32", "float16", "bfloat16", "float8_e4m3fn"],
+                   help="DCT-DP: dtype of the sent values (default bfloat16; float8_e4m3fn: "
+                        "one power-of-two scale per parameter)")
+    p.add_argument("--dp-index-encoding", choices=["int32", "delta"],
+                   help="DCT-DP: sent positions as int32 (default) or as uint16 gaps "
+                        "(\"delta\", wire format version 2)")
     p.add_argument("--warmup-steps", type=int, help="DCT-DP dense warm-up steps")
     p.add_argument("--min-numel", type=int, help="DCT-DP: smaller parameters go dense")
     p.add_argument("--capacity-factor", type=float)
@@ -373,7 +380,9 @@ def config_from_args(args) -> Config:
               "refresh_every": args.refresh_every, "data_file": args.data_file,
               "hash_size": args.hash_size, "seed": args.seed,
               "powersgd_rank": args.powersgd_rank,
-              "powersgd_start_iter": args.powersgd_start_iter}
+              "powersgd_start_iter": args.powersgd_start_iter,
+              "dp_value_dtype": args.dp_value_dtype,
+              "dp_index_encoding": args.dp_index_encoding}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in fields.items() if v is not None})
     if args.runs:
         cfg.runs = [r.strip() for r in args.runs.split(",") if r.strip()]

@@ -60,6 +60,7 @@ class Config:
     capacity_factor: float = 1.5
     min_numel: int = 0
     dp_value_dtype: str = "bfloat16"
+    dp_index_encoding: str = "int32"
     # DCT-MP
     mp_k: int = 32                  # 6.25% of 512: 21.3x fewer bytes with bf16 + int16
     mp_value_dtype: str = "bfloat16"
@@ -107,10 +108,15 @@ class Config:
         if self.exchange not in ("allgather", "reduce_scatter", "auto"):
             raise ValueError(f"exchange: expected allgather, reduce_scatter or auto, "
                              f"got {self.exchange!r}")
-        for name in ("dp_value_dtype", "mp_value_dtype"):
-            if getattr(self, name) not in ("float32", "float16", "bfloat16"):
-                raise ValueError(f"{name}: expected float32, float16 or bfloat16, got "
-                                 f"{getattr(self, name)!r}")
+        if self.dp_value_dtype not in ("float32", "float16", "bfloat16", "float8_e4m3fn"):
+            raise ValueError(f"dp_value_dtype: expected float32, float16, bfloat16 or "
+                             f"float8_e4m3fn, got {self.dp_value_dtype!r}")
+        if self.mp_value_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"mp_value_dtype: expected float32, float16 or bfloat16, got "
+                             f"{self.mp_value_dtype!r}")
+        if self.dp_index_encoding not in ("int32", "delta"):
+            raise ValueError(f"dp_index_encoding: expected int32 or delta, got "
+                             f"{self.dp_index_encoding!r}")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -31,7 +31,8 @@ from .exchange import Bf16Exchange, DenseExchange, SparseExchange, scale_grad
 from .model import DenseArch, EmbeddingShard, shard_tables
 from .optim import RowWiseAdagrad
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float8_e4m3fn": torch.float8_e4m3fn}
 
 
 
@@ -77,6 +78,8 @@ def _make_state(cfg: Config, name: str, ddp, group):
                   warmup_steps=cfg.warmup_steps, capacity_factor=cfg.capacity_factor,
                   min_numel=cfg.min_numel, value_dtype=_DTYPES[cfg.dp_value_dtype],
                   module=ddp, backend=cfg.backend)
+    if cfg.dp_index_encoding != "int32":
+        kwargs["index_encoding"] = cfg.dp_index_encoding
     notes = {}
     if "exchange" in inspect.signature(dct_dist.DCTState).parameters:
         kwargs["exchange"] = cfg.exchange

@@ -105,6 +105,60 @@ PYBIND11_MODULE(_cpu, m) {
     });
   }, "Rank-ordered fp32 sum of W wire buffers into out.");
 
+  // Wire format version 2: the layout's byte offsets come from dct_kernels/payload.py.
+  auto wire_v2 = [](int64_t capacity, int value_code, bool delta, int64_t num_scales,
+                    const std::vector<int64_t>& offsets) {
+    if (value_code < 0 || value_code > 3)
+      throw std::invalid_argument("value code must be 0, 1, 2 or 3");
+    if (offsets.size() != 4)
+      throw std::invalid_argument("offsets: expected bounds, scales, indices, values");
+    dct_cpu::WireV2 w;
+    w.capacity = capacity;
+    w.value_code = value_code;
+    w.delta = delta;
+    w.num_scales = num_scales;
+    w.bounds_offset = offsets[0];
+    w.scales_offset = offsets[1];
+    w.indices_offset = offsets[2];
+    w.values_offset = offsets[3];
+    return w;
+  };
+
+  m.def("encode_v2", [wire_v2](uintptr_t out, int64_t capacity, int value_code, bool delta,
+                               int64_t num_scales, const std::vector<int64_t>& offsets,
+                               uintptr_t cand_index, uintptr_t cand_values,
+                               int cand_value_code, int64_t cand_count, int64_t cand_overflow,
+                               int64_t position_offset,
+                               const std::vector<int64_t>& scale_offsets, uintptr_t residual) {
+    const dct_cpu::WireV2 w = wire_v2(capacity, value_code, delta, num_scales, offsets);
+    if (value_code == 3 && static_cast<int64_t>(scale_offsets.size()) != num_scales + 1)
+      throw std::invalid_argument("scale_offsets: expected num_scales + 1 offsets");
+    if (cand_value_code < 0 || cand_value_code > 2)
+      throw std::invalid_argument("candidate value code must be 0, 1 or 2");
+    run_without_gil([&] {
+      return dct_cpu::encode_v2(w, ptr<uint8_t>(out), ptr<const int32_t>(cand_index),
+                                ptr<const void>(cand_values), cand_value_code, cand_count,
+                                cand_overflow, position_offset, scale_offsets.data(),
+                                ptr<float>(residual));
+    });
+  }, "Wire format version 2 from a compress kernel's candidates (dct_kernels/codec.py).");
+
+  m.def("decompress_v2", [wire_v2](uintptr_t buffers, int num_rows, int64_t row_bytes,
+                                   int64_t numel, int64_t capacity, int value_code, bool delta,
+                                   int64_t num_scales, const std::vector<int64_t>& offsets,
+                                   const std::vector<int32_t>& expected, uintptr_t out,
+                                   int out_dtype, bool accumulate, bool average, bool many,
+                                   uintptr_t errors, int threads) {
+    const dct_cpu::WireV2 w = wire_v2(capacity, value_code, delta, num_scales, offsets);
+    if (expected.size() != 8) throw std::invalid_argument("expected: 8 header words");
+    const DType o = dtype_of(out_dtype);
+    run_without_gil([&] {
+      return dct_cpu::decompress_v2(w, ptr<const uint8_t>(buffers), num_rows, row_bytes, numel,
+                                    expected.data(), ptr<void>(out), o, accumulate, average,
+                                    many, ptr<int32_t>(errors), threads);
+    });
+  }, "Checked decode of version-2 rows into out, as decompress or decompress_many.");
+
   m.def("compress_rows", [](uintptr_t x, int dtype, int64_t rows, int64_t columns, int64_t k,
                             uintptr_t indices, int index_bytes, uintptr_t values,
                             int value_dtype, int threads) {

@@ -121,6 +121,34 @@ template <> inline BFloat16 to_wire<BFloat16>(float v) {
   return from_f32<BFloat16>(v);
 }
 
+// float8_e4m3fn (wire format version 2): fp32 -> fp8 rounding to nearest even for finite
+// |v| <= 448 (the codec's scales guarantee it), and fp8 -> fp32 (exact). Bias 7, 3 mantissa
+// bits, subnormal step 2^-9, no inf; 0x7F / 0xFF are NaN.
+inline uint8_t fp8_from_f32(float v) {
+  const uint32_t u = bits_of(v);
+  const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80u);
+  const uint32_t a = u & 0x7FFFFFFFu;
+  if (a >= 0x3C800000u) {  // >= 2^-6, a normal fp8: round the 20 dropped bits to nearest even
+    const uint32_t rounded = (a + 0x7FFFFu + ((a >> 20) & 1u)) >> 20;
+    return static_cast<uint8_t>(sign | (rounded - (120u << 3)));
+  }
+  // Subnormal or zero: |v| * 2^9 < 8 is exact; adding and subtracting 2^23 rounds it to the
+  // nearest even integer (IEEE arithmetic, no fast-math): the fp8 mantissa (8 = 2^-6 is the
+  // first normal code, which the same bits encode).
+  const float scaled = float_of(a) * 512.0f;
+  const float rounded = (scaled + 8388608.0f) - 8388608.0f;
+  return static_cast<uint8_t>(sign | static_cast<uint8_t>(rounded));
+}
+
+inline float fp8_to_f32(uint8_t b) {
+  const uint32_t sign = static_cast<uint32_t>(b & 0x80u) << 24;
+  const uint32_t exponent = (b >> 3) & 0xFu, mantissa = b & 7u;
+  if (exponent == 0xF && mantissa == 7) return float_of(0x7FC00000u | sign);
+  if (exponent == 0)  // mantissa * 2^-9, exact
+    return float_of(sign | bits_of(static_cast<float>(mantissa) * 0.001953125f));
+  return float_of(sign | ((exponent + 120u) << 23) | (mantissa << 20));
+}
+
 // Unaligned access, for wire buffers that may start anywhere.
 template <typename T>
 inline T load(const void* p) {

@@ -54,6 +54,36 @@ Status decompress(const PayloadRows& rows, void* out, DType out_dtype, bool accu
 Status decompress_many(const PayloadRows& rows, void* out, DType out_dtype, bool accumulate,
                        bool average, int32_t* errors, int threads);
 
+// ------------------------------------------------------------------ wire format version 2
+// The cpu core's own implementation of dct_kernels/codec.py (docs/design.md, "Wire format
+// version 2"), bitwise the same: the byte offsets of the fields come from the caller (the one
+// definition of the version-2 layout is dct_kernels/payload.py).
+struct WireV2 {
+  int64_t capacity = 0;
+  int value_code = 0;  // 0 fp32, 1 fp16, 2 bf16, 3 float8_e4m3fn
+  bool delta = false;
+  int64_t num_scales = 0;
+  int64_t bounds_offset = 0, scales_offset = 0, indices_offset = 0, values_offset = 0;
+};
+
+// Encodes the candidates a compress kernel wrote (a version-1 payload: cand_index[count],
+// cand_values[count] in cand_value_code, fp32 under fp8) into out (zeroed, header written),
+// writes count, overflow (cand_overflow + cut) and, for fp8, the scale section; fixes the
+// residual up (may be null). scale_offsets: [num_scales + 1] over out's positions.
+Status encode_v2(const WireV2& wire, uint8_t* out, const int32_t* cand_index,
+                 const void* cand_values, int cand_value_code, int64_t cand_count,
+                 int64_t cand_overflow, int64_t position_offset, const int64_t* scale_offsets,
+                 float* residual);
+
+// Decodes W untrusted version-2 rows (expected: the 8 header words, count and overflow not
+// compared) and writes out as decompress (many = false, W = 1) or decompress_many would from
+// the decoded entries. errors: as for version 1, plus 1 per row for bad scales, 1 for an
+// escape beyond 32768 (every entry after it skipped), 1 for a dangling escape.
+Status decompress_v2(const WireV2& wire, const uint8_t* buffers, int num_rows,
+                     int64_t row_bytes, int64_t numel, const int32_t* expected, void* out,
+                     DType out_dtype, bool accumulate, bool average, bool many,
+                     int32_t* errors, int threads);
+
 // ------------------------------------------------------------------------------------- rows
 // compress_rows, decompress_rows and gather_rows (dct_api.h), on up to `threads` threads. In
 // decompress_rows a column sent twice in a row takes the later value.

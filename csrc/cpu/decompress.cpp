@@ -12,6 +12,7 @@
 // binary search), then divides, adds to out and rounds once. Every output is
 // 0 + d_0 + d_1 + ... in rank order whichever thread computed it: bitwise reproducible.
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -115,6 +116,10 @@ void finish(const float* sum, O* out, int64_t len, float scale, float ranks) {
   }
 }
 
+template <typename O>
+void merge(const std::vector<Entries>& rows, int W, int64_t numel, O* out, bool accumulate,
+           bool average, int threads);
+
 template <typename V, typename O>
 void decompress_many_typed(const PayloadRows& p, O* out, bool accumulate, bool average,
                            int64_t* errors, int threads) {
@@ -150,14 +155,21 @@ void decompress_many_typed(const PayloadRows& p, O* out, bool accumulate, bool a
     }
   });
   for (int64_t e : row_errors) *errors += e;
+  merge(rows, W, p.numel, out, accumulate, average, threads);
+}
 
+// out = [out +] (0 + rows[0] + ... + rows[W-1]) [/ W] from each row's ascending entries: the
+// output cut into tiles, each summed in fp32 in rank order (see the top of this file).
+template <typename O>
+void merge(const std::vector<Entries>& rows, int W, int64_t numel, O* out, bool accumulate,
+           bool average, int threads) {
   const bool power_of_two = (W & (W - 1)) == 0;
   const bool divide = average && !power_of_two;
   const float ranks = static_cast<float>(W);
   const float scale = average ? 1.0f / ranks : 1.0f;  // exact for a power of two
-  const int64_t tiles = ceil_div(p.numel, kTile);
+  const int64_t tiles = ceil_div(numel, kTile);
   parallel_for(threads, tiles, [&](int64_t t) {
-    const int64_t first = t * kTile, last = min64(p.numel, first + kTile);
+    const int64_t first = t * kTile, last = min64(numel, first + kTile);
     thread_local std::vector<float> buffer;
     buffer.assign(kTile, 0.0f);
     float* sum = buffer.data();
@@ -176,6 +188,126 @@ void decompress_many_typed(const PayloadRows& p, O* out, bool accumulate, bool a
       else finish<O, false, false>(sum, out + first, len, scale, ranks);
     }
   });
+}
+
+// ------------------------------------------------------------------ wire format version 2
+
+int value_width(int code) { return code == 3 ? 1 : (code == 0 ? 4 : 2); }
+
+uint32_t field_bits(const uint8_t* p, int width) {
+  if (width == 1) return *p;
+  if (width == 2) return load<uint16_t>(p);
+  return load<uint32_t>(p);
+}
+
+float field_value(uint32_t bits, int code) {
+  switch (code) {
+    case 0: return float_of(bits);
+    case 1: return to_f32(Half{static_cast<uint16_t>(bits)});
+    case 2: return to_f32(BFloat16{static_cast<uint16_t>(bits)});
+    default: return fp8_to_f32(static_cast<uint8_t>(bits));
+  }
+}
+
+bool scale_ok(float s) {
+  if (!is_finite(s) || !(s > 0.0f)) return false;
+  int e = 0;
+  const float m = std::frexp(s, &e);
+  return m == 0.5f && e - 1 >= -140 && e - 1 <= 127;
+}
+
+// The usable entries of version-2 row w (ascending positions, fp32 values), as
+// dct_kernels/codec.py's decode has them; returns the errors it counts.
+int64_t decode_row_v2(const WireV2& wire, const uint8_t* row, int64_t numel,
+                      const int32_t* expected, Entries& entries) {
+  entries.index.clear();
+  entries.value.clear();
+  const int words[] = {dct::wire::kWordMagic, dct::wire::kWordVersionCodes,
+                       dct::wire::kWordNumelLow, dct::wire::kWordNumelHigh,
+                       dct::wire::kWordCapacity, dct::wire::kWordReserved};
+  bool row_ok = true;
+  for (int w : words) row_ok &= load<int32_t>(row + 4 * w) == expected[w];
+  const bool fp8 = wire.value_code == 3;
+  const int64_t S = wire.num_scales;
+  std::vector<float> scales;
+  std::vector<int64_t> bounds;
+  if (row_ok && fp8) {
+    bounds.resize(S + 1);
+    for (int64_t s = 0; s <= S; ++s) bounds[s] = load<int32_t>(row + wire.bounds_offset + 4 * s);
+    row_ok &= bounds[0] == 0 && bounds[S] == numel;
+    for (int64_t s = 0; s < S && row_ok; ++s) row_ok &= bounds[s + 1] >= bounds[s];
+    scales.resize(S);
+    for (int64_t s = 0; s < S && row_ok; ++s) {
+      scales[s] = load<float>(row + wire.scales_offset + 4 * s);
+      row_ok &= scale_ok(scales[s]);
+    }
+  }
+  if (!row_ok) return 1;
+  const int64_t claimed = load<int32_t>(row + 4 * dct::wire::kWordCount);
+  int64_t errors = claimed >= 0 && claimed <= wire.capacity ? 0 : 1;
+  const int64_t count = min64(max64(claimed, 0), wire.capacity);
+  entries.index.resize(count);
+  entries.value.resize(count);
+  int32_t* out_index = entries.index.data();
+  float* out_value = entries.value.data();
+  int64_t used = 0, segment = 0;
+  const int width = value_width(wire.value_code);
+  const uint8_t* codes = row + wire.indices_offset;
+  const uint8_t* fields = row + wire.values_offset;
+  // fp8 values decode through a table; positions rise, so the scale segment only moves on.
+  static const std::vector<float> fp8_table = [] {
+    std::vector<float> t(256);
+    for (int b = 0; b < 256; ++b) t[b] = fp8_to_f32(static_cast<uint8_t>(b));
+    return t;
+  }();
+  auto emit = [&](int64_t position, uint32_t bits) {
+    float v;
+    if (fp8) {
+      while (segment + 1 < S && bounds[segment + 1] <= position) ++segment;
+      v = fp8_table[bits & 0xFFu] * scales[segment];
+    } else {
+      v = field_value(bits, wire.value_code);
+    }
+    out_index[used] = static_cast<int32_t>(position);
+    out_value[used] = v;
+    ++used;
+  };
+  if (wire.delta) {
+    int64_t position = -1;
+    bool broken = false;
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t code = load<uint16_t>(codes + 2 * i);
+      const uint32_t bits = field_bits(fields + width * i, width);
+      if (code == 0) {  // an escape
+        const int64_t multiplier = static_cast<int64_t>(bits) + 1;
+        if (multiplier > 32768) {
+          if (!broken) ++errors;  // one per row; every entry after it is skipped
+          broken = true;
+        } else {
+          position += 65535 * multiplier;
+        }
+        continue;
+      }
+      position += code;
+      if (!broken && position < numel) emit(position, bits);
+      else ++errors;
+    }
+    if (count > 0 && load<uint16_t>(codes + 2 * (count - 1)) == 0) ++errors;  // dangling
+  } else {
+    int64_t highest = -1;
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t position = load<int32_t>(codes + 4 * i);
+      if (position > highest && position < numel) {  // highest >= -1, so position >= 0
+        emit(position, field_bits(fields + width * i, width));
+        highest = position;
+      } else {
+        ++errors;
+      }
+    }
+  }
+  entries.index.resize(used);
+  entries.value.resize(used);
+  return errors;
 }
 
 // The common part of decompress and decompress_many after their argument checks: calls
@@ -217,6 +349,53 @@ Status decompress_many(const PayloadRows& p, void* out, DType out_dtype, bool ac
     using O = decltype(otag);
     decompress_many_typed<decltype(vtag), O>(p, static_cast<O*>(out), accumulate, average, e,
                                              threads);
+  });
+}
+
+Status decompress_v2(const WireV2& wire, const uint8_t* buffers, int num_rows,
+                     int64_t row_bytes, int64_t numel, const int32_t* expected, void* out,
+                     DType out_dtype, bool accumulate, bool average, bool many,
+                     int32_t* errors, int threads) {
+  if (buffers == nullptr || num_rows < 1 || (!many && num_rows != 1) || numel < 0 ||
+      wire.capacity < 0 || wire.value_code < 0 || wire.value_code > 3 ||
+      !known_dtype(out_dtype) ||
+      row_bytes < wire.values_offset + value_width(wire.value_code) * wire.capacity)
+    return Status{1, "decompress_v2", "bad arguments"};
+  return guarded("decompress_v2", [&] {
+    // As in decompress_many: the calling thread keeps its lists from call to call. Taken by
+    // reference, so that the pool's threads fill the caller's lists, not their own.
+    thread_local std::vector<Entries> kept_lists;
+    if (kept_lists.size() < static_cast<size_t>(num_rows)) kept_lists.resize(num_rows);
+    std::vector<Entries>& lists = kept_lists;
+    std::vector<int64_t> row_errors(num_rows, 0);
+    const bool split = wire.capacity >= 4096;
+    parallel_for(threads, split ? num_rows : 1, [&](int64_t task) {
+      const int first = split ? static_cast<int>(task) : 0;
+      const int last = split ? first + 1 : num_rows;
+      for (int w = first; w < last; ++w)
+        row_errors[w] = decode_row_v2(wire, buffers + w * row_bytes, numel, expected,
+                                      lists[w]);
+    });
+    int64_t e = 0;
+    for (int64_t r : row_errors) e += r;
+    dispatch_float(out_dtype, [&](auto otag) {
+      using O = decltype(otag);
+      O* o = static_cast<O*>(out);
+      if (many) {
+        merge(lists, num_rows, numel, o, accumulate, average, threads);
+      } else {  // decompress: overwrite (zeros elsewhere) or add, at ascending positions
+        if (!accumulate) zero(o, numel, threads);
+        const Entries& r = lists[0];
+        for (size_t j = 0; j < r.index.size(); ++j) {
+          float v = r.value[j];
+          if (accumulate) v = to_f32(o[r.index[j]]) + v;
+          o[r.index[j]] = from_f32<O>(v);
+        }
+      }
+      return 0;
+    });
+    *errors += static_cast<int32_t>(e);
+    return Status{};
   });
 }
 

@@ -15,6 +15,15 @@ without segments), ``thresholds`` an fp32 tensor of S, ``seg_dev`` the offsets o
 - ``compress_rows(x, k, value_dtype) -> (indices, values)``;
 - ``decompress_rows(indices, values, out)``; ``gather_rows(y, indices) -> tensor``.
 
+Optionally, wire format version 2 (``dct_kernels/codec.py`` is its reference, used by a
+backend that does not have these; the result must be bitwise the same):
+
+- ``encode_v2(candidates, payload, scale_offsets, residual, position_offset)``: the codec's
+  ``encode`` (``scale_offsets`` a host list);
+- ``decompress_v2(out, buffers, numel, where, accumulate, average, many, errors)``: decode
+  version-2 rows of layout ``where`` into out as decompress (``many`` False) or
+  decompress_many would.
+
 ``torch_ref`` is the reference implementation of that contract; ``cuda_ext`` and ``cpu_ext``
 bind the compiled cores of csrc/ (CUDA and host C++), ``triton_kernels`` holds the Triton
 kernels.

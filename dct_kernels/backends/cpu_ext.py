@@ -89,6 +89,37 @@ def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int,
                          errors.data_ptr(), _threads())
 
 
+def _where(where: wire.WireLayout) -> tuple:
+    return (where.capacity, wire.value_code(where.value_dtype), where.index_encoding == "delta",
+            where.num_scales, [where.bounds_offset, where.scales_offset, where.indices_offset,
+                               where.values_offset])
+
+
+def encode_v2(candidates: wire.SparsePayload, payload: wire.SparsePayload, scale_offsets,
+              residual, position_offset: int) -> None:
+    count = int(candidates.count)  # host memory: no synchronization
+    _cpu.encode_v2(payload.buffer.data_ptr(), *_where(payload.layout),
+                   candidates.indices.data_ptr(), candidates.values.data_ptr(),
+                   _CODE(candidates.value_dtype), count, int(candidates.overflow),
+                   position_offset, list(scale_offsets or []), _ptr(residual))
+
+
+@lru_cache(maxsize=256)
+def _expected(numel: int, where: wire.WireLayout) -> List[int]:
+    return wire.header_words(numel, where.capacity, where.value_dtype, where.index_encoding,
+                             where.num_scales)
+
+
+def decompress_v2(out: torch.Tensor, buffers: torch.Tensor, numel: int,
+                  where: wire.WireLayout, accumulate: bool, average: bool, many: bool,
+                  errors: torch.Tensor) -> None:
+    buffers = buffers.contiguous()
+    _cpu.decompress_v2(buffers.data_ptr(), buffers.shape[0], buffers.shape[1], numel,
+                       *_where(where), _expected(numel, where), out.data_ptr(),
+                       _CODE(out.dtype), accumulate, average, many, errors.data_ptr(),
+                       _threads())
+
+
 def compress_rows(x: torch.Tensor, k: int, value_dtype: torch.dtype):
     rows, columns = x.shape
     indices = torch.empty(rows, k, dtype=wire.row_index_dtype(columns))
