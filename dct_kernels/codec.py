@@ -344,6 +344,18 @@ def row_positions(rows: torch.Tensor, where: wire.WireLayout):
     return torch.where(sent, positions, torch.full_like(positions, -1)), sent
 
 
+def positions(payload: SparsePayload) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(positions int64 [capacity], sent bool [capacity]) of a trusted payload of either
+    version (-1 where a slot carries no entry): what a caller of compress needs to count its
+    kept entries, without ``decode``'s checks or the values. No host synchronization."""
+    if payload.version == 1:
+        slot = torch.arange(payload.capacity, device=payload.buffer.device)
+        sent = slot < payload.count
+        return torch.where(sent, payload.indices.to(torch.int64), torch.full_like(slot, -1)), sent
+    found, sent = row_positions(payload.buffer[None], payload.layout)
+    return found[0], sent[0]
+
+
 def entries(payload: SparsePayload) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(positions int64, fp32 values, sent bool) per slot of a trusted payload of either
     version; -1, 0 and False where a slot carries no entry. No host synchronization."""

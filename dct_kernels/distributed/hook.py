@@ -327,7 +327,7 @@ def _record_sparse(state: DCTState, layout: BucketLayout, exchange, sent) -> Non
         # allgather capacity would also have had does.
         overflowed = count + overflow > layout.capacity
     else:
-        positions, _, valid = codec.entries(sent)
+        positions, valid = codec.positions(sent)
         count, overflow = valid.sum(), sent.overflow
         overflowed = overflow > 0
     layout.rule.step(layout.thresholds, positions, valid, overflowed, capped)
@@ -345,7 +345,7 @@ def _record_shard(state: DCTState, layout: BucketLayout, payload: wire.SparsePay
     """After stage 2 of reduce_scatter: the threshold rule on the shard payload corrects τ'
     and stages its flags; statistics."""
     shard = layout.shard
-    positions, _, valid = codec.entries(payload)  # bucket positions: the shard's from start
+    positions, valid = codec.positions(payload)  # bucket positions: the shard's from start
     shard.rule.step(shard.thresholds, positions - shard.start, valid, payload.overflow > 0)
     state.statistics.add_device(shard_kept=valid.sum(), shard_overflow=payload.overflow)
 
