@@ -226,7 +226,7 @@ def _poke(buffer, offset, fmt, value):
 
 
 def corrupted(how):
-    """A version-2 buffer with one defect, and whether it voids the whole row."""
+    """(a valid version-2 payload, a copy of its buffer with one defect)."""
     value_dtype = torch.bfloat16 if how == "escape_too_large" else FP8
     p = _valid_payload(value_dtype)
     b = p.buffer.clone()
