@@ -7,9 +7,10 @@ with a power-of-two scale per segment, the delta code with its escapes, the cut 
 in slots, and the error-feedback fix-up of the residual for what was rounded or cut. Decoding
 turns received version-2 rows into version-1 rows with fp32 values for the backends'
 decompress kernels. Both are torch operations over [capacity]-sized tensors on the payload's
-device, the same code for every backend, so every backend writes and reads the same bytes, and
-neither synchronizes with the host (except ``validate=True``). docs/design.md#wire-format-version-2
-is the contract; the rules in short:
+device, the same code for every backend that has no codec of its own (the cpu core has one,
+``csrc/cpu/codec.cpp``, bitwise this one: see ``backends/__init__.py``), so every backend
+writes and reads the same bytes; neither synchronizes with the host (except
+``validate=True``). docs/design.md, "Wire format version 2", is the contract; in short:
 
 * delta code, slot j: a code c_j != 0 is an entry at position p + c_j (p: the position reached
   so far, -1 at the start); c_j == 0 is an escape that moves p by 65535 x (v_j + 1), v_j the
