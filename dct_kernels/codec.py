@@ -361,12 +361,8 @@ def entries(payload: SparsePayload) -> Tuple[torch.Tensor, torch.Tensor, torch.T
     """(positions int64, fp32 values, sent bool) per slot of a trusted payload of either
     version; -1, 0 and False where a slot carries no entry. No host synchronization."""
     if payload.version == 1:
-        slot = torch.arange(payload.capacity, device=payload.buffer.device)
-        sent = slot < payload.count
-        positions = torch.where(sent, payload.indices.to(torch.int64),
-                                torch.full_like(slot, -1))
-        values = torch.where(sent, payload.values.to(torch.float32),
-                             torch.zeros(payload.capacity, device=payload.buffer.device))
-        return positions, values, sent
-    positions, decoded, ok, _, _ = decode(payload.buffer[None], payload.numel, payload.layout)
-    return positions[0], decoded[0], ok[0]
+        found, sent = positions(payload)
+        values = payload.values.to(torch.float32)
+        return found, torch.where(sent, values, torch.zeros_like(values)), sent
+    found, decoded, ok, _, _ = decode(payload.buffer[None], payload.numel, payload.layout)
+    return found[0], decoded[0], ok[0]

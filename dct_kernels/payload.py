@@ -107,7 +107,9 @@ def index_code(index_encoding: str) -> int:
 
 def index_encoding_of_code(code: int) -> str:
     """The index encoding of a wire code (KeyError for an unknown code)."""
-    return INDEX_ENCODINGS[code] if 0 <= code < len(INDEX_ENCODINGS) else {}[code]
+    if not 0 <= code < len(INDEX_ENCODINGS):
+        raise KeyError(code)
+    return INDEX_ENCODINGS[code]
 
 
 def version_of(value_dtype: torch.dtype, index_encoding: str = "int32") -> int:

@@ -36,12 +36,6 @@ def write_empty(buffer: torch.Tensor, numel: int, capacity: int,
                 value_dtype: torch.dtype, index_encoding: str = "int32",
                 num_scales: int = 0) -> None:
     """An empty payload (count 0) of ``capacity`` slots for a tensor of ``numel`` elements."""
-    if wire.version_of(value_dtype, index_encoding) == 1:
-        buffer.zero_()
-        words = torch.tensor(wire.header_words(numel, capacity, value_dtype),
-                             dtype=torch.int32)
-        buffer[:wire.HEADER_BYTES].view(torch.int32).copy_(words, non_blocking=True)
-        return
     buffer.copy_(wire.new_payload(numel, capacity, value_dtype, (numel,), torch.float32,
                                   buffer.device, index_encoding, num_scales).buffer)
 
@@ -52,12 +46,17 @@ def padded(bounds, length: int, total: int):
     return list(bounds) + [total] * (length - len(bounds))
 
 
+def row_counts(rows: torch.Tensor):
+    """(count int32 [W], overflow int32 [W]) views of wire rows' headers (either version)."""
+    words = rows[:, :wire.HEADER_BYTES].view(torch.int32)
+    return words[:, wire.WORD_COUNT], words[:, wire.WORD_OVERFLOW]
+
+
 def row_fields(rows: torch.Tensor, capacity: int):
-    """(indices int32 [W, capacity], count int32 [W], overflow int32 [W]) views of wire rows."""
+    """(indices int32 [W, capacity], count int32 [W], overflow int32 [W]) views of version-1
+    wire rows."""
     indices = rows[:, wire.HEADER_BYTES:wire.HEADER_BYTES + 4 * capacity].view(torch.int32)
-    count = rows[:, 20:24].view(torch.int32)[:, 0]
-    overflow = rows[:, 24:28].view(torch.int32)[:, 0]
-    return indices, count, overflow
+    return (indices,) + row_counts(rows)
 
 
 class ReduceScatterExchange:
@@ -214,7 +213,7 @@ class ReduceScatterExchange:
         overflow [W]) of the rows this rank sent in stage 1."""
         if self.version == 2:
             local, valid = codec.row_positions(self.send, self.row_layout)
-            overflow = self.send[:, 24:28].view(torch.int32)[:, 0]
+            overflow = row_counts(self.send)[1]
             positions = local + self.shard.cut_starts[:, None]
             return positions, valid, valid.sum(dim=1), overflow
         indices, count, overflow = row_fields(self.send, self.capacity)
