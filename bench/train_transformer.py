@@ -41,7 +41,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 import torch.distributed as dist
@@ -55,6 +55,10 @@ from dlrm.context import device_name
 
 TASKS = ("classify", "lm_text", "lm_synthetic")
 RUNS = ("dense", "fp16", "powersgd", "dct", "dct_rs", "dct_bf16")
+# Further runs, registered by scripts that reuse this benchmark (bench/ef_variants.py): name ->
+# factory(group, world, overrides) returning (state, hook, notes) as make_hook does. A state
+# needs ``stats()`` with bytes_sent, bytes_received and bytes_ring.
+EXTRA_RUNS: Dict[str, Callable] = {}
 STEPS = {"classify": 1000, "lm_text": 500, "lm_synthetic": 500}
 SEQ = {"classify": 32, "lm_text": 32, "lm_synthetic": 32}
 HELDOUT = 1024      # held-out sequences
@@ -141,6 +145,8 @@ def build_model(task: str, seed: int) -> torch.nn.Module:
 def make_hook(run: str, ddp_group, world: int, overrides: Dict[str, object]):
     """(state, hook, notes) of a run; ``overrides`` are DCTState settings for the dct runs
     (``--dct-set``)."""
+    if run in EXTRA_RUNS:
+        return EXTRA_RUNS[run](ddp_group, world, overrides)
     if run == "dense":
         return dp_traffic.DenseTraffic(ddp_group), dp_traffic.dense_hook, {}
     if run == "fp16":
@@ -276,7 +282,8 @@ def write_report(report: dict, out: str) -> None:
             vs = "" if dense is None else f"{r['quality'] - dense:+.4f}"
             lines.append(
                 f"| {run} | {r['quality']:.4f} | {vs} | {at30:.4f} | "
-                f"{r['compression'] or 0:.1f}x | {r['step_ms']:.1f} | "
+                + (f"{r['compression']:.1f}x" if r["compression"] else "–")
+                + f" | {r['step_ms']:.1f} | "
                 + (f"{s['early_refreshes']} / {s['buckets_sparse']} | "
                    f"{s['overflowed_buckets']} | {s['kept_density']:.4f} |" if s else "| | |"))
         lines.append("")
@@ -306,7 +313,9 @@ def write_report(report: dict, out: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
+def main(argv=None, out_name: str = "transformers") -> None:
+    """Parse ``argv``, train every task and run on W spawned gloo ranks, write the report into
+    --out (default bench/results/<device>/<out_name>_w<W>/)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--tasks", default=",".join(TASKS))
@@ -339,8 +348,9 @@ def main(argv=None) -> None:
         if t not in TASKS:
             parser.error(f"--tasks: unknown task {t!r} (expected some of {', '.join(TASKS)})")
     for r in args.runs:
-        if r not in RUNS:
-            parser.error(f"--runs: unknown run {r!r} (expected some of {', '.join(RUNS)})")
+        if r not in RUNS and r not in EXTRA_RUNS:
+            known = ", ".join(RUNS + tuple(EXTRA_RUNS))
+            parser.error(f"--runs: unknown run {r!r} (expected some of {known})")
     if args.ranks < 1:
         parser.error("--ranks: expected >= 1")
     import transformers  # the optional dependency: fail before spawning
@@ -362,7 +372,7 @@ def main(argv=None) -> None:
                                                         args.dct_set.items()},
               "tasks": tasks, "wall_s": time.time() - started}
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   device_slug(device), f"transformers_w{args.ranks}")
+                                   device_slug(device), f"{out_name}_w{args.ranks}")
     write_report(report, out)
     print(f"written to {out} ({report['wall_s']:.0f} s)")
 

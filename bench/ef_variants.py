@@ -1,0 +1,181 @@
+"""Which changes to top-k sparsification with error feedback could close DCT-DP's quality gap on
+the byte-level GPT-2 LM of bench/train_transformer.py? Each variant is a plain torch comm hook
+(an exact ``torch.topk`` per parameter, the kept entries all-reduced as a dense tensor with zeros
+elsewhere: this measures quality, not bytes or time), trained exactly like that benchmark's runs:
+
+    python bench/ef_variants.py                          # lm_text, every variant, W = 2
+    python bench/ef_variants.py --tasks lm_synthetic --runs ef,ef_global
+
+Variants (k = ceil(ratio x n) per parameter of n >= 1024 elements, smaller ones dense, 10 dense
+warm-up steps, ratio 0.01 unless named):
+
+- ``ef``: classic error feedback, acc = g + e, send top-k(acc), e = acc - sent: what DCT-DP does
+  with an exact threshold at every step (the reference: it should match the ``dct`` run).
+- ``ef_global``: the same kept count per bucket, but one top-k over all of the bucket's sparse
+  parameters, so the budget goes where the magnitudes are.
+- ``ef21``: EF21 (Richtarik et al., 2021): each rank keeps an estimate h of its gradient and
+  sends top-k(g - h); every rank applies the same dense estimate H = mean h (Adam sees a nonzero
+  gradient everywhere at every step); h and H start from the last dense warm-up step.
+- ``ef21_momentum``: EF21 on a momentum of the gradient (eta 0.1, as in EF21-SGDM).
+- ``ef_release``: classic error feedback, but the aggregated sparse gradient is released into the
+  optimizer over several steps (30% of what is pending per step; rank-identical), so that a
+  rarely sent entry is seen by Adam at more than one step.
+- ``ef_ramp``: no dense warm-up; the kept fraction falls geometrically from 0.25 to the ratio
+  over the first 200 steps (DGC's warm-up schedule).
+- ``ef_3pct``, ``ef_10pct``: classic error feedback at ratio 0.03 and 0.1 (what more density buys).
+
+Writes bench/train_transformer.py's report (``transformers.json``/``.md``/``.png``) into
+bench/results/<device>/ef_variants_w<W>/; the variants' compression column is empty.
+"""
+
+import math
+import os
+import sys
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_transformer  # noqa: E402  (bench/train_transformer.py)
+
+VARIANTS: Dict[str, dict] = {
+    "ef": {},
+    "ef_global": {"selection": "bucket"},
+    "ef21": {"feedback": "ef21"},
+    "ef21_momentum": {"feedback": "ef21", "momentum": 0.1},
+    "ef_release": {"release": 0.3},
+    "ef_ramp": {"warmup_steps": 0, "ramp_steps": 200},
+    "ef_3pct": {"ratio": 0.03},
+    "ef_10pct": {"ratio": 0.1},
+}
+
+
+class VariantState:
+    """Settings and per-bucket memory of one variant (bucket index -> tensors of its size; a
+    size change, as after DDP's first iteration rebuilds its buckets, starts them afresh)."""
+
+    def __init__(self, group, ratio: float = 0.01, warmup_steps: int = 10, min_numel: int = 1024,
+                 selection: str = "parameter", feedback: str = "ef", momentum: float = 1.0,
+                 release: float = 1.0, ramp_steps: int = 0, ramp_start: float = 0.25):
+        self.group, self.ratio, self.warmup_steps = group, ratio, warmup_steps
+        self.min_numel, self.selection, self.feedback = min_numel, selection, feedback
+        self.momentum, self.release = momentum, release
+        self.ramp_steps, self.ramp_start = ramp_steps, ramp_start
+        self.step = 0
+        self.memory: Dict[int, Dict[str, torch.Tensor]] = {}
+
+    def ratio_now(self) -> float:
+        t = self.step - self.warmup_steps
+        if self.ramp_steps and t < self.ramp_steps:
+            return max(self.ratio,
+                       self.ramp_start * (self.ratio / self.ramp_start) ** (t / self.ramp_steps))
+        return self.ratio
+
+    def buffers(self, index: int, like: torch.Tensor) -> Dict[str, torch.Tensor]:
+        held = self.memory.get(index)
+        if held is None or next(iter(held.values())).numel() != like.numel():
+            held = {name: torch.zeros_like(like) for name in ("e", "h", "H", "v", "pending")}
+            held["fresh"] = torch.ones(1)
+            self.memory[index] = held
+        return held
+
+    def stats(self) -> Dict[str, float]:
+        return {"bytes_sent": 0, "bytes_received": 0, "bytes_ring": 0}
+
+
+def keep_mask(acc: torch.Tensor, sizes: List[int], ratio: float, min_numel: int,
+              selection: str) -> torch.Tensor:
+    """Entries to send: every entry of a parameter under ``min_numel``; of the others the
+    ceil(ratio x n) largest magnitudes per parameter, or (``selection="bucket"``) as many in
+    total, the largest over all of them."""
+    mask = torch.zeros(acc.numel(), dtype=torch.bool)
+    sparse = torch.zeros_like(mask)
+    off, budget = 0, 0
+    for n in sizes:
+        if n < min_numel:
+            mask[off:off + n] = True
+        else:
+            k = max(1, math.ceil(ratio * n))
+            budget += k
+            sparse[off:off + n] = True
+            if selection == "parameter":
+                mask[off + torch.topk(acc[off:off + n].abs(), k).indices] = True
+        off += n
+    if selection == "bucket" and budget:
+        magnitude = acc.abs().masked_fill(~sparse, -1.0)
+        mask[torch.topk(magnitude, budget).indices] = True
+    return mask
+
+
+def _all_mean(t: torch.Tensor, group) -> torch.Tensor:
+    dist.all_reduce(t, group=group)
+    return t.div_(dist.get_world_size(group))
+
+
+def variant_hook(state: VariantState, bucket) -> torch.futures.Future[torch.Tensor]:
+    grad = bucket.buffer()
+    if state.step < state.warmup_steps:
+        local = grad.clone() if state.feedback == "ef21" else None
+        out = _all_mean(grad, state.group)
+        if local is not None:
+            # EF21 starts from the dense warm-up: every estimate is exact at its last step.
+            mem = state.buffers(bucket.index(), grad)
+            mem["h"].copy_(local)
+            mem["v"].copy_(local)
+            mem["H"].copy_(out)
+            mem["fresh"].zero_()
+    else:
+        mem = state.buffers(bucket.index(), grad)
+        sizes = [g.numel() for g in bucket.gradients()]
+        ratio = state.ratio_now()
+        if state.feedback == "ef21":
+            v = mem["v"]
+            if state.momentum < 1.0 and not mem["fresh"].item():
+                v.mul_(1 - state.momentum).add_(grad, alpha=state.momentum)
+            else:
+                v.copy_(grad)
+            delta = v - mem["h"]
+            sent = delta * keep_mask(delta, sizes, ratio, state.min_numel, state.selection)
+            mem["h"] += sent
+            mem["H"] += _all_mean(sent, state.group)
+            out = mem["H"].clone()
+        else:
+            acc = grad + mem["e"]
+            sent = acc * keep_mask(acc, sizes, ratio, state.min_numel, state.selection)
+            mem["e"] = acc - sent
+            out = _all_mean(sent, state.group)
+            if state.release < 1.0:
+                mem["pending"] += out
+                out = mem["pending"] * state.release
+                mem["pending"] -= out
+        mem["fresh"].zero_()
+    if bucket.is_last():
+        state.step += 1
+    done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    done.set_result(out)
+    return done
+
+
+def _factory(settings: dict):
+    def make(group, world: int, overrides: dict):
+        kwargs = dict(settings, **overrides)
+        return VariantState(group, **kwargs), variant_hook, {k: str(v) for k, v in
+                                                              kwargs.items()}
+    return make
+
+
+train_transformer.EXTRA_RUNS.update({name: _factory(s) for name, s in VARIANTS.items()})
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--tasks" or a.startswith("--tasks=") for a in argv):
+        argv += ["--tasks", "lm_text"]
+    if not any(a == "--runs" or a.startswith("--runs=") for a in argv):
+        argv += ["--runs", ",".join(("dense", "dct") + tuple(VARIANTS))]
+    train_transformer.main(argv, out_name="ef_variants")
+
+
+if __name__ == "__main__":
+    main()
