@@ -57,7 +57,11 @@ class VariantState:
 
     def __init__(self, group, ratio: float = 0.01, warmup_steps: int = 10, min_numel: int = 1024,
                  selection: str = "parameter", feedback: str = "ef", momentum: float = 1.0,
-                 release: float = 1.0, ramp_steps: int = 0, ramp_start: float = 0.25):
+                 release: float = 1.0, ramp_steps: int = 0, ramp_start: float = 0.25,
+                 dense_shapes=()):
+        # dense_shapes: parameters of these shapes are sent dense like small ones (to find
+        # which weights' sparsification costs quality: --dct-set "dense_shapes=[(128, 512)]").
+        self.dense_shapes = [tuple(shape) for shape in dense_shapes]
         self.group, self.ratio, self.warmup_steps = group, ratio, warmup_steps
         self.min_numel, self.selection, self.feedback = min_numel, selection, feedback
         self.momentum, self.release = momentum, release
@@ -85,15 +89,15 @@ class VariantState:
 
 
 def keep_mask(acc: torch.Tensor, sizes: List[int], ratio: float, min_numel: int,
-              selection: str) -> torch.Tensor:
-    """Entries to send: every entry of a parameter under ``min_numel``; of the others the
-    ceil(ratio x n) largest magnitudes per parameter, or (``selection="bucket"``) as many in
-    total, the largest over all of them."""
+              selection: str, dense: Optional[List[bool]] = None) -> torch.Tensor:
+    """Entries to send: every entry of a parameter under ``min_numel`` (or marked in
+    ``dense``); of the others the ceil(ratio x n) largest magnitudes per parameter, or
+    (``selection="bucket"``) as many in total, the largest over all of them."""
     mask = torch.zeros(acc.numel(), dtype=torch.bool)
     sparse = torch.zeros_like(mask)
     off, budget = 0, 0
-    for n in sizes:
-        if n < min_numel:
+    for i, n in enumerate(sizes):
+        if n < min_numel or (dense is not None and dense[i]):
             mask[off:off + n] = True
         else:
             k = max(1, math.ceil(ratio * n))
@@ -127,7 +131,9 @@ def variant_hook(state: VariantState, bucket) -> torch.futures.Future[torch.Tens
             mem["fresh"].zero_()
     else:
         mem = state.buffers(bucket.index(), grad)
-        sizes = [g.numel() for g in bucket.gradients()]
+        grads = bucket.gradients()
+        sizes = [g.numel() for g in grads]
+        dense = [tuple(g.shape) in state.dense_shapes for g in grads]
         ratio = state.ratio_now()
         if state.feedback == "ef21":
             v = mem["v"]
@@ -136,13 +142,14 @@ def variant_hook(state: VariantState, bucket) -> torch.futures.Future[torch.Tens
             else:
                 v.copy_(grad)
             delta = v - mem["h"]
-            sent = delta * keep_mask(delta, sizes, ratio, state.min_numel, state.selection)
+            sent = delta * keep_mask(delta, sizes, ratio, state.min_numel, state.selection,
+                                       dense)
             mem["h"] += sent
             mem["H"] += _all_mean(sent, state.group)
             out = mem["H"].clone()
         else:
             acc = grad + mem["e"]
-            sent = acc * keep_mask(acc, sizes, ratio, state.min_numel, state.selection)
+            sent = acc * keep_mask(acc, sizes, ratio, state.min_numel, state.selection, dense)
             mem["e"] = acc - sent
             out = _all_mean(sent, state.group)
             if state.release < 1.0:
