@@ -11,7 +11,8 @@ each way; a ring all-reduce of M bytes, 2 (W - 1) / W M each way. The dense base
 ring all-reduce of every bucket in the gradient dtype (fp32): 4 (W - 1) / W x bucket bytes.
 
 The model: an MLP of the given widths (weights and biases, fp32), bucketed as DDP buckets a
-model after its first iteration (parameters in reverse order, 25 MiB per bucket). Parameters
+model after its first iteration (parameters in reverse order, 25 MiB per bucket), or with
+``--numels`` one bucket of parameters of the given sizes. Parameters
 below ``--min-numel`` go dense (their ring all-reduce is counted in every exchange).
 
 Writes ``traffic.md`` (table), ``traffic.json`` (every figure) and ``traffic.png`` (needs
@@ -58,7 +59,8 @@ def buckets_of(numels, itemsize=4, cap=BUCKET_BYTES):
     return buckets
 
 
-def model_bytes(buckets, world, *, ratio, capacity_factor, min_numel, value_dtype):
+def model_bytes(buckets, world, *, ratio, capacity_factor, min_numel, value_dtype,
+                index_encoding="int32"):
     """{exchange or "dense": bytes per rank and step (sent + received)} from sizing."""
     out = {"dense": 0.0, "ring": 0.0}
     for e in EXCHANGES:
@@ -66,7 +68,8 @@ def model_bytes(buckets, world, *, ratio, capacity_factor, min_numel, value_dtyp
     for numels in buckets:
         sparse = [n >= min_numel for n in numels]
         plan = sizing.plan(numels, sparse, ratio=ratio, capacity_factor=capacity_factor,
-                           world=world, dtype=torch.float32, value_dtype=value_dtype)
+                           world=world, dtype=torch.float32, value_dtype=value_dtype,
+                           index_encoding=index_encoding)
         out["dense"] += sum(plan.dense())
         out["ring"] += plan.ring()
         if not any(sparse):
@@ -132,6 +135,7 @@ def _measure_worker(rank, world, store, config, result_path):
         state = DCTState(ratio=config["ratio"], capacity_factor=config["capacity_factor"],
                          min_numel=config["min_numel"], warmup_steps=0, refresh_every=100,
                          value_dtype=getattr(torch, config["value_dtype"]),
+                         index_encoding=config["index_encoding"],
                          exchange=exchange, module=named)
         counter = [0.0]
         per_step = []
@@ -196,10 +200,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", default="1024,4096,4096,1024",
                         help="MLP widths of the model (default: %(default)s)")
+    parser.add_argument("--numels", default="",
+                        help="instead of --widths: one bucket of parameters of these sizes "
+                             "(comma-separated, in bucket order)")
     parser.add_argument("--ratio", type=float, default=0.003)
     parser.add_argument("--capacity-factor", type=float, default=1.5)
     parser.add_argument("--value-dtype", default="bfloat16",
-                        choices=("float32", "float16", "bfloat16"))
+                        choices=("float32", "float16", "bfloat16", "float8_e4m3fn"))
+    parser.add_argument("--index-encoding", default="int32", choices=("int32", "delta"),
+                        help="sent positions as int32, or as uint16 gaps (wire format 2)")
     parser.add_argument("--min-numel", type=int, default=1024)
     parser.add_argument("--measure", default="2,4,8",
                         help="world sizes to measure on gloo ('' for none)")
@@ -211,16 +220,23 @@ def main(argv=None):
     args = parser.parse_args(argv)
     value_dtype = getattr(torch, args.value_dtype)
     common = dict(ratio=args.ratio, capacity_factor=args.capacity_factor,
-                  min_numel=args.min_numel, value_dtype=value_dtype)
-    widths = [int(w) for w in args.widths.split(",")]
-    buckets = buckets_of(mlp_numels(widths))
+                  min_numel=args.min_numel, value_dtype=value_dtype,
+                  index_encoding=args.index_encoding)
+    if args.numels:
+        # One bucket of the given parameter sizes, in bucket order.
+        numels = [int(n) for n in args.numels.split(",")]
+        buckets, model = [numels], f"one bucket of parameters {args.numels}"
+    else:
+        numels = mlp_numels([int(w) for w in args.widths.split(",")])
+        buckets, model = buckets_of(numels), f"MLP {args.widths}"
     modelled = {w: model_bytes(buckets, w, **common) for w in WORLDS}
 
     measured = {}
     mwidths = [int(w) for w in args.measure_widths.split(",")]
     mbuckets = buckets_of(mlp_numels(mwidths))
     config = dict(buckets=mbuckets, ratio=args.ratio, capacity_factor=args.capacity_factor,
-                  min_numel=args.min_numel, value_dtype=args.value_dtype, steps=args.steps)
+                  min_numel=args.min_numel, value_dtype=args.value_dtype,
+                  index_encoding=args.index_encoding, steps=args.steps)
     for w in [int(x) for x in args.measure.split(",") if x]:
         got = measure(w, config)
         want = model_bytes(mbuckets, w, **common)
@@ -231,11 +247,12 @@ def main(argv=None):
               file=sys.stderr)
 
     os.makedirs(args.out, exist_ok=True)
-    n_params = sum(mlp_numels(widths))
+    n_params = sum(numels)
     lines = [f"# DCT-DP traffic per rank and step", "",
-             f"Model: MLP {args.widths} ({n_params:,} fp32 parameters, {len(buckets)} "
-             f"DDP buckets of <= 25 MiB), ratio {args.ratio}, capacity factor "
-             f"{args.capacity_factor}, {args.value_dtype} values, min_numel "
+             f"Model: {model} ({n_params:,} fp32 parameters, {len(buckets)} "
+             f"DDP bucket(s) of <= 25 MiB), ratio {args.ratio}, capacity factor "
+             f"{args.capacity_factor}, {args.value_dtype} values, {args.index_encoding} "
+             f"indices, min_numel "
              f"{args.min_numel}. Modelled with dct_kernels.distributed.sizing (the hook's "
              f"code); bytes sent + received per rank and step, docs/design.md terms; compression "
              f"= ring bytes / exchange bytes.", "",
@@ -285,8 +302,8 @@ def main(argv=None):
         ax.set_yscale("log")
         ax.set_xlabel("world size W")
         ax.set_ylabel("MB per rank and step (sent + received)")
-        ax.set_title(f"DCT-DP traffic, MLP {args.widths}, ratio {args.ratio}, "
-                     f"{args.value_dtype}")
+        ax.set_title(f"DCT-DP traffic, {model}, ratio {args.ratio}, "
+                     f"{args.value_dtype}, {args.index_encoding}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
         fig.tight_layout()
