@@ -564,6 +564,11 @@ def check_wire_v2(rank, world, steps=5):
                 (exchange, value_dtype, encoding, stats, total)
             moved[value_dtype, encoding] = total
         v1 = moved[torch.bfloat16, "int32"]
+        if exchange == "reduce_scatter" and world > 8:
+            # At tens of ranks these buckets' rows hold a few dozen slots: the fixed part
+            # (header, fp8 scale section, 16-byte alignment) is most of a row, and fp8 values
+            # stop paying (bench/results/CPU_x86_64_2_cores/traffic_64_ranks/README.md).
+            continue
         # reduce_scatter's rows are about 1/W of a bucket each, so their fixed parts (header,
         # scales, alignment) weigh more.
         bound = 0.6 if exchange == "allgather" else 0.75
