@@ -162,6 +162,21 @@ def make_hook(run: str, ddp_group, world: int, overrides: Dict[str, object]):
         k: str(v) for k, v in kwargs.items()}
 
 
+def lr_schedule(opt, name: str, steps: int):
+    """torch's LambdaLR for ``name``: "constant", or "cosine" (a linear warm-up over the first
+    5% of the steps, then a cosine decay to 0 at ``steps``, the usual transformer recipe)."""
+    warm = max(1, steps // 20)
+
+    def factor(step: int) -> float:
+        if name == "constant":
+            return 1.0
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def evaluate(model, task: Task, rank: int, world: int) -> float:
     """Held-out accuracy (classify) or mean loss per token (LM), over every rank's share of
     the held-out set, the same on every rank."""
@@ -199,6 +214,7 @@ def train_run(task: Task, run: str, rank: int, world: int, args, groups) -> dict
     opt = (torch.optim.AdamW(ddp.parameters(), lr=args.lr) if args.optimizer == "adamw" else
            torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9))
     steps = args.steps or STEPS[task.name]
+    schedule = lr_schedule(opt, args.lr_schedule, steps)
     every = max(1, steps // 10)
     curve = {"step": [], "quality": []}
     step_s: List[float] = []
@@ -209,6 +225,7 @@ def train_run(task: Task, run: str, rank: int, world: int, args, groups) -> dict
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        schedule.step()
         step_s.append(time.perf_counter() - t0)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{task.name}/{run}: loss {loss.item()} at step {step}")
@@ -269,7 +286,10 @@ def write_report(report: dict, out: str) -> None:
         json.dump(report, f, indent=1)
     lines = [f"# DCT-DP on transformers, W = {report['world_size']}",
              "", f"{report['device']}, {report['date']}, torch {report['torch']}, transformers "
-             f"{report['transformers']}, Python {report['python']} (lm_text's source)", ""]
+             f"{report['transformers']}, Python {report['python']} (lm_text's source)", "",
+             f"{report.get('optimizer', 'adamw')}, lr {report.get('lr')}, "
+             f"{report.get('lr_schedule', 'constant')} schedule, seed {report.get('seed')}, "
+             f"{report.get('batch_per_rank')} sequences per rank and step", ""]
     for task, runs in report["tasks"].items():
         dense = runs.get("dense", {}).get("quality")
         lines += [f"## {task} ({quality_name(task)})", "",
@@ -326,6 +346,9 @@ def main(argv=None, out_name: str = "transformers") -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
                         help="AdamW, or SGD with momentum 0.9 (default adamw)")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                        help="constant, or cosine: 5%% linear warm-up, cosine decay to 0 "
+                             "(default constant)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dct-set", action="append", default=[], metavar="NAME=VALUE",
                         help="a DCTState setting for the dct runs, e.g. warmup_steps=100 "
@@ -367,7 +390,7 @@ def main(argv=None, out_name: str = "transformers") -> None:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "transformers": transformers.__version__,
               "python": platform.python_version(), "seed": args.seed, "lr": args.lr,
-              "optimizer": args.optimizer,
+              "optimizer": args.optimizer, "lr_schedule": args.lr_schedule,
               "batch_per_rank": args.batch, "dct_set": {k: repr(v) for k, v in
                                                         args.dct_set.items()},
               "tasks": tasks, "wall_s": time.time() - started}
