@@ -61,3 +61,27 @@ def test_tiny_runs_end_identical_and_report(tmp_path):
         assert runs["dct"]["compression"] > 1.0 and runs["dct"]["dp_stats"]["buckets_sparse"] > 0
         assert runs["dct_rs"]["dp_stats"]["buckets_reduce_scatter"] > 0
     assert (out / "transformers.md").exists()
+
+
+def test_lr_schedules():
+    import math
+
+    import torch
+
+    def lrs(name, steps):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=2.0)
+        schedule = tt.lr_schedule(opt, name, steps)
+        out = []
+        for _ in range(steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            schedule.step()
+        return out
+
+    assert lrs("constant", 7) == [2.0] * 7
+    got = lrs("cosine", 100)   # warm-up over 5 steps, then cosine to 0 at step 100
+    assert got[:5] == pytest.approx([0.4, 0.8, 1.2, 1.6, 2.0])
+    assert got[5] == pytest.approx(2.0)
+    assert got[6] == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi / 95)))
+    assert got[52] == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 47 / 95)))
+    assert all(a >= b for a, b in zip(got[4:], got[5:])) and 0 < got[-1] < 0.01
