@@ -29,15 +29,13 @@ bench/results/<device>/ef_variants_w<W>/; the variants' compression column is em
 """
 
 import math
-import os
 import sys
 from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_transformer  # noqa: E402  (bench/train_transformer.py)
+import train_transformer  # bench/ (the script's folder, or the tests' pythonpath)
 
 VARIANTS: Dict[str, dict] = {
     "ef": {},
@@ -68,6 +66,7 @@ class VariantState:
         self.ramp_steps, self.ramp_start = ramp_steps, ramp_start
         self.step = 0
         self.memory: Dict[int, Dict[str, torch.Tensor]] = {}
+        self.started = set()  # buckets whose EF21 momentum has a first value
 
     def ratio_now(self) -> float:
         t = self.step - self.warmup_steps
@@ -80,8 +79,8 @@ class VariantState:
         held = self.memory.get(index)
         if held is None or next(iter(held.values())).numel() != like.numel():
             held = {name: torch.zeros_like(like) for name in ("e", "h", "H", "v", "pending")}
-            held["fresh"] = torch.ones(1)
             self.memory[index] = held
+            self.started.discard(index)
         return held
 
     def stats(self) -> Dict[str, float]:
@@ -128,7 +127,7 @@ def variant_hook(state: VariantState, bucket) -> torch.futures.Future[torch.Tens
             mem["h"].copy_(local)
             mem["v"].copy_(local)
             mem["H"].copy_(out)
-            mem["fresh"].zero_()
+            state.started.add(bucket.index())
     else:
         mem = state.buffers(bucket.index(), grad)
         grads = bucket.gradients()
@@ -137,7 +136,7 @@ def variant_hook(state: VariantState, bucket) -> torch.futures.Future[torch.Tens
         ratio = state.ratio_now()
         if state.feedback == "ef21":
             v = mem["v"]
-            if state.momentum < 1.0 and not mem["fresh"].item():
+            if state.momentum < 1.0 and bucket.index() in state.started:
                 v.mul_(1 - state.momentum).add_(grad, alpha=state.momentum)
             else:
                 v.copy_(grad)
@@ -156,7 +155,7 @@ def variant_hook(state: VariantState, bucket) -> torch.futures.Future[torch.Tens
                 mem["pending"] += out
                 out = mem["pending"] * state.release
                 mem["pending"] -= out
-        mem["fresh"].zero_()
+        state.started.add(bucket.index())
     if bucket.is_last():
         state.step += 1
     done: torch.futures.Future[torch.Tensor] = torch.futures.Future()

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-import ef_variants  # noqa: E402  (bench/ef_variants.py)
+import ef_variants  # noqa: E402  (bench/ef_variants.py, on the tests' pythonpath)
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "bench", "ef_variants.py")
 

@@ -4,11 +4,13 @@ ring all-reduce it replaces, and the report has its fields; the byte-level text 
 library's own source."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -64,10 +66,6 @@ def test_tiny_runs_end_identical_and_report(tmp_path):
 
 
 def test_lr_schedules():
-    import math
-
-    import torch
-
     def lrs(name, steps):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=2.0)
         schedule = tt.lr_schedule(opt, name, steps)
