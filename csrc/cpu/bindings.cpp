@@ -159,6 +159,73 @@ PYBIND11_MODULE(_cpu, m) {
     });
   }, "Checked decode of version-2 rows into out, as decompress or decompress_many.");
 
+  m.def("rule_estimate", [](uintptr_t x, int dtype, uintptr_t residual, uintptr_t index,
+                            const std::vector<int64_t>& bounds, const std::vector<int64_t>& ks,
+                            uintptr_t unit_segment, uintptr_t unit_slot, uintptr_t scales,
+                            uintptr_t thresholds, int threads) {
+    if (bounds.size() != ks.size() + 1)
+      throw std::invalid_argument("rule_estimate: need U ks and U + 1 bounds");
+    dct_cpu::RuleEstimate a;
+    a.x = ptr<const void>(x);
+    a.dtype = dtype_of(dtype);
+    a.residual = ptr<const float>(residual);
+    a.index = ptr<const int64_t>(index);
+    a.bounds = bounds.data();
+    a.ks = ks.data();
+    a.unit_segment = ptr<const int64_t>(unit_segment);
+    a.unit_slot = ptr<const int64_t>(unit_slot);
+    a.scales = ptr<const float>(scales);
+    a.thresholds = ptr<float>(thresholds);
+    a.num_units = static_cast<int64_t>(ks.size());
+    run_without_gil([&] { return dct_cpu::rule_estimate(a, threads); });
+  }, "The threshold rule's estimate: scale times each unit's sample quantile.");
+
+  // The rule's constant arrays (tensors: pointers) first, then this step's inputs and state.
+  m.def("rule_step", [](int64_t num_segments, uintptr_t starts, uintptr_t ks, uintptr_t low,
+                        uintptr_t sparse, uintptr_t adjustable, int64_t high_total,
+                        int64_t patience, uintptr_t marks, uintptr_t multipliers,
+                        float scale_min, float scale_max, uintptr_t thresholds,
+                        uintptr_t overflowed, uintptr_t capped, uintptr_t rows,
+                        int64_t num_rows, int64_t row_bytes, int64_t count_offset,
+                        int64_t index_offset, int64_t capacity, uintptr_t row_shift,
+                        uintptr_t positions, uintptr_t valid, int64_t num_positions,
+                        int64_t position_shift, uintptr_t averages, uintptr_t scales,
+                        uintptr_t streaks, uintptr_t flags, uintptr_t counts) {
+    dct_cpu::RuleStep a;
+    a.num_segments = num_segments;
+    a.starts = ptr<const int64_t>(starts);
+    a.ks = ptr<const int64_t>(ks);
+    a.low = ptr<const int64_t>(low);
+    a.sparse = ptr<const uint8_t>(sparse);
+    a.adjustable = ptr<const uint8_t>(adjustable);
+    a.high_total = high_total;
+    a.patience = patience;
+    a.marks = ptr<const double>(marks);
+    a.multipliers = ptr<const float>(multipliers);
+    a.scale_min = scale_min;
+    a.scale_max = scale_max;
+    a.thresholds = ptr<const float>(thresholds);
+    a.overflowed = ptr<const uint8_t>(overflowed);
+    a.capped = ptr<const uint8_t>(capped);
+    a.rows = ptr<const uint8_t>(rows);
+    a.num_rows = num_rows;
+    a.row_bytes = row_bytes;
+    a.count_offset = count_offset;
+    a.index_offset = index_offset;
+    a.capacity = capacity;
+    a.row_shift = ptr<const int64_t>(row_shift);
+    a.positions = ptr<const int64_t>(positions);
+    a.valid = ptr<const uint8_t>(valid);
+    a.num_positions = num_positions;
+    a.position_shift = position_shift;
+    a.averages = ptr<float>(averages);
+    a.scales = ptr<float>(scales);
+    a.streaks = ptr<int32_t>(streaks);
+    a.flags = ptr<uint8_t>(flags);
+    a.counts = ptr<int64_t>(counts);
+    run_without_gil([&] { return dct_cpu::rule_step(a); });
+  }, "One step of the threshold rule: counts, averages, scales, streaks, flags.");
+
   m.def("compress_rows", [](uintptr_t x, int dtype, int64_t rows, int64_t columns, int64_t k,
                             uintptr_t indices, int index_bytes, uintptr_t values,
                             int value_dtype, int threads) {

@@ -84,6 +84,63 @@ Status decompress_v2(const WireV2& wire, const uint8_t* buffers, int num_rows,
                      DType out_dtype, bool accumulate, bool average, bool many,
                      int32_t* errors, int threads);
 
+// ------------------------------------------------------------------------- threshold rule
+// The DDP hook's threshold rule between exact refreshes (docs/design.md, "Refresh and band"),
+// each step one call; bitwise the composition in dct_kernels/distributed/threshold_rule.py.
+// Every pointer is host memory the caller trusts (the rule's own state and this rank's own
+// payloads).
+
+// thresholds[unit_slot[u]] = max(scales[unit_segment[u]] * q_u, 2^-149) for each unit u, q_u
+// the ks[u]-th largest |fp32(x[i]) + residual[i]| over i in index[bounds[u], bounds[u + 1]).
+struct RuleEstimate {
+  const void* x = nullptr;
+  DType dtype = DType::kFloat32;
+  const float* residual = nullptr;
+  const int64_t* index = nullptr;
+  const int64_t* bounds = nullptr;  // [num_units + 1]
+  const int64_t* ks = nullptr;      // [num_units]
+  const int64_t* unit_segment = nullptr;
+  const int64_t* unit_slot = nullptr;
+  const float* scales = nullptr;
+  float* thresholds = nullptr;
+  int64_t num_units = 0;
+};
+Status rule_estimate(const RuleEstimate& args, int threads);
+
+// One step after a compress: kept counts per segment (into counts), the count averages, the
+// scales, the streaks and the early-refresh flags (1 byte each), in place. The kept positions
+// come from version-1 rows (num_rows rows of row_bytes: the int32 count at count_offset, the
+// int32 indices at index_offset, row_shift[r] added; the count clamped to [0, capacity]) or,
+// when rows is null, from positions[i] + position_shift where valid[i].
+struct RuleStep {
+  int64_t num_segments = 0;
+  const int64_t* starts = nullptr;  // [S] segment starts
+  const int64_t* ks = nullptr;      // [S] targets
+  const int64_t* low = nullptr;     // [S] ceil(low x k)
+  const uint8_t* sparse = nullptr;
+  const uint8_t* adjustable = nullptr;
+  int64_t high_total = 0;  // sum of floor(high x k) over the sparse segments
+  int64_t patience = 1;
+  const double* marks = nullptr;       // [8] round(1000 x 2^(j/4))
+  const float* multipliers = nullptr;  // [17] m(s) for s = -8..8
+  float scale_min = 0, scale_max = 0;
+  const float* thresholds = nullptr;   // [S] this step's tau
+  const uint8_t* overflowed = nullptr; // one byte
+  const uint8_t* capped = nullptr;     // [S] or null
+  const uint8_t* rows = nullptr;
+  int64_t num_rows = 0, row_bytes = 0, count_offset = 0, index_offset = 0, capacity = 0;
+  const int64_t* row_shift = nullptr;  // [num_rows] or null
+  const int64_t* positions = nullptr;
+  const uint8_t* valid = nullptr;
+  int64_t num_positions = 0, position_shift = 0;
+  float* averages = nullptr;
+  float* scales = nullptr;
+  int32_t* streaks = nullptr;
+  uint8_t* flags = nullptr;
+  int64_t* counts = nullptr;
+};
+Status rule_step(const RuleStep& args);
+
 // ------------------------------------------------------------------------------------- rows
 // compress_rows, decompress_rows and gather_rows (dct_api.h), on up to `threads` threads. In
 // decompress_rows a column sent twice in a row takes the later value.

@@ -24,6 +24,13 @@ backend that does not have these; the result must be bitwise the same):
   version-2 rows of layout ``where`` into out as decompress (``many`` False) or
   decompress_many would.
 
+Optionally, the DDP hook's threshold rule (``dct_kernels/distributed/threshold_rule.py`` is
+its reference, used by a backend that does not have these; bitwise the same):
+
+- ``rule_estimate(rule, thresholds, x, residual)``: ``ThresholdRule.estimate`` in one call;
+- ``rule_step(rule, thresholds, kept, overflowed, capped)``: ``ThresholdRule.step``'s state
+  update (counts into ``rule.counts_out``, flags into ``rule.host_flags``) in one call.
+
 ``torch_ref`` is the reference implementation of that contract; ``cuda_ext`` and ``cpu_ext``
 bind the compiled cores of csrc/ (CUDA and host C++), ``triton_kernels`` holds the Triton
 kernels.

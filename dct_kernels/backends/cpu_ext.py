@@ -144,3 +144,38 @@ def gather_rows(y: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     _cpu.gather_rows(y.data_ptr(), _CODE(y.dtype), rows, columns, k, indices.data_ptr(),
                      indices.element_size(), out.data_ptr(), _threads())
     return out
+
+
+# ------------------------------------------------------------------ the DDP hook's threshold rule
+# Optional (dct_kernels/distributed/threshold_rule.py holds the reference composition): the
+# rule's per-step work in one call each; ``rule`` is a ThresholdRule on the CPU.
+
+def rule_estimate(rule, thresholds: torch.Tensor, x: torch.Tensor,
+                  residual: torch.Tensor) -> None:
+    _cpu.rule_estimate(x.data_ptr(), _CODE(x.dtype), residual.data_ptr(),
+                       rule.sample_index.data_ptr(), rule.sample_bounds, rule.sample_ks,
+                       rule.sample_segment.data_ptr(), rule.sample_slots.data_ptr(),
+                       rule.scales.data_ptr(), thresholds.data_ptr(), _threads())
+
+
+_COUNT_OFFSET = 4 * wire.WORD_COUNT
+
+
+def rule_step(rule, thresholds: torch.Tensor, kept, overflowed: torch.Tensor,
+              capped) -> None:
+    if kept.rows is not None:
+        rows = kept.rows
+        source = (rows.data_ptr(), rows.shape[0], rows.shape[1], _COUNT_OFFSET,
+                  wire.HEADER_BYTES, kept.capacity, kept.shift.data_ptr(), 0, 0, 0, 0)
+    else:
+        positions = kept.positions.reshape(-1).to(torch.int64)  # no copy when int64
+        valid = kept.valid.reshape(-1)
+        source = (0, 0, 0, 0, 0, 0, 0, positions.data_ptr(), valid.data_ptr(),
+                  positions.numel(), int(kept.shift))
+    _cpu.rule_step(rule.num_segments, rule.starts.data_ptr(), rule.ks_int.data_ptr(),
+                   rule.low.data_ptr(), rule.sparse.data_ptr(), rule.adjustable.data_ptr(),
+                   rule.high_total, rule.patience, rule.marks.data_ptr(),
+                   rule.multipliers.data_ptr(), rule.scale_min, rule.scale_max,
+                   thresholds.data_ptr(), overflowed.data_ptr(), _ptr(capped), *source,
+                   rule.averages.data_ptr(), rule.scales.data_ptr(), rule.streaks.data_ptr(),
+                   rule.host_flags.data_ptr(), rule.counts_out.data_ptr())

@@ -19,6 +19,7 @@ from .layout import BucketLayout
 from .reduce_scatter import ReduceScatterExchange
 from .stand_in import StandInBucket
 from .state import DCTState
+from .threshold_rule import Kept
 
 __all__ = ["dct_hook"]
 
@@ -320,19 +321,19 @@ def _record_sparse(state: DCTState, layout: BucketLayout, exchange, sent) -> Non
     early-refresh flags; the step is counted."""
     capped = None
     if layout.exchange == "reduce_scatter":
-        positions, valid, count, overflow = exchange.stage1_positions()
+        kept, count, overflow = exchange.stage1_kept()
         capped = exchange.capped_segments(overflow)
         count, overflow = count.sum(), overflow.sum()
         # Per-shard overflow alone says little about τ; an overflow that one buffer of the
         # allgather capacity would also have had does.
         overflowed = count + overflow > layout.capacity
     else:
-        positions, valid = codec.positions(sent)
-        count, overflow = valid.sum(), sent.overflow
+        kept = _kept_of(sent, layout.no_shift)
+        overflow = sent.overflow
         overflowed = overflow > 0
-    layout.rule.step(layout.thresholds, positions, valid, overflowed, capped)
+    counts = layout.rule.step(layout.thresholds, kept, overflowed, capped, state.backend)
     stats = state.statistics
-    stats.add_device(kept=count, overflow=overflow,
+    stats.add_device(kept=counts.sum(), overflow=overflow,
                      overflowed_buckets=(overflow > 0).to(torch.int64))
     sent_bytes, received = exchange.traffic()
     dense_sent, dense_received = layout.plan.dense_part()
@@ -345,9 +346,19 @@ def _record_shard(state: DCTState, layout: BucketLayout, payload: wire.SparsePay
     """After stage 2 of reduce_scatter: the threshold rule on the shard payload corrects τ'
     and stages its flags; statistics."""
     shard = layout.shard
-    positions, valid = codec.positions(payload)  # bucket positions: the shard's from start
-    shard.rule.step(shard.thresholds, positions - shard.start, valid, payload.overflow > 0)
-    state.statistics.add_device(shard_kept=valid.sum(), shard_overflow=payload.overflow)
+    kept = _kept_of(payload, shard.to_shard)  # bucket positions: the shard's from its start
+    counts = shard.rule.step(shard.thresholds, kept, payload.overflow > 0,
+                             backend=state.backend)
+    state.statistics.add_device(shard_kept=counts.sum(), shard_overflow=payload.overflow)
+
+
+def _kept_of(payload: wire.SparsePayload, shift: torch.Tensor) -> Kept:
+    """Where a payload's entries are, ``shift`` (int64 [1]) added: its row itself (version
+    1), or its decoded positions (version 2)."""
+    if payload.version == 1:
+        return Kept.of_rows(payload.buffer[None], payload.capacity, shift)
+    positions, valid = codec.positions(payload)
+    return Kept.of_positions(positions, valid, shift)
 
 
 # ----------------------------------------------------------------- the step's issue order

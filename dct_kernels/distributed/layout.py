@@ -97,7 +97,7 @@ class BucketLayout:
                  exchange: str = "allgather"):
         self.keys = keys
         self.numels = numels
-        self._slots = {}
+        self.no_shift = torch.zeros(1, dtype=torch.int64, device=device)  # see hook._kept_of
         self.sparse = sparse
         self.dtype = dtype
         self.device = device
@@ -193,14 +193,6 @@ class BucketLayout:
                                         self.shard.stage1_thresholds, "amax",
                                         include_self=False)
 
-    def slot_index(self, capacity: int) -> torch.Tensor:
-        """``arange(capacity)`` on the layout's device, made once (compared with a payload's
-        count to mark its used slots, every step)."""
-        slots = self._slots.get(capacity)
-        if slots is None:
-            slots = self._slots[capacity] = torch.arange(capacity, device=self.device)
-        return slots
-
     def owns_all(self) -> bool:
         return self.owned == sum(self.sparse)
 
@@ -260,6 +252,8 @@ class _Shard:
             bounds.append(bounds[-1] + len(pieces))
         self.piece_bounds = bounds
         self.cut_starts = torch.tensor(list(plan.cuts[:-1]), dtype=torch.int64).to(device)
+        # Stage-2 payloads carry bucket positions; the rule counts them from the shard's start.
+        self.to_shard = torch.tensor([-self.start], dtype=torch.int64).to(device)
         # Stage 1's τ, one per piece of every shard (the pieces tile the bucket): +inf for
         # dense pieces, 2^-149 where the piece's k is its length or its parameter's k = numel,
         # else estimated (or recomputed exactly) at every sparse step.

@@ -30,6 +30,7 @@ from .. import codec, ops
 from .. import payload as wire
 from . import collectives
 from .futures import new_future
+from .threshold_rule import Kept
 
 
 def write_empty(buffer: torch.Tensor, numel: int, capacity: int,
@@ -50,13 +51,6 @@ def row_counts(rows: torch.Tensor):
     """(count int32 [W], overflow int32 [W]) views of wire rows' headers (either version)."""
     words = rows[:, :wire.HEADER_BYTES].view(torch.int32)
     return words[:, wire.WORD_COUNT], words[:, wire.WORD_OVERFLOW]
-
-
-def row_fields(rows: torch.Tensor, capacity: int):
-    """(indices int32 [W, capacity], count int32 [W], overflow int32 [W]) views of version-1
-    wire rows."""
-    indices = rows[:, wire.HEADER_BYTES:wire.HEADER_BYTES + 4 * capacity].view(torch.int32)
-    return (indices,) + row_counts(rows)
 
 
 class ReduceScatterExchange:
@@ -208,15 +202,12 @@ class ReduceScatterExchange:
         capped.index_add_(0, shard.piece_param, (overflow > 0)[rows].to(torch.int64))
         return capped > 0
 
-    def stage1_positions(self):
-        """(bucket positions int64 [W, capacity], valid bool [W, capacity], count [W],
-        overflow [W]) of the rows this rank sent in stage 1."""
+    def stage1_kept(self):
+        """(Kept, count [W], overflow [W]) of the rows this rank sent in stage 1: where their
+        entries are in the bucket, and each row's entry count and overflow."""
+        count, overflow = row_counts(self.send)
         if self.version == 2:
             local, valid = codec.row_positions(self.send, self.row_layout)
-            overflow = row_counts(self.send)[1]
             positions = local + self.shard.cut_starts[:, None]
-            return positions, valid, valid.sum(dim=1), overflow
-        indices, count, overflow = row_fields(self.send, self.capacity)
-        positions = indices.to(torch.int64) + self.shard.cut_starts[:, None]
-        slots = self.layout.slot_index(self.capacity)
-        return positions, slots[None, :] < count[:, None], count, overflow
+            return Kept.of_positions(positions, valid), valid.sum(dim=1), overflow
+        return Kept.of_rows(self.send, self.capacity, self.shard.cut_starts), count, overflow

@@ -52,9 +52,14 @@ class Stats:
 
     def add_device(self, **values: torch.Tensor) -> None:
         """Add 0-d device tensors to the device counters (no sync; one indexed add, not one
-        small kernel per counter)."""
+        small kernel per counter). CPU tensors are read right away: there the data is in host
+        memory, and a read is cheaper than the stack and the add."""
         with self._lock:
             device = next(iter(values.values())).device
+            if device.type == "cpu":
+                for name, value in values.items():
+                    self._device_base[DEVICE_FIELDS.index(name)] += int(value)
+                return
             if self._device is None or self._device.device != device:
                 if self._device is not None:
                     self._device_base = self._device_totals()

@@ -43,18 +43,25 @@ Early refresh. The band is the bucket's (a sum over its parameters is steady whe
 parameter's count is mostly noise): a step is *out* when the bucket's summed count average
 exceeds sum(floor(high x k_p)), or the payload overflowed, or the count average summed over the
 parameters whose τ is above 2^-149 falls below their sum(ceil(low x k_p)) (at the floor every
-nonzero is already sent: fewer than k nonzeros is not an excursion). ``streak`` counts
-consecutive out steps; an early refresh is flagged when it reaches ``patience``. Only the flags
-travel to the host, in a non-blocking copy read one step later, so the rule never
-synchronizes.
+nonzero is already sent: fewer than k nonzeros is not an excursion). The sums are of
+floor(a_p x 2^24) in int64, exact in any order (an fp32 sum's rounding would depend on the
+order a library sums in). ``streak`` counts consecutive out steps; an early refresh is flagged
+when it reaches ``patience``. Only the flags travel to the host, in a non-blocking copy read
+one step later, so the rule never synchronizes.
+
+Backends. ``estimate`` and ``step`` below are the reference: compositions of torch operations,
+about ten and thirty of them, whose fixed cost (a few microseconds each, per bucket and step)
+is most of the hook's own time on the host. A backend with ``rule_estimate`` / ``rule_step``
+(the cpu core) does each in one call, bitwise the same.
 """
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .. import ops
+from .. import backends, ops
+from .. import payload as wire
 
 # The smallest positive fp32 magnitude (a denormal): every τ is at least this, so an entry
 # that is exactly ±0 never passes |acc| >= τ and never takes a payload slot.
@@ -70,6 +77,41 @@ SAMPLE_MAX = 65536  # at most this many samples per segment (the stride grows pa
 _HASH = 2654435761  # Knuth's multiplicative hash: the sample's position inside its stratum
 _RATIO_SCALE = 1000
 _RATIO_MARKS = [round(_RATIO_SCALE * 2.0 ** (j / 4)) for j in range(1, OCTAVE_STEPS + 1)]
+FIXED = 2 ** 24  # the band sums add floor(a_p x 2^24) in int64
+
+
+class Kept(NamedTuple):
+    """Where the entries a compress kept are, for the rule's counts: version-1 wire ``rows``
+    (uint8 [R, B], this rank's own: trusted) of ``capacity`` slots, ``shift`` (int64 [R])
+    added to each row's indices; or ``positions`` (int64, any shape) with ``valid`` (bool,
+    the same shape), ``shift`` (an int) added. Made by ``Kept.of_rows`` / ``of_positions``."""
+    rows: Optional[torch.Tensor]
+    capacity: int
+    positions: Optional[torch.Tensor]
+    valid: Optional[torch.Tensor]
+    shift: object
+
+    @staticmethod
+    def of_rows(rows: torch.Tensor, capacity: int, shift: torch.Tensor) -> "Kept":
+        return Kept(rows, capacity, None, None, shift)
+
+    @staticmethod
+    def of_positions(positions: torch.Tensor, valid: torch.Tensor, shift: int = 0) -> "Kept":
+        return Kept(None, 0, positions, valid, shift)
+
+    def positions_valid(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(positions int64, valid bool), flat, with the shift added (torch operations)."""
+        if self.rows is None:
+            return (self.positions.reshape(-1).to(torch.int64) + self.shift,
+                    self.valid.reshape(-1))
+        rows, capacity = self.rows, self.capacity
+        words = rows[:, :wire.HEADER_BYTES].view(torch.int32)
+        count = words[:, wire.WORD_COUNT].to(torch.int64)
+        start = wire.HEADER_BYTES
+        indices = rows[:, start:start + wire.INDEX_BYTES * capacity].view(torch.int32)
+        slot = torch.arange(capacity, device=rows.device)
+        positions = indices.to(torch.int64) + self.shift[:, None]
+        return positions.reshape(-1), (slot[None, :] < count[:, None]).reshape(-1)
 
 
 def sample_positions(numel: int, k: int) -> torch.Tensor:
@@ -135,9 +177,9 @@ class ThresholdRule:
             [2.0 ** (s / (UP_DIVISOR if s > 0 else DOWN_DIVISOR))
              for s in range(-OCTAVE_STEPS, OCTAVE_STEPS + 1)], dtype=torch.float32).to(device)
         self.ks = tensor(ks, torch.float32)
-        self.low_f = self.low.to(torch.float32)
-        self.sparse_f = self.sparse.to(torch.float32)
-        self.high_total = float(sum(math.floor(k * high) for k, s in zip(ks, sparse) if s))
+        self.ks_int = tensor(ks, torch.int64)
+        self.scale_min, self.scale_max = SCALE_MIN, SCALE_MAX
+        self.high_total = sum(math.floor(k * high) for k, s in zip(ks, sparse) if s)
         self.streaks = torch.zeros(self.num_segments, dtype=torch.int32, device=device)
         self.averages = self.ks.clone()
         self.scales = torch.ones(self.num_segments, dtype=torch.float32, device=device)
@@ -153,24 +195,33 @@ class ThresholdRule:
             positions.append(where + start)
             bounds.append(bounds[-1] + where.numel())
             orders.append(sample_k(end - start, k, where.numel()))
+        self.sample_bounds = bounds
         self.sample_index = torch.cat(positions).to(device) if units else None
         self.sample_segments = ops.Segments(bounds, device=device) if units else None
         self.sample_ks = orders
         self.sample_segment = tensor([u[3] for u in units], torch.int64)
         self.sample_slots = tensor([u[4] for u in units], torch.int64)
+        self.counts_out = torch.zeros(self.num_segments, dtype=torch.int64, device=device)
         pin = device.type == "cuda"
-        self._host = torch.zeros(self.num_segments, dtype=torch.bool, pin_memory=pin)
+        self.host_flags = torch.zeros(self.num_segments, dtype=torch.bool, pin_memory=pin)
         self._event = torch.cuda.Event() if pin else None
         self._staged = False
 
-    def counts(self, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """int64 [S]: how many of the valid ``positions`` (any shape) fall in each segment."""
-        positions = positions.reshape(-1).to(torch.int64)
+    def counts(self, kept: Kept) -> torch.Tensor:
+        """int64 [S]: how many of the ``kept`` entries fall in each segment (torch operations:
+        the reference of the count inside ``rule_step``)."""
+        positions, valid = kept.positions_valid()
         segment = torch.searchsorted(self.starts, positions, right=True) - 1
-        segment = torch.where(valid.reshape(-1), segment, self.num_segments)
+        segment = torch.where(valid, segment, self.num_segments)
         counts = torch.zeros(self.num_segments + 1, dtype=torch.int64, device=self.device)
         counts.scatter_add_(0, segment, torch.ones_like(segment))
         return counts[:self.num_segments]
+
+    def _fused(self, backend):
+        """The backend module when it fuses the rule (``rule_estimate`` / ``rule_step``), else
+        None (the torch composition below is used)."""
+        impl = backends.resolve(backend, self.device)
+        return impl if hasattr(impl, "rule_step") else None
 
     def estimate(self, thresholds: torch.Tensor, x: torch.Tensor, residual: torch.Tensor,
                  backend: Optional[str] = None) -> None:
@@ -181,6 +232,10 @@ class ThresholdRule:
         their τ. No host synchronization."""
         if self.sample_index is None:
             return
+        impl = self._fused(backend)
+        if impl is not None:
+            impl.rule_estimate(self, thresholds, x, residual)
+            return
         index = self.sample_index
         acc = x.index_select(0, index).to(torch.float32) + residual.index_select(0, index)
         quantiles = ops.select_threshold(acc, self.sample_ks, segments=self.sample_segments,
@@ -189,23 +244,36 @@ class ThresholdRule:
         thresholds.index_copy_(0, self.sample_slots,
                                torch.clamp_min(scales * quantiles, FLOOR))
 
-    def step(self, thresholds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-             overflowed: torch.Tensor, capped: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def step(self, thresholds: torch.Tensor, kept: Kept, overflowed: torch.Tensor,
+             capped: Optional[torch.Tensor] = None,
+             backend: Optional[str] = None) -> torch.Tensor:
         """One step of the rule after a compress: update the count averages, correct the
         scales ρ, advance the streaks and stage the early-refresh flags to the host (no
         synchronization).
 
         Args:
             thresholds: fp32 [S], the τ the compress used (read only: which are live).
-            positions: int32/int64 positions of the payload slots (relative to the segments'
-                range), any shape; ``valid`` (bool, same shape) marks the used slots.
+            kept: where the payload's kept entries are (positions relative to the segments'
+                range).
             overflowed: 0-d bool device tensor: the payload overflowed this step.
             capped: optional bool [S]: segments whose sent count a full buffer cut.
+            backend: the backend whose fused ``rule_step`` to use, if it has one.
 
         Returns:
-            The int64 [S] kept counts (for statistics).
+            The int64 [S] kept counts (for statistics; valid until the next step).
         """
-        counts = self.counts(positions, valid)
+        impl = self._fused(backend)
+        if impl is not None:
+            impl.rule_step(self, thresholds, kept, overflowed, capped)
+            counts = self.counts_out
+        else:
+            counts = self._step(thresholds, kept, overflowed, capped)
+        self._staged = True
+        return counts
+
+    def _step(self, thresholds, kept, overflowed, capped) -> torch.Tensor:
+        """``step`` as torch operations (the reference)."""
+        counts = self.counts(kept)
         # The average: a + (c - a) / 8, as separate fp32 operations (the scaling by 1/8 is
         # exact), so that it is the same on every machine.
         averages = self.averages
@@ -220,20 +288,22 @@ class ThresholdRule:
         down = down.masked_fill(held, 0)
         # The band is the bucket's: a sum over its parameters is steady where one small
         # parameter's count is mostly noise. Parameters at the floor send every nonzero they
-        # have; they are left out of the low side.
+        # have; they are left out of the low side. Sums in int64 fixed point: exact.
+        fixed = averages.double().mul_(FIXED).floor_().to(torch.int64)
         live = self.sparse & (thresholds > FLOOR)
-        high = (averages.dot(self.sparse_f) > self.high_total) | overflowed
-        low = torch.where(live, averages - self.low_f, 0.0).sum() < 0
+        zero = torch.zeros_like(fixed)  # where(), not a mask index: no host synchronization
+        high = (torch.where(self.sparse, fixed, zero).sum() > self.high_total * FIXED) \
+            | overflowed
+        low = torch.where(live, fixed, zero).sum() < torch.where(live, self.low, 0).sum() * FIXED
         out = (high | low) & self.sparse
         self.streaks.copy_(torch.where(out, self.streaks + 1, 0))
         flags = self.streaks >= self.patience
         corrected = torch.clamp(self.scales * self.multipliers[up - down + OCTAVE_STEPS],
                                 SCALE_MIN, SCALE_MAX)
         self.scales.copy_(torch.where(self.adjustable, corrected, self.scales))
-        self._host.copy_(flags, non_blocking=True)
+        self.host_flags.copy_(flags, non_blocking=True)
         if self._event is not None:
             self._event.record(torch.cuda.current_stream(self.device))
-        self._staged = True
         return counts
 
     def refresh(self, thresholds: torch.Tensor, selected: torch.Tensor) -> None:
@@ -262,4 +332,4 @@ class ThresholdRule:
         if self._event is not None:
             self._event.synchronize()
         self._staged = False
-        return [bool(f) for f in self._host.tolist()]
+        return [bool(f) for f in self.host_flags.tolist()]
