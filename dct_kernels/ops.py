@@ -11,7 +11,7 @@ Semantics are identical on every backend; docs/design.md#op-semantics is the con
 
 import functools
 import numbers
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -321,6 +321,47 @@ def select_threshold(x: torch.Tensor, k, *, segments: Optional[torch.Tensor] = N
     return thresholds if segmented else thresholds.view(())
 
 
+def _check_residual(residual, x: torch.Tensor) -> None:
+    """An error-feedback residual for x: fp32, contiguous, on x's device, x.numel() elements,
+    not overlapping x (other than being x itself)."""
+    if residual is None:
+        return
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual: expected a torch.Tensor, got {type(residual).__name__}")
+    if residual.dtype != torch.float32:
+        raise TypeError(f"residual: expected dtype float32, got {residual.dtype}")
+    if residual.device != x.device:
+        raise ValueError(f"residual: expected a tensor on {x.device} (like x), "
+                         f"got {residual.device}")
+    if residual.numel() != x.numel():
+        raise ValueError(f"residual: expected {x.numel()} elements (like x), "
+                         f"got {residual.numel()}")
+    if not residual.is_contiguous():
+        raise ValueError("residual: must be contiguous (it is updated in place)")
+    if _overlap(residual, x) and not (residual.data_ptr() == x.data_ptr()
+                                      and residual.dtype == x.dtype):
+        raise ValueError("residual: must not overlap x (other than being x itself)")
+
+
+def _check_wire_out(out, shape: tuple, x: torch.Tensor, residual, capacity: int,
+                    value_dtype: torch.dtype, index_encoding: str) -> None:
+    """A uint8 wire buffer (or rows of them) of exactly ``shape``, contiguous, on x's device,
+    not overlapping x or the residual."""
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.uint8 or \
+            tuple(out.shape) != shape:
+        what = f"a 1-D uint8 tensor of {shape[0]} bytes" if len(shape) == 1 else \
+            f"a [{shape[0]}, {shape[1]}] uint8 tensor (rows of {shape[1]} bytes)"
+        raise ValueError(f"out: expected {what} (capacity "
+                         f"{capacity}, {value_dtype}, {index_encoding}), got "
+                         f"{tuple(getattr(out, 'shape', ()))} {getattr(out, 'dtype', out)}")
+    if out.device != x.device:
+        raise ValueError(f"out: expected a tensor on {x.device} (like x), got {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("out: must be contiguous (the payload is written in place)")
+    if _overlap(out, x) or (residual is not None and _overlap(out, residual)):
+        raise ValueError("out: must not overlap x or residual")
+
+
 def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
              segments: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
              capacity: Optional[int] = None, value_dtype: Optional[torch.dtype] = None,
@@ -408,44 +449,137 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
     num_scales = len(scale_offsets) - 1 if value_dtype == wire.FLOAT8 else 0
     if capacity is not None:
         capacity = _check_capacity(capacity)
-    if residual is not None:
-        if not isinstance(residual, torch.Tensor):
-            raise TypeError(f"residual: expected a torch.Tensor, got {type(residual).__name__}")
-        if residual.dtype != torch.float32:
-            raise TypeError(f"residual: expected dtype float32, got {residual.dtype}")
-        if residual.device != device:
-            raise ValueError(f"residual: expected a tensor on {device} (like x), "
-                             f"got {residual.device}")
-        if residual.numel() != numel:
-            raise ValueError(f"residual: expected {numel} elements (like x), "
-                             f"got {residual.numel()}")
-        if not residual.is_contiguous():
-            raise ValueError("residual: must be contiguous (it is updated in place)")
-        if _overlap(residual, x) and not (residual.data_ptr() == x.data_ptr()
-                                          and residual.dtype == x.dtype):
-            raise ValueError("residual: must not overlap x (other than being x itself)")
+    _check_residual(residual, x)
     if out is not None:
         if capacity is None:
             raise ValueError("out: needs a fixed capacity= (the buffer's size depends on it)")
         needed = wire.wire_layout(capacity, value_dtype, index_encoding, num_scales).nbytes
-        if not isinstance(out, torch.Tensor) or out.dtype != torch.uint8 or out.dim() != 1 \
-                or out.numel() != needed:
-            raise ValueError(f"out: expected a 1-D uint8 tensor of {needed} bytes (capacity "
-                             f"{capacity}, {value_dtype}, {index_encoding}), got "
-                             f"{tuple(getattr(out, 'shape', ()))} {getattr(out, 'dtype', out)}")
-        if out.device != device:
-            raise ValueError(f"out: expected a tensor on {device} (like x), got {out.device}")
-        if not out.is_contiguous():
-            raise ValueError("out: must be contiguous (the payload is written in place)")
-        if _overlap(out, x) or (residual is not None and _overlap(out, residual)):
-            raise ValueError("out: must not overlap x or residual")
+        _check_wire_out(out, (needed,), x, residual, capacity, value_dtype, index_encoding)
     impl = resolve(backend, device)
     thresholds = _thresholds(threshold, num_segments, device)
     flat = x.detach().contiguous().view(-1)
     residual_flat = residual.detach().view(-1) if residual is not None else None
     shape = tuple(x.shape) if total == numel else (total,)
+    return _compress_checked(impl, flat, x.dtype, thresholds, segments, offsets, residual_flat,
+                             capacity, value_dtype, index_encoding, scale_offsets,
+                             position_offset, total, shape, out)
+
+
+def compress_shards(x: torch.Tensor, thresholds: torch.Tensor, *, cuts: Sequence[int],
+                    segments: Sequence[Optional[Segments]], capacity: int,
+                    residual: Optional[torch.Tensor] = None,
+                    value_dtype: Optional[torch.dtype] = None, index_encoding: str = "int32",
+                    scale_offsets: Optional[Sequence[List[int]]] = None, out: torch.Tensor,
+                    backend: Optional[str] = None) -> List[SparsePayload]:
+    """Compress W contiguous ranges of x into the W rows of one send tensor, validated once.
+
+    Row s holds bitwise what ``compress(x[cuts[s]:cuts[s + 1]], thresholds[t_s:t_{s+1}],
+    segments=segments[s], residual=residual[cuts[s]:cuts[s + 1]], capacity=capacity,
+    value_dtype=value_dtype, index_encoding=index_encoding, scale_offsets=scale_offsets[s],
+    out=out[s])`` would write, t_s the number of segments of the rows before s: positions
+    relative to the range's start, the header's numel the range's length (an empty range gives
+    an empty payload of numel 0). The reduce_scatter exchange compresses its shards this way:
+    W calls of ``compress`` would validate W times, which at 64 ranks costs more than the
+    kernels.
+
+    Args:
+        x: fp32, fp16 or bf16 tensor, flattened in C order (a non-contiguous x is copied).
+        thresholds: fp32 tensor of sum(S_s) thresholds on x's device, S_s = the segments of
+            range s (1 for ``segments[s] = None`` over a non-empty range, 0 for an empty one).
+        cuts: W + 1 ints rising (not necessarily strictly) from 0 to x.numel().
+        segments: W entries: a ``Segments`` over the range (offsets from 0 to its length), or
+            None (one segment; required for an empty range).
+        capacity: slots per row (an int >= 0).
+        residual: optional error-feedback buffer of x (as ``compress``), updated in place.
+        value_dtype, index_encoding: as ``compress``; ``scale_offsets`` (fp8 values only): W
+            lists, each as ``compress``'s for its range, all of one length (one row size).
+        out: a contiguous uint8 tensor [W, nbytes] on x's device, nbytes the wire size of the
+            configuration (``payload.wire_layout``).
+
+    Returns:
+        The W payloads (views of the rows of ``out``). No host synchronization.
+
+    Raises:
+        TypeError/ValueError naming the argument, as ``compress``; ``cuts``, ``segments``,
+        ``thresholds`` or ``scale_offsets`` that do not describe W ranges of x.
+    """
+    _check_float_tensor(x, "x")
+    _check_numel(x, "x")
+    numel, device = x.numel(), x.device
+    value_dtype = _check_value_dtype(value_dtype, x.dtype, fp8=True)
+    index_encoding = _check_index_encoding(index_encoding)
+    capacity = _check_capacity(capacity)
+    if not isinstance(cuts, (list, tuple)) or len(cuts) < 2 or \
+            any(isinstance(c, bool) or not isinstance(c, numbers.Integral) for c in cuts):
+        raise TypeError("cuts: expected a list of W + 1 int offsets")
+    cuts = [int(c) for c in cuts]
+    if cuts[0] != 0 or cuts[-1] != numel or any(b < a for a, b in zip(cuts[:-1], cuts[1:])):
+        raise ValueError(f"cuts: expected offsets rising from 0 to numel={numel}, got "
+                         f"{cuts[:4]}...")
+    world = len(cuts) - 1
+    if not isinstance(segments, (list, tuple)) or len(segments) != world:
+        raise ValueError(f"segments: expected {world} entries (one per range)")
+    offsets = []
+    for s, (seg, lo, hi) in enumerate(zip(segments, cuts[:-1], cuts[1:])):
+        if seg is None:
+            offsets.append(_whole(hi - lo) if hi > lo else [0, 0])
+        elif not isinstance(seg, Segments) or seg.numel != hi - lo:
+            raise ValueError(f"segments: entry {s} must be None or a Segments over the range's "
+                             f"{hi - lo} elements")
+        else:
+            offsets.append(seg.offsets)
+    counts = [len(o) - 1 if o[-1] > 0 else 0 for o in offsets]
+    fp8 = value_dtype == wire.FLOAT8
+    if fp8:
+        if not isinstance(scale_offsets, (list, tuple)) or len(scale_offsets) != world:
+            raise ValueError(f"scale_offsets: fp8 values need {world} lists (one per range)")
+        scale_offsets = [_check_scale_offsets(b, o, 0, hi - lo) for b, o, lo, hi
+                         in zip(scale_offsets, offsets, cuts[:-1], cuts[1:])]
+        if len({len(b) for b in scale_offsets}) != 1:
+            raise ValueError("scale_offsets: every range needs the same number of scale "
+                             "segments (one row size)")
+        num_scales = len(scale_offsets[0]) - 1
+    elif scale_offsets is not None:
+        raise ValueError("scale_offsets: only fp8 values have scale segments")
+    else:
+        num_scales = 0
+    if not isinstance(thresholds, torch.Tensor) or thresholds.dtype != torch.float32 or \
+            thresholds.dim() != 1 or thresholds.numel() != sum(counts) or \
+            thresholds.device != device:
+        raise ValueError(f"thresholds: expected an fp32 tensor of {sum(counts)} thresholds "
+                         f"(one per segment of every range) on {device}")
+    _check_residual(residual, x)
+    needed = wire.wire_layout(capacity, value_dtype, index_encoding, num_scales).nbytes
+    _check_wire_out(out, (world, needed), x, residual, capacity, value_dtype, index_encoding)
+    impl = resolve(backend, device)
+    flat = x.detach().contiguous().view(-1)
+    residual_flat = residual.detach().view(-1) if residual is not None else None
+    taus = thresholds.detach().contiguous()
+    payloads, t = [], 0
+    for s in range(world):
+        lo, hi = cuts[s], cuts[s + 1]
+        payloads.append(_compress_checked(
+            impl, flat[lo:hi], x.dtype, taus[t:t + counts[s]], segments[s], offsets[s],
+            residual_flat[lo:hi] if residual_flat is not None else None, capacity,
+            value_dtype, index_encoding, scale_offsets[s] if fp8 else None, 0, hi - lo,
+            (hi - lo,), out[s]))
+        t += counts[s]
+    return payloads
+
+
+def _compress_checked(impl, flat, x_dtype, thresholds, segments, offsets, residual_flat,
+                      capacity, value_dtype, index_encoding, scale_offsets, position_offset,
+                      total, shape, out) -> SparsePayload:
+    """``compress`` on validated arguments: ``flat`` the contiguous 1-D x, ``thresholds`` fp32
+    [S] on its device, ``offsets`` the host segment offsets (``segments`` what the caller
+    passed: a ``Segments`` lends its device tensor), ``scale_offsets`` checked (fp8)."""
+    numel = flat.numel()
+    device = flat.device
+    segmented = segments is not None
+    num_scales = len(scale_offsets) - 1 if value_dtype == wire.FLOAT8 else 0
+    version = wire.version_of(value_dtype, index_encoding)
     if numel == 0:
-        payload = wire.new_payload(total, capacity or 0, value_dtype, shape, x.dtype,
+        payload = wire.new_payload(total, capacity or 0, value_dtype, shape, x_dtype,
                                    device, index_encoding, num_scales)
         if value_dtype == wire.FLOAT8:
             payload.scale_offsets.copy_(torch.tensor(scale_offsets, dtype=torch.int32))
@@ -453,7 +587,7 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
             out.copy_(payload.buffer)
             payload = wire.SparsePayload(out, numel=total, capacity=capacity,
                                          value_dtype=value_dtype, shape=shape,
-                                         dtype=x.dtype, index_encoding=index_encoding,
+                                         dtype=x_dtype, index_encoding=index_encoding,
                                          num_scales=num_scales)
         return payload
     if isinstance(segments, Segments) and segments.tensor.device == device:
@@ -461,25 +595,24 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
     else:
         seg_dev = _device_offsets(offsets, device) if segmented else None
     if version == 2:
-        return _compress_v2(impl, x, flat, thresholds, offsets, seg_dev, residual_flat,
+        return _compress_v2(impl, x_dtype, flat, thresholds, offsets, seg_dev, residual_flat,
                             capacity, value_dtype, index_encoding, scale_offsets,
                             position_offset, total, shape, out)
     if capacity is None:
         capacity = library.call_count_kept(impl, flat, thresholds, offsets, seg_dev,
                                            residual_flat)
+    own_shape = shape if total == numel else (numel,)
     if out is not None:
         out.zero_()
         out[:wire.HEADER_BYTES].view(torch.int32).copy_(
             wire.header_tensor(numel, capacity, value_dtype), non_blocking=True)
         payload = wire.SparsePayload(out, numel=numel, capacity=capacity,
-                                     value_dtype=value_dtype, shape=tuple(x.shape),
-                                     dtype=x.dtype)
+                                     value_dtype=value_dtype, shape=own_shape, dtype=x_dtype)
     else:
-        payload = wire.new_payload(numel, capacity, value_dtype, tuple(x.shape), x.dtype,
-                                   device)
+        payload = wire.new_payload(numel, capacity, value_dtype, own_shape, x_dtype, device)
     library.call_compress(impl, flat, thresholds, offsets, seg_dev, residual_flat, payload)
     if total != numel:
-        payload = _as_range(payload, position_offset, total, shape)
+        return _as_range(payload, position_offset, total, shape)
     return payload
 
 
@@ -516,7 +649,7 @@ def _check_scale_offsets(scale_offsets, offsets: List[int], position_offset: int
     return bounds
 
 
-def _compress_v2(impl, x, flat, thresholds, offsets, seg_dev, residual_flat, capacity,
+def _compress_v2(impl, x_dtype, flat, thresholds, offsets, seg_dev, residual_flat, capacity,
                  value_dtype, index_encoding, scale_offsets, position_offset, total, shape,
                  out) -> SparsePayload:
     """Format version 2: the backend's kernel writes the candidates as a version-1 payload
@@ -529,7 +662,7 @@ def _compress_v2(impl, x, flat, thresholds, offsets, seg_dev, residual_flat, cap
     kept = capacity
     if kept is None:
         kept = library.call_count_kept(impl, flat, thresholds, offsets, seg_dev, residual_flat)
-    candidates = wire.new_payload(numel, kept, candidate_dtype, (numel,), x.dtype, device)
+    candidates = wire.new_payload(numel, kept, candidate_dtype, (numel,), x_dtype, device)
     library.call_compress(impl, flat, thresholds, offsets, seg_dev, residual_flat, candidates)
     if capacity is None:  # every kept entry and its escapes (synchronizes, as documented)
         capacity = kept + int(codec.escapes_needed(candidates, value_dtype, index_encoding,
@@ -540,10 +673,10 @@ def _compress_v2(impl, x, flat, thresholds, offsets, seg_dev, residual_flat, cap
             wire.header_tensor(total, capacity, value_dtype, index_encoding, num_scales),
             non_blocking=True)
         payload = wire.SparsePayload(out, numel=total, capacity=capacity,
-                                     value_dtype=value_dtype, shape=shape, dtype=x.dtype,
+                                     value_dtype=value_dtype, shape=shape, dtype=x_dtype,
                                      index_encoding=index_encoding, num_scales=num_scales)
     else:
-        payload = wire.new_payload(total, capacity, value_dtype, shape, x.dtype, device,
+        payload = wire.new_payload(total, capacity, value_dtype, shape, x_dtype, device,
                                    index_encoding, num_scales)
     if hasattr(impl, "encode_v2"):  # the backend's own encoder (bitwise the codec's)
         impl.encode_v2(candidates, payload, scale_offsets if fp8 else None, residual_flat,

@@ -19,14 +19,29 @@ constexpr float kFloor = 1.40129846e-45f;  // 2^-149, the smallest positive fp32
 // The count average's fixed point for the band's sums: exact and order-free in int64.
 constexpr double kFixed = 16777216.0;  // 2^24
 
+// The sample's order statistic is small (k_s <= 64 by the stride's definition: about 32, or
+// a whole piece's k below 64), so it is found in one pass with a min-heap of the k largest
+// keys seen: most keys lose one comparison against its top (nth_element over a copy of the
+// keys made several passes and cost twice as much).
 template <typename T>
-void gather_keys(const T* x, const float* residual, const int64_t* index, int64_t m,
-                 std::vector<uint32_t>& keys) {
-  keys.resize(static_cast<size_t>(m));
-  for (int64_t i = 0; i < m; ++i) {
+uint32_t kth_key(const T* x, const float* residual, const int64_t* index, int64_t m, int64_t k,
+                 std::vector<uint32_t>& heap) {
+  auto key_at = [&](int64_t i) {
     const int64_t j = index[i];
-    keys[static_cast<size_t>(i)] = magnitude_key(to_f32(x[j]) + residual[j]);
+    return magnitude_key(to_f32(x[j]) + residual[j]);
+  };
+  heap.clear();
+  for (int64_t i = 0; i < k; ++i) heap.push_back(key_at(i));
+  std::make_heap(heap.begin(), heap.end(), std::greater<uint32_t>());
+  for (int64_t i = k; i < m; ++i) {
+    const uint32_t key = key_at(i);
+    if (key > heap.front()) {
+      std::pop_heap(heap.begin(), heap.end(), std::greater<uint32_t>());
+      heap.back() = key;
+      std::push_heap(heap.begin(), heap.end(), std::greater<uint32_t>());
+    }
   }
+  return heap.front();  // the smallest of the k largest: the k-th largest
 }
 
 // The segment of position p: the last start <= p (-1 below the first).
@@ -49,12 +64,10 @@ Status rule_estimate(const RuleEstimate& a, int threads) {
       const T* x = static_cast<const T*>(a.x);
       parallel_for(threads, a.num_units, [&](int64_t u) {
         std::vector<uint32_t> keys;
-        gather_keys(x, a.residual, a.index + a.bounds[u], a.bounds[u + 1] - a.bounds[u], keys);
-        const int64_t k = a.ks[u];
-        std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(),
-                         std::greater<uint32_t>());
+        const uint32_t key = kth_key(x, a.residual, a.index + a.bounds[u],
+                                     a.bounds[u + 1] - a.bounds[u], a.ks[u], keys);
         // The k-th magnitude's bit pattern (NaN: all ones), times the parameter's scale.
-        const float tau = a.scales[a.unit_segment[u]] * float_of(keys[static_cast<size_t>(k - 1)]);
+        const float tau = a.scales[a.unit_segment[u]] * float_of(key);
         a.thresholds[a.unit_slot[u]] = tau < kFloor ? kFloor : tau;  // a NaN stays
       });
       return Status{};

@@ -93,9 +93,9 @@ class ReduceScatterExchange:
         # start, so no rebase).
         fp8 = value_dtype == wire.FLOAT8
         self.stage1_scales = [
-            padded(segments.offsets, self.num_scales + 1, cuts[s + 1] - cuts[s])
-            if fp8 and segments is not None else None
-            for s, segments in enumerate(self.shard.all_segments)]
+            padded(segments.offsets if segments is not None else [0], self.num_scales + 1,
+                   cuts[s + 1] - cuts[s])
+            for s, segments in enumerate(self.shard.all_segments)] if fp8 else None
         own = self.shard.segments
         self.stage2_scales = padded(
             [0] + [self.shard.start + o for o in own.offsets] + [numel],
@@ -114,21 +114,12 @@ class ReduceScatterExchange:
     def stage1(self, buffer: torch.Tensor) -> None:
         """Compress the bucket shard by shard into the rows of ``send`` (no sync)."""
         layout, shard = self.layout, self.shard
-        taus = shard.stage1_thresholds
-        value_dtype = self.value_dtype
-        cuts = layout.plan.cuts
-        for s, segments in enumerate(shard.all_segments):
-            lo, hi = cuts[s], cuts[s + 1]
-            if segments is None:
-                write_empty(self.send[s], 0, self.capacity, value_dtype, self.index_encoding,
-                            self.num_scales)
-                continue
-            ops.compress(buffer[lo:hi], taus[shard.piece_bounds[s]:shard.piece_bounds[s + 1]],
-                         segments=segments, residual=layout.residual[lo:hi],
-                         capacity=self.capacity, value_dtype=value_dtype,
-                         index_encoding=self.index_encoding,
-                         scale_offsets=self.stage1_scales[s], out=self.send[s],
-                         backend=self.backend)
+        ops.compress_shards(buffer, shard.stage1_thresholds, cuts=layout.plan.cuts,
+                            segments=shard.all_segments, capacity=self.capacity,
+                            residual=layout.residual, value_dtype=self.value_dtype,
+                            index_encoding=self.index_encoding,
+                            scale_offsets=self.stage1_scales, out=self.send,
+                            backend=self.backend)
 
     def stage2(self, refresh: bool) -> None:
         """Sum this rank's shard over the ranks, add the shard residual, threshold at τ'
