@@ -85,6 +85,34 @@ def test_compress_rows_rows_differ(backend_device, dtype):
         check_rows(backend, device, x, k, what=f"k={k}")
 
 
+@pytest.mark.skipif(dct_kernels.available_backends()["cpu"] != "available",
+                    reason="the cpu core is not built")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("k", [1, 8, 32, 100])
+def test_compress_rows_guess_paths(k, threads):
+    """Many rows whose scale steps by 1, 0.85, 0.5 or 2 from the row before: the cpu core's
+    first guess fits, misses low and fits on the retry three eighths of a binade lower, misses
+    both (histograms), or catches too many keys; rows of keys a few ulps apart (the candidate
+    histogram's bins are single keys) and rows with ties at the k-th magnitude inside a wide
+    candidate range. Exact results whichever path decided. (The guesses are the cpu core's
+    alone; the other backends' row kernels are exercised by the tests above.)"""
+    backend, device = "cpu", "cpu"
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(seed_of("rows-guess-paths", k))
+    columns = 512
+    steps = torch.tensor([1.0, 0.85, 0.5, 2.0])[torch.randint(0, 4, (240,), generator=g)]
+    scales = torch.cumprod(steps, 0).clamp(1e-20, 1e20)
+    x = torch.relu(torch.randn(240, columns, generator=g)) * scales[:, None]
+    near = 1.0 + torch.randint(0, 40, (columns,), generator=g).float() * 2.0 ** -23
+    x[100:104] = near  # keys within a span below 256
+    x[150:154, ::7] = x[150:154].abs().max(dim=1, keepdim=True).values * 0.5  # ties
+    try:
+        check_rows(backend, device, x, k, what=f"k={k}")
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("columns,index_dtype", [(32768, torch.int16), (32769, torch.int32)],
                          ids=("D32768-int16", "D32769-int32"))
 def test_compress_rows_index_dtype(backend_device, columns, index_dtype):
