@@ -1,7 +1,7 @@
 """The DDP hook's own cost per bucket and step: host time and the device operations it
 launches, against a dense all-reduce hook on the same bucket.
 
-    python bench/hook_cost.py [--steps 200] [--device cpu|cuda]
+    python bench/hook_cost.py [--steps 200] [--device cpu|cuda] [--emulate 4,64]
 
 One process (a gloo group of one rank, or NCCL on a GPU), the dense part of the DLRM of
 bench/train_dlrm.py as one bucket (its MLP shapes; ratio 0.003, bf16 values, min_numel 0, as
@@ -11,11 +11,17 @@ the random numbers). Per mode, the median host time of ``dct_hook(...).wait()`` 
 larger) and the number of operations it dispatches per step, counted with torch.profiler:
 aten operations on the CPU, CUDA kernels on a GPU. At world size 1 the collectives are local,
 so this is the hook's compute and bookkeeping, the floor a real cluster adds its network to.
+
+``--emulate W,...`` adds the sparse modes as rank 0 of a group of W: the hook sizes its layout
+for W ranks (shards, capacities), and its collectives are replaced by local copies (every rank
+"sends" what rank 0 sends), so the rows show how the hook's own work grows with W without W
+processes (the network, and waiting for other ranks, are not in them).
 Writes ``hook_cost.json`` / ``.md`` under bench/results/<device>/.
 """
 
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import os
@@ -27,7 +33,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from dct_kernels.distributed import DCTState, dct_hook
+from dct_kernels.distributed import DCTState, collectives, dct_hook, fingerprint
 from dct_kernels.distributed.stand_in import StandInBucket
 
 # The dense part of the quick DLRM (bottom MLP, projection, top MLP), one bucket.
@@ -39,7 +45,42 @@ def _dense_hook(_, bucket):
     return dist.all_reduce(bucket.buffer(), async_op=True).get_future()
 
 
-def measure(mode: str, device: torch.device, steps: int) -> dict:
+@contextlib.contextmanager
+def emulated_world(world: int):
+    """Rank 0 of ``world`` ranks in this one process (see the module docstring): the group's
+    size and rank, the cross-rank check and the sparse exchanges' collectives are stand-ins
+    while the block runs, and restored after it."""
+    def done():
+        future = torch.futures.Future()
+        future.set_result(None)
+        return future
+
+    def all_gather(buffer, group=None, out=None):
+        if out is None:
+            out = torch.empty(world, buffer.numel(), dtype=buffer.dtype, device=buffer.device)
+        out.copy_(buffer.reshape(1, -1).expand(world, -1))
+        return out, done()
+
+    def all_to_all(send, recv, group=None):
+        recv.copy_(send[0:1].expand(world, -1))
+        return done()
+
+    stand_ins = [(dist, "get_world_size", lambda group=None: world),
+                 (dist, "get_rank", lambda group=None: 0),
+                 (fingerprint, "verify_across_ranks", lambda *args, **kwargs: None),
+                 (collectives, "all_gather_rows_async", all_gather),
+                 (collectives, "all_to_all_rows_async", all_to_all)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in stand_ins]
+    try:
+        for obj, name, value in stand_ins:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+def measure(mode: str, device: torch.device, steps: int, world: int = 1) -> dict:
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.zeros(s, device=device)) for s in SHAPES]
     grads = [torch.randn(s, generator=g).to(device) for s in SHAPES]
@@ -82,7 +123,7 @@ def measure(mode: str, device: torch.device, steps: int) -> dict:
         elif event.name.startswith("aten::") and event.cpu_parent is None:
             counted["op"] += 1
     per_step = {k: v / 10 for k, v in counted.items()}
-    return {"mode": mode, "median_ms": statistics.median(times) * 1e3,
+    return {"mode": mode, "world": world, "median_ms": statistics.median(times) * 1e3,
             "p20_ms": sorted(times)[len(times) // 5] * 1e3,
             "p80_ms": sorted(times)[4 * len(times) // 5] * 1e3,
             ("kernels_per_step" if device.type == "cuda" else "aten_ops_per_step"):
@@ -95,6 +136,9 @@ def main():
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="output folder (default bench/results/<device>/)")
+    p.add_argument("--emulate", default="",
+                   help="comma-separated world sizes W > 1 to emulate as rank 0 of W "
+                        "(sparse modes only; see the module docstring)")
     args = p.parse_args()
     from dlrm.cli import device_slug
     from dlrm.context import device_name
@@ -107,6 +151,12 @@ def main():
                                 init_method=f"file://{tmp}/store", rank=0, world_size=1)
         rows = [measure(mode, device, args.steps)
                 for mode in ("dense", "allgather", "reduce_scatter")]
+        for world in [int(w) for w in args.emulate.split(",") if w.strip()]:
+            if world < 2:
+                raise SystemExit(f"--emulate: expected world sizes > 1, got {world}")
+            with emulated_world(world):
+                rows += [measure(mode, device, args.steps, world)
+                         for mode in ("allgather", "reduce_scatter")]
         dist.destroy_process_group()
     name = device_name()
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -118,14 +168,17 @@ def main():
     with open(os.path.join(out_dir, "hook_cost.json"), "w") as f:
         json.dump(report, f, indent=1)
     key = "kernels_per_step" if device.type == "cuda" else "aten_ops_per_step"
-    lines = [f"| mode | median ms | p20 | p80 | {key.replace('_', ' ')} |", "|---|---|---|---|---|"]
+    lines = [f"| mode | W | median ms | p20 | p80 | {key.replace('_', ' ')} |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f} | "
+        world = str(r["world"]) + (" (emulated)" if r["world"] > 1 else "")
+        lines.append(f"| {r['mode']} | {world} | {r['median_ms']:.3f} | {r['p20_ms']:.3f} | "
                      f"{r['p80_ms']:.3f} | {r[key]:.0f} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "hook_cost.md"), "w") as f:
         f.write(f"{name}, {report['date']}, kernel backend {report['kernel_backend']}, "
-                f"one bucket of {rows[0]['bucket_elements']} elements, world size 1\n\n" + text)
+                f"one bucket of {rows[0]['bucket_elements']} elements, world size 1 (and "
+                f"rank 0 of W emulated where marked)\n\n" + text)
     print(text, end="")
 
 
