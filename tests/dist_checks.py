@@ -639,6 +639,8 @@ def check_mismatched_configurations(rank, world):
     expect_error(lambda: hook_once(
         DCTState(min_numel=16, value_dtype=torch.float16 if rank == 0 else None),
         [(1200,), (7,)]), "value_dtype")
+    expect_error(lambda: hook_once(DCTState(min_numel=16, min_k=4 if rank == last else 1),
+                                   [(1200,), (7,)]), "min_k")
 
     # Inside DDP the error comes out of backward() on every rank.
     model = _MLP([16, 32, 4], seed=9)

@@ -28,6 +28,7 @@ from dist_harness import spawned_checks
     (dict(refresh_patience=0), "refresh_patience"), (dict(refresh_patience=2.5),
                                                      "refresh_patience"),
     (dict(refresh_patience=True), "refresh_patience"),
+    (dict(min_k=0), "min_k"), (dict(min_k=2.5), "min_k"), (dict(min_k=True), "min_k"),
 ])
 def test_state_rejects_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -54,6 +55,9 @@ def test_k_and_capacity_share():
     assert k_of(1000, 0.01) == 10
     assert k_of(5, 0.01) == 1
     assert k_of(12345, 1.0) == 12345
+    # min_k: a floor on k, never above the parameter's size.
+    assert k_of(100, 0.003, 4) == 4 and k_of(3, 0.003, 4) == 3 and k_of(1, 0.003, 4) == 1
+    assert k_of(10000, 0.003, 4) == 30 and k_of(10000, 0.003, 1) == 30
     assert share_of(10, 1000, 1.5) == 15
     assert share_of(7, 10, 1.5) == 10    # never more than the parameter
     assert share_of(3, 1000, 1.1) == 4   # ceil(3.3)
@@ -78,6 +82,36 @@ def test_sparse_all_reduce_needs_a_capacity():
         sparse_all_reduce(torch.randn(10), 0.5, capacity=None)
 
 
+def test_min_k_floors_each_parameters_kept_count():
+    """One exact step on one rank: with min_k = 4 a 64-element parameter at ratio 0.003 sends
+    its 4 largest magnitudes (not 1), a 1000-element one 4 (not ceil(3)), a 3000-element one
+    ceil(9) = 9, a 2-element one both entries; nothing else arrives."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    shapes = [(64,), (1000,), (3000,), (2,)]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0,
+                                world_size=1)
+        try:
+            state = DCTState(ratio=0.003, min_k=4, warmup_steps=0, min_numel=0,
+                             exchange="allgather", value_dtype=torch.float32)
+            out = dct_hook(state, StandInBucket(params, grads)).wait()
+        finally:
+            dist.destroy_process_group()
+    offset = 0
+    for grad, k in zip(grads, (4, 4, 9, 2)):
+        want = torch.zeros_like(grad)
+        top = grad.abs().topk(k).indices
+        want[top] = grad[top]
+        assert torch.equal(out[offset:offset + grad.numel()], want), k
+        offset += grad.numel()
+
+
 def test_state_dict_round_trip_without_a_group():
     state = DCTState(ratio=0.05, module=[("w", torch.nn.Parameter(torch.zeros(3)))])
     saved = {"version": 1, "config": state.config(), "step": 7,
@@ -100,6 +134,14 @@ def test_state_dict_round_trip_without_a_group():
     bad = dict(saved, params={"w": dict(saved["params"]["w"], numel=4)})
     with pytest.raises(ValueError, match="residual"):
         state.load_state_dict(bad)
+    # min_k is part of the saved configuration; a checkpoint from before it ran with 1.
+    with pytest.raises(ValueError, match="min_k"):
+        DCTState(ratio=0.05, min_k=4).load_state_dict(saved)
+    older = dict(saved, config={k: v for k, v in saved["config"].items() if k != "min_k"})
+    DCTState(ratio=0.05, module=[("w", torch.nn.Parameter(torch.zeros(3)))]).load_state_dict(
+        older)
+    with pytest.raises(ValueError, match="min_k: saved 1"):
+        DCTState(ratio=0.05, min_k=4).load_state_dict(older)
 
 
 def test_stand_in_bucket():

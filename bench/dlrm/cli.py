@@ -305,6 +305,8 @@ def parse_args(argv=None):
                         "(\"delta\", wire format version 2)")
     p.add_argument("--warmup-steps", type=int, help="DCT-DP dense warm-up steps")
     p.add_argument("--min-numel", type=int, help="DCT-DP: smaller parameters go dense")
+    p.add_argument("--dp-min-k", type=int,
+                   help="DCT-DP: entries a sparse parameter keeps at least (default 4)")
     p.add_argument("--capacity-factor", type=float)
     p.add_argument("--refresh-every", type=int)
     p.add_argument("--runs", help=f"comma-separated subset of {','.join(RUNS)} (default "
@@ -382,7 +384,7 @@ def config_from_args(args) -> Config:
               "powersgd_rank": args.powersgd_rank,
               "powersgd_start_iter": args.powersgd_start_iter,
               "dp_value_dtype": args.dp_value_dtype,
-              "dp_index_encoding": args.dp_index_encoding}
+              "dp_index_encoding": args.dp_index_encoding, "dp_min_k": args.dp_min_k}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in fields.items() if v is not None})
     if args.runs:
         cfg.runs = [r.strip() for r in args.runs.split(",") if r.strip()]

@@ -59,6 +59,10 @@ class Config:
     warmup_steps: int = 0
     capacity_factor: float = 1.5
     min_numel: int = 0
+    # At least 4 entries a step for every MLP parameter: at ratio 0.003 the biases and the
+    # last layer would send one (over seeds 0-2 at W = 4: -0.0015 AUC against -0.0023 with 1,
+    # for 1% more bytes; bench/results/CPU_x86_64_2_cores/threshold_rule/min_k/).
+    dp_min_k: int = 4
     dp_value_dtype: str = "bfloat16"
     dp_index_encoding: str = "int32"
     # DCT-MP
@@ -89,7 +93,7 @@ class Config:
             raise ValueError(f"runs: {self.runs} names a run twice")
         for name in ("ranks", "steps", "batch_size", "heldout", "eval_every", "log_every",
                      "emb_dim", "width", "tower_width", "vectors", "refresh_every", "mp_k",
-                     "eval_subset", "powersgd_rank"):
+                     "eval_subset", "powersgd_rank", "dp_min_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.batch_size % self.ranks:

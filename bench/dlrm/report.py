@@ -71,7 +71,8 @@ def markdown(report: dict) -> str:
              f"{cfg['batch_size']} samples (global), {report['num_heldout']} held-out samples, "
              f"seed {cfg['seed']}; DCT-DP ratio {cfg['dp_ratio']}, {cfg['dp_value_dtype']} "
              f"values, {cfg.get('dp_index_encoding', 'int32')} indices, exchange {report['runs'].get('dct_dp', {}).get('dp_exchange', '-')}, "
-             f"warm-up {cfg['warmup_steps']} steps, min_numel {cfg['min_numel']}; DCT-MP k = "
+             f"warm-up {cfg['warmup_steps']} steps, min_numel {cfg['min_numel']}, min_k "
+             f"{cfg.get('dp_min_k', 1)}; DCT-MP k = "
              f"{cfg['mp_k']} of {cfg['tower_width']}, {cfg['mp_value_dtype']} values. "
              f"Teacher AUC (the ceiling): "
              + (f"{report['teacher_auc']:.4f}" if report["teacher_auc"] is not None else "n/a")

@@ -80,6 +80,8 @@ def _make_state(cfg: Config, name: str, ddp, group):
                   module=ddp, backend=cfg.backend)
     if cfg.dp_index_encoding != "int32":
         kwargs["index_encoding"] = cfg.dp_index_encoding
+    if cfg.dp_min_k != 1:
+        kwargs["min_k"] = cfg.dp_min_k
     notes = {}
     if "exchange" in inspect.signature(dct_dist.DCTState).parameters:
         kwargs["exchange"] = cfg.exchange

@@ -193,7 +193,8 @@ def _layout_of(state: DCTState, bucket) -> BucketLayout:
                               dtype=buffer.dtype,
                               device=buffer.device, world=world, rank=dist.get_rank(group),
                               value_dtype=state.value_dtype,
-                              index_encoding=state.index_encoding, exchange=state.exchange)
+                              index_encoding=state.index_encoding, exchange=state.exchange,
+                              min_k=state.min_k)
         fingerprint.verify_across_ranks(
             state.fingerprint(layout), group, buffer.device,
             f"bucket of {len(params)} parameters, {buffer.numel()} elements")

@@ -94,7 +94,7 @@ class BucketLayout:
                  dtype: torch.dtype,
                  device: torch.device, world: int = 1, rank: int = 0,
                  value_dtype: Optional[torch.dtype] = None, index_encoding: str = "int32",
-                 exchange: str = "allgather"):
+                 exchange: str = "allgather", min_k: int = 1):
         self.keys = keys
         self.numels = numels
         self.no_shift = torch.zeros(1, dtype=torch.int64, device=device)  # see hook._kept_of
@@ -108,7 +108,7 @@ class BucketLayout:
         self.plan: Plan = make_plan(numels, sparse, ratio=ratio,
                                     capacity_factor=capacity_factor, world=world,
                                     dtype=dtype, value_dtype=self.value_dtype,
-                                    index_encoding=index_encoding)
+                                    index_encoding=index_encoding, min_k=min_k)
         self.exchange = self.plan.choose(exchange)
         offsets = [0]
         for n in numels:
@@ -116,7 +116,7 @@ class BucketLayout:
         self.offsets_list = offsets
         self.offsets = torch.tensor(offsets, dtype=torch.int64)  # host copy, for reference
         self.segments = ops.Segments(offsets, device=device)
-        self.ks = [k_of(n, ratio) if s else 1 for n, s in zip(numels, sparse)]
+        self.ks = [k_of(n, ratio, min_k) if s else 1 for n, s in zip(numels, sparse)]
         self.num_segments = len(numels)
         self.sparse_numel = sum(n for n, s in zip(numels, sparse) if s)
         self.has_sparse = self.sparse_numel > 0

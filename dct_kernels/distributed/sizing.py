@@ -28,11 +28,13 @@ EXCHANGES = ("allgather", "reduce_scatter", "auto")
 AUTO_MARGIN = 0.9
 
 
-def k_of(numel: int, ratio: float) -> int:
-    """k = max(1, ceil(ratio x numel)), the product in Python float as written (so 0.07 x 100,
-    which is 7.000000000000001 in float, gives 8): any rank or tool that evaluates the same
-    formula gets the same k."""
-    return max(1, math.ceil(ratio * numel))
+def k_of(numel: int, ratio: float, min_k: int = 1) -> int:
+    """k = min(numel, max(min_k, ceil(ratio x numel))), the product in Python float as written
+    (so 0.07 x 100, which is 7.000000000000001 in float, gives 8): any rank or tool that
+    evaluates the same formula gets the same k. ``min_k`` >= 1 keeps small parameters from
+    being starved (at ratio 0.003 every parameter below 334 elements would send one entry a
+    step)."""
+    return min(numel, max(min_k, math.ceil(ratio * numel)))
 
 
 def share_of(k: int, numel: int, capacity_factor: float) -> int:
@@ -211,14 +213,14 @@ class Plan:
 
 def plan(numels: Sequence[int], sparse: Sequence[bool], *, ratio: float,
          capacity_factor: float, world: int, dtype: torch.dtype,
-         value_dtype: torch.dtype, index_encoding: str = "int32") -> Plan:
+         value_dtype: torch.dtype, index_encoding: str = "int32", min_k: int = 1) -> Plan:
     """The ``Plan`` of a bucket of parameters of ``numels`` elements (``sparse[i]``: at least
     min_numel elements), gradient dtype ``dtype`` and wire format (``value_dtype``,
-    ``index_encoding``)."""
+    ``index_encoding``); k of a sparse parameter as ``k_of(n, ratio, min_k)``."""
     offsets = [0]
     for n in numels:
         offsets.append(offsets[-1] + n)
-    ks = [k_of(n, ratio) if s else 1 for n, s in zip(numels, sparse)]
+    ks = [k_of(n, ratio, min_k) if s else 1 for n, s in zip(numels, sparse)]
     capacity = sum(share_of(k, n, capacity_factor) for k, n, s in zip(ks, numels, sparse) if s)
     cuts = shard_cuts(offsets, ks, sparse, world)
     shards = shard_pieces(offsets, ks, sparse, cuts, capacity_factor)
