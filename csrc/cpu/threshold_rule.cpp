@@ -120,7 +120,8 @@ Status rule_step(const RuleStep& a) {
       }
       steps[i] = up - down;
       if (a.sparse[s]) {
-        const int64_t fixed = static_cast<int64_t>(std::floor(static_cast<double>(average) * kFixed));
+        const int64_t fixed =
+            static_cast<int64_t>(std::floor(static_cast<double>(average) * kFixed));
         total += fixed;
         if (a.thresholds[s] > kFloor) {  // false for NaN, as the composition's
           live_total += fixed;

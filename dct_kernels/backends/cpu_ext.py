@@ -150,8 +150,17 @@ def gather_rows(y: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 # Optional (dct_kernels/distributed/threshold_rule.py holds the reference composition): the
 # rule's per-step work in one call each; ``rule`` is a ThresholdRule on the CPU.
 
+def _writable(t: torch.Tensor, name: str) -> torch.Tensor:
+    if not t.is_contiguous():  # written through its pointer
+        raise ValueError(f"{name}: the threshold rule writes it in place; expected a "
+                         f"contiguous tensor")
+    return t
+
+
 def rule_estimate(rule, thresholds: torch.Tensor, x: torch.Tensor,
                   residual: torch.Tensor) -> None:
+    x, residual = x.contiguous(), residual.contiguous()
+    _writable(thresholds, "thresholds")
     _cpu.rule_estimate(x.data_ptr(), _CODE(x.dtype), residual.data_ptr(),
                        rule.sample_index.data_ptr(), rule.sample_bounds, rule.sample_ks,
                        rule.sample_segment.data_ptr(), rule.sample_slots.data_ptr(),
@@ -164,14 +173,15 @@ _COUNT_OFFSET = 4 * wire.WORD_COUNT
 def rule_step(rule, thresholds: torch.Tensor, kept, overflowed: torch.Tensor,
               capped) -> None:
     if kept.rows is not None:
-        rows = kept.rows
+        rows = kept.rows.contiguous()
         source = (rows.data_ptr(), rows.shape[0], rows.shape[1], _COUNT_OFFSET,
                   wire.HEADER_BYTES, kept.capacity, kept.shift.data_ptr(), 0, 0, 0, 0)
     else:
         positions = kept.positions.reshape(-1).to(torch.int64)  # no copy when int64
-        valid = kept.valid.reshape(-1)
+        valid = kept.valid.reshape(-1).contiguous()
         source = (0, 0, 0, 0, 0, 0, 0, positions.data_ptr(), valid.data_ptr(),
                   positions.numel(), int(kept.shift))
+    thresholds = thresholds.contiguous()  # read only
     _cpu.rule_step(rule.num_segments, rule.starts.data_ptr(), rule.ks_int.data_ptr(),
                    rule.low.data_ptr(), rule.sparse.data_ptr(), rule.adjustable.data_ptr(),
                    rule.high_total, rule.patience, rule.marks.data_ptr(),

@@ -84,7 +84,8 @@ class Kept(NamedTuple):
     """Where the entries a compress kept are, for the rule's counts: version-1 wire ``rows``
     (uint8 [R, B], this rank's own: trusted) of ``capacity`` slots, ``shift`` (int64 [R])
     added to each row's indices; or ``positions`` (int64, any shape) with ``valid`` (bool,
-    the same shape), ``shift`` (an int) added. Made by ``Kept.of_rows`` / ``of_positions``."""
+    the same shape), ``shift`` (an int or a one-element int64 tensor) added. Made by
+    ``Kept.of_rows`` / ``of_positions``."""
     rows: Optional[torch.Tensor]
     capacity: int
     positions: Optional[torch.Tensor]
@@ -96,7 +97,7 @@ class Kept(NamedTuple):
         return Kept(rows, capacity, None, None, shift)
 
     @staticmethod
-    def of_positions(positions: torch.Tensor, valid: torch.Tensor, shift: int = 0) -> "Kept":
+    def of_positions(positions: torch.Tensor, valid: torch.Tensor, shift=0) -> "Kept":
         return Kept(None, 0, positions, valid, shift)
 
     def positions_valid(self) -> Tuple[torch.Tensor, torch.Tensor]:
