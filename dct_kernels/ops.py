@@ -465,7 +465,8 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
                              position_offset, total, shape, out)
 
 
-def compress_shards(x: torch.Tensor, thresholds: torch.Tensor, *, cuts: Sequence[int],
+def compress_shards(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
+                    cuts: Sequence[int],
                     segments: Sequence[Optional[Segments]], capacity: int,
                     residual: Optional[torch.Tensor] = None,
                     value_dtype: Optional[torch.dtype] = None, index_encoding: str = "int32",
@@ -473,7 +474,7 @@ def compress_shards(x: torch.Tensor, thresholds: torch.Tensor, *, cuts: Sequence
                     backend: Optional[str] = None) -> List[SparsePayload]:
     """Compress W contiguous ranges of x into the W rows of one send tensor, validated once.
 
-    Row s holds bitwise what ``compress(x[cuts[s]:cuts[s + 1]], thresholds[t_s:t_{s+1}],
+    Row s holds bitwise what ``compress(x[cuts[s]:cuts[s + 1]], threshold[t_s:t_{s+1}],
     segments=segments[s], residual=residual[cuts[s]:cuts[s + 1]], capacity=capacity,
     value_dtype=value_dtype, index_encoding=index_encoding, scale_offsets=scale_offsets[s],
     out=out[s])`` would write, t_s the number of segments of the rows before s: positions
@@ -484,8 +485,9 @@ def compress_shards(x: torch.Tensor, thresholds: torch.Tensor, *, cuts: Sequence
 
     Args:
         x: fp32, fp16 or bf16 tensor, flattened in C order (a non-contiguous x is copied).
-        thresholds: fp32 tensor of sum(S_s) thresholds on x's device, S_s = the segments of
-            range s (1 for ``segments[s] = None`` over a non-empty range, 0 for an empty one).
+        threshold: a float or 0-d tensor for every segment, or a tensor of sum(S_s)
+            thresholds, S_s = the segments of range s (1 for ``segments[s] = None`` over a
+            non-empty range, 0 for an empty one); on x's device or the CPU, as ``compress``.
         cuts: W + 1 ints rising (not necessarily strictly) from 0 to x.numel().
         segments: W entries: a ``Segments`` over the range (offsets from 0 to its length), or
             None (one segment; required for an empty range).
@@ -501,7 +503,7 @@ def compress_shards(x: torch.Tensor, thresholds: torch.Tensor, *, cuts: Sequence
 
     Raises:
         TypeError/ValueError naming the argument, as ``compress``; ``cuts``, ``segments``,
-        ``thresholds`` or ``scale_offsets`` that do not describe W ranges of x.
+        ``threshold`` or ``scale_offsets`` that do not describe W ranges of x.
     """
     _check_float_tensor(x, "x")
     _check_numel(x, "x")
@@ -543,18 +545,13 @@ def compress_shards(x: torch.Tensor, thresholds: torch.Tensor, *, cuts: Sequence
         raise ValueError("scale_offsets: only fp8 values have scale segments")
     else:
         num_scales = 0
-    if not isinstance(thresholds, torch.Tensor) or thresholds.dtype != torch.float32 or \
-            thresholds.dim() != 1 or thresholds.numel() != sum(counts) or \
-            thresholds.device != device:
-        raise ValueError(f"thresholds: expected an fp32 tensor of {sum(counts)} thresholds "
-                         f"(one per segment of every range) on {device}")
+    taus = _thresholds(threshold, sum(counts), device)
     _check_residual(residual, x)
     needed = wire.wire_layout(capacity, value_dtype, index_encoding, num_scales).nbytes
     _check_wire_out(out, (world, needed), x, residual, capacity, value_dtype, index_encoding)
     impl = resolve(backend, device)
     flat = x.detach().contiguous().view(-1)
     residual_flat = residual.detach().view(-1) if residual is not None else None
-    taus = thresholds.detach().contiguous()
     payloads, t = [], 0
     for s in range(world):
         lo, hi = cuts[s], cuts[s + 1]

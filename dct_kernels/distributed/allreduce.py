@@ -160,14 +160,9 @@ def _reduce_scatter(tensor, threshold, *, capacity, residual, segments, value_dt
     recv = torch.empty_like(send)
     flat = tensor.detach().contiguous().view(-1)
     res = residual.view(-1) if residual is not None else None
-    for s in range(world):
-        lo, hi = cuts[s], cuts[s + 1]
-        if lo == hi:
-            write_empty(send[s], 0, row_capacity, value_dtype)
-            continue
-        ops.compress(flat[lo:hi], threshold, residual=None if res is None else res[lo:hi],
-                     capacity=row_capacity, value_dtype=value_dtype, out=send[s],
-                     backend=backend)
+    ops.compress_shards(flat, threshold, cuts=cuts, segments=[None] * world,
+                        capacity=row_capacity, residual=res, value_dtype=value_dtype,
+                        out=send, backend=backend)
     collectives.all_to_all_rows_async(send, recv, group).wait()
     lo, hi = cuts[rank], cuts[rank + 1]
     own = torch.zeros(row, dtype=torch.uint8, device=device)

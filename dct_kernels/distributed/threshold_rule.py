@@ -177,8 +177,8 @@ class ThresholdRule:
         self.multipliers = torch.tensor(
             [2.0 ** (s / (UP_DIVISOR if s > 0 else DOWN_DIVISOR))
              for s in range(-OCTAVE_STEPS, OCTAVE_STEPS + 1)], dtype=torch.float32).to(device)
-        self.ks = tensor(ks, torch.float32)
         self.ks_int = tensor(ks, torch.int64)
+        self.ks = self.ks_int.to(torch.float32)
         self.scale_min, self.scale_max = SCALE_MIN, SCALE_MAX
         self.high_total = sum(math.floor(k * high) for k, s in zip(ks, sparse) if s)
         self.streaks = torch.zeros(self.num_segments, dtype=torch.int32, device=device)
