@@ -113,6 +113,57 @@ def test_compress_rows_guess_paths(k, threads):
         torch.set_num_threads(before)
 
 
+def _nan_payload_rows(seed: int, columns: int) -> torch.Tensor:
+    """Rows whose k-th largest magnitude (for k up to a quarter of a row) is a NaN or +inf, with
+    NaNs of every payload (the smallest, 0x7F800001, the quiet default, the largest, negative
+    ones), between rows of ordinary scale."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, columns, generator=g)
+    payloads = torch.tensor([0x7F800001, 0x7FC00000, 0x7FFFFFFF, 0x7F800000, 0x7F8ABCDE,
+                             -0x00400000, -0x7F7FFFFF], dtype=torch.int64)  # as int32 bits
+    picks = payloads[torch.randint(0, len(payloads), (2, columns), generator=g)]
+    specials = picks.to(torch.int32).view(torch.float32)
+    x[1, ::2] = specials[0, ::2]
+    x[3, 1::2] = specials[1, 1::2]
+    x[4] = x[4] * 1e-30
+    return x
+
+
+@pytest.mark.skipif(dct_kernels.available_backends()["cpu"] != "available",
+                    reason="the cpu core is not built")
+@pytest.mark.parametrize("columns", [1, 15, 63, 64, 65, 127, 200, 512])
+def test_compress_rows_every_scan_isa(columns):
+    """The cpu core's row scan (the keys at or above a bound, as a bitmap) has a scalar, an
+    SSE2, an AVX2 and an AVX-512F implementation, picked by the CPU; each one this CPU can run
+    is forced in turn and must give the oracle's rows: rows of several scales (guesses that fit,
+    miss and over-collect), ties, ±0, denormals, inf, NaNs of every payload including rows whose
+    k-th magnitude is a NaN (a bound above every vector compare, left to the scalar loop), and
+    widths that are not multiples of a vector or of a 64-column word."""
+    from dct_kernels import _cpu
+
+    isas = _cpu._key_scan_isas()
+    assert isas[:2] == ["scalar", "sse2"] or isas == ["scalar"]
+    seed = seed_of("rows-scan-isa", columns)
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.tensor([1.0, 0.85, 0.5, 2.0])[torch.randint(0, 4, (40,), generator=g)]
+    scaled = torch.relu(torch.randn(40, columns, generator=g)) * torch.cumprod(steps, 0)[:, None]
+    kinds = [make_tensor(kind, 3 * columns, torch.float32, seed + i).reshape(3, columns)
+             for i, kind in enumerate(("specials", "ties", "wide", "equal"))]
+    x = torch.cat([scaled, *kinds, _nan_payload_rows(seed, columns)])
+    before = _cpu._key_scan_isa()
+    try:
+        for isa in isas:
+            _cpu._set_key_scan_isa(isa)
+            assert _cpu._key_scan_isa() == isa
+            for k in sorted({1, max(1, columns // 8), max(1, columns // 4), columns}):
+                check_rows("cpu", "cpu", x, k, what=f"{isa} k={k}")
+    finally:
+        _cpu._set_key_scan_isa(before)
+    with pytest.raises(ValueError, match="isa"):
+        _cpu._set_key_scan_isa("avx1024")
+    assert _cpu._key_scan_isa() == before
+
+
 @pytest.mark.parametrize("columns,index_dtype", [(32768, torch.int16), (32769, torch.int32)],
                          ids=("D32768-int16", "D32769-int32"))
 def test_compress_rows_index_dtype(backend_device, columns, index_dtype):

@@ -15,6 +15,7 @@
 
 #include "../binding.h"
 #include "dct_cpu.h"
+#include "key_scan.h"
 
 namespace py = pybind11;
 using dct_cpu::DType;
@@ -256,4 +257,17 @@ PYBIND11_MODULE(_cpu, m) {
                                   threads);
     });
   }, "y at a row payload's positions.");
+
+  // For tests: every implementation of the row top-k's vector pass gives the same bits.
+  m.def("_key_scan_isas", [] {
+    int count = 0;
+    const char* const* names = dct_cpu::key_scan_isas(&count);
+    return std::vector<std::string>(names, names + count);
+  }, "The implementations of the row scan this CPU can run, lowest first.");
+  m.def("_key_scan_isa", [] { return std::string(dct_cpu::key_scan_isa()); },
+        "The implementation of the row scan in use.");
+  m.def("_set_key_scan_isa", [](const std::string& name) {
+    if (!dct_cpu::set_key_scan_isa(name.c_str()))
+      throw std::invalid_argument("isa: '" + name + "' cannot run here");
+  }, "Selects an implementation of the row scan by name (one of _key_scan_isas()).");
 }

@@ -1,13 +1,15 @@
 // Per-row top-k (compress_rows), its inverse (decompress_rows) and gather_rows.
 //
-// compress_rows, per row: one vector pass (16 keys per test for fp32) collects, in column order,
-// the keys at or above a guess taken from the previous row's kth, and kth, the k-th largest key,
-// is found among them with a small histogram (kth_of_candidates); a row whose keys fall short
-// of the guess gets one more pass at a lower guess, and where neither fits (the first row of a
-// group, a row of another scale) one or two histogram passes over the row narrow kth down
-// first (find_kth). Kept: every key above kth plus the first (k - count above) keys equal to
-// it, so columns come out ascending; the result does not depend on how kth was found. On 2048
-// x 512 i.i.d. ReLU rows, k = 32, one thread: 0.80 us a row (1.13 with one guess and
+// compress_rows, per row: one vector pass (key_scan.cpp: 16, 8 or 4 keys per compare for fp32,
+// by the CPU) marks the keys at or above a guess taken from the previous row's kth, they are
+// collected in column order, and kth, the k-th largest key, is found among them with a small
+// histogram (kth_of_candidates); a row whose keys fall short of the guess gets one more pass at
+// a lower guess, and where neither fits (the first row of a group, a row of another scale) one
+// or two histogram passes over the row narrow kth down first (find_kth). Kept: every key above
+// kth plus the first (k - count above) keys equal to it, so columns come out ascending; the
+// result does not depend on how kth was found. On 2048 x 512 i.i.d. ReLU rows, k = 32, one
+// thread: 0.41 us a row with the AVX-512F scan, 0.42 with AVX2, 0.45 with SSE2 (0.78 before the
+// bitmap scan and the branch-free gathering of the kept columns, 1.13 with one guess and
 // nth_element among the candidates, 1.74 with histograms alone). Exactly k entries per row,
 // ties to the lower column, NaN above +inf. Rows are dealt to threads in groups; each row's
 // result depends on that row alone.
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "common.h"
+#include "key_scan.h"
 
 namespace dct_cpu {
 namespace {
@@ -25,57 +28,6 @@ constexpr int64_t kGroupElements = 1 << 15;  // elements per task (whole rows)
 
 int64_t rows_per_task(int64_t rows, int64_t columns) {
   return max64(1, min64(rows, kGroupElements / max64(columns, 1)));
-}
-
-// Keys of 4 consecutive fp32 values (NaN as the largest key).
-#if defined(__SSE2__)
-inline __m128i keys4(const float* p) {
-  const __m128i abs_mask = _mm_set1_epi32(0x7FFFFFFF), inf = _mm_set1_epi32(0x7F800000);
-  __m128i key = _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), abs_mask);
-  return _mm_or_si128(key, _mm_and_si128(_mm_cmpgt_epi32(key, inf), abs_mask));
-}
-#endif
-
-// Bit j (j < 16) set when the key of row[c + j] is >= lo and <= hi (keys of 31 bits).
-template <typename T>
-inline uint32_t in_range16(const T* row, int64_t c, uint32_t lo, uint32_t hi) {
-#if defined(__SSE2__)
-  if (std::is_same<T, float>::value) {
-    const float* f = reinterpret_cast<const float*>(row) + c;
-    const __m128i below = _mm_set1_epi32(static_cast<int32_t>(lo) - 1);
-    const __m128i above = _mm_set1_epi32(static_cast<int32_t>(hi));
-    uint32_t mask = 0;
-    for (int q = 0; q < 4; ++q) {
-      const __m128i key = keys4(f + 4 * q);
-      const __m128i in = _mm_andnot_si128(_mm_cmpgt_epi32(key, above),
-                                          _mm_cmpgt_epi32(key, below));
-      mask |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(in))) << (4 * q);
-    }
-    return mask;
-  }
-#endif
-  uint32_t mask = 0;
-  for (int j = 0; j < 16; ++j) {
-    const uint32_t key = magnitude_key(row[c + j]);
-    mask |= static_cast<uint32_t>(key >= lo && key <= hi) << j;
-  }
-  return mask;
-}
-
-// Calls f(column, key) for the columns whose key lies in [lo, hi], in column order.
-template <typename T, typename F>
-inline void for_keys_in(const T* row, int64_t columns, uint32_t lo, uint32_t hi, F&& f) {
-  int64_t c = 0;
-  for (; c + 16 <= columns; c += 16) {
-    for (uint32_t mask = in_range16(row, c, lo, hi); mask; mask &= mask - 1) {
-      const int j = __builtin_ctz(mask);
-      f(c + j, magnitude_key(row[c + j]));
-    }
-  }
-  for (; c < columns; ++c) {
-    const uint32_t key = magnitude_key(row[c]);
-    if (key >= lo && key <= hi) f(c, key);
-  }
 }
 
 // One row's entries at or above a key, in column order.
@@ -88,13 +40,54 @@ struct Candidate {
 // capacity check (a vector's push_back showed as a tenth of compress_rows' profile).
 struct Pool {
   std::vector<Candidate> storage;
+  std::vector<uint64_t> bits;  // keys_at_least's bitmap of a row
+  std::vector<int64_t> kept;   // the kept columns of a row
   int64_t size = 0;
-  explicit Pool(int64_t columns) : storage(static_cast<size_t>(columns)) {}
-  void clear() { size = 0; }
-  void add(int64_t column, uint32_t key) { storage[static_cast<size_t>(size++)] = {column, key}; }
+  uint32_t max_key = 0;  // of the keys added since clear()
+  explicit Pool(int64_t columns)
+      : storage(static_cast<size_t>(columns)),
+        bits(static_cast<size_t>(ceil_div(columns, 64))),
+        kept(static_cast<size_t>(columns)) {}
+  void clear() {
+    size = 0;
+    max_key = 0;
+  }
+  void add(int64_t column, uint32_t key) {
+    storage[static_cast<size_t>(size++)] = {column, key};
+    max_key = key > max_key ? key : max_key;
+  }
   const Candidate* begin() const { return storage.data(); }
   const Candidate* end() const { return storage.data() + size; }
 };
+
+// The bitmap of keys >= lo: the vector pass of key_scan.cpp for fp32 rows, a plain loop for the
+// 16-bit formats.
+inline void row_keys_at_least(const float* row, int64_t columns, uint32_t lo, uint64_t* bits) {
+  keys_at_least(row, columns, lo, bits);
+}
+template <typename T>
+void row_keys_at_least(const T* row, int64_t columns, uint32_t lo, uint64_t* bits) {
+  for (int64_t w = 0; w * 64 < columns; ++w) {
+    const int64_t end = min64(columns, (w + 1) * 64);
+    uint64_t word = 0;
+    for (int64_t c = w * 64; c < end; ++c)
+      word |= static_cast<uint64_t>(magnitude_key(row[c]) >= lo) << (c - w * 64);
+    bits[w] = word;
+  }
+}
+
+// Fills pool with the row's entries whose key is >= lo, in column order.
+template <typename T>
+void collect_at_least(const T* row, int64_t columns, uint32_t lo, Pool& pool) {
+  uint64_t* bits = pool.bits.data();
+  row_keys_at_least(row, columns, lo, bits);
+  pool.clear();
+  for (int64_t w = 0; w * 64 < columns; ++w)
+    for (uint64_t m = bits[w]; m; m &= m - 1) {
+      const int64_t c = w * 64 + __builtin_ctzll(m);
+      pool.add(c, magnitude_key(row[c]));
+    }
+}
 
 // Sums four interleaved histograms from the top bin down to the bin that holds the rank-th
 // largest key; returns it and lowers rank to its rank within that bin.
@@ -149,9 +142,7 @@ uint32_t find_kth(const T* row, int64_t columns, int64_t k, Pool& pool,
     lo |= sub << kShift2;
     hi = lo | ((1u << kShift2) - 1u);
   }
-  pool.clear();
-  for_keys_in(row, columns, lo, 0x7FFFFFFFu,
-              [&](int64_t j, uint32_t key) { pool.add(j, key); });
+  collect_at_least(row, columns, lo, pool);
   if (lo == hi) return lo;
   keys.clear();
   for (const Candidate& e : pool)
@@ -167,14 +158,23 @@ uint32_t find_kth(const T* row, int64_t columns, int64_t k, Pool& pool,
 // among.
 inline uint32_t kth_of_candidates(const Pool& pool, uint32_t lo, int64_t k,
                                   std::vector<uint32_t>& keys) {
-  uint32_t hi = lo;
-  for (const Candidate& e : pool) hi = e.key > hi ? e.key : hi;
-  const uint32_t span = hi - lo;
+  const uint32_t span = pool.max_key - lo;  // every key is >= lo
   const int shift = span < 256 ? 0 : 32 - __builtin_clz(span) - 8;
   uint32_t hist[256] = {};
   for (const Candidate& e : pool) ++hist[(e.key - lo) >> shift];
-  int64_t bin = static_cast<int64_t>(span >> shift), rank = k;
-  for (; hist[bin] < rank; --bin) rank -= hist[bin];  // the counts reach k at bin >= 0
+  // The bins are linear in the key while the candidates crowd the low end (a tail of the
+  // row's distribution), so the walk starts from the end nearer the k-th: from the bottom
+  // when it is among the lower half (on ReLU rows, k = 32, this walked 200-odd empty bins).
+  int64_t bin, rank;
+  const int64_t from_bottom = pool.size - k + 1;  // kth is the from_bottom-th smallest
+  if (from_bottom <= k) {
+    bin = 0;
+    for (rank = from_bottom; hist[bin] < rank; ++bin) rank -= hist[bin];
+    rank = hist[bin] - rank + 1;  // the same key counted from the top of its bin
+  } else {
+    bin = static_cast<int64_t>(span >> shift);
+    for (rank = k; hist[bin] < rank; --bin) rank -= hist[bin];  // the counts reach k
+  }
   if (shift == 0) return lo + static_cast<uint32_t>(bin);
   keys.resize(static_cast<size_t>(hist[bin]) + 1);
   size_t n = 0;
@@ -194,9 +194,7 @@ inline uint32_t kth_of_candidates(const Pool& pool, uint32_t lo, int64_t k,
 template <typename T>
 int64_t kth_from_guess(const T* row, int64_t columns, int64_t k, uint32_t guess,
                        Pool& pool, std::vector<uint32_t>& keys, uint32_t& kth) {
-  pool.clear();
-  for_keys_in(row, columns, guess, 0x7FFFFFFFu,
-              [&](int64_t j, uint32_t key) { pool.add(j, key); });
+  collect_at_least(row, columns, guess, pool);
   const int64_t found = pool.size;
   if (found < k || found > 6 * k) return found;
   kth = kth_of_candidates(pool, guess, k, keys);
@@ -230,16 +228,20 @@ void compress_row(const T* row, int64_t columns, int64_t k, I* idx_out, W* val_o
   guess = kth > kStep ? kth - kStep : 0;
   int64_t above = 0;
   for (const Candidate& e : pool) above += e.key > kth;
+  // The kept columns are gathered without a branch (whether a candidate is kept is a coin flip
+  // the predictor missed, measured), then written out: exactly k of them.
   int64_t ties_left = k - above, slot = 0;
+  int64_t* kept = pool.kept.data();
   for (const Candidate& e : pool) {
-    if (e.key < kth) continue;
-    if (e.key == kth) {
-      if (ties_left == 0) continue;
-      --ties_left;
-    }
-    idx_out[slot] = static_cast<I>(e.column);
-    val_out[slot] = to_wire<W>(to_f32(row[e.column]));
-    ++slot;
+    const bool tie = e.key == kth;
+    const bool keep = (e.key > kth) | (tie & (ties_left > 0));
+    ties_left -= static_cast<int64_t>(tie & keep);
+    kept[slot] = e.column;  // a scratch row as wide as the pool: never out of bounds
+    slot += static_cast<int64_t>(keep);
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    idx_out[j] = static_cast<I>(kept[j]);
+    val_out[j] = to_wire<W>(to_f32(row[kept[j]]));
   }
 }
 
