@@ -176,6 +176,14 @@ def call_compress(impl, x, thresholds, offsets, seg_dev, residual,
     _bump(residual, payload.buffer)
 
 
+def call_compress_ranges(impl, x, thresholds, cuts, offsets, residual, out, capacity: int,
+                         value_dtype: torch.dtype) -> None:
+    """A backend's optional ``compress_ranges`` (eager only: callers check ``_traced``)."""
+    _direct(impl, x.device, "compress_ranges", x, thresholds, cuts, offsets, residual, out,
+            capacity, value_dtype)
+    _bump(residual, out)
+
+
 def call_decompress(impl, out, buffer, numel: int, capacity: int, value_dtype: torch.dtype,
                     accumulate: bool, errors) -> None:
     if _traced(out):

@@ -140,9 +140,11 @@ class WireLayout:
         return 2 if self.index_encoding == "delta" else 4
 
 
+@functools.lru_cache(maxsize=256)
 def wire_layout(capacity: int, value_dtype: torch.dtype, index_encoding: str = "int32",
                 num_scales: int = 0) -> WireLayout:
-    """The layout of a payload of ``capacity`` slots in any format version."""
+    """The layout of a payload of ``capacity`` slots in any format version (cached: every
+    payload built per step asks for it, and a step sees few configurations)."""
     version = version_of(value_dtype, index_encoding)
     if version == 1:
         values_offset, nbytes = layout(capacity, value_dtype)
@@ -299,7 +301,7 @@ class SparsePayload:
         self.index_encoding = index_encoding
         self.num_scales = int(num_scales)
         self.version = where.version
-        self.shape = tuple(int(s) for s in shape)
+        self.shape = tuple(map(int, shape))
         self.dtype = dtype
         self.layout = where
         self._values_offset = where.values_offset

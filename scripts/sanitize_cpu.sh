@@ -44,5 +44,5 @@ LD_PRELOAD="$PRELOAD" PYTHONPATH="$WORK/pkg" "$PYTHON" -m pytest -q -p no:cachep
   --rootdir "$ROOT" "$ROOT/tests/test_errors.py" "$ROOT/tests/test_decompress.py" \
   "$ROOT/tests/test_decompress_many.py" "$ROOT/tests/test_payload.py" \
   "$ROOT/tests/test_cpu_backend.py" "$ROOT/tests/test_rows.py" "$ROOT/tests/test_codec.py" \
-  "$ROOT/tests/test_threshold_rule.py" \
+  "$ROOT/tests/test_threshold_rule.py" "$ROOT/tests/test_compress_shards.py" \
   -k "not triton and not torch-cpu" "$@"

@@ -130,6 +130,52 @@ def test_version_1_rows_against_the_oracle():
         t += count
 
 
+@pytest.mark.skipif(dct_kernels.available_backends()["cpu"] != "available",
+                    reason="the cpu core is not built")
+@pytest.mark.parametrize("capacity", [5, 300], ids=["overflowing", "roomy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_cpu_one_call_equals_the_loop(monkeypatch, capacity, dtype):
+    """Version 1 on the cpu backend compresses every range in one call of the core
+    (compress_ranges): with per-range compress made to fail it still runs, and it writes bitwise
+    what the per-range loop writes (the loop forced by hiding compress_ranges), rows that
+    overflow and an empty range included, over a send tensor full of stale bytes."""
+    from dct_kernels.backends import cpu_ext
+
+    g = torch.Generator().manual_seed(23)
+    n, W = 3001, 9
+    x = make_tensor("specials", n, dtype, seed=8)
+    residual = torch.randn(n, generator=g) * 0.2
+    cuts, segments = _ranges(n, W, g)
+    taus = _thresholds(x, cuts, segments)
+    nbytes = wire.wire_layout(capacity, torch.bfloat16).nbytes
+
+    def run():
+        out = torch.full((W, nbytes), 0xCD, dtype=torch.uint8)
+        after = residual.clone()
+        payloads = dct_kernels.compress_shards(x, taus, cuts=cuts, segments=segments,
+                                               capacity=capacity, residual=after,
+                                               value_dtype=torch.bfloat16, out=out,
+                                               backend="cpu")
+        return out, after, payloads
+
+    def fail(*args, **kwargs):
+        raise AssertionError("per-range compress called")
+
+    with monkeypatch.context() as m:
+        m.setattr(cpu_ext, "compress", fail)
+        fused, fused_residual, payloads = run()
+    with monkeypatch.context() as m:
+        m.delattr(cpu_ext, "compress_ranges")
+        looped, looped_residual, _ = run()
+    assert_bitwise_equal(fused, looped, "rows")
+    assert_bitwise_equal(fused_residual, looped_residual, "residual")
+    overflow = [int(p.overflow) for p in payloads]
+    assert (max(overflow) > 0) == (capacity == 5), overflow
+    for p, row, lo, hi in zip(payloads, fused, cuts[:-1], cuts[1:]):
+        assert p.buffer.data_ptr() == row.data_ptr() and p.numel == hi - lo
+        assert p.shape == (hi - lo,) and p.dtype == dtype and p.capacity == capacity
+
+
 def test_argument_errors():
     x = torch.randn(100)
     seg = [Segments([0, 40]), Segments([0, 10, 60])]

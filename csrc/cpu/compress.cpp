@@ -262,4 +262,47 @@ Status compress(const CompressArgs& a, uint8_t* payload, int64_t capacity, DType
   });
 }
 
+Status compress_ranges(const CompressArgs& whole, const int64_t* cuts, int num_ranges,
+                       const int64_t* offsets, const int64_t* offset_starts,
+                       const int32_t* header, uint8_t* rows, int64_t row_bytes,
+                       int64_t capacity, DType value_dtype, int threads) {
+  using namespace dct::wire;
+  const int64_t value_bytes = value_dtype == DType::kFloat32 ? 4 : 2;
+  const bool ok = known_dtype(whole.dtype) && known_dtype(value_dtype) && whole.n >= 0 &&
+                  whole.thresholds && num_ranges >= 1 && capacity >= 0 && cuts[0] == 0 &&
+                  cuts[num_ranges] == whole.n && row_bytes >= buffer_bytes(capacity, value_bytes);
+  if (!ok) return Status{1, "compress_ranges", "bad arguments"};
+  for (int s = 0; s < num_ranges; ++s)
+    if (cuts[s + 1] < cuts[s] || offset_starts[s + 1] < offset_starts[s] + 2)
+      return Status{1, "compress_ranges", "bad arguments"};
+  const int64_t element = whole.dtype == DType::kFloat32 ? 4 : 2;
+  const float* thresholds = whole.thresholds;
+  for (int s = 0; s < num_ranges; ++s) {
+    const int64_t lo = cuts[s], n = cuts[s + 1] - lo;
+    uint8_t* row = rows + s * row_bytes;
+    // The row as compress() finds it from ops.compress: zeroed, the header written, numel the
+    // range's length (an empty range stays an empty payload of numel 0).
+    std::memset(row, 0, static_cast<size_t>(row_bytes));
+    int32_t words[kHeaderWords];
+    std::memcpy(words, header, sizeof(words));
+    words[kWordNumelLow] = static_cast<int32_t>(static_cast<uint32_t>(n));
+    words[kWordNumelHigh] = static_cast<int32_t>(n >> 32);
+    std::memcpy(row, words, sizeof(words));
+    if (n == 0) continue;  // an empty range takes no threshold
+    CompressArgs a;
+    a.x = static_cast<const uint8_t*>(whole.x) + lo * element;
+    a.dtype = whole.dtype;
+    a.n = n;
+    a.residual = whole.residual ? whole.residual + lo : nullptr;
+    a.thresholds = thresholds;
+    a.offsets = offsets + offset_starts[s];
+    a.num_segments = static_cast<int>(offset_starts[s + 1] - offset_starts[s] - 1);
+    if (a.offsets[0] != 0) return Status{1, "compress_ranges", "bad arguments"};
+    const Status status = compress(a, row, capacity, value_dtype, threads);
+    if (status.code) return status;
+    thresholds += a.num_segments;
+  }
+  return Status{};
+}
+
 }  // namespace dct_cpu

@@ -41,6 +41,18 @@ Status count_kept(const CompressArgs& args, int64_t* count, int threads);
 Status compress(const CompressArgs& args, uint8_t* payload, int64_t capacity, DType value_dtype,
                 int threads);
 
+// Version-1 compress of num_ranges contiguous ranges of one tensor into the rows of one
+// [num_ranges, row_bytes] send buffer (ops.compress_shards in one call): row s is zeroed, gets
+// `header` (kHeaderWords words, numel replaced by the range's length cuts[s+1] - cuts[s]) and,
+// for a non-empty range, what compress() writes for x[cuts[s]:cuts[s+1]] (residual likewise)
+// with the segments offsets[offset_starts[s] .. offset_starts[s+1]) (from 0 to the range's
+// length) and the next S_s thresholds of whole.thresholds. whole: x, dtype, n (all ranges),
+// residual, thresholds; its offsets are not used.
+Status compress_ranges(const CompressArgs& whole, const int64_t* cuts, int num_ranges,
+                       const int64_t* offsets, const int64_t* offset_starts,
+                       const int32_t* header, uint8_t* rows, int64_t row_bytes,
+                       int64_t capacity, DType value_dtype, int threads);
+
 // -------------------------------------------------------------------------------- decompress
 // PayloadRows (dct_api.h) in host memory, with any alignment. A row whose header does not
 // match counts one error; a count outside [0, capacity] counts one error and is clamped; each

@@ -70,6 +70,19 @@ def compress(x, thresholds, offsets, seg_dev, residual, payload: wire.SparsePayl
                   payload.capacity, _CODE(payload.value_dtype), _threads())
 
 
+def compress_ranges(x, thresholds, cuts: List[int], offsets: List[List[int]], residual,
+                    out: torch.Tensor, capacity: int, value_dtype: torch.dtype) -> None:
+    """Optional: ops.compress_shards' version-1 rows in one call (compress of each range)."""
+    flat_offsets, starts = [], [0]
+    for o in offsets:
+        flat_offsets.extend(o)
+        starts.append(len(flat_offsets))
+    _cpu.compress_ranges(x.data_ptr(), _CODE(x.dtype), x.numel(), _ptr(residual),
+                         thresholds.data_ptr(), cuts, flat_offsets, starts,
+                         wire.header_words(0, capacity, value_dtype), out.data_ptr(),
+                         out.shape[1], capacity, _CODE(value_dtype), _threads())
+
+
 def decompress(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
                value_dtype: torch.dtype, accumulate: bool, errors: torch.Tensor) -> None:
     buffer = buffer.contiguous()
