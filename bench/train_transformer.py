@@ -127,19 +127,20 @@ class Task:
         return self._draw(g, size)
 
 
-def build_model(task: str, seed: int) -> torch.nn.Module:
-    """A 2-layer BERT classifier or GPT-2 LM (hidden 128, 4 heads, tied embeddings in the LM),
-    no dropout, initialised from ``seed`` (the same weights on every rank)."""
+def build_model(task: str, seed: int, hidden: int = 128) -> torch.nn.Module:
+    """A 2-layer BERT classifier or GPT-2 LM (hidden 128 by default, 4 heads, an MLP twice as
+    wide in the BERT, tied embeddings in the LM), no dropout, initialised from ``seed`` (the
+    same weights on every rank)."""
     import transformers
 
     torch.manual_seed(seed)
     if task == "classify":
         config = transformers.BertConfig(
-            vocab_size=256, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=256, max_position_embeddings=SEQ[task], num_labels=2,
+            vocab_size=256, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=2 * hidden, max_position_embeddings=SEQ[task], num_labels=2,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         return transformers.BertForSequenceClassification(config)
-    config = transformers.GPT2Config(vocab_size=256, n_positions=SEQ[task], n_embd=128,
+    config = transformers.GPT2Config(vocab_size=256, n_positions=SEQ[task], n_embd=hidden,
                                      n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
                                      attn_pdrop=0.0, tie_word_embeddings=True)
     return transformers.GPT2LMHeadModel(config)
@@ -207,7 +208,7 @@ def evaluate(model, task: Task, rank: int, world: int) -> float:
 
 
 def train_run(task: Task, run: str, rank: int, world: int, args, groups) -> dict:
-    model = build_model(task.name, args.seed)
+    model = build_model(task.name, args.seed, args.hidden)
     group = groups["powersgd"] if run == "powersgd" else None
     # PowerSGD: one bucket (several would issue their callback collectives in an order that
     # differs between ranks on gloo; see bench/dlrm/runner.py).
@@ -355,6 +356,8 @@ def main(argv=None, out_name: str = "transformers") -> None:
                         help="constant, or cosine: 5%% linear warm-up, cosine decay to 0 "
                              "(default constant)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=128,
+                        help="hidden size of both models (default 128; a multiple of 4)")
     parser.add_argument("--dct-set", action="append", default=[], metavar="NAME=VALUE",
                         help="a DCTState setting for the dct runs, e.g. warmup_steps=100 "
                              "(repeatable; values are Python literals)")
@@ -381,6 +384,8 @@ def main(argv=None, out_name: str = "transformers") -> None:
             parser.error(f"--runs: unknown run {r!r} (expected some of {known})")
     if args.ranks < 1:
         parser.error("--ranks: expected >= 1")
+    if args.hidden < 4 or args.hidden % 4:
+        parser.error("--hidden: expected a positive multiple of 4 (4 attention heads)")
     import transformers  # the optional dependency: fail before spawning
 
     started = time.time()
@@ -396,7 +401,7 @@ def main(argv=None, out_name: str = "transformers") -> None:
               "torch": torch.__version__, "transformers": transformers.__version__,
               "python": platform.python_version(), "seed": args.seed, "lr": args.lr,
               "optimizer": args.optimizer, "lr_schedule": args.lr_schedule,
-              "batch_per_rank": args.batch, "dct_set": {k: repr(v) for k, v in
+              "batch_per_rank": args.batch, "hidden": args.hidden, "dct_set": {k: repr(v) for k, v in
                                                         args.dct_set.items()},
               "tasks": tasks, "wall_s": time.time() - started}
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

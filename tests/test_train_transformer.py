@@ -83,3 +83,18 @@ def test_lr_schedules():
     assert got[6] == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi / 95)))
     assert got[52] == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 47 / 95)))
     assert all(a >= b for a, b in zip(got[4:], got[5:])) and 0 < got[-1] < 0.01
+
+
+def test_hidden_size():
+    """--hidden widens both models (the BERT's MLP twice the hidden size); the same seed gives
+    the same weights; a size the 4 heads cannot split is refused before anything starts."""
+    for task in ("classify", "lm_text"):
+        small, wide = tt.build_model(task, 0), tt.build_model(task, 0, hidden=64)
+        assert small.config.hidden_size == 128 and wide.config.hidden_size == 64
+        assert sum(p.numel() for p in wide.parameters()) < \
+            sum(p.numel() for p in small.parameters())
+        again = tt.build_model(task, 0, hidden=64)
+        assert all(a.equal(b) for a, b in zip(wide.parameters(), again.parameters()))
+    assert tt.build_model("classify", 0, hidden=64).config.intermediate_size == 128
+    with pytest.raises(SystemExit):
+        tt.main(["--hidden", "6", "--tasks", "classify", "--runs", "dense"])
