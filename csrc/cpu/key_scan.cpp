@@ -24,20 +24,8 @@ namespace {
 
 constexpr uint32_t kVectorBound = 0x7F800001u;  // lo above this: scalar (see above)
 
-// Columns [from, columns) of the word `from / 64` (from a multiple of 64 or the row's start).
-void scan_scalar_from(const float* row, int64_t from, int64_t columns, uint32_t lo,
-                      uint64_t* bits) {
-  for (int64_t w = from / 64; w * 64 < columns; ++w) {
-    const int64_t end = min64(columns, (w + 1) * 64);
-    uint64_t word = 0;
-    for (int64_t c = w * 64; c < end; ++c)
-      word |= static_cast<uint64_t>(magnitude_key(row[c]) >= lo) << (c - w * 64);
-    bits[w] = word;
-  }
-}
-
 void scan_scalar(const float* row, int64_t columns, uint32_t lo, uint64_t* bits) {
-  scan_scalar_from(row, 0, columns, lo, bits);
+  keys_at_least_scalar(row, 0, columns, lo, bits);
 }
 
 #if DCT_X86
@@ -58,7 +46,7 @@ void scan_sse2(const float* row, int64_t columns, uint32_t lo, uint64_t* bits) {
     }
     bits[w] = word;
   }
-  scan_scalar_from(row, w * 64, columns, lo, bits);
+  keys_at_least_scalar(row, w * 64, columns, lo, bits);
 }
 
 __attribute__((target("avx2"))) void scan_avx2(const float* row, int64_t columns, uint32_t lo,
@@ -78,7 +66,7 @@ __attribute__((target("avx2"))) void scan_avx2(const float* row, int64_t columns
     }
     bits[w] = word;
   }
-  scan_scalar_from(row, w * 64, columns, lo, bits);
+  keys_at_least_scalar(row, w * 64, columns, lo, bits);
 }
 
 __attribute__((target("avx512f"))) void scan_avx512(const float* row, int64_t columns,
@@ -96,7 +84,7 @@ __attribute__((target("avx512f"))) void scan_avx512(const float* row, int64_t co
     }
     bits[w] = word;
   }
-  scan_scalar_from(row, w * 64, columns, lo, bits);
+  keys_at_least_scalar(row, w * 64, columns, lo, bits);
 }
 #endif
 

@@ -67,13 +67,7 @@ inline void row_keys_at_least(const float* row, int64_t columns, uint32_t lo, ui
 }
 template <typename T>
 void row_keys_at_least(const T* row, int64_t columns, uint32_t lo, uint64_t* bits) {
-  for (int64_t w = 0; w * 64 < columns; ++w) {
-    const int64_t end = min64(columns, (w + 1) * 64);
-    uint64_t word = 0;
-    for (int64_t c = w * 64; c < end; ++c)
-      word |= static_cast<uint64_t>(magnitude_key(row[c]) >= lo) << (c - w * 64);
-    bits[w] = word;
-  }
+  keys_at_least_scalar(row, 0, columns, lo, bits);
 }
 
 // Fills pool with the row's entries whose key is >= lo, in column order.
