@@ -177,11 +177,16 @@ def call_compress(impl, x, thresholds, offsets, seg_dev, residual,
 
 
 def call_compress_ranges(impl, x, thresholds, cuts, offsets, residual, out, capacity: int,
-                         value_dtype: torch.dtype) -> None:
-    """A backend's optional ``compress_ranges`` (eager only: callers check ``_traced``)."""
+                         value_dtype: torch.dtype) -> bool:
+    """A backend's optional ``compress_ranges`` (every range of a version-1 compress_shards in
+    one call), eagerly. False, with nothing done, while tracing or when the backend has none:
+    the caller then compresses range by range."""
+    if _traced(x) or not hasattr(impl, "compress_ranges"):
+        return False
     _direct(impl, x.device, "compress_ranges", x, thresholds, cuts, offsets, residual, out,
             capacity, value_dtype)
     _bump(residual, out)
+    return True
 
 
 def call_decompress(impl, out, buffer, numel: int, capacity: int, value_dtype: torch.dtype,

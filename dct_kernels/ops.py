@@ -553,12 +553,10 @@ def compress_shards(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
     impl = resolve(backend, device)
     flat = x.detach().contiguous().view(-1)
     residual_flat = residual.detach().view(-1) if residual is not None else None
-    if not fp8 and index_encoding == "int32" and hasattr(impl, "compress_ranges") and \
-            not library._traced(flat):
-        # Version 1 on a backend that compresses every range in one call (bitwise the loop
-        # below): at 64 ranks the loop's per-row Python costs more than the kernels.
-        library.call_compress_ranges(impl, flat, taus, cuts, offsets, residual_flat, out,
-                                     capacity, value_dtype)
+    # Version 1 on a backend that compresses every range in one call (bitwise the loop
+    # below): at 64 ranks the loop's per-row Python costs more than the kernels.
+    if not fp8 and index_encoding == "int32" and library.call_compress_ranges(
+            impl, flat, taus, cuts, offsets, residual_flat, out, capacity, value_dtype):
         return [wire.SparsePayload(row, numel=hi - lo, capacity=capacity,
                                    value_dtype=value_dtype, shape=(hi - lo,), dtype=x.dtype)
                 for row, lo, hi in zip(out.unbind(0), cuts[:-1], cuts[1:])]
