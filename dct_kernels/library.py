@@ -176,15 +176,15 @@ def call_compress(impl, x, thresholds, offsets, seg_dev, residual,
     _bump(residual, payload.buffer)
 
 
-def call_compress_ranges(impl, x, thresholds, cuts, offsets, residual, out, capacity: int,
-                         value_dtype: torch.dtype) -> bool:
-    """A backend's optional ``compress_ranges`` (every range of a version-1 compress_shards in
-    one call), eagerly. False, with nothing done, while tracing or when the backend has none:
-    the caller then compresses range by range."""
+def call_compress_ranges(impl, x, thresholds, cuts, offsets, residual, out,
+                         where: wire.WireLayout, scale_offsets) -> bool:
+    """A backend's optional ``compress_ranges`` (every range of compress_shards in one call),
+    eagerly. False, with nothing done, while tracing or when the backend has none: the caller
+    then compresses range by range."""
     if _traced(x) or not hasattr(impl, "compress_ranges"):
         return False
     _direct(impl, x.device, "compress_ranges", x, thresholds, cuts, offsets, residual, out,
-            capacity, value_dtype)
+            where, scale_offsets)
     _bump(residual, out)
     return True
 

@@ -553,12 +553,14 @@ def compress_shards(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
     impl = resolve(backend, device)
     flat = x.detach().contiguous().view(-1)
     residual_flat = residual.detach().view(-1) if residual is not None else None
-    # Version 1 on a backend that compresses every range in one call (bitwise the loop
-    # below): at 64 ranks the loop's per-row Python costs more than the kernels.
-    if not fp8 and index_encoding == "int32" and library.call_compress_ranges(
-            impl, flat, taus, cuts, offsets, residual_flat, out, capacity, value_dtype):
+    # A backend that compresses every range in one call (bitwise the loop below): at 64
+    # ranks the loop's per-row Python costs more than the kernels.
+    where = wire.wire_layout(capacity, value_dtype, index_encoding, num_scales)
+    if library.call_compress_ranges(impl, flat, taus, cuts, offsets, residual_flat, out, where,
+                                    scale_offsets if fp8 else None):
         return [wire.SparsePayload(row, numel=hi - lo, capacity=capacity,
-                                   value_dtype=value_dtype, shape=(hi - lo,), dtype=x.dtype)
+                                   value_dtype=value_dtype, shape=(hi - lo,), dtype=x.dtype,
+                                   index_encoding=index_encoding, num_scales=num_scales)
                 for row, lo, hi in zip(out.unbind(0), cuts[:-1], cuts[1:])]
     payloads, t = [], 0
     for s in range(world):
@@ -643,8 +645,9 @@ def _check_scale_offsets(scale_offsets, offsets: List[int], position_offset: int
         bounds = sorted(set([0] + [position_offset + o for o in offsets] + [total]))
         return bounds if len(bounds) > 1 else [0, 0]
     if not isinstance(scale_offsets, (list, tuple)) or \
-            any(isinstance(o, bool) or not isinstance(o, numbers.Integral)
-                for o in scale_offsets):
+            not all(type(o) is int or  # the common case first: Integral's check is slow
+                    (not isinstance(o, bool) and isinstance(o, numbers.Integral))
+                    for o in scale_offsets):
         raise TypeError("scale_offsets: expected a list of int offsets")
     bounds = [int(o) for o in scale_offsets]
     if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total or \

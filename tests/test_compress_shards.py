@@ -132,13 +132,17 @@ def test_version_1_rows_against_the_oracle():
 
 @pytest.mark.skipif(dct_kernels.available_backends()["cpu"] != "available",
                     reason="the cpu core is not built")
+@pytest.mark.parametrize("value_dtype,index_encoding", CONFIGS[1:4],
+                         ids=["bf16-int32", "bf16-delta", "fp8-delta"])
 @pytest.mark.parametrize("capacity", [5, 300], ids=["overflowing", "roomy"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_cpu_one_call_equals_the_loop(monkeypatch, capacity, dtype):
-    """Version 1 on the cpu backend compresses every range in one call of the core
-    (compress_ranges): with per-range compress made to fail it still runs, and it writes bitwise
-    what the per-range loop writes (the loop forced by hiding compress_ranges), rows that
-    overflow and an empty range included, over a send tensor full of stale bytes."""
+def test_cpu_one_call_equals_the_loop(monkeypatch, value_dtype, index_encoding, capacity,
+                                      dtype):
+    """The cpu backend compresses every range in one call of its core (compress_ranges), in
+    wire format version 1 and 2: with per-range compress made to fail it still runs, and it
+    writes bitwise what the per-range loop writes (the loop forced by hiding compress_ranges),
+    rows that overflow, an empty range (with its fp8 scale section) included, over a send
+    tensor full of stale bytes, and leaves the same residual."""
     from dct_kernels.backends import cpu_ext
 
     g = torch.Generator().manual_seed(23)
@@ -147,15 +151,20 @@ def test_cpu_one_call_equals_the_loop(monkeypatch, capacity, dtype):
     residual = torch.randn(n, generator=g) * 0.2
     cuts, segments = _ranges(n, W, g)
     taus = _thresholds(x, cuts, segments)
-    nbytes = wire.wire_layout(capacity, torch.bfloat16).nbytes
+    fp8 = value_dtype == FP8
+    scale_offsets = None
+    if fp8:
+        scale_offsets = [[0, 0, 0] if hi == lo else [0, (hi - lo) // 3, hi - lo]
+                         for lo, hi in zip(cuts[:-1], cuts[1:])]
+    nbytes = wire.wire_layout(capacity, value_dtype, index_encoding, 2 if fp8 else 0).nbytes
 
     def run():
         out = torch.full((W, nbytes), 0xCD, dtype=torch.uint8)
         after = residual.clone()
-        payloads = dct_kernels.compress_shards(x, taus, cuts=cuts, segments=segments,
-                                               capacity=capacity, residual=after,
-                                               value_dtype=torch.bfloat16, out=out,
-                                               backend="cpu")
+        payloads = dct_kernels.compress_shards(
+            x, taus, cuts=cuts, segments=segments, capacity=capacity, residual=after,
+            value_dtype=value_dtype, index_encoding=index_encoding,
+            scale_offsets=scale_offsets, out=out, backend="cpu")
         return out, after, payloads
 
     def fail(*args, **kwargs):
@@ -166,14 +175,15 @@ def test_cpu_one_call_equals_the_loop(monkeypatch, capacity, dtype):
         fused, fused_residual, payloads = run()
     with monkeypatch.context() as m:
         m.delattr(cpu_ext, "compress_ranges")
-        looped, looped_residual, _ = run()
+        looped, looped_residual, looped_payloads = run()
     assert_bitwise_equal(fused, looped, "rows")
     assert_bitwise_equal(fused_residual, looped_residual, "residual")
     overflow = [int(p.overflow) for p in payloads]
     assert (max(overflow) > 0) == (capacity == 5), overflow
-    for p, row, lo, hi in zip(payloads, fused, cuts[:-1], cuts[1:]):
+    for p, q, row, lo, hi in zip(payloads, looped_payloads, fused, cuts[:-1], cuts[1:]):
         assert p.buffer.data_ptr() == row.data_ptr() and p.numel == hi - lo
-        assert p.shape == (hi - lo,) and p.dtype == dtype and p.capacity == capacity
+        assert (p.shape, p.dtype, p.capacity, p.value_dtype, p.index_encoding, p.num_scales) == \
+            (q.shape, q.dtype, q.capacity, q.value_dtype, q.index_encoding, q.num_scales)
 
 
 def test_argument_errors():

@@ -80,27 +80,6 @@ PYBIND11_MODULE(_cpu, m) {
         [&] { return dct_cpu::compress(a, ptr<uint8_t>(payload), capacity, w, threads); });
   }, "Threshold, compaction into the wire buffer and the residual update.");
 
-  m.def("compress_ranges", [](uintptr_t x, int dtype, int64_t n, uintptr_t residual,
-                              uintptr_t thresholds, const std::vector<int64_t>& cuts,
-                              const std::vector<int64_t>& offsets,
-                              const std::vector<int64_t>& offset_starts,
-                              const std::vector<int32_t>& header, uintptr_t rows,
-                              int64_t row_bytes, int64_t capacity, int value_dtype,
-                              int threads) {
-    if (cuts.size() < 2 || offset_starts.size() != cuts.size() ||
-        static_cast<size_t>(offset_starts.back()) != offsets.size() ||
-        header.size() != static_cast<size_t>(dct::wire::kHeaderWords))
-      throw std::invalid_argument("compress_ranges: need W + 1 cuts and offset starts, the "
-                                  "offsets they index and 8 header words");
-    const dct_cpu::CompressArgs a = compress_args(x, dtype, n, residual, thresholds, 0, 1);
-    const DType w = dtype_of(value_dtype);
-    run_without_gil([&] {
-      return dct_cpu::compress_ranges(a, cuts.data(), static_cast<int>(cuts.size() - 1),
-                                      offsets.data(), offset_starts.data(), header.data(),
-                                      ptr<uint8_t>(rows), row_bytes, capacity, w, threads);
-    });
-  }, "compress of W contiguous ranges into the W rows of one send buffer (version 1).");
-
   m.def("decompress", [](uintptr_t buffers, int64_t row_bytes, int64_t numel, int64_t capacity,
                          int value_dtype, const std::vector<int32_t>& header, uintptr_t out,
                          int out_dtype, bool accumulate, uintptr_t errors, int threads) {
@@ -164,6 +143,44 @@ PYBIND11_MODULE(_cpu, m) {
                                 ptr<float>(residual));
     });
   }, "Wire format version 2 from a compress kernel's candidates (dct_kernels/codec.py).");
+
+  // ops.compress_shards in one call; v2 false: version 1 (the layout arguments unused).
+  m.def("compress_ranges", [wire_v2](uintptr_t x, int dtype, int64_t n, uintptr_t residual,
+                                     uintptr_t thresholds, const std::vector<int64_t>& cuts,
+                                     const std::vector<int64_t>& offsets,
+                                     const std::vector<int64_t>& offset_starts,
+                                     const std::vector<int32_t>& header, uintptr_t rows,
+                                     int64_t row_bytes, int64_t capacity, int value_code,
+                                     bool v2, bool delta, int64_t num_scales,
+                                     const std::vector<int64_t>& layout_offsets,
+                                     int candidate_code,
+                                     const std::vector<int64_t>& scale_offsets, int threads) {
+    if (cuts.size() < 2 || offset_starts.size() != cuts.size() ||
+        static_cast<size_t>(offset_starts.back()) != offsets.size() ||
+        header.size() != static_cast<size_t>(dct::wire::kHeaderWords))
+      throw std::invalid_argument("compress_ranges: need W + 1 cuts and offset starts, the "
+                                  "offsets they index and 8 header words");
+    const dct_cpu::CompressArgs a = compress_args(x, dtype, n, residual, thresholds, 0, 1);
+    dct_cpu::RangesV2 ranges;
+    DType w = DType::kFloat32;
+    if (v2) {
+      ranges.wire = wire_v2(capacity, value_code, delta, num_scales, layout_offsets);
+      ranges.candidate_dtype = dtype_of(candidate_code);
+      if (num_scales > 0) {
+        if (scale_offsets.size() != (cuts.size() - 1) * static_cast<size_t>(num_scales + 1))
+          throw std::invalid_argument("scale_offsets: expected num_scales + 1 per range");
+        ranges.scale_offsets = scale_offsets.data();
+      }
+    } else {
+      w = dtype_of(value_code);
+    }
+    run_without_gil([&] {
+      return dct_cpu::compress_ranges(a, cuts.data(), static_cast<int>(cuts.size() - 1),
+                                      offsets.data(), offset_starts.data(), header.data(),
+                                      ptr<uint8_t>(rows), row_bytes, capacity, w,
+                                      v2 ? &ranges : nullptr, threads);
+    });
+  }, "compress of W contiguous ranges into the W rows of one send buffer.");
 
   m.def("decompress_v2", [wire_v2](uintptr_t buffers, int num_rows, int64_t row_bytes,
                                    int64_t numel, int64_t capacity, int value_code, bool delta,

@@ -265,17 +265,28 @@ Status compress(const CompressArgs& a, uint8_t* payload, int64_t capacity, DType
 Status compress_ranges(const CompressArgs& whole, const int64_t* cuts, int num_ranges,
                        const int64_t* offsets, const int64_t* offset_starts,
                        const int32_t* header, uint8_t* rows, int64_t row_bytes,
-                       int64_t capacity, DType value_dtype, int threads) {
+                       int64_t capacity, DType value_dtype, const RangesV2* v2, int threads) {
   using namespace dct::wire;
-  const int64_t value_bytes = value_dtype == DType::kFloat32 ? 4 : 2;
-  const bool ok = known_dtype(whole.dtype) && known_dtype(value_dtype) && whole.n >= 0 &&
-                  whole.thresholds && num_ranges >= 1 && capacity >= 0 && cuts[0] == 0 &&
-                  cuts[num_ranges] == whole.n && row_bytes >= buffer_bytes(capacity, value_bytes);
+  const int64_t value_bytes = v2 ? (v2->wire.value_code == 3 ? 1 : v2->wire.value_code ? 2 : 4)
+                                 : (value_dtype == DType::kFloat32 ? 4 : 2);
+  const int64_t needed = v2 ? v2->wire.values_offset + value_bytes * capacity
+                            : buffer_bytes(capacity, value_bytes);
+  const bool ok = known_dtype(whole.dtype) && whole.n >= 0 && whole.thresholds &&
+                  num_ranges >= 1 && capacity >= 0 && cuts[0] == 0 &&
+                  cuts[num_ranges] == whole.n && row_bytes >= needed &&
+                  (v2 ? known_dtype(v2->candidate_dtype) && v2->wire.capacity == capacity &&
+                            (v2->wire.num_scales == 0 || v2->scale_offsets)
+                      : known_dtype(value_dtype));
   if (!ok) return Status{1, "compress_ranges", "bad arguments"};
   for (int s = 0; s < num_ranges; ++s)
     if (cuts[s + 1] < cuts[s] || offset_starts[s + 1] < offset_starts[s] + 2)
       return Status{1, "compress_ranges", "bad arguments"};
   const int64_t element = whole.dtype == DType::kFloat32 ? 4 : 2;
+  // Version 2: the candidates of one range at a time, as a version-1 payload.
+  std::vector<uint8_t> scratch;
+  if (v2)
+    scratch.resize(static_cast<size_t>(
+        buffer_bytes(capacity, v2->candidate_dtype == DType::kFloat32 ? 4 : 2)));
   const float* thresholds = whole.thresholds;
   for (int s = 0; s < num_ranges; ++s) {
     const int64_t lo = cuts[s], n = cuts[s + 1] - lo;
@@ -288,7 +299,18 @@ Status compress_ranges(const CompressArgs& whole, const int64_t* cuts, int num_r
     words[kWordNumelLow] = static_cast<int32_t>(static_cast<uint32_t>(n));
     words[kWordNumelHigh] = static_cast<int32_t>(n >> 32);
     std::memcpy(row, words, sizeof(words));
-    if (n == 0) continue;  // an empty range takes no threshold
+    const int64_t num_scales = v2 ? v2->wire.num_scales : 0;
+    const int64_t* scales = num_scales ? v2->scale_offsets + s * (num_scales + 1) : nullptr;
+    if (n == 0) {  // an empty range takes no threshold; an empty fp8 payload still decodes
+      for (int64_t j = 0; j < num_scales; ++j) {
+        store<float>(row + v2->wire.scales_offset + 4 * j, 1.0f);
+        store<int32_t>(row + v2->wire.bounds_offset + 4 * j, static_cast<int32_t>(scales[j]));
+      }
+      if (num_scales)
+        store<int32_t>(row + v2->wire.bounds_offset + 4 * num_scales,
+                       static_cast<int32_t>(scales[num_scales]));
+      continue;
+    }
     CompressArgs a;
     a.x = static_cast<const uint8_t*>(whole.x) + lo * element;
     a.dtype = whole.dtype;
@@ -298,9 +320,21 @@ Status compress_ranges(const CompressArgs& whole, const int64_t* cuts, int num_r
     a.offsets = offsets + offset_starts[s];
     a.num_segments = static_cast<int>(offset_starts[s + 1] - offset_starts[s] - 1);
     if (a.offsets[0] != 0) return Status{1, "compress_ranges", "bad arguments"};
-    const Status status = compress(a, row, capacity, value_dtype, threads);
-    if (status.code) return status;
     thresholds += a.num_segments;
+    if (!v2) {
+      const Status status = compress(a, row, capacity, value_dtype, threads);
+      if (status.code) return status;
+      continue;
+    }
+    uint8_t* cand = scratch.data();
+    std::memset(cand, 0, scratch.size());
+    Status status = compress(a, cand, capacity, v2->candidate_dtype, threads);
+    if (status.code) return status;
+    status = encode_v2(v2->wire, row, reinterpret_cast<const int32_t*>(cand + kHeaderBytes),
+                       cand + values_offset(capacity), static_cast<int>(v2->candidate_dtype),
+                       load<int32_t>(cand + 4 * kWordCount),
+                       load<int32_t>(cand + 4 * kWordOverflow), 0, scales, a.residual);
+    if (status.code) return status;
   }
   return Status{};
 }

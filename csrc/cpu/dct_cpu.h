@@ -41,18 +41,6 @@ Status count_kept(const CompressArgs& args, int64_t* count, int threads);
 Status compress(const CompressArgs& args, uint8_t* payload, int64_t capacity, DType value_dtype,
                 int threads);
 
-// Version-1 compress of num_ranges contiguous ranges of one tensor into the rows of one
-// [num_ranges, row_bytes] send buffer (ops.compress_shards in one call): row s is zeroed, gets
-// `header` (kHeaderWords words, numel replaced by the range's length cuts[s+1] - cuts[s]) and,
-// for a non-empty range, what compress() writes for x[cuts[s]:cuts[s+1]] (residual likewise)
-// with the segments offsets[offset_starts[s] .. offset_starts[s+1]) (from 0 to the range's
-// length) and the next S_s thresholds of whole.thresholds. whole: x, dtype, n (all ranges),
-// residual, thresholds; its offsets are not used.
-Status compress_ranges(const CompressArgs& whole, const int64_t* cuts, int num_ranges,
-                       const int64_t* offsets, const int64_t* offset_starts,
-                       const int32_t* header, uint8_t* rows, int64_t row_bytes,
-                       int64_t capacity, DType value_dtype, int threads);
-
 // -------------------------------------------------------------------------------- decompress
 // PayloadRows (dct_api.h) in host memory, with any alignment. A row whose header does not
 // match counts one error; a count outside [0, capacity] counts one error and is clamped; each
@@ -86,6 +74,28 @@ Status encode_v2(const WireV2& wire, uint8_t* out, const int32_t* cand_index,
                  const void* cand_values, int cand_value_code, int64_t cand_count,
                  int64_t cand_overflow, int64_t position_offset, const int64_t* scale_offsets,
                  float* residual);
+
+// compress_ranges in wire format version 2: the layout, the candidates' dtype (fp32 under fp8
+// values, else the wire's) and, for fp8, each range's num_scales + 1 scale offsets back to back.
+struct RangesV2 {
+  WireV2 wire;
+  DType candidate_dtype = DType::kFloat32;
+  const int64_t* scale_offsets = nullptr;
+};
+
+// ops.compress_shards in one call: num_ranges contiguous ranges of one tensor into the rows of
+// one [num_ranges, row_bytes] send buffer. Row s is zeroed and gets `header` (kHeaderWords
+// words, numel replaced by the range's length cuts[s+1] - cuts[s]); a non-empty range then
+// gets what compress() writes for x[cuts[s]:cuts[s+1]] (residual likewise) with the segments
+// offsets[offset_starts[s] .. offset_starts[s+1]) (from 0 to the range's length) and the next
+// S_s thresholds of whole.thresholds; with v2, compress() into a scratch payload of the
+// candidates and encode_v2() from it (an empty fp8 range: its scale offsets, scales 1), as
+// ops.compress does range by range. whole: x, dtype, n (all ranges), residual, thresholds; its
+// offsets are not used.
+Status compress_ranges(const CompressArgs& whole, const int64_t* cuts, int num_ranges,
+                       const int64_t* offsets, const int64_t* offset_starts,
+                       const int32_t* header, uint8_t* rows, int64_t row_bytes,
+                       int64_t capacity, DType value_dtype, const RangesV2* v2, int threads);
 
 // Decodes W untrusted version-2 rows (expected: the 8 header words, count and overflow not
 // compared) and writes out as decompress (many = false, W = 1) or decompress_many would from

@@ -70,19 +70,6 @@ def compress(x, thresholds, offsets, seg_dev, residual, payload: wire.SparsePayl
                   payload.capacity, _CODE(payload.value_dtype), _threads())
 
 
-def compress_ranges(x, thresholds, cuts: List[int], offsets: List[List[int]], residual,
-                    out: torch.Tensor, capacity: int, value_dtype: torch.dtype) -> None:
-    """Optional: ops.compress_shards' version-1 rows in one call (compress of each range)."""
-    flat_offsets, starts = [], [0]
-    for o in offsets:
-        flat_offsets.extend(o)
-        starts.append(len(flat_offsets))
-    _cpu.compress_ranges(x.data_ptr(), _CODE(x.dtype), x.numel(), _ptr(residual),
-                         thresholds.data_ptr(), cuts, flat_offsets, starts,
-                         wire.header_words(0, capacity, value_dtype), out.data_ptr(),
-                         out.shape[1], capacity, _CODE(value_dtype), _threads())
-
-
 def decompress(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
                value_dtype: torch.dtype, accumulate: bool, errors: torch.Tensor) -> None:
     buffer = buffer.contiguous()
@@ -115,6 +102,26 @@ def encode_v2(candidates: wire.SparsePayload, payload: wire.SparsePayload, scale
                    candidates.indices.data_ptr(), candidates.values.data_ptr(),
                    _CODE(candidates.value_dtype), count, int(candidates.overflow),
                    position_offset, list(scale_offsets or []), _ptr(residual))
+
+
+def compress_ranges(x, thresholds, cuts: List[int], offsets: List[List[int]], residual,
+                    out: torch.Tensor, where: wire.WireLayout, scale_offsets) -> None:
+    """Optional: ops.compress_shards' rows in one call (bitwise compress of each range);
+    ``scale_offsets``: each range's list (fp8 values), else None."""
+    flat_offsets, starts = [], [0]
+    for o in offsets:
+        flat_offsets.extend(o)
+        starts.append(len(flat_offsets))
+    v2 = where.version != 1
+    capacity, code, delta, num_scales, layout = _where(where)
+    candidate = torch.float32 if where.value_dtype == wire.FLOAT8 else where.value_dtype
+    _cpu.compress_ranges(x.data_ptr(), _CODE(x.dtype), x.numel(), _ptr(residual),
+                         thresholds.data_ptr(), cuts, flat_offsets, starts,
+                         wire.header_words(0, capacity, where.value_dtype, where.index_encoding,
+                                           num_scales), out.data_ptr(), out.shape[1], capacity,
+                         code, v2, delta, num_scales, layout, _CODE(candidate),
+                         [o for b in scale_offsets for o in b] if scale_offsets else [],
+                         _threads())
 
 
 @lru_cache(maxsize=256)
