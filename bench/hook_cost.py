@@ -1,14 +1,15 @@
 """The DDP hook's own cost per bucket and step: host time and the device operations it
 launches, against a dense all-reduce hook on the same bucket.
 
-    python bench/hook_cost.py [--steps 200] [--device cpu|cuda] [--emulate 4,64]
+    python bench/hook_cost.py [--steps 200] [--device cpu|cuda] [--emulate 4,64] [--wire fp8-delta]
 
 One process (a gloo group of one rank, or NCCL on a GPU), the dense part of the DLRM of
 bench/train_dlrm.py as one bucket (its MLP shapes; ratio 0.003, bf16 values, min_numel 0, as
-the quick configuration), gradients drawn once and reused (the timing is of the hook, not of
-the random numbers). Per mode, the median host time of ``dct_hook(...).wait()`` over
-``--steps`` steady-state steps (no refresh falls in the timed window: refresh_every is
-larger) and the number of operations it dispatches per step, counted with torch.profiler:
+the quick configuration; ``--wire fp8-delta`` for fp8 values with delta-coded indices),
+gradients drawn once and reused (the timing is of the hook, not of the random numbers). Per
+mode, the median host time of ``dct_hook(...).wait()`` over ``--steps`` steady-state steps (no
+refresh falls in the timed window: refresh_every is larger) and the number of operations it
+dispatches per step, counted with torch.profiler:
 aten operations on the CPU, CUDA kernels on a GPU. At world size 1 the collectives are local,
 so this is the hook's compute and bookkeeping, the floor a real cluster adds its network to.
 
@@ -16,7 +17,8 @@ so this is the hook's compute and bookkeeping, the floor a real cluster adds its
 for W ranks (shards, capacities), and its collectives are replaced by local copies (every rank
 "sends" what rank 0 sends), so the rows show how the hook's own work grows with W without W
 processes (the network, and waiting for other ranks, are not in them).
-Writes ``hook_cost.json`` / ``.md`` under bench/results/<device>/.
+Writes ``hook_cost.json`` / ``.md`` (``hook_cost_fp8_delta.*`` with ``--wire fp8-delta``) under
+bench/results/<device>/.
 """
 
 import argparse
@@ -80,15 +82,22 @@ def emulated_world(world: int):
             setattr(obj, name, value)
 
 
-def measure(mode: str, device: torch.device, steps: int, world: int = 1) -> dict:
+# --wire: the sparse modes' wire format (values, index encoding) and the output files' suffix.
+WIRES = {"bf16": (torch.bfloat16, "int32", ""),
+         "fp8-delta": (torch.float8_e4m3fn, "delta", "_fp8_delta")}
+
+
+def measure(mode: str, device: torch.device, steps: int, world: int = 1,
+            wire: str = "bf16") -> dict:
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.zeros(s, device=device)) for s in SHAPES]
     grads = [torch.randn(s, generator=g).to(device) for s in SHAPES]
     if mode == "dense":
         state, hook = None, _dense_hook
     else:
+        value_dtype, index_encoding, _ = WIRES[wire]
         state = DCTState(ratio=0.003, warmup_steps=0, min_numel=0, refresh_every=10 ** 6,
-                         value_dtype=torch.bfloat16, exchange=mode)
+                         value_dtype=value_dtype, index_encoding=index_encoding, exchange=mode)
         hook = dct_hook
     bucket = StandInBucket(params, grads)
     flat = bucket.buffer().clone()
@@ -139,6 +148,10 @@ def main():
     p.add_argument("--emulate", default="",
                    help="comma-separated world sizes W > 1 to emulate as rank 0 of W "
                         "(sparse modes only; see the module docstring)")
+    p.add_argument("--wire", choices=sorted(WIRES), default="bf16",
+                   help="the sparse modes' values and indices: bf16 values with int32 indices "
+                        "(default), or fp8 values with delta-coded indices (wire format "
+                        "version 2; written to hook_cost_fp8_delta.*)")
     args = p.parse_args()
     from dlrm.cli import device_slug
     from dlrm.context import device_name
@@ -149,13 +162,13 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 init_method=f"file://{tmp}/store", rank=0, world_size=1)
-        rows = [measure(mode, device, args.steps)
+        rows = [measure(mode, device, args.steps, wire=args.wire)
                 for mode in ("dense", "allgather", "reduce_scatter")]
         for world in [int(w) for w in args.emulate.split(",") if w.strip()]:
             if world < 2:
                 raise SystemExit(f"--emulate: expected world sizes > 1, got {world}")
             with emulated_world(world):
-                rows += [measure(mode, device, args.steps, world)
+                rows += [measure(mode, device, args.steps, world, args.wire)
                          for mode in ("allgather", "reduce_scatter")]
         dist.destroy_process_group()
     name = device_name()
@@ -164,8 +177,10 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     report = {"device": name, "machine": platform.processor() or platform.machine(),
               "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "kernel_backend": kernel_backend(device), "threads": 1, "rows": rows}
-    with open(os.path.join(out_dir, "hook_cost.json"), "w") as f:
+              "kernel_backend": kernel_backend(device), "threads": 1, "wire": args.wire,
+              "rows": rows}
+    stem = "hook_cost" + WIRES[args.wire][2]
+    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
         json.dump(report, f, indent=1)
     key = "kernels_per_step" if device.type == "cuda" else "aten_ops_per_step"
     lines = [f"| mode | W | median ms | p20 | p80 | {key.replace('_', ' ')} |",
@@ -175,10 +190,10 @@ def main():
         lines.append(f"| {r['mode']} | {world} | {r['median_ms']:.3f} | {r['p20_ms']:.3f} | "
                      f"{r['p80_ms']:.3f} | {r[key]:.0f} |")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "hook_cost.md"), "w") as f:
+    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
         f.write(f"{name}, {report['date']}, kernel backend {report['kernel_backend']}, "
-                f"one bucket of {rows[0]['bucket_elements']} elements, world size 1 (and "
-                f"rank 0 of W emulated where marked)\n\n" + text)
+                f"one bucket of {rows[0]['bucket_elements']} elements, wire {args.wire}, "
+                f"world size 1 (and rank 0 of W emulated where marked)\n\n" + text)
     print(text, end="")
 
 

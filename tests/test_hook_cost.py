@@ -29,6 +29,10 @@ def test_measure_rows_and_emulated_worlds():
             assert dist.get_world_size() == 1
             assert collectives.all_to_all_rows_async is original
             assert emulated["world"] == 4 and emulated["median_ms"] > 0
+            with hook_cost.emulated_world(64):
+                denser = hook_cost.measure("reduce_scatter", torch.device("cpu"), steps=3,
+                                           world=64, wire="fp8-delta")
+            assert denser["world"] == 64 and denser["median_ms"] > 0
         finally:
             dist.destroy_process_group()
 
