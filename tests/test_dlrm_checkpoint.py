@@ -243,8 +243,11 @@ def test_torchrun_restarts_a_killed_rank(tmp_path):
                             "--checkpoint-dir", str(tmp_path / "w_ckpt")],
                            capture_output=True, text=True, timeout=DEADLINE_S)
     assert whole.returncode == 0, whole.stderr[-3000:]
+    # --log-dir: the agent's own folder inside tmp_path (by default it makes one in /tmp and
+    # leaves it there).
     job = subprocess.Popen([torchrun, "--standalone", "--nproc-per-node", "2",
-                            "--max-restarts", "1", TRAIN_DLRM, *common,
+                            "--max-restarts", "1", "--log-dir", str(tmp_path / "torchrun"),
+                            TRAIN_DLRM, *common,
                             "--checkpoint-dir", str(folder), "--out", str(out)],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
