@@ -8,8 +8,23 @@ With a GPU they run compiled on CUDA tensors, and the torch reference runs on bo
 
 import importlib.util
 import os
+import shutil
+import tempfile
 
 import torch
+
+# torch.compile's caches go to a folder of this run, removed at its end (by default inductor
+# keeps them in /tmp/torchinductor_<user> for good). Subprocesses inherit the setting.
+_INDUCTOR_CACHE = None
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _INDUCTOR_CACHE = tempfile.mkdtemp(prefix="dct_kernels_inductor_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _INDUCTOR_CACHE is not None:
+        shutil.rmtree(_INDUCTOR_CACHE, ignore_errors=True)
+
 
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
