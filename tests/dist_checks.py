@@ -641,6 +641,8 @@ def check_mismatched_configurations(rank, world):
         [(1200,), (7,)]), "value_dtype")
     expect_error(lambda: hook_once(DCTState(min_numel=16, min_k=4 if rank == last else 1),
                                    [(1200,), (7,)]), "min_k")
+    expect_error(lambda: hook_once(DCTState(min_numel=16, dense_rows=4 if rank == last else 8),
+                                   [(1200,), (7,)]), "dense_rows")
 
     # Inside DDP the error comes out of backward() on every rank.
     model = _MLP([16, 32, 4], seed=9)

@@ -29,6 +29,8 @@ from dist_harness import spawned_checks
                                                      "refresh_patience"),
     (dict(refresh_patience=True), "refresh_patience"),
     (dict(min_k=0), "min_k"), (dict(min_k=2.5), "min_k"), (dict(min_k=True), "min_k"),
+    (dict(dense_rows=-1), "dense_rows"), (dict(dense_rows=1.5), "dense_rows"),
+    (dict(dense_rows=True), "dense_rows"),
 ])
 def test_state_rejects_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -75,6 +77,66 @@ def test_bucket_layout():
     assert layout.dense_index.tolist() == list(range(1000, 1010)) + [3010, 3011, 3012]
     assert layout.band_low.tolist() == [5, 1, 10, 1]
     assert layout.band_high.tolist() == [15, 1, 30, 1]
+
+
+def test_sends_sparse_by_size_and_by_rows():
+    """min_numel decides by size; with min_numel > 0 a table of at most dense_rows rows (two or
+    more dimensions) goes dense whatever its size; 1-D parameters are decided by size alone."""
+    def sparse(state, *shapes):
+        return [state.sends_sparse(torch.nn.Parameter(torch.zeros(s))) for s in shapes]
+
+    shapes = [(2, 512), (8, 200), (9, 200), (2, 100), (1, 5000), (3, 4, 10, 10), (9, 4, 10, 10),
+              (1024,), (1023,), (4096,), (30522, 8)]
+    assert sparse(DCTState(), *shapes) == [False, False, True, False, False, False, True,
+                                           True, False, True, True]
+    assert DCTState().dense_rows == 8
+    # dense_rows = 0: by size alone (the behaviour before the setting existed).
+    assert sparse(DCTState(dense_rows=0), *shapes) == [True, True, True, False, True, True, True,
+                                                       True, False, True, True]
+    # min_numel = 0: every parameter sparse, few-row tables included.
+    assert all(sparse(DCTState(min_numel=0), *shapes, (1, 1), (2,)))
+    # The bound is inclusive, and compared with the first dimension only.
+    assert sparse(DCTState(dense_rows=2, min_numel=1), (2, 512), (3, 512), (512, 2)) == \
+        [False, True, True]
+
+
+def test_few_row_tables_travel_dense_through_the_hook():
+    """One exact step on one rank, ratio 0.01: a [2, 600] table comes back whole (dense), a
+    [40, 30] matrix as its 12 largest magnitudes, a 1000-element vector (under min_numel) whole;
+    with dense_rows = 0 the table is thresholded like the matrix."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    shapes = [(2, 600), (40, 30), (1000,)]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    g = torch.Generator().manual_seed(11)
+    grads = [torch.randn(s, generator=g) for s in shapes]
+
+    def top(grad, k):
+        flat = grad.reshape(-1)
+        want = torch.zeros_like(flat)
+        idx = flat.abs().topk(k).indices
+        want[idx] = flat[idx]
+        return want
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0,
+                                world_size=1)
+        try:
+            outs = {}
+            for rows in (8, 0):
+                state = DCTState(ratio=0.01, warmup_steps=0, exchange="allgather",
+                                 dense_rows=rows)
+                bucket = StandInBucket(params, [x.clone() for x in grads])
+                outs[rows] = dct_hook(state, bucket).wait().clone()
+        finally:
+            dist.destroy_process_group()
+    for rows, want in ((8, [grads[0].reshape(-1), top(grads[1], 12), grads[2]]),
+                       (0, [top(grads[0], 12), top(grads[1], 12), grads[2]])):
+        got = torch.split(outs[rows], [x.numel() for x in grads])
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), (rows, shapes[i])
 
 
 def test_sparse_all_reduce_needs_a_capacity():
@@ -142,6 +204,12 @@ def test_state_dict_round_trip_without_a_group():
         older)
     with pytest.raises(ValueError, match="min_k: saved 1"):
         DCTState(ratio=0.05, min_k=4).load_state_dict(older)
+    # So is dense_rows; a checkpoint from before it decided by size alone (dense_rows 0).
+    before = dict(saved, config={k: v for k, v in saved["config"].items() if k != "dense_rows"})
+    with pytest.raises(ValueError, match="dense_rows: saved 0, this state 8"):
+        DCTState(ratio=0.05).load_state_dict(before)
+    DCTState(ratio=0.05, dense_rows=0,
+             module=[("w", torch.nn.Parameter(torch.zeros(3)))]).load_state_dict(before)
 
 
 def test_stand_in_bucket():

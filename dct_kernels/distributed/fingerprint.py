@@ -15,7 +15,7 @@ from .collectives import all_gather_rows
 from .sizing import EXCHANGES
 
 MAGIC = 0x44435444  # "DCTD"
-VERSION = 5
+VERSION = 6
 
 # (field name, how to show its value in an error): "int", "float" (bits of a float64) or
 # "crc" (a checksum, shown as hex).
@@ -42,6 +42,7 @@ FIELDS: Tuple[Tuple[str, str], ...] = (
     ("refresh_patience", "int"),
     ("index_encoding (0 int32, 1 delta)", "int"),
     ("min_k", "int"),
+    ("dense_rows", "int"),
 )
 
 # Codes of the exchange fields (the order of sizing.EXCHANGES).

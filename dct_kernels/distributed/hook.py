@@ -34,8 +34,10 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
        buckets) it is sized for the world size — which exchange, wire capacities, the
        reduce_scatter shards — and every rank gathers every rank's fingerprint of the
        configuration and the layout; all raise ValueError when they differ (no hang).
-    2. During the first ``warmup_steps`` steps, or when no parameter has ``min_numel``
-       elements: a dense all-reduce (async), divided by the world size in its callback.
+    2. During the first ``warmup_steps`` steps, or when no parameter of the bucket is sent
+       sparse (``DCTState.sends_sparse``: ``min_numel`` elements, not a table of at most
+       ``dense_rows`` rows): a dense all-reduce (async), divided by the world size in its
+       callback.
     3. Otherwise, when an exact τ is due (never computed, ``refresh_every`` steps old, or a
        parameter's kept count has been out of its band, or the payload overflowing, for
        ``refresh_patience`` consecutive steps — decided on the device one step earlier):
@@ -187,7 +189,7 @@ def _layout_of(state: DCTState, bucket) -> BucketLayout:
         group = state.group()
         world = dist.get_world_size(group)
         state.statistics.set_world(world)
-        layout = BucketLayout(keys, numels, [n >= state.min_numel for n in numels],
+        layout = BucketLayout(keys, numels, [state.sends_sparse(p) for p in params],
                               ratio=state.ratio, capacity_factor=state.capacity_factor,
                               band=state.refresh_band, patience=state.refresh_patience,
                               dtype=buffer.dtype,

@@ -80,8 +80,8 @@ class BucketLayout:
     """The flat layout of one bucket, its plan for the world size, and its device storage.
 
     Segments: one per parameter of the bucket, in order. A segment is *sparse* (thresholded,
-    with a ``ParamState``) when its parameter has at least ``min_numel`` elements, else *dense*
-    (all-reduced in one batch). Dense segments get the threshold +inf and zeroed inputs in the
+    with a ``ParamState``) when ``DCTState.sends_sparse`` says so for its parameter (at least
+    ``min_numel`` elements, not a table of a few rows), else *dense* (all-reduced in one batch). Dense segments get the threshold +inf and zeroed inputs in the
     compress, so they never enter a payload.
 
     ``exchange`` is the exchange this bucket uses ("allgather" or "reduce_scatter", resolved

@@ -29,7 +29,7 @@ STATE_DICT_VERSION = 2
 _REGROUP_STEPS = 2
 _CONFIG_FIELDS = ("ratio", "refresh_every", "warmup_steps", "capacity_factor", "min_numel",
                   "value_dtype", "index_encoding", "refresh_band", "refresh_patience",
-                  "exchange", "min_k")
+                  "exchange", "min_k", "dense_rows")
 
 
 def _check_number(value, name: str, integral: bool, minimum=None) -> None:
@@ -84,7 +84,15 @@ class DCTState:
             entries that pass τ but do not fit stay in the residual and are counted as
             overflow.
         min_numel: parameters with fewer elements are sent dense, in one batched all-reduce per
-            bucket (>= 0).
+            bucket (>= 0). 0 sends every parameter sparse (``dense_rows`` included).
+        dense_rows: with min_numel > 0, a parameter of two or more dimensions whose first
+            dimension (its rows) is at most this is sent dense too, whatever its size (>= 0;
+            0: by size alone). Such tables are a few vectors, each a bias of many inputs: a
+            token-type embedding [2, hidden], a classifier head [classes, hidden]. Sent sparse
+            at ratio 0.01, the [2, 512] token-type table of a BERT-style classifier alone kept
+            it at chance for 1000 steps where plain DDP reached 0.955 (0.930 with the table
+            dense; docs/distributed.md, "Quality on transformers"). 1-D parameters are decided
+            by size.
         min_k: every sparse parameter keeps at least min(min_k, n) entries a step (>= 1): at a
             small ratio a bias or a small layer would otherwise move one entry a step (in the
             DLRM at ratio 0.003, min_k = 4 took the 4-rank AUC gap from -0.0023 to -0.0015 over
@@ -134,7 +142,7 @@ class DCTState:
 
     def __init__(self, process_group=None, *, ratio: float = 0.01, refresh_every: int = 1000,
                  warmup_steps: int = 10, capacity_factor: float = 1.5, min_numel: int = 1024,
-                 min_k: int = 1,
+                 min_k: int = 1, dense_rows: int = 8,
                  value_dtype: Optional[torch.dtype] = None, index_encoding: str = "int32",
                  refresh_band: Tuple[float, Optional[float]] = (0.5, None),
                  refresh_patience: int = 32, exchange: str = "auto",
@@ -148,6 +156,7 @@ class DCTState:
         _check_number(capacity_factor, "capacity_factor", integral=False, minimum=1)
         _check_number(min_numel, "min_numel", integral=True, minimum=0)
         _check_number(min_k, "min_k", integral=True, minimum=1)
+        _check_number(dense_rows, "dense_rows", integral=True, minimum=0)
         _check_number(refresh_patience, "refresh_patience", integral=True, minimum=1)
         if value_dtype is not None and \
                 not any(value_dtype is d for d in wire.WIRE_VALUE_DTYPES):
@@ -179,6 +188,7 @@ class DCTState:
         self.capacity_factor = float(capacity_factor)
         self.min_numel = int(min_numel)
         self.min_k = int(min_k)
+        self.dense_rows = int(dense_rows)
         self.value_dtype = value_dtype
         self.index_encoding = index_encoding
         self.refresh_band = (float(low), float(high))
@@ -226,7 +236,7 @@ class DCTState:
                 "index_encoding": self.index_encoding,
                 "refresh_band": list(self.refresh_band),
                 "refresh_patience": self.refresh_patience, "exchange": self.exchange,
-                "min_k": self.min_k}
+                "min_k": self.min_k, "dense_rows": self.dense_rows}
 
     def group(self):
         """The process group the hook communicates in."""
@@ -246,9 +256,20 @@ class DCTState:
                 fingerprint.checksum(layout.keys) if self._named else 0,
                 _dtype_code(layout.dtype), layout.capacity, codes[self.exchange],
                 codes[layout.exchange], layout.plan.shard_capacity, self.refresh_patience,
-                wire.index_code(self.index_encoding), self.min_k]
+                wire.index_code(self.index_encoding), self.min_k, self.dense_rows]
 
     # ------------------------------------------------------------------ parameters, layouts
+
+    def sends_sparse(self, param: torch.Tensor) -> bool:
+        """Whether ``param``'s gradient is thresholded (else it travels dense, in the bucket's
+        batched all-reduce): at least ``min_numel`` elements and, with min_numel > 0, not a
+        table of at most ``dense_rows`` rows (two or more dimensions, the first at most
+        dense_rows). Depends on the shape only, so a parameter is sparse or dense in every
+        bucket layout it ever lands in."""
+        if param.numel() < self.min_numel:
+            return False
+        few_rows = param.dim() >= 2 and param.shape[0] <= self.dense_rows
+        return not (self.min_numel > 0 and few_rows)
 
     def key_of(self, param: torch.Tensor) -> str:
         """The stable key of a parameter: its name (with ``module=``), else "param.<i>" in
@@ -444,8 +465,9 @@ class DCTState:
                              f"1 or {STATE_DICT_VERSION}")
         saved, mine = state_dict["config"], self.config()
         # A field missing from an older checkpoint has the value that checkpoint ran with:
-        # min_k 1; "exchange" predates nothing a resumed run could differ in.
-        older = {"min_k": 1}
+        # min_k 1, dense_rows 0 (size alone); "exchange" predates nothing a resumed run could
+        # differ in.
+        older = {"min_k": 1, "dense_rows": 0}
         was = {name: saved.get(name, older.get(name, mine[name])) for name in _CONFIG_FIELDS}
         differing = [f"{name}: saved {was[name]!r}, this state {mine[name]!r}"
                      for name in _CONFIG_FIELDS if was[name] != mine[name]]
