@@ -22,6 +22,9 @@ warm-up steps, ratio 0.01 unless named):
   rarely sent entry is seen by Adam at more than one step.
 - ``ef_ramp``: no dense warm-up; the kept fraction falls geometrically from 0.25 to the ratio
   over the first 200 steps (DGC's warm-up schedule).
+- ``ef_flush_geo``, ``ef_flush_50``: no warm-up at the start; instead 10 (geometrically spaced:
+  steps 0, 1, 2, 4, ..., 256) or every 50th step dense, each sending gradient + residual (the
+  residual emptied): the default warm-up's dense steps, placed elsewhere.
 - ``ef_3pct``, ``ef_10pct``: classic error feedback at ratio 0.03 and 0.1 (what more density buys).
 
 Writes bench/train_transformer.py's report (``transformers.json``/``.md``/``.png``) into
@@ -44,6 +47,8 @@ VARIANTS: Dict[str, dict] = {
     "ef21_momentum": {"feedback": "ef21", "momentum": 0.1},
     "ef_release": {"release": 0.3},
     "ef_ramp": {"warmup_steps": 0, "ramp_steps": 200},
+    "ef_flush_geo": {"warmup_steps": 0, "flush_steps": (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)},
+    "ef_flush_50": {"warmup_steps": 0, "flush_steps": tuple(range(0, 1000, 50))},
     "ef_3pct": {"ratio": 0.03},
     "ef_10pct": {"ratio": 0.1},
 }
@@ -56,7 +61,7 @@ class VariantState:
     def __init__(self, group, ratio: float = 0.01, warmup_steps: int = 10, min_numel: int = 1024,
                  selection: str = "parameter", feedback: str = "ef", momentum: float = 1.0,
                  release: float = 1.0, ramp_steps: int = 0, ramp_start: float = 0.25,
-                 dense_shapes=()):
+                 dense_shapes=(), flush_steps=()):
         # dense_shapes: parameters of these shapes are sent dense like small ones (to find
         # which weights' sparsification costs quality: --dct-set "dense_shapes=[(128, 512)]").
         self.dense_shapes = [tuple(shape) for shape in dense_shapes]
@@ -64,6 +69,7 @@ class VariantState:
         self.min_numel, self.selection, self.feedback = min_numel, selection, feedback
         self.momentum, self.release = momentum, release
         self.ramp_steps, self.ramp_start = ramp_steps, ramp_start
+        self.flush_steps = frozenset(flush_steps)
         self.step = 0
         self.memory: Dict[int, Dict[str, torch.Tensor]] = {}
         self.started = set()  # buckets whose EF21 momentum has a first value
@@ -146,6 +152,10 @@ def variant_hook(state: VariantState, bucket) -> torch.futures.Future[torch.Tens
             mem["h"] += sent
             mem["H"] += _all_mean(sent, state.group)
             out = mem["H"].clone()
+        elif state.step in state.flush_steps:
+            # A dense step that also sends every residual: nothing is left waiting.
+            out = _all_mean(grad + mem["e"], state.group)
+            mem["e"].zero_()
         else:
             acc = grad + mem["e"]
             sent = acc * keep_mask(acc, sizes, ratio, state.min_numel, state.selection, dense)
