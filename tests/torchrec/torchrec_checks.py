@@ -255,6 +255,10 @@ def check_wrapper_arguments(rank, world):
         DCTDataParallelWrapper(ratio=0.0)
     with pytest.raises(ValueError, match="exchange"):
         DCTDataParallelWrapper(exchange="ring")
+    with pytest.raises(ValueError, match="dense_rows"):
+        DCTDataParallelWrapper(dense_rows=-1)
+    with pytest.raises(ValueError, match="min_k"):
+        DCTDataParallelWrapper(min_k=0)
     wrapper = DCTDataParallelWrapper(ratio=0.5, bucket_cap_mb=1)
     assert wrapper.dct_options == {"ratio": 0.5} and wrapper.state is None
     settings, data = SMALL, _data(SMALL)
