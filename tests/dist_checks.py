@@ -643,6 +643,9 @@ def check_mismatched_configurations(rank, world):
                                    [(1200,), (7,)]), "min_k")
     expect_error(lambda: hook_once(DCTState(min_numel=16, dense_rows=4 if rank == last else 8),
                                    [(1200,), (7,)]), "dense_rows")
+    expect_error(lambda: hook_once(DCTState(min_numel=16, warmup_steps=0,
+                                            ramp_steps=20 if rank == last else 0),
+                                   [(1200,), (7,)]), "ramp_steps")
 
     # Inside DDP the error comes out of backward() on every rank.
     model = _MLP([16, 32, 4], seed=9)
@@ -712,14 +715,28 @@ def check_checkpoint_resume_regrouped(rank, world):
     from the second step DDP's rebuilt buckets are the saved layouts. With
     ``static_graph=True`` DDP keeps its first buckets for two iterations, so the first two
     steps after the load are regrouped."""
-    widths, steps, split = [100, 50, 5300], 8, 4
-    for exchange, static in (("allgather", False), ("reduce_scatter", False),
-                             ("allgather", True), ("reduce_scatter", True)):
+    _resume_regrouped(rank, world, (("allgather", False), ("reduce_scatter", False),
+                                     ("allgather", True), ("reduce_scatter", True)))
+
+
+def check_ramp_resume_regrouped(rank, world):
+    """The same through the stages of ``ramp_steps`` (0.16 at step 1, 0.08 at 2, 0.04 at 4,
+    0.02 at 5, 0.01 from 7), checkpointed mid-stage (3) and at a stage's first step (5): each
+    stage's layouts adopt the residuals, and the resumed run, regrouped on its first step,
+    continues bit for bit with both exchanges."""
+    for split in (3, 5):
+        _resume_regrouped(rank, world, (("allgather", False), ("reduce_scatter", False)),
+                          steps=9, split=split, extra=dict(ramp_steps=6))
+
+
+def _resume_regrouped(rank, world, configs, steps=8, split=4, extra=None):
+    widths = [100, 50, 5300]
+    for exchange, static in configs:
         def fresh(seed):
             model = _MLP(widths, seed=seed)
             ddp = torch.nn.parallel.DistributedDataParallel(model, static_graph=static)
             state = DCTState(ratio=0.01, warmup_steps=1, refresh_every=3, min_numel=100,
-                             exchange=exchange, module=model)
+                             exchange=exchange, module=model, **(extra or {}))
             ddp.register_comm_hook(state, dct_hook)
             return model, ddp, state, torch.optim.SGD(model.parameters(), lr=0.05,
                                                       momentum=0.9)
@@ -741,7 +758,7 @@ def check_checkpoint_resume_regrouped(rank, world):
         assert sorted(tuple(sorted(l.keys)) for l in state.layouts.values()) == \
             sorted(tuple(sorted(keys)) for keys in saved["dct"]["layouts"]), exchange
         _train(ddp, optimizer, widths, 4, rank, steps=steps - split - 1, first_step=split + 1)
-        what = f"{exchange}, static_graph={static}"
+        what = f"{exchange}, static_graph={static}, split {split}, {extra}"
         assert_bitwise_equal(_flat_params(model), want, f"{what}: parameters")
         a, b = state.state_dict(), straight.state_dict()
         assert a["stats"] == b["stats"], (exchange, a["stats"], b["stats"])

@@ -252,12 +252,14 @@ CHECKS_2 = ["check_sparse_all_reduce", "check_hook_ratio_one",
             "check_ddp_ratio_one_matches_dense", "check_ddp_sparse_audited",
             "check_hook_band_and_excursions", "check_checkpoint_resume",
             "check_checkpoint_resume_reduce_scatter", "check_checkpoint_resume_regrouped",
-            "check_mismatched_configurations", "check_convergence"]
+            "check_ramp_resume_regrouped", "check_mismatched_configurations",
+            "check_convergence"]
 CHECKS_4 = ["check_sparse_all_reduce", "check_hook_ratio_one",
             "check_hook_ratio_one_reduce_scatter",
             "check_ddp_ratio_one_matches_dense", "check_ddp_sparse_audited",
             "check_checkpoint_resume_reduce_scatter", "check_checkpoint_resume_regrouped",
-            "check_mismatched_configurations", "check_convergence_reduce_scatter"]
+            "check_ramp_resume_regrouped", "check_mismatched_configurations",
+            "check_convergence_reduce_scatter"]
 
 group_of_2, test_two_ranks = spawned_checks("dist_checks", 2, CHECKS_2)
 group_of_4, test_four_ranks = spawned_checks("dist_checks", 4, CHECKS_4)

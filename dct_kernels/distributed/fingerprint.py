@@ -43,6 +43,8 @@ FIELDS: Tuple[Tuple[str, str], ...] = (
     ("index_encoding (0 int32, 1 delta)", "int"),
     ("min_k", "int"),
     ("dense_rows", "int"),
+    ("ramp_steps", "int"),
+    ("ratio of the bucket layout (the ramp's stage)", "float"),
 )
 
 # Codes of the exchange fields (the order of sizing.EXCHANGES).

@@ -30,17 +30,19 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
 
     Register with ``ddp.register_comm_hook(DCTState(...), dct_hook)``. Per bucket:
 
-    1. The first time a bucket layout is seen (the first step, and after DDP rebuilds its
-       buckets) it is sized for the world size — which exchange, wire capacities, the
-       reduce_scatter shards — and every rank gathers every rank's fingerprint of the
+    1. The first time a bucket layout is seen (the first step, after DDP rebuilds its
+       buckets, and at each stage of ``ramp_steps``, which sizes layouts of its own) it is
+       sized for the world size — which exchange, wire capacities, the reduce_scatter
+       shards — and every rank gathers every rank's fingerprint of the
        configuration and the layout; all raise ValueError when they differ (no hang).
     2. During the first ``warmup_steps`` steps, or when no parameter of the bucket is sent
        sparse (``DCTState.sends_sparse``: ``min_numel`` elements, not a table of at most
        ``dense_rows`` rows): a dense all-reduce (async), divided by the world size in its
        callback.
-    3. Otherwise, when an exact τ is due (never computed, ``refresh_every`` steps old, or a
-       parameter's kept count has been out of its band, or the payload overflowing, for
-       ``refresh_patience`` consecutive steps — decided on the device one step earlier):
+    3. Otherwise, when an exact τ is due (never computed, ``refresh_every`` steps old, the
+       first step of a ramp stage or of the steady ratio after it, or a parameter's kept
+       count has been out of its band, or the payload overflowing, for ``refresh_patience``
+       consecutive steps — decided on the device one step earlier):
        τ_p = max(exact k_p-th largest |gradient + residual|, 2^-149) for every parameter, in
        one segmented ``select_threshold``; else τ_p = max(ρ_p x q_p, 2^-149), q_p the same
        order statistic estimated on a fixed sample of about 32 / ratio entries (one segmented
@@ -177,7 +179,8 @@ def _layout_of(state: DCTState, bucket) -> BucketLayout:
     buffer = bucket.buffer()
     params = list(bucket.parameters())
     keys = [state.key_of(p) for p in params]
-    ident = (tuple(keys), buffer.dtype, buffer.device)
+    ratio = state.ratio_at(state.step)  # a ramp stage has layouts of its own
+    ident = (tuple(keys), buffer.dtype, buffer.device, ratio)
     layout = state.layouts.get(ident)
     if layout is None:
         numel_of = {key: p.numel() for key, p in zip(keys, params)}
@@ -190,7 +193,7 @@ def _layout_of(state: DCTState, bucket) -> BucketLayout:
         world = dist.get_world_size(group)
         state.statistics.set_world(world)
         layout = BucketLayout(keys, numels, [state.sends_sparse(p) for p in params],
-                              ratio=state.ratio, capacity_factor=state.capacity_factor,
+                              ratio=ratio, capacity_factor=state.capacity_factor,
                               band=state.refresh_band, patience=state.refresh_patience,
                               dtype=buffer.dtype,
                               device=buffer.device, world=world, rank=dist.get_rank(group),
@@ -221,7 +224,7 @@ def _dense(state: DCTState, layout: BucketLayout, buffer: torch.Tensor):
 
 def _thresholds(state: DCTState, layout: BucketLayout, buffer: torch.Tensor) -> bool:
     """This step's τ_p of the bucket: recomputed exactly when due — scheduled (never
-    computed, or ``refresh_every`` steps old) or early (a pending flag: the bucket's kept
+    computed in this stage of the ratio's schedule, or ``refresh_every`` steps old) or early (a pending flag: the bucket's kept
     counts have been out of the band, or its payload overflowing, for ``refresh_patience``
     steps) — and otherwise the threshold rule's sampled estimate times each parameter's
     scale. With reduce_scatter, stage 1 has one τ per piece of a parameter in a shard (the
@@ -229,8 +232,9 @@ def _thresholds(state: DCTState, layout: BucketLayout, buffer: torch.Tensor) -> 
     rows does not overflow its row while others go short. Dense segments keep +inf. Returns
     whether it refreshed."""
     states = [s for s in layout.states if s is not None]
-    scheduled = any(s.refreshed_at < 0 or state.step - s.refreshed_at >= state.refresh_every
-                    for s in states)
+    start = state.stage_start(state.step)  # a ramp stage's k are new: exact τ at its start
+    scheduled = any(s.refreshed_at < start or
+                    state.step - s.refreshed_at >= state.refresh_every for s in states)
     early = not scheduled and any(s.pending for s in states)
     shard = layout.shard  # reduce_scatter: stage 1 has one τ per piece of a shard
     if not (scheduled or early):
@@ -263,7 +267,8 @@ def _shard_refresh_due(state: DCTState, layout: BucketLayout, step: int) -> bool
     stage 2 of the exchange (at the step's last bucket)."""
     layout.collect_shard_flags()
     pieces = [p for p in layout.shard.states if p is not None]
-    due = any(p.refreshed_at < 0 or step - p.refreshed_at >= state.refresh_every or
+    start = state.stage_start(step)
+    due = any(p.refreshed_at < start or step - p.refreshed_at >= state.refresh_every or
               p.pending for p in pieces)
     if due:
         for p in pieces:

@@ -97,6 +97,7 @@ class BucketLayout:
                  exchange: str = "allgather", min_k: int = 1):
         self.keys = keys
         self.numels = numels
+        self.ratio = ratio
         self.no_shift = torch.zeros(1, dtype=torch.int64, device=device)  # see hook._kept_of
         self.sparse = sparse
         self.dtype = dtype

@@ -29,7 +29,29 @@ STATE_DICT_VERSION = 2
 _REGROUP_STEPS = 2
 _CONFIG_FIELDS = ("ratio", "refresh_every", "warmup_steps", "capacity_factor", "min_numel",
                   "value_dtype", "index_encoding", "refresh_band", "refresh_patience",
-                  "exchange", "min_k", "dense_rows")
+                  "exchange", "min_k", "dense_rows", "ramp_steps")
+
+
+RAMP_START = 0.25  # DGC's first warm-up stage keeps a quarter of the entries
+
+
+def ramp_stages(ratio: float, warmup_steps: int, ramp_steps: int) -> List[Tuple[int, float]]:
+    """(first step, ratio) of every stage after the warm-up: J ramp stages of ratio x 2^J, ...,
+    ratio x 2 (J the largest with ratio x 2^J <= RAMP_START), each floor((j + 1) R / J) -
+    floor(j R / J) steps long (R = ramp_steps; empty ones left out), then ratio from
+    warmup_steps + R. Without a ramp (R = 0, or ratio > RAMP_START / 2): [(warmup_steps,
+    ratio)]."""
+    doublings = 0
+    while ramp_steps and ratio * 2.0 ** (doublings + 1) <= RAMP_START:
+        doublings += 1
+    stages = []
+    for j in range(doublings):
+        start = warmup_steps + j * ramp_steps // doublings
+        end = warmup_steps + (j + 1) * ramp_steps // doublings
+        if end > start:
+            stages.append((start, ratio * 2.0 ** (doublings - j)))
+    stages.append((warmup_steps + (ramp_steps if doublings else 0), ratio))
+    return stages
 
 
 def _check_number(value, name: str, integral: bool, minimum=None) -> None:
@@ -79,6 +101,14 @@ class DCTState:
             k (see ``threshold_rule``); never below 2^-149 (so exact zeros are never sent).
         refresh_every: recompute every τ exactly at least every this many steps (>= 1).
         warmup_steps: the first steps are plain dense all-reduces (>= 0).
+        ramp_steps: after the warm-up, the ratio falls geometrically over this many steps
+            (>= 0; 0: no ramp), DGC's warm-up: in stages of equal length whose ratios halve
+            from the largest ratio x 2^j that is at most 0.25 down to 2 x ratio, then ratio
+            (at ratio 0.01: 0.16, 0.08, 0.04, 0.02). Each stage sizes its own bucket layouts
+            (wire capacities, shards) and starts with an exact refresh of every τ; residuals
+            carry over. It costs bytes (the J stages keep (2^(J + 1) - 2) / J times the ratio's
+            entries on average: 7.5x at ratio 0.01, J = 4) and buys the early curve back
+            (docs/distributed.md, "Quality on transformers").
         capacity_factor: the wire buffer of a bucket holds the sum of
             min(n, ceil(k x capacity_factor)) entries over its sparse parameters (>= 1);
             entries that pass τ but do not fit stay in the residual and are counted as
@@ -141,7 +171,8 @@ class DCTState:
     """
 
     def __init__(self, process_group=None, *, ratio: float = 0.01, refresh_every: int = 1000,
-                 warmup_steps: int = 10, capacity_factor: float = 1.5, min_numel: int = 1024,
+                 warmup_steps: int = 10, ramp_steps: int = 0, capacity_factor: float = 1.5,
+                 min_numel: int = 1024,
                  min_k: int = 1, dense_rows: int = 8,
                  value_dtype: Optional[torch.dtype] = None, index_encoding: str = "int32",
                  refresh_band: Tuple[float, Optional[float]] = (0.5, None),
@@ -153,6 +184,7 @@ class DCTState:
             raise ValueError(f"ratio: must be in (0, 1], got {ratio}")
         _check_number(refresh_every, "refresh_every", integral=True, minimum=1)
         _check_number(warmup_steps, "warmup_steps", integral=True, minimum=0)
+        _check_number(ramp_steps, "ramp_steps", integral=True, minimum=0)
         _check_number(capacity_factor, "capacity_factor", integral=False, minimum=1)
         _check_number(min_numel, "min_numel", integral=True, minimum=0)
         _check_number(min_k, "min_k", integral=True, minimum=1)
@@ -185,6 +217,8 @@ class DCTState:
         self.ratio = float(ratio)
         self.refresh_every = int(refresh_every)
         self.warmup_steps = int(warmup_steps)
+        self.ramp_steps = int(ramp_steps)
+        self._stages = ramp_stages(self.ratio, self.warmup_steps, self.ramp_steps)
         self.capacity_factor = float(capacity_factor)
         self.min_numel = int(min_numel)
         self.min_k = int(min_k)
@@ -236,7 +270,8 @@ class DCTState:
                 "index_encoding": self.index_encoding,
                 "refresh_band": list(self.refresh_band),
                 "refresh_patience": self.refresh_patience, "exchange": self.exchange,
-                "min_k": self.min_k, "dense_rows": self.dense_rows}
+                "min_k": self.min_k, "dense_rows": self.dense_rows,
+                "ramp_steps": self.ramp_steps}
 
     def group(self):
         """The process group the hook communicates in."""
@@ -256,7 +291,28 @@ class DCTState:
                 fingerprint.checksum(layout.keys) if self._named else 0,
                 _dtype_code(layout.dtype), layout.capacity, codes[self.exchange],
                 codes[layout.exchange], layout.plan.shard_capacity, self.refresh_patience,
-                wire.index_code(self.index_encoding), self.min_k, self.dense_rows]
+                wire.index_code(self.index_encoding), self.min_k, self.dense_rows,
+                self.ramp_steps, fingerprint.float_bits(layout.ratio)]
+
+    # ------------------------------------------------------------------ the ratio's schedule
+
+    def ratio_at(self, step: int) -> float:
+        """The ratio the bucket layouts of ``step`` are sized for: a ramp stage's, else
+        ``ratio``."""
+        return self._stage_of(step)[1]
+
+    def stage_start(self, step: int) -> int:
+        """The first step of ``step``'s stage (the ramp's stages, then the steady one from
+        warmup_steps + ramp_steps): every τ is recomputed exactly at its first sparse step."""
+        return self._stage_of(step)[0]
+
+    def _stage_of(self, step: int) -> Tuple[int, float]:
+        current = self._stages[0]
+        for stage in self._stages[1:]:
+            if stage[0] > step:
+                break
+            current = stage
+        return current
 
     # ------------------------------------------------------------------ parameters, layouts
 
@@ -467,7 +523,7 @@ class DCTState:
         # A field missing from an older checkpoint has the value that checkpoint ran with:
         # min_k 1, dense_rows 0 (size alone); "exchange" predates nothing a resumed run could
         # differ in.
-        older = {"min_k": 1, "dense_rows": 0}
+        older = {"min_k": 1, "dense_rows": 0, "ramp_steps": 0}
         was = {name: saved.get(name, older.get(name, mine[name])) for name in _CONFIG_FIELDS}
         differing = [f"{name}: saved {was[name]!r}, this state {mine[name]!r}"
                      for name in _CONFIG_FIELDS if was[name] != mine[name]]
