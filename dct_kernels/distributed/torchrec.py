@@ -48,9 +48,9 @@ logger = logging.getLogger(__name__)
 
 # DCTState's keyword arguments the wrapper passes on; the process group and the parameter
 # names are DMP's, so the wrapper sets those itself.
-_STATE_OPTIONS = ("ratio", "refresh_every", "warmup_steps", "capacity_factor", "min_numel",
-                  "min_k", "dense_rows", "value_dtype", "index_encoding", "refresh_band",
-                  "refresh_patience", "exchange", "validate", "backend")
+_STATE_OPTIONS = ("ratio", "refresh_every", "warmup_steps", "ramp_steps", "capacity_factor",
+                  "min_numel", "min_k", "dense_rows", "value_dtype", "index_encoding",
+                  "refresh_band", "refresh_patience", "exchange", "validate", "backend")
 
 
 class DCTDataParallelWrapper(DefaultDataParallelWrapper):
@@ -75,9 +75,9 @@ class DCTDataParallelWrapper(DefaultDataParallelWrapper):
             steps the checkpoint's bucket layouts until DDP has rebuilt its buckets, so a
             resumed run continues bit for bit either way.
         **dct_options: ``DCTState``'s keyword arguments: ``ratio``, ``refresh_every``,
-            ``warmup_steps``, ``capacity_factor``, ``min_numel``, ``min_k``, ``dense_rows``,
-            ``value_dtype``, ``index_encoding``, ``refresh_band``, ``refresh_patience``,
-            ``exchange``, ``validate``, ``backend``
+            ``warmup_steps``, ``ramp_steps``, ``capacity_factor``, ``min_numel``, ``min_k``,
+            ``dense_rows``, ``value_dtype``, ``index_encoding``, ``refresh_band``,
+            ``refresh_patience``, ``exchange``, ``validate``, ``backend``
             (see docs/distributed.md, "Settings"); DCTState's defaults where not given.
 
     Raises:

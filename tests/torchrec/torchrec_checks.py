@@ -259,6 +259,8 @@ def check_wrapper_arguments(rank, world):
         DCTDataParallelWrapper(dense_rows=-1)
     with pytest.raises(ValueError, match="min_k"):
         DCTDataParallelWrapper(min_k=0)
+    with pytest.raises(ValueError, match="ramp_steps"):
+        DCTDataParallelWrapper(ramp_steps=-1)
     wrapper = DCTDataParallelWrapper(ratio=0.5, bucket_cap_mb=1)
     assert wrapper.dct_options == {"ratio": 0.5} and wrapper.state is None
     settings, data = SMALL, _data(SMALL)
