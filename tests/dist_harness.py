@@ -8,6 +8,7 @@ check runs; a group that outlives its deadline is killed and reported. ``spawned
 the fixture and the test a test module binds for one such group.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -20,6 +21,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 COLLECTIVE_TIMEOUT_S = 30
+
+
+@contextlib.contextmanager
+def one_rank_group():
+    """A gloo group of one rank in this process, on an in-memory store: no file for the
+    group's threads to find removed under them (a file:// store in a directory deleted right
+    after destroy_process_group aborts the process now and then)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _worker(rank, world_size, store, module_name, names, result_dir):

@@ -11,7 +11,7 @@ import torch
 from dct_kernels.distributed import DCTState, dct_hook, sparse_all_reduce
 from dct_kernels.distributed.layout import BucketLayout, k_of, share_of
 from dct_kernels.distributed.stand_in import StandInBucket
-from dist_harness import spawned_checks
+from dist_harness import one_rank_group, spawned_checks
 
 # ---------------------------------------------------------------------- in this process
 
@@ -104,10 +104,6 @@ def test_few_row_tables_travel_dense_through_the_hook():
     """One exact step on one rank, ratio 0.01: a [2, 600] table comes back whole (dense), a
     [40, 30] matrix as its 12 largest magnitudes, a 1000-element vector (under min_numel) whole;
     with dense_rows = 0 the table is thresholded like the matrix."""
-    import tempfile
-
-    import torch.distributed as dist
-
     shapes = [(2, 600), (40, 30), (1000,)]
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
     g = torch.Generator().manual_seed(11)
@@ -120,18 +116,13 @@ def test_few_row_tables_travel_dense_through_the_hook():
         want[idx] = flat[idx]
         return want
 
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0,
-                                world_size=1)
-        try:
-            outs = {}
-            for rows in (8, 0):
-                state = DCTState(ratio=0.01, warmup_steps=0, exchange="allgather",
-                                 dense_rows=rows)
-                bucket = StandInBucket(params, [x.clone() for x in grads])
-                outs[rows] = dct_hook(state, bucket).wait().clone()
-        finally:
-            dist.destroy_process_group()
+    outs = {}
+    with one_rank_group():
+        for rows in (8, 0):
+            state = DCTState(ratio=0.01, warmup_steps=0, exchange="allgather",
+                             dense_rows=rows)
+            bucket = StandInBucket(params, [x.clone() for x in grads])
+            outs[rows] = dct_hook(state, bucket).wait().clone()
     for rows, want in ((8, [grads[0].reshape(-1), top(grads[1], 12), grads[2]]),
                        (0, [top(grads[0], 12), top(grads[1], 12), grads[2]])):
         got = torch.split(outs[rows], [x.numel() for x in grads])
@@ -148,23 +139,14 @@ def test_min_k_floors_each_parameters_kept_count():
     """One exact step on one rank: with min_k = 4 a 64-element parameter at ratio 0.003 sends
     its 4 largest magnitudes (not 1), a 1000-element one 4 (not ceil(3)), a 3000-element one
     ceil(9) = 9, a 2-element one both entries; nothing else arrives."""
-    import tempfile
-
-    import torch.distributed as dist
-
     shapes = [(64,), (1000,), (3000,), (2,)]
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
     g = torch.Generator().manual_seed(5)
     grads = [torch.randn(s, generator=g) for s in shapes]
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0,
-                                world_size=1)
-        try:
-            state = DCTState(ratio=0.003, min_k=4, warmup_steps=0, min_numel=0,
-                             exchange="allgather", value_dtype=torch.float32)
-            out = dct_hook(state, StandInBucket(params, grads)).wait()
-        finally:
-            dist.destroy_process_group()
+    with one_rank_group():
+        state = DCTState(ratio=0.003, min_k=4, warmup_steps=0, min_numel=0,
+                         exchange="allgather", value_dtype=torch.float32)
+        out = dct_hook(state, StandInBucket(params, grads)).wait()
     offset = 0
     for grad, k in zip(grads, (4, 4, 9, 2)):
         want = torch.zeros_like(grad)

@@ -4,16 +4,14 @@ the stage's first step, nothing lost across the stages' layouts (gradient + resi
 sent + residual after, bitwise, the reduce_scatter shard residual included), and a checkpoint
 taken mid-ramp resumes bit for bit. The multi-rank checks are in dist_checks.py."""
 
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from dct_kernels.distributed import DCTState, dct_hook
 from dct_kernels.distributed.layout import k_of, share_of
 from dct_kernels.distributed.stand_in import StandInBucket
 from dct_kernels.distributed.state import RAMP_START, ramp_stages
+from dist_harness import one_rank_group
 
 
 def test_ramp_stages():
@@ -87,13 +85,8 @@ def _run(exchange, params, grads, steps, state=None, check=None):
 
 @pytest.fixture
 def one_rank():
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0,
-                                world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
+    with one_rank_group():
+        yield
 
 
 @pytest.mark.parametrize("exchange", ["allgather", "reduce_scatter"])

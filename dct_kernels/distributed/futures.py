@@ -37,14 +37,26 @@ def after(futures: List[torch.futures.Future], fn: Callable[[], object],
     returned future with that error.
     """
     result = new_future(device)
+    held = [list(futures), fn]
 
     def run(_):
+        # The callback runs on the collective's thread, which releases it after it returns;
+        # whatever it still held then could be the last reference to the hook's state and,
+        # through it, to a process group the program destroyed as soon as the result was set:
+        # the group's destructor would then join its own thread and abort the process. So
+        # everything is let go here, before the result is set.
+        inputs, function = held
+        held.clear()
         try:
-            for future in futures:
+            for future in inputs:
                 future.wait()
-            result.set_result(fn())
+            value = function()
         except Exception as error:  # delivered to whoever waits on the result
+            del inputs, function
             result.set_exception(error)
+            return
+        del inputs, function
+        result.set_result(value)
 
     if len(futures) == 1:
         futures[0].then(run)
