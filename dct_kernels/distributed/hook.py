@@ -224,13 +224,13 @@ def _dense(state: DCTState, layout: BucketLayout, buffer: torch.Tensor):
 
 def _thresholds(state: DCTState, layout: BucketLayout, buffer: torch.Tensor) -> bool:
     """This step's τ_p of the bucket: recomputed exactly when due — scheduled (never
-    computed in this stage of the ratio's schedule, or ``refresh_every`` steps old) or early (a pending flag: the bucket's kept
-    counts have been out of the band, or its payload overflowing, for ``refresh_patience``
-    steps) — and otherwise the threshold rule's sampled estimate times each parameter's
-    scale. With reduce_scatter, stage 1 has one τ per piece of a parameter in a shard (the
-    piece's own k-th magnitude, exact or estimated), so that a shard holding a parameter's hot
-    rows does not overflow its row while others go short. Dense segments keep +inf. Returns
-    whether it refreshed."""
+    computed in this stage of the ratio's schedule, or ``refresh_every`` steps old) or early
+    (a pending flag: the bucket's kept counts have been out of the band, or its payload
+    overflowing, for ``refresh_patience`` steps) — and otherwise the threshold rule's
+    sampled estimate times each parameter's scale. With reduce_scatter, stage 1 has one τ per
+    piece of a parameter in a shard (the piece's own k-th magnitude, exact or estimated), so
+    that a shard holding a parameter's hot rows does not overflow its row while others go
+    short. Dense segments keep +inf. Returns whether it refreshed."""
     states = [s for s in layout.states if s is not None]
     start = state.stage_start(state.step)  # a ramp stage's k are new: exact τ at its start
     scheduled = any(s.refreshed_at < start or

@@ -81,8 +81,10 @@ class BucketLayout:
 
     Segments: one per parameter of the bucket, in order. A segment is *sparse* (thresholded,
     with a ``ParamState``) when ``DCTState.sends_sparse`` says so for its parameter (at least
-    ``min_numel`` elements, not a table of a few rows), else *dense* (all-reduced in one batch). Dense segments get the threshold +inf and zeroed inputs in the
-    compress, so they never enter a payload.
+    ``min_numel`` elements, not a table of a few rows), else *dense* (all-reduced in one
+    batch). Dense segments get the threshold +inf and zeroed inputs in the compress, so they
+    never enter a payload. A layout is sized for one ``ratio`` (a stage of ``ramp_steps`` has
+    layouts of its own).
 
     ``exchange`` is the exchange this bucket uses ("allgather" or "reduce_scatter", resolved
     from "auto" by ``Plan.choose``); with "reduce_scatter" the layout also holds this rank's

@@ -172,8 +172,7 @@ class DCTState:
 
     def __init__(self, process_group=None, *, ratio: float = 0.01, refresh_every: int = 1000,
                  warmup_steps: int = 10, ramp_steps: int = 0, capacity_factor: float = 1.5,
-                 min_numel: int = 1024,
-                 min_k: int = 1, dense_rows: int = 8,
+                 min_numel: int = 1024, min_k: int = 1, dense_rows: int = 8,
                  value_dtype: Optional[torch.dtype] = None, index_encoding: str = "int32",
                  refresh_band: Tuple[float, Optional[float]] = (0.5, None),
                  refresh_patience: int = 32, exchange: str = "auto",
@@ -521,8 +520,8 @@ class DCTState:
                              f"1 or {STATE_DICT_VERSION}")
         saved, mine = state_dict["config"], self.config()
         # A field missing from an older checkpoint has the value that checkpoint ran with:
-        # min_k 1, dense_rows 0 (size alone); "exchange" predates nothing a resumed run could
-        # differ in.
+        # min_k 1, dense_rows 0 (size alone), ramp_steps 0; "exchange" predates nothing a
+        # resumed run could differ in.
         older = {"min_k": 1, "dense_rows": 0, "ramp_steps": 0}
         was = {name: saved.get(name, older.get(name, mine[name])) for name in _CONFIG_FIELDS}
         differing = [f"{name}: saved {was[name]!r}, this state {mine[name]!r}"
