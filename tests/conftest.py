@@ -6,6 +6,7 @@ be set before the kernels are decorated, i.e. before dct_kernels' Triton backend
 With a GPU they run compiled on CUDA tensors, and the torch reference runs on both devices.
 """
 
+import atexit
 import importlib.util
 import os
 import shutil
@@ -13,17 +14,13 @@ import tempfile
 
 import torch
 
-# torch.compile's caches go to a folder of this run, removed at its end (by default inductor
-# keeps them in /tmp/torchinductor_<user> for good). Subprocesses inherit the setting.
-_INDUCTOR_CACHE = None
+# torch.compile's caches go to a folder of this run, removed when the run's process exits
+# (by default inductor keeps them in /tmp/torchinductor_<user> for good). At exit, not at the
+# session's end: a run that stops early (a usage error) never reaches that. Subprocesses
+# inherit the setting and leave the folder to this process.
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-    _INDUCTOR_CACHE = tempfile.mkdtemp(prefix="dct_kernels_inductor_")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if _INDUCTOR_CACHE is not None:
-        shutil.rmtree(_INDUCTOR_CACHE, ignore_errors=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dct_kernels_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
 
 
 HAS_GPU = torch.cuda.is_available()
