@@ -64,7 +64,7 @@ Status encode_v2(const WireV2& wire, uint8_t* out, const int32_t* cand_index,
                  float* residual) {
   return guarded("encode_v2", [&] {
     const bool fp8 = wire.value_code == 3;
-    const int width = fp8 ? 1 : (wire.value_code == 0 ? 4 : 2);
+    const int width = value_width(wire.value_code);
     const int64_t limit = width == 1 ? 256 : kMaxMultiplier;
     const int64_t S = wire.num_scales;
     std::vector<float> scales(fp8 ? S : 0, 1.0f);

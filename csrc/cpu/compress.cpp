@@ -267,8 +267,7 @@ Status compress_ranges(const CompressArgs& whole, const int64_t* cuts, int num_r
                        const int32_t* header, uint8_t* rows, int64_t row_bytes,
                        int64_t capacity, DType value_dtype, const RangesV2* v2, int threads) {
   using namespace dct::wire;
-  const int64_t value_bytes = v2 ? (v2->wire.value_code == 3 ? 1 : v2->wire.value_code ? 2 : 4)
-                                 : (value_dtype == DType::kFloat32 ? 4 : 2);
+  const int64_t value_bytes = v2 ? value_width(v2->wire.value_code) : item_bytes(value_dtype);
   const int64_t needed = v2 ? v2->wire.values_offset + value_bytes * capacity
                             : buffer_bytes(capacity, value_bytes);
   const bool ok = known_dtype(whole.dtype) && whole.n >= 0 && whole.thresholds &&
@@ -281,12 +280,12 @@ Status compress_ranges(const CompressArgs& whole, const int64_t* cuts, int num_r
   for (int s = 0; s < num_ranges; ++s)
     if (cuts[s + 1] < cuts[s] || offset_starts[s + 1] < offset_starts[s] + 2)
       return Status{1, "compress_ranges", "bad arguments"};
-  const int64_t element = whole.dtype == DType::kFloat32 ? 4 : 2;
+  const int64_t element = item_bytes(whole.dtype);
   // Version 2: the candidates of one range at a time, as a version-1 payload.
   std::vector<uint8_t> scratch;
   if (v2)
     scratch.resize(static_cast<size_t>(
-        buffer_bytes(capacity, v2->candidate_dtype == DType::kFloat32 ? 4 : 2)));
+        buffer_bytes(capacity, item_bytes(v2->candidate_dtype))));
   const float* thresholds = whole.thresholds;
   for (int s = 0; s < num_ranges; ++s) {
     const int64_t lo = cuts[s], n = cuts[s + 1] - lo;

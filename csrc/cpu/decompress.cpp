@@ -27,13 +27,10 @@ constexpr int64_t kZeroChunk = 1 << 18;   // outputs zeroed per task
 using dct::wire::values_offset;
 namespace word = dct::wire;
 
-size_t item_bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
-
 bool rows_fit(const PayloadRows& p) {
   return p.num_rows >= 1 && p.capacity >= 0 && p.numel >= 0 && p.buffers != nullptr &&
          known_dtype(p.value_dtype) &&
-         p.row_bytes >= values_offset(p.capacity) +
-                            static_cast<int64_t>(item_bytes(p.value_dtype)) * p.capacity;
+         p.row_bytes >= values_offset(p.capacity) + item_bytes(p.value_dtype) * p.capacity;
 }
 
 // The usable count of row w (0 for a void row); *errors gets 1 for a bad header or count.
@@ -191,8 +188,6 @@ void merge(const std::vector<Entries>& rows, int W, int64_t numel, O* out, bool 
 }
 
 // ------------------------------------------------------------------ wire format version 2
-
-int value_width(int code) { return code == 3 ? 1 : (code == 0 ? 4 : 2); }
 
 uint32_t field_bits(const uint8_t* p, int width) {
   if (width == 1) return *p;
