@@ -16,7 +16,7 @@ the step's last bucket and still on the calling thread, each bucket's second-sta
 bucket order.
 """
 
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -29,14 +29,17 @@ def new_future(device: torch.device) -> torch.futures.Future:
 
 
 def after(futures: List[torch.futures.Future], fn: Callable[[], object],
-          device: torch.device) -> torch.futures.Future:
-    """A future that completes with ``fn()`` once every future in ``futures`` has completed.
+          device: torch.device,
+          into: Optional[torch.futures.Future] = None) -> torch.futures.Future:
+    """A future that completes with ``fn()`` once every future in ``futures`` has completed:
+    ``into`` (a pending future made by ``new_future``, e.g. one handed out before the
+    collectives were issued), else a new one.
 
     ``fn`` runs in a ``then`` callback after waiting on each of ``futures`` (stream ordering on
     CUDA; already complete on gloo). An error in any of them, or in ``fn``, completes the
     returned future with that error.
     """
-    result = new_future(device)
+    result = into if into is not None else new_future(device)
     held = [list(futures), fn]
 
     def run(_):

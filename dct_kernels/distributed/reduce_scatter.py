@@ -29,7 +29,7 @@ import torch
 from .. import codec, ops
 from .. import payload as wire
 from . import collectives
-from .futures import new_future
+from .futures import after, new_future
 from .threshold_rule import Kept
 
 
@@ -166,37 +166,19 @@ class ReduceScatterExchange:
                 result.set_exception(error)
                 return
 
-            gathered.then(self._finish_callback(gathered, buffer, result))
+            def average():
+                ops.decompress_many(self.gathered, out=buffer, average=True,
+                                    validate=self.validate, capacity=self.capacity,
+                                    value_dtype=self.value_dtype,
+                                    index_encoding=self.index_encoding,
+                                    num_scales=self.num_scales or None, errors=self.errors,
+                                    backend=self.backend)
+                return buffer
+
+            after([gathered], average, device, into=result)
 
         order.chain(issue_stage3, result)
         return result, self.send
-
-    def _finish_callback(self, gathered, buffer, result):
-        """The callback of stage 3's all-gather: the average of the shards into ``buffer``,
-        then ``result`` is set. As in ``futures.after``, it lets go of the exchange (and with
-        it the process group) before setting the result, so that the collective's thread never
-        holds the last reference to a group the program has destroyed meanwhile."""
-        held = [self, gathered, buffer]
-
-        def finish(_):
-            exchange, done, out = held
-            held.clear()
-            try:
-                done.wait()
-                ops.decompress_many(exchange.gathered, out=out, average=True,
-                                    validate=exchange.validate, capacity=exchange.capacity,
-                                    value_dtype=exchange.value_dtype,
-                                    index_encoding=exchange.index_encoding,
-                                    num_scales=exchange.num_scales or None,
-                                    errors=exchange.errors, backend=exchange.backend)
-            except Exception as error:
-                del exchange, done, out
-                result.set_exception(error)
-                return
-            del exchange, done
-            result.set_result(out)
-
-        return finish
 
     def capped_segments(self, overflow: torch.Tensor) -> torch.Tensor:
         """bool [S]: parameters with a piece in a stage-1 row that overflowed."""
