@@ -2,7 +2,7 @@
 of everything it captured, so that the collective's thread never drops the last reference to
 the hook's state (and through it to a process group the program has destroyed meanwhile: the
 group's destructor would join its own thread, and the process aborted with "Resource deadlock
-avoided")."""
+avoided"). Nor does the state keep the world's group itself alive past destroy_process_group."""
 
 import subprocess
 import sys
@@ -11,8 +11,10 @@ import weakref
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from dct_kernels.distributed.futures import after
+from dist_harness import one_rank_group
 
 
 class _Token:
@@ -47,6 +49,26 @@ def test_after_lets_go_before_it_completes(inputs, fails):
     else:
         assert result.wait() == 42
         assert seen == [True]
+
+
+@pytest.mark.parametrize("exchange", ["allgather", "reduce_scatter"])
+def test_the_state_holds_no_reference_to_the_world_group(exchange):
+    """Deterministic: with the default group, nothing the hook keeps between steps refers to
+    the world's process group, so destroy_process_group frees it then and there (an exchange
+    that kept it made the group outlive the program's last statement and abort at exit)."""
+    from dct_kernels.distributed import DCTState, dct_hook
+    from dct_kernels.distributed.stand_in import StandInBucket
+
+    with one_rank_group():
+        world = dist.group.WORLD
+        before = sys.getrefcount(world)
+        state = DCTState(ratio=0.01, warmup_steps=1, exchange=exchange)
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in ((3000,), (40, 50), (7,))]
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            grads = [torch.randn(p.shape, generator=g) for p in params]
+            dct_hook(state, StandInBucket(params, grads)).wait()
+        assert state.exchanges and sys.getrefcount(world) == before
 
 
 _SCRIPT = textwrap.dedent("""

@@ -310,7 +310,10 @@ def _exchange_of(state: DCTState, layout: BucketLayout):
     ``ReduceScatterExchange``), created once per layout and kept in ``state.exchanges``."""
     exchange = state.exchanges.get(id(layout))
     if exchange is None:
-        common = dict(group=state.group(), value_dtype=layout.value_dtype,
+        # The configured group, None for the world: an exchange object must not keep the
+        # world's group alive past destroy_process_group (its destructor then ran at the
+        # interpreter's exit, on threads already gone, and aborted the process).
+        common = dict(group=state.process_group, value_dtype=layout.value_dtype,
                       backend=state.backend, validate=state.validate,
                       errors=ops.payload_errors(layout.device))
         if layout.exchange == "reduce_scatter":
