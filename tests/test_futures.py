@@ -2,7 +2,8 @@
 of everything it captured, so that the collective's thread never drops the last reference to
 the hook's state (and through it to a process group the program has destroyed meanwhile: the
 group's destructor would join its own thread, and the process aborted with "Resource deadlock
-avoided"). Nor does the state keep the world's group itself alive past destroy_process_group."""
+avoided"). Nor does the state keep the world's group itself alive past
+destroy_process_group."""
 
 import subprocess
 import sys
