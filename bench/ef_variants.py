@@ -25,6 +25,17 @@ warm-up steps, ratio 0.01 unless named):
 - ``ef_flush_geo``, ``ef_flush_50``: no warm-up at the start; instead 10 (geometrically spaced:
   steps 0, 1, 2, 4, ..., 256) or every 50th step dense, each sending gradient + residual (the
   residual emptied): the default warm-up's dense steps, placed elsewhere.
+- ``ef_spread``: classic error feedback, but each entry's aggregated sum is released into the
+  optimizer over as many steps as it took to arrive (a fraction 1/T of what is pending per step,
+  T = steps since the entry last arrived; rank-identical): a rarely sent entry reaches Adam as
+  the steady rate it accumulated at, not as one burst.
+- ``pc_dense``, ``pc_ef``: diagnostics, run with ``--optimizer sgd_ema``: the hook divides what
+  it delivers by the square root of a running mean (beta 0.999, bias-corrected) of the squared
+  *local, dense* gradient, averaged over the ranks every step (a dense all-reduce that is not
+  counted), and the optimizer is SGD with Adam's first moment: Adam whose second moment sees
+  every entry at every step, whatever error feedback delivers. ``pc_dense`` sends everything
+  (the control: it should train like AdamW), ``pc_ef`` is classic error feedback at 0.01. If
+  error feedback's bursts meeting Adam's second moment were the gap, ``pc_ef`` would close it.
 - ``ef_3pct``, ``ef_10pct``: classic error feedback at ratio 0.03 and 0.1 (what more density buys).
 
 Writes bench/train_transformer.py's report (``transformers.json``/``.md``/``.png``) into
@@ -49,6 +60,9 @@ VARIANTS: Dict[str, dict] = {
     "ef_ramp": {"warmup_steps": 0, "ramp_steps": 200},
     "ef_flush_geo": {"warmup_steps": 0, "flush_steps": (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)},
     "ef_flush_50": {"warmup_steps": 0, "flush_steps": tuple(range(0, 1000, 50))},
+    "ef_spread": {"spread": True},
+    "pc_dense": {"ratio": 1.0, "precondition": True},
+    "pc_ef": {"precondition": True},
     "ef_3pct": {"ratio": 0.03},
     "ef_10pct": {"ratio": 0.1},
 }
@@ -61,7 +75,8 @@ class VariantState:
     def __init__(self, group, ratio: float = 0.01, warmup_steps: int = 10, min_numel: int = 1024,
                  selection: str = "parameter", feedback: str = "ef", momentum: float = 1.0,
                  release: float = 1.0, ramp_steps: int = 0, ramp_start: float = 0.25,
-                 dense_shapes=(), flush_steps=()):
+                 dense_shapes=(), flush_steps=(), spread: bool = False,
+                 precondition: bool = False):
         # dense_shapes: parameters of these shapes are sent dense like small ones (to find
         # which weights' sparsification costs quality: --dct-set "dense_shapes=[(128, 512)]").
         self.dense_shapes = [tuple(shape) for shape in dense_shapes]
@@ -70,6 +85,7 @@ class VariantState:
         self.momentum, self.release = momentum, release
         self.ramp_steps, self.ramp_start = ramp_steps, ramp_start
         self.flush_steps = frozenset(flush_steps)
+        self.spread, self.precondition = spread, precondition
         self.step = 0
         self.memory: Dict[int, Dict[str, torch.Tensor]] = {}
         self.started = set()  # buckets whose EF21 momentum has a first value
@@ -84,7 +100,11 @@ class VariantState:
     def buffers(self, index: int, like: torch.Tensor) -> Dict[str, torch.Tensor]:
         held = self.memory.get(index)
         if held is None or next(iter(held.values())).numel() != like.numel():
-            held = {name: torch.zeros_like(like) for name in ("e", "h", "H", "v", "pending")}
+            held = {name: torch.zeros_like(like) for name in ("e", "h", "H", "v", "pending",
+                                                             "square")}
+            held["period"] = torch.ones_like(like)
+            held["last"] = torch.full_like(like, float(self.step - 1))
+            held["squares"] = torch.zeros(())
             self.memory[index] = held
             self.started.discard(index)
         return held
@@ -122,8 +142,20 @@ def _all_mean(t: torch.Tensor, group) -> torch.Tensor:
     return t.div_(dist.get_world_size(group))
 
 
+def _precondition(state: VariantState, mem: Dict[str, torch.Tensor],
+                  grad: torch.Tensor) -> torch.Tensor:
+    """sqrt of the bias-corrected running mean of the rank-averaged squared local gradient
+    (Adam's second moment, beta 0.999, eps 1e-8), updated with this step's ``grad``."""
+    square = _all_mean(grad * grad, state.group)
+    mem["square"].mul_(0.999).add_(square, alpha=0.001)
+    mem["squares"] += 1
+    return (mem["square"] / (1 - 0.999 ** mem["squares"])).sqrt_().add_(1e-8)
+
+
 def variant_hook(state: VariantState, bucket) -> torch.futures.Future[torch.Tensor]:
     grad = bucket.buffer()
+    scale = (_precondition(state, state.buffers(bucket.index(), grad), grad)
+             if state.precondition else None)
     if state.step < state.warmup_steps:
         local = grad.clone() if state.feedback == "ef21" else None
         out = _all_mean(grad, state.group)
@@ -161,11 +193,21 @@ def variant_hook(state: VariantState, bucket) -> torch.futures.Future[torch.Tens
             sent = acc * keep_mask(acc, sizes, ratio, state.min_numel, state.selection, dense)
             mem["e"] = acc - sent
             out = _all_mean(sent, state.group)
-            if state.release < 1.0:
+            if state.spread:
+                arrived = out != 0
+                mem["period"] = torch.where(arrived, state.step - mem["last"], mem["period"])
+                mem["last"] = torch.where(arrived, torch.full_like(out, float(state.step)),
+                                          mem["last"])
+                mem["pending"] += out
+                out = mem["pending"] / mem["period"]
+                mem["pending"] -= out
+            elif state.release < 1.0:
                 mem["pending"] += out
                 out = mem["pending"] * state.release
                 mem["pending"] -= out
         state.started.add(bucket.index())
+    if scale is not None:
+        out = out / scale
     if bucket.is_last():
         state.step += 1
     done: torch.futures.Future[torch.Tensor] = torch.futures.Future()

@@ -207,6 +207,18 @@ def evaluate(model, task: Task, rank: int, world: int) -> float:
     return float(total[0] / total[1])
 
 
+def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
+    """``adamw``: AdamW (torch's defaults otherwise); ``sgd``: SGD with momentum 0.9;
+    ``sgd_ema``: SGD whose momentum is a running mean (momentum 0.9, dampening 0.9; torch starts
+    it at the first gradient), i.e. Adam's first moment without its second, for hooks that precondition what they deliver
+    (bench/ef_variants.py's ``pc_`` runs)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, dampening=0.9)
+
+
 def train_run(task: Task, run: str, rank: int, world: int, args, groups) -> dict:
     model = build_model(task.name, args.seed, args.hidden)
     group = groups["powersgd"] if run == "powersgd" else None
@@ -217,8 +229,7 @@ def train_run(task: Task, run: str, rank: int, world: int, args, groups) -> dict
     ddp = DistributedDataParallel(model, process_group=group, **cap)
     state, hook, notes = make_hook(run, group, world, args.dct_set)
     ddp.register_comm_hook(state, hook)
-    opt = (torch.optim.AdamW(ddp.parameters(), lr=args.lr) if args.optimizer == "adamw" else
-           torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9))
+    opt = make_optimizer(ddp.parameters(), args.optimizer, args.lr)
     steps = args.steps or STEPS[task.name]
     schedule = lr_schedule(opt, args.lr_schedule, steps)
     every = max(1, steps // 10)
@@ -350,8 +361,10 @@ def main(argv=None, out_name: str = "transformers") -> None:
                         help="steps per run (default: 1000 classify, 500 LM)")
     parser.add_argument("--batch", type=int, default=16, help="sequences per rank and step")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
-                        help="AdamW, or SGD with momentum 0.9 (default adamw)")
+    parser.add_argument("--optimizer", choices=("adamw", "sgd", "sgd_ema"),
+                        default="adamw",
+                        help="adamw, sgd (momentum 0.9) or sgd_ema (momentum 0.9 as a running "
+                        "mean: for bench/ef_variants.py's pc_ runs); default adamw")
     parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                         help="constant, or cosine: 5%% linear warm-up, cosine decay to 0 "
                              "(default constant)")

@@ -7,6 +7,13 @@
 #      DLRM_ARGS="--ranks 4", or as root DLRM_ARGS="--link 1gbit" for shaped links).
 #      Results and plots in bench/results/<device>/.
 source "$(dirname "$0")/setup_env.sh"
+# torch's DDP makes an (empty) inductor cache folder under /tmp when first used: give it one
+# of the job's own, removed when the job ends, however it ends.
+if [ -z "${TORCHINDUCTOR_CACHE_DIR:-}" ]; then
+  TORCHINDUCTOR_CACHE_DIR="$(mktemp -d -t dct_kernels_inductor_XXXXXX)"
+  export TORCHINDUCTOR_CACHE_DIR
+  trap 'rm -rf "$TORCHINDUCTOR_CACHE_DIR"' EXIT
+fi
 start=$(date +%s)
 echo "== 1/2 kernel microbenchmark: python bench/run.py --quick =="
 python bench/run.py --quick "$@"

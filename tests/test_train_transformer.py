@@ -98,3 +98,23 @@ def test_hidden_size():
     assert tt.build_model("classify", 0, hidden=64).config.intermediate_size == 128
     with pytest.raises(SystemExit):
         tt.main(["--hidden", "6", "--tasks", "classify", "--runs", "dense"])
+
+
+def test_sgd_ema_is_adams_first_moment():
+    # After steps with gradients g_1..g_t, sgd_ema has moved the weight by lr x the sum of the
+    # running means m_1 = g_1, m_s = 0.9 m_(s-1) + 0.1 g_s (torch starts the buffer at g_1).
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(5, generator=gen) for _ in range(4)]
+    w = torch.nn.Parameter(torch.randn(5, generator=gen))
+    start = w.detach().clone()
+    opt = tt.make_optimizer([w], "sgd_ema", 0.5)
+    m, moved = torch.zeros(5), torch.zeros(5)
+    for s, g in enumerate(grads):
+        w.grad = g.clone()
+        opt.step()
+        m = g if s == 0 else 0.9 * m + 0.1 * g
+        moved += 0.5 * m
+    torch.testing.assert_close(start - w.detach(), moved, rtol=1e-6, atol=1e-6)
+    assert isinstance(tt.make_optimizer([w], "adamw", 1e-3), torch.optim.AdamW)
+    sgd = tt.make_optimizer([w], "sgd", 1e-3)
+    assert sgd.param_groups[0]["momentum"] == 0.9 and sgd.param_groups[0]["dampening"] == 0
