@@ -18,12 +18,12 @@ them (default ``bench/results/<device>/link_sweep_w<W>/``):
   compute speed (relative to this machine) and link rate (modelled).
 
 The model (docs/time.md): per run, step time = a + b / rate, fitted (Theil-Sen: medians, robust
-to a point slowed by other jobs) to the measured median step times, with the rate the link's measured payload rate (loopback: b / rate
-= 0). ``a`` is the step without the network: the compute plus the hook's own cost; ``b`` (bits)
-is what the step waits for on the wire: the bytes not hidden behind the backward pass. Break-even
-rates of each DCT run against dense and against the faster baseline are given as measured
-(the crossing of the measured step times, linear in 1 / rate between sweep points) and as
-modelled (the crossing of the fitted lines).
+to a point slowed by other jobs) to the measured median step times, with the rate the link's
+measured payload rate (loopback: b / rate = 0). ``a`` is the step without the network: the
+compute plus the hook's own cost; ``b`` (bits) is what the step waits for on the wire: the bytes
+not hidden behind the backward pass. Break-even rates of each DCT run against dense and against
+the faster baseline are given as measured (the crossing of the measured step times, linear in
+1 / rate between sweep points) and as modelled (the crossing of the fitted lines).
 """
 
 import argparse
@@ -130,8 +130,8 @@ def wire_bytes_one_way(run: dict) -> float:
 def fit_runs(points: List[dict]) -> Dict[str, dict]:
     """Per run: the model step = a + b / rate fitted (``fit_line``) to the median step times,
     with a and the residual in ms, b as exposed bytes per step (b / 8), the bytes a rank sends
-    per step, and the fraction of those the fit says the step waits for (``exposed_fraction``; 1 - it
-    is the part hidden behind the backward pass)."""
+    per step, and the fraction of those the fit says the step waits for (``exposed_fraction``;
+    1 - it is the part hidden behind the backward pass)."""
     fits = {}
     runs = [name for name in RUNS if all(name in p["report"]["runs"] for p in points)]
     for name in runs:

@@ -5,10 +5,11 @@ measured on gloo for small W by wrapping torch.distributed's collectives.
     python bench/traffic.py                       # the default model, ratio 0.01, bf16
     python bench/traffic.py --ratio 0.003 --widths 512,2048,2048,512 --measure 2,4,8
 
-Bytes are counted as docs/design.md (Traffic statistics) counts them, per rank, sent plus received: an all-gather of N
-bytes per rank is N sent and (W - 1) N received; an all-to-all of W rows of R bytes, (W - 1) R
-each way; a ring all-reduce of M bytes, 2 (W - 1) / W M each way. The dense baseline is the
-ring all-reduce of every bucket in the gradient dtype (fp32): 4 (W - 1) / W x bucket bytes.
+Bytes are counted as docs/design.md (Traffic statistics) counts them, per rank, sent plus
+received: an all-gather of N bytes per rank is N sent and (W - 1) N received; an all-to-all of W
+rows of R bytes, (W - 1) R each way; a ring all-reduce of M bytes, 2 (W - 1) / W M each way. The
+dense baseline is the ring all-reduce of every bucket in the gradient dtype (fp32):
+4 (W - 1) / W x bucket bytes.
 
 The model: an MLP of the given widths (weights and biases, fp32), bucketed as DDP buckets a
 model after its first iteration (parameters in reverse order, 25 MiB per bucket), or with

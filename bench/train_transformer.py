@@ -13,12 +13,13 @@ the classifier's accuracy (with a constant lr it swings by up to 0.1 between eva
 
 Tasks (all data made here or read from this machine, seeded):
 
-- ``classify``: sequences of 32 tokens (vocabulary 256; 16 sequences per rank and step) labelled by the sign of a fixed random
-  +-1 weight summed over their tokens (a bag-of-words "sentiment"); held-out accuracy.
-- ``lm_text``: byte-level language modelling (sequences of 32 bytes) of real text that every machine has: the Python
-  standard library's own source files (sorted, concatenated, the first 2 MiB; the last tenth
-  held out); held-out loss (nats per byte). The Python version is recorded, as its sources
-  differ between versions.
+- ``classify``: sequences of 32 tokens (vocabulary 256; 16 sequences per rank and step)
+  labelled by the sign of a fixed random +-1 weight summed over their tokens (a bag-of-words
+  "sentiment"); held-out accuracy.
+- ``lm_text``: byte-level language modelling (sequences of 32 bytes) of real text that every
+  machine has: the Python standard library's own source files (sorted, concatenated, the first 2
+  MiB; the last tenth held out); held-out loss (nats per byte). The Python version is recorded,
+  as its sources differ between versions.
 - ``lm_synthetic``: byte sequences of a fixed random Markov chain (64 states, 4 successors
   each); held-out loss.
 
@@ -210,8 +211,8 @@ def evaluate(model, task: Task, rank: int, world: int) -> float:
 def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
     """``adamw``: AdamW (torch's defaults otherwise); ``sgd``: SGD with momentum 0.9;
     ``sgd_ema``: SGD whose momentum is a running mean (momentum 0.9, dampening 0.9; torch starts
-    it at the first gradient), i.e. Adam's first moment without its second, for hooks that precondition what they deliver
-    (bench/ef_variants.py's ``pc_`` runs)."""
+    it at the first gradient), i.e. Adam's first moment without its second, for hooks that
+    precondition what they deliver (bench/ef_variants.py's ``pc_`` runs)."""
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr)
     if name == "sgd":
@@ -414,8 +415,8 @@ def main(argv=None, out_name: str = "transformers") -> None:
               "torch": torch.__version__, "transformers": transformers.__version__,
               "python": platform.python_version(), "seed": args.seed, "lr": args.lr,
               "optimizer": args.optimizer, "lr_schedule": args.lr_schedule,
-              "batch_per_rank": args.batch, "hidden": args.hidden, "dct_set": {k: repr(v) for k, v in
-                                                        args.dct_set.items()},
+              "batch_per_rank": args.batch, "hidden": args.hidden,
+              "dct_set": {k: repr(v) for k, v in args.dct_set.items()},
               "tasks": tasks, "wall_s": time.time() - started}
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    device_slug(device), f"{out_name}_w{args.ranks}")

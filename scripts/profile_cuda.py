@@ -63,7 +63,8 @@ def main():
     for name, fn in ops.items():
         table = kernel_table(fn)
         total = sum(r[0] for r in table)
-        print(f"\n{name}: n=2^{args.log2n}, kept {args.ratio:g}: {total:.3f} ms of GPU time per call")
+        print(f"\n{name}: n=2^{args.log2n}, kept {args.ratio:g}: "
+              f"{total:.3f} ms of GPU time per call")
         for ms, count, key in table[:8]:
             print(f"  {ms:8.3f} ms  x{count:<3d} {key[:90]}")
 

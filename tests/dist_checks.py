@@ -311,9 +311,9 @@ def check_ddp_sparse_audited(rank, world, steps=50):
     what each rank sent is exactly the entries with |grad + residual| >= τ (the first
     `capacity` of them), τ at a refresh is the exact k-th magnitude and otherwise the sampled
     estimate times the scale the last step's correction left (expected_tau), the correction
-    and the count average are the rule's (expected_rule), sent + residual == grad + residual_before bitwise; at the end every rank
-    holds the same parameters and, per parameter, sum of gradients == sum sent + residual
-    (fp64)."""
+    and the count average are the rule's (expected_rule), sent + residual == grad +
+    residual_before bitwise; at the end every rank holds the same parameters and, per
+    parameter, sum of gradients == sum sent + residual (fp64)."""
     # Reversed, the last layer alone fills DDP's 1 MiB first bucket: two buckets after rebuild.
     widths = [100, 50, 5300]
     model = _MLP(widths, seed=4)

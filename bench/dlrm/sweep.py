@@ -100,7 +100,8 @@ def write(report: dict, out_dir: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, axis, key, label, compression in (
             (axes[0], "dp_ratio", "dp_ratio", "DP ratio (MP k fixed)", "dp_compression"),
-            (axes[1], "mp_k", "mp_k", f"MP k of {report['config']['tower_width']} (DP ratio fixed)", "mp_compression")):
+            (axes[1], "mp_k", "mp_k",
+             f"MP k of {report['config']['tower_width']} (DP ratio fixed)", "mp_compression")):
         pts = [r for r in rows if r["run"] != "dense" and (
             r["axis"] == axis or (r["axis"] == "dp_ratio" and r["dp_ratio"] ==
                                   default["dp_ratio"] and axis == "mp_k"))]
