@@ -374,7 +374,8 @@ def main(argv=None, out_name: str = "transformers") -> None:
                         help="hidden size of both models (default 128; a multiple of 4)")
     parser.add_argument("--dct-set", action="append", default=[], metavar="NAME=VALUE",
                         help="a DCTState setting for the dct runs, e.g. warmup_steps=100 "
-                             "(repeatable; values are Python literals)")
+                             "(repeatable; values are Python literals, value_dtype a dtype's name: "
+                             "value_dtype='bfloat16')")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     overrides = {}
@@ -386,6 +387,12 @@ def main(argv=None, out_name: str = "transformers") -> None:
             overrides[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             parser.error(f"--dct-set: {name}: not a Python literal: {value!r}")
+        if name == "value_dtype" and isinstance(overrides[name], str):
+            # value_dtype='bfloat16' names a torch dtype.
+            dtype = getattr(torch, overrides[name], None)
+            if not isinstance(dtype, torch.dtype):
+                parser.error(f"--dct-set: value_dtype: not a torch dtype: {value!r}")
+            overrides[name] = dtype
     args.dct_set = overrides
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.runs = [r for r in args.runs.split(",") if r]

@@ -118,3 +118,20 @@ def test_sgd_ema_is_adams_first_moment():
     assert isinstance(tt.make_optimizer([w], "adamw", 1e-3), torch.optim.AdamW)
     sgd = tt.make_optimizer([w], "sgd", 1e-3)
     assert sgd.param_groups[0]["momentum"] == 0.9 and sgd.param_groups[0]["dampening"] == 0
+
+
+def test_dct_set_names_a_value_dtype(tmp_path):
+    # A run's settings are recorded as given; value_dtype may be a torch dtype's name, and a
+    # name that is not one is refused before anything starts.
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, SCRIPT, "--ranks", "1", "--steps", "12",
+                           "--tasks", "lm_synthetic", "--runs", "dct",
+                           "--dct-set", "value_dtype='bfloat16'", "--dct-set", "warmup_steps=2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out / "transformers.json") as f:
+        run = json.load(f)["tasks"]["lm_synthetic"]["dct"]
+    assert run["settings"]["value_dtype"] == "torch.bfloat16"
+    with pytest.raises(SystemExit):
+        tt.main(["--dct-set", "value_dtype='bfloat17'", "--out", str(tmp_path / "no")])
+    assert not (tmp_path / "no").exists()
