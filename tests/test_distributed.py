@@ -130,6 +130,56 @@ def test_few_row_tables_travel_dense_through_the_hook():
             assert torch.equal(a, b), (rows, shapes[i])
 
 
+class _WithEmpty(torch.nn.Module):
+    """A layer and a parameter of no elements (a zero-width slot, as a model with an optional
+    part switched off has): DDP buckets both."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(40, 50)
+        self.none = torch.nn.Parameter(torch.zeros(0, 50))
+        self.register_buffer("mix", torch.randn(8, 50))  # no ties among the gradients
+
+    def forward(self, x):
+        return (self.lin(x) * self.mix).sum() + self.none.sum()
+
+
+@pytest.mark.parametrize("exchange", ["allgather", "reduce_scatter"])
+def test_a_parameter_of_no_elements_is_carried_through(exchange):
+    """Through DDP on one rank: the empty parameter gets no segment and no state, the others
+    are sent as without it (warm-up: whole; then the weight's exact top-20 at ratio 0.01, the
+    50-element bias under min_numel whole at every step), and a bucket holding nothing comes
+    back as is."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = _WithEmpty()
+    x = torch.randn(8, 40)
+    with one_rank_group():
+        ddp = DistributedDataParallel(model)
+        state = DCTState(ratio=0.01, warmup_steps=1, exchange=exchange, module=model)
+        ddp.register_comm_hook(state, dct_hook)
+        for step in range(3):
+            weight_grad, bias_grad = torch.autograd.grad(model(x), [model.lin.weight,
+                                                                     model.lin.bias])
+            ddp.zero_grad()
+            ddp(x).backward()
+            got = model.lin.weight.grad.reshape(-1)
+            assert torch.equal(model.lin.bias.grad, bias_grad)
+            want = weight_grad.reshape(-1)
+            if step == 1:  # the first sparse step: an exact τ on an empty residual
+                top = want.abs().topk(20).indices
+                want = torch.zeros_like(want).index_copy_(0, top, want[top])
+            if step < 2:
+                assert torch.equal(got, want)
+            else:  # an estimated τ: within the wire's capacity (1.5 k)
+                assert 0 < (got != 0).sum() <= 30
+        assert set(state.state_dict()["params"]) == {"lin.weight"}
+        empty = torch.nn.Parameter(torch.zeros(0))
+        out = dct_hook(state, StandInBucket([empty], [torch.zeros(0)])).wait()
+        assert out.numel() == 0
+
+
 def test_sparse_all_reduce_needs_a_capacity():
     with pytest.raises(ValueError, match="capacity"):
         sparse_all_reduce(torch.randn(10), 0.5, capacity=None)

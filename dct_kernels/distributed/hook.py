@@ -14,7 +14,7 @@ from .. import codec, ops
 from .. import payload as wire
 from . import collectives, fingerprint
 from .allgather import AllGatherExchange
-from .futures import StepOrder, after
+from .futures import StepOrder, after, new_future
 from .layout import BucketLayout
 from .reduce_scatter import ReduceScatterExchange
 from .stand_in import StandInBucket
@@ -91,7 +91,11 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
     """
     buffer = bucket.buffer()
     try:
-        future = _regrouped(state, bucket)
+        if buffer.numel() == 0:  # only parameters of no elements: nothing to exchange
+            future = new_future(buffer.device)
+            future.set_result(buffer)
+        else:
+            future = _regrouped(state, bucket)
         if future is None:
             layout = _layout_of(state, bucket)                     # 1
             if state.step < state.warmup_steps or not layout.has_sparse:
@@ -129,7 +133,7 @@ def _regrouped(state: DCTState, bucket):
     regroup = state.regroup_for_step()
     if regroup is None:
         return None
-    params = list(bucket.parameters())
+    params = _parameters(bucket)
     keys = [state.key_of(p) for p in params]
     if state.is_saved_layout(keys) or not regroup.covers(keys):
         _check_regroup_complete(regroup, bucket)
@@ -167,6 +171,12 @@ def _check_regroup_complete(regroup, bucket) -> None:
 
 # ---------------------------------------------------------------- 1. the bucket's layout
 
+def _parameters(bucket) -> list:
+    """The bucket's parameters that hold elements: one of none takes no room in the buffer
+    and has nothing to send, so it has no segment (and no state)."""
+    return [p for p in bucket.parameters() if p.numel() > 0]
+
+
 def _layout_of(state: DCTState, bucket) -> BucketLayout:
     """The layout of a DDP ``GradBucket``: created (and checked across ranks: a collective,
     so every rank must call it) at its first sight, made the owner of its parameters' states,
@@ -177,7 +187,7 @@ def _layout_of(state: DCTState, bucket) -> BucketLayout:
         among the named ones, or the ranks disagree on the configuration or the layout.
     """
     buffer = bucket.buffer()
-    params = list(bucket.parameters())
+    params = _parameters(bucket)
     keys = [state.key_of(p) for p in params]
     ratio = state.ratio_at(state.step)  # a ramp stage has layouts of its own
     ident = (tuple(keys), buffer.dtype, buffer.device, ratio)
