@@ -642,6 +642,32 @@ def check_sparse_all_reduce_reduce_scatter(rank, world):
     expect_error(lambda: dk.distributed.sparse_all_reduce(
         x, 1.0, capacity=10, segments=torch.tensor([0, 5, n]), exchange="reduce_scatter"),
         "segments")
+    expect_error(lambda: dk.distributed.sparse_all_reduce(
+        x, 1.0, capacity=n, value_dtype=torch.float8_e4m3fn, exchange="reduce_scatter"),
+        "value_dtype")
+    # "auto" sends what reduce_scatter does not take (segments, fp8 values) by allgather, at
+    # any W (from W = 4 it would otherwise pick reduce_scatter and raise).
+    segments = torch.tensor([0, 1000, n])
+    taus = torch.tensor([0.8, 1.2])
+    for kwargs in (dict(segments=segments), dict(value_dtype=torch.float8_e4m3fn),
+                   dict(segments=segments, value_dtype=torch.float8_e4m3fn)):
+        threshold = taus if "segments" in kwargs else 1.0
+        results = {}
+        for exchange in ("allgather", "auto"):
+            residual = r0.clone()
+            out, payload = dk.distributed.sparse_all_reduce(
+                x, threshold, capacity=n, residual=residual, exchange=exchange, **kwargs)
+            # Exact error feedback: what each rank sent is its gradient + residual minus
+            # what stays; the result is their rank-order mean.
+            sent = gather((x + r0) - residual)
+            mean = torch.zeros(n)
+            for row in sent:
+                mean = mean + row
+            assert_bitwise_equal(out, mean / torch.tensor(float(world)), f"{kwargs} mean")
+            assert int(payload.count) > 0 and int(payload.overflow) == 0
+            results[exchange] = (out, residual)
+        assert_bitwise_equal(results["auto"][0], results["allgather"][0], f"{kwargs} auto")
+        assert_bitwise_equal(results["auto"][1], results["allgather"][1], f"{kwargs} res")
 
 
 # --------------------------------------------- DDP: unused parameters, sparse embeddings

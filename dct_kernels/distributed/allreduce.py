@@ -103,14 +103,19 @@ def sparse_all_reduce(tensor: torch.Tensor, threshold: Union[float, torch.Tensor
         out = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
     chosen = exchange
     if exchange == "auto":
-        chosen = _choose_plain(tensor, capacity, value_dtype, world)
+        # reduce_scatter here takes neither segments nor fp8 values (its shards would need
+        # their own scale segments): those go by allgather.
+        simple = segments is None and value_dtype is not wire.FLOAT8
+        chosen = _choose_plain(tensor, capacity, value_dtype, world) if simple \
+            else "allgather"
     if chosen == "allgather":
         payload = ops.compress(tensor, threshold, segments=segments, residual=residual,
                                capacity=capacity, value_dtype=value_dtype, backend=backend)
         gathered = collectives.all_gather_rows(payload.buffer, group)
         ops.decompress_many(gathered, out=out, average=average, validate=validate,
                             capacity=payload.capacity, value_dtype=payload.value_dtype,
-                            errors=errors, backend=backend)
+                            index_encoding=payload.index_encoding,
+                            num_scales=payload.num_scales, errors=errors, backend=backend)
         return out, payload
     return _reduce_scatter(tensor, threshold, capacity=capacity, residual=residual,
                                 segments=segments, value_dtype=value_dtype, group=group,
@@ -141,6 +146,10 @@ def _reduce_scatter(tensor, threshold, *, capacity, residual, segments, value_dt
     if segments is not None:
         raise ValueError("segments: not supported with exchange='reduce_scatter' in "
                          "sparse_all_reduce (use DCTState for layer-wise thresholds)")
+    if value_dtype is wire.FLOAT8:
+        raise ValueError("value_dtype: fp8 values are not supported with "
+                         "exchange='reduce_scatter' in sparse_all_reduce (DCTState's "
+                         "reduce_scatter takes them)")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     numel = tensor.numel()
     device = tensor.device
