@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 import dct_kernels as dk
-from dct_kernels.distributed import DCTState, collectives, dct_hook, sparse_all_reduce
+from dct_kernels.distributed import DCTState, dct_hook, sparse_all_reduce
 from dct_kernels.distributed.stand_in import StandInBucket
 from dct_kernels.payload import SparsePayload
 from helpers import assert_bitwise_equal
@@ -646,6 +646,16 @@ def check_mismatched_configurations(rank, world):
     expect_error(lambda: hook_once(DCTState(min_numel=16, warmup_steps=0,
                                             ramp_steps=20 if rank == last else 0),
                                    [(1200,), (7,)]), "ramp_steps")
+
+    # Ranks at different steps (resumed from different checkpoints): one would be in its
+    # warm-up, all-reducing, while the others all-gather sparse payloads.
+    def at_step(step):
+        state = DCTState(min_numel=16)
+        saved = state.state_dict()
+        state.load_state_dict(dict(saved, step=step))
+        return state
+    expect_error(lambda: hook_once(at_step(5 if rank == last else 50), [(1200,), (7,)]),
+                 "step the bucket layout is made at", f"rank {last} has 5", "rank 0 has 50")
 
     # Inside DDP the error comes out of backward() on every rank.
     model = _MLP([16, 32, 4], seed=9)

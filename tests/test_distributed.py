@@ -2,7 +2,6 @@
 the multi-process checks (tests/dist_checks.py) in one spawned gloo group of 2 ranks and one
 of 4, each running several checks (process start-up dominates the time)."""
 
-import math
 import pickle
 
 import pytest
@@ -31,10 +30,75 @@ from dist_harness import one_rank_group, spawned_checks
     (dict(min_k=0), "min_k"), (dict(min_k=2.5), "min_k"), (dict(min_k=True), "min_k"),
     (dict(dense_rows=-1), "dense_rows"), (dict(dense_rows=1.5), "dense_rows"),
     (dict(dense_rows=True), "dense_rows"),
+    (dict(refresh_every=2 ** 63), "refresh_every"), (dict(min_numel=2 ** 62), "min_numel"),
+    (dict(validate="no"), "validate"), (dict(validate=1), "validate"),
+    (dict(process_group="world"), "process_group"),
+    (dict(module=5), "module"), (dict(module="ab"), "module"),
+    (dict(module={"w": torch.zeros(2)}), "module"),
+    (dict(module=[torch.nn.Parameter(torch.zeros(2, 3))]), "module"),
+    (dict(module=[("w", 3.0)]), "module"), (dict(module=[(1, torch.zeros(2))]), "module"),
 ])
 def test_state_rejects_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         DCTState(**kwargs)
+
+
+def test_checkpoint_names_must_be_the_models():
+    """With module=, a checkpoint whose parameter names are not the model's (the DDP wrapper's
+    "module." prefix against the bare model's names) or whose sizes differ is refused at
+    load_state_dict, not found out later with the residuals lost; a malformed entry raises
+    ValueError naming the parameter."""
+    lin = torch.nn.Linear(3, 2)
+    saved = {"version": 1, "config": DCTState().config(), "step": 5,
+             "params": {"module.weight": {"numel": 6, "residual": torch.arange(6.0),
+                                          "threshold": torch.tensor([0.5]),
+                                          "refreshed_at": 4, "refresh_pending": False}}}
+    with pytest.raises(ValueError, match=r"not among the named parameters.*module\.weight"):
+        DCTState(module=lin).load_state_dict(saved)
+    wrapped = torch.nn.Sequential()
+    wrapped.add_module("module", lin)
+    state = DCTState(module=wrapped)
+    state.load_state_dict(saved)
+    assert torch.equal(state.state_dict()["params"]["module.weight"]["residual"],
+                       torch.arange(6.0))
+    entry = saved["params"]["module.weight"]
+    grown = dict(saved, params={"module.weight": dict(entry, numel=7,
+                                                      residual=torch.arange(7.0))})
+    with pytest.raises(ValueError, match="has 7 elements, this model's has 6"):
+        DCTState(module=wrapped).load_state_dict(grown)
+    for broken in ({k: v for k, v in entry.items() if k != "refresh_pending"},
+                   dict(entry, threshold=torch.tensor([0.5, 0.5])),
+                   dict(entry, residual=None)):
+        with pytest.raises(ValueError, match="'module.weight': malformed"):
+            DCTState(module=wrapped).load_state_dict(dict(saved,
+                                                          params={"module.weight": broken}))
+
+
+def test_an_unpickled_state_keyed_by_name_asks_for_the_model():
+    """A pickle keeps the settings (validate and backend too) and the name-keyed states, not
+    the model: stepping the copy raises ValueError naming module (before, it re-keyed the
+    parameters by order and their residuals were lost); its state_dict loads into a state
+    given the model, which then steps exactly as the original does."""
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in ((3000,), (40, 50))]
+    named = [("a", params[0]), ("b", params[1])]
+    g = torch.Generator().manual_seed(5)
+    grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(4)]
+    with one_rank_group():
+        state = DCTState(ratio=0.01, warmup_steps=1, module=named, validate=True,
+                         backend="torch")
+        for step in range(2):
+            dct_hook(state, StandInBucket(params, [x.clone() for x in grads[step]])).wait()
+        copy = pickle.loads(pickle.dumps(state))
+        assert copy.validate is True and copy.backend == "torch"
+        with pytest.raises(ValueError, match="module"):
+            dct_hook(copy, StandInBucket(params, [x.clone() for x in grads[2]]))
+        resumed = DCTState(ratio=0.01, warmup_steps=1, module=named, validate=True,
+                           backend="torch")
+        resumed.load_state_dict(copy.state_dict())
+        for step in (2, 3):
+            want = dct_hook(state, StandInBucket(params, [x.clone() for x in grads[step]]))
+            got = dct_hook(resumed, StandInBucket(params, [x.clone() for x in grads[step]]))
+            assert torch.equal(want.wait(), got.wait()), step
 
 
 def test_state_accepts_the_documented_range():

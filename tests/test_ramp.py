@@ -133,6 +133,29 @@ def test_ramp_through_the_hook(one_rank, exchange):
     assert stats["kept_density"] > 0.02
 
 
+def test_a_bucket_of_dense_parameters_keeps_one_layout(one_rank):
+    """A bucket whose parameters all go dense has one layout through the ramp's stages (made,
+    and checked across ranks, once), and a layout that DDP's rebuilt buckets replace (one
+    holding a parameter of a new layout) is dropped."""
+    small = [torch.nn.Parameter(torch.zeros(s)) for s in ((7,), (30,))]
+    big = torch.nn.Parameter(torch.zeros(3000))
+    state = DCTState(**KWARGS)
+    g = torch.Generator().manual_seed(4)
+    seen = []
+    for step in range(STEPS):
+        grads = [torch.randn(p.shape, generator=g) for p in small]
+        out = dct_hook(state, StandInBucket(small, [x.clone() for x in grads])).wait()
+        assert torch.equal(out, torch.cat(grads)), step  # dense: the gradient itself (W = 1)
+        seen.append(next(iter(state.layouts.values())))
+    assert all(layout is seen[0] for layout in seen) and len(state.layouts) == 1
+    # Rebuilt: the small parameters now share a bucket with a sparse one.
+    params = small + [big]
+    dct_hook(state, StandInBucket(params, [torch.randn(p.shape, generator=g)
+                                           for p in params])).wait()
+    assert list(state.layouts.values())[0].keys == ["param.0", "param.1", "param.2"]
+    assert len(state.layouts) == 1
+
+
 @pytest.mark.parametrize("exchange", ["allgather", "reduce_scatter"])
 @pytest.mark.parametrize("split", [5, 6, 10])
 def test_ramp_resumes_bit_for_bit(one_rank, exchange, split):

@@ -15,7 +15,7 @@ from .collectives import all_gather_rows
 from .sizing import EXCHANGES
 
 MAGIC = 0x44435444  # "DCTD"
-VERSION = 6
+VERSION = 7
 
 # (field name, how to show its value in an error): "int", "float" (bits of a float64) or
 # "crc" (a checksum, shown as hex).
@@ -45,6 +45,7 @@ FIELDS: Tuple[Tuple[str, str], ...] = (
     ("dense_rows", "int"),
     ("ramp_steps", "int"),
     ("ratio of the bucket layout (the ramp's stage)", "float"),
+    ("step the bucket layout is made at", "int"),
 )
 
 # Codes of the exchange fields (the order of sizing.EXCHANGES).

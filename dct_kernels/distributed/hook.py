@@ -40,9 +40,9 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
        ``dense_rows`` rows): a dense all-reduce (async), divided by the world size in its
        callback.
     3. Otherwise, when an exact τ is due (never computed, ``refresh_every`` steps old, the
-       first step of a ramp stage or of the steady ratio after it, or a parameter's kept
-       count has been out of its band, or the payload overflowing, for ``refresh_patience``
-       consecutive steps — decided on the device one step earlier):
+       first step of a ramp stage or of the steady ratio after it, or the bucket's summed
+       kept counts have been out of band, or its payload overflowing, for
+       ``refresh_patience`` consecutive steps — decided on the device one step earlier):
        τ_p = max(exact k_p-th largest |gradient + residual|, 2^-149) for every parameter, in
        one segmented ``select_threshold``; else τ_p = max(ρ_p x q_p, 2^-149), q_p the same
        order statistic estimated on a fixed sample of about 32 / ratio entries (one segmented
@@ -189,8 +189,10 @@ def _layout_of(state: DCTState, bucket) -> BucketLayout:
     buffer = bucket.buffer()
     params = _parameters(bucket)
     keys = [state.key_of(p) for p in params]
-    ratio = state.ratio_at(state.step)  # a ramp stage has layouts of its own
-    ident = (tuple(keys), buffer.dtype, buffer.device, ratio)
+    sparse = [state.sends_sparse(p) for p in params]
+    # A ramp stage has layouts of its own; a bucket of dense parameters does not depend on it.
+    ratio = state.ratio_at(state.step)
+    ident = (tuple(keys), buffer.dtype, buffer.device, ratio if any(sparse) else None)
     layout = state.layouts.get(ident)
     if layout is None:
         numel_of = {key: p.numel() for key, p in zip(keys, params)}
@@ -202,7 +204,7 @@ def _layout_of(state: DCTState, bucket) -> BucketLayout:
         group = state.group()
         world = dist.get_world_size(group)
         state.statistics.set_world(world)
-        layout = BucketLayout(keys, numels, [state.sends_sparse(p) for p in params],
+        layout = BucketLayout(keys, numels, sparse,
                               ratio=ratio, capacity_factor=state.capacity_factor,
                               band=state.refresh_band, patience=state.refresh_patience,
                               dtype=buffer.dtype,
@@ -213,7 +215,7 @@ def _layout_of(state: DCTState, bucket) -> BucketLayout:
         fingerprint.verify_across_ranks(
             state.fingerprint(layout), group, buffer.device,
             f"bucket of {len(params)} parameters, {buffer.numel()} elements")
-        state.layouts[ident] = layout
+        state.add_layout(ident, layout)
     layout.collect_flags()
     state.adopt(layout)
     return layout

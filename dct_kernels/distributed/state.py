@@ -64,6 +64,24 @@ def _check_number(value, name: str, integral: bool, minimum=None) -> None:
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+    if integral and value >= 2 ** 62:  # the cross-rank check carries it in an int64
+        raise ValueError(f"{name}: must be < 2^62, got {value}")
+
+
+def _named_parameters(module) -> List[Tuple[str, torch.Tensor]]:
+    """``module``'s (name, parameter) pairs; ValueError naming ``module`` for anything else."""
+    if isinstance(module, torch.nn.Module):
+        return list(module.named_parameters())
+    if isinstance(module, (str, bytes, dict)) or not hasattr(module, "__iter__"):
+        raise ValueError(f"module: expected an nn.Module or an iterable of (name, parameter) "
+                         f"pairs (of a dict, its .items()), got {type(module).__name__}")
+    pairs = list(module)
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and
+                isinstance(pair[0], str) and isinstance(pair[1], torch.Tensor)):
+            raise ValueError(f"module: expected (name, parameter) pairs, got an item of type "
+                             f"{type(pair).__name__}")
+    return [(name, param) for name, param in pairs]
 
 
 def _streak(entry: Dict[str, Any]) -> torch.Tensor:
@@ -136,12 +154,13 @@ class DCTState:
         index_encoding: "int32" (default) or "delta": uint16 gaps between the kept positions
             (with escapes for gaps beyond 65535), half the index bytes. With fp8 values and
             "delta" a kept entry costs 3 bytes on the wire instead of 6 (int32 + bf16).
-        refresh_band: (low, high) with 0 <= low <= 1 <= high: a parameter's step is out of
-            its band when its kept count falls below low x k while its τ is above 2^-149, or
-            rises above high x k, or the bucket's payload overflowed. high=None means
-            capacity_factor.
+        refresh_band: (low, high) with 0 <= low <= 1 <= high: a bucket's step is out of band
+            when its summed kept-count average exceeds the sum of floor(high x k) over its
+            sparse parameters, or its payload overflowed, or the average summed over the
+            parameters whose τ is above 2^-149 falls below their sum of ceil(low x k).
+            high=None means capacity_factor.
         refresh_patience: a bucket's τ are recomputed exactly ahead of schedule (on the next
-            step) once a parameter has been out of its band for this many consecutive steps
+            step) once the bucket has been out of band for this many consecutive steps
             (>= 1); between refreshes the per-step correction keeps kept counts near k.
         exchange: "allgather", "reduce_scatter" or "auto" (default): how a bucket's payloads
             cross the network (see docs/distributed.md). "auto" takes, per bucket, whichever
@@ -210,6 +229,12 @@ class DCTState:
         if not 0 <= low <= 1 <= high:
             raise ValueError(f"refresh_band: expected 0 <= low <= 1 <= high, got "
                              f"({low}, {high})")
+        if not isinstance(validate, bool):
+            raise ValueError(f"validate: expected True or False, got {validate!r}")
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise ValueError(f"process_group: expected None or a ProcessGroup, got "
+                             f"{type(process_group).__name__}")
+        pairs = _named_parameters(module) if module is not None else []
 
         # Tunables (identical on every rank: checked at the first step of every bucket layout).
         self.process_group = process_group
@@ -233,19 +258,20 @@ class DCTState:
         # Parameter keys: by name when given, else by order of first appearance. The
         # parameters are held so that their ids stay theirs.
         self._named = module is not None
+        self._unpickled = False  # keyed by name, but the names' parameters are not known
         self._key_of: Dict[int, str] = {}
+        self._numel_of: Dict[str, int] = {}  # name -> elements, with module=
         self._held: List[torch.Tensor] = []
-        if module is not None:
-            pairs = module.named_parameters() if isinstance(module, torch.nn.Module) \
-                else module
-            for name, param in pairs:
-                self._key_of.setdefault(id(param), name)
-                self._held.append(param)
+        for name, param in pairs:
+            self._key_of.setdefault(id(param), name)
+            self._numel_of.setdefault(name, param.numel())
+            self._held.append(param)
 
         # What the hook keeps between steps (read and advanced by dct_hook).
         self.step = 0  # completed iterations (the hook advances it at each last bucket)
         self._states: Dict[str, ParamState] = {}  # key -> residual, τ, schedule
-        self.layouts: Dict[tuple, BucketLayout] = {}  # (keys, dtype, device) -> layout
+        # (keys, dtype, device, ratio: None for a bucket of dense parameters) -> layout
+        self.layouts: Dict[tuple, BucketLayout] = {}
         self.exchanges: Dict[int, object] = {}  # id(layout) -> its exchange object
         self.order: Optional[StepOrder] = None  # the current step's issue order
         self.statistics = Stats()
@@ -278,7 +304,9 @@ class DCTState:
 
     def fingerprint(self, layout: BucketLayout) -> List[int]:
         """The int64 words of the cross-rank check of ``layout`` (see ``fingerprint.FIELDS``):
-        the tunables and the bucket's layout as this rank sees them."""
+        the tunables, the bucket's layout as this rank sees them, and the step (ranks that
+        resumed from different checkpoints would otherwise pass, one of them in its warm-up
+        while another sends sparse)."""
         codes = fingerprint.EXCHANGE_CODES
         return [fingerprint.MAGIC, fingerprint.VERSION, fingerprint.float_bits(self.ratio),
                 self.refresh_every, self.warmup_steps,
@@ -291,7 +319,7 @@ class DCTState:
                 _dtype_code(layout.dtype), layout.capacity, codes[self.exchange],
                 codes[layout.exchange], layout.plan.shard_capacity, self.refresh_patience,
                 wire.index_code(self.index_encoding), self.min_k, self.dense_rows,
-                self.ramp_steps, fingerprint.float_bits(layout.ratio)]
+                self.ramp_steps, fingerprint.float_bits(layout.ratio), self.step]
 
     # ------------------------------------------------------------------ the ratio's schedule
 
@@ -336,6 +364,11 @@ class DCTState:
         key = self._key_of.get(id(param))
         if key is not None:
             return key
+        if self._unpickled:
+            raise ValueError("module: this DCTState was unpickled from one that keyed its "
+                             "parameters by name, and a pickle does not hold the model: make "
+                             "DCTState(..., module=model) and load_state_dict(the unpickled "
+                             "state's state_dict()) into it")
         if self._named:
             raise ValueError(f"module: a bucket holds a parameter of shape "
                              f"{tuple(param.shape)} that is not among the named parameters "
@@ -404,10 +437,24 @@ class DCTState:
                 self.exchanges.pop(id(other), None)
                 del self.layouts[ident]
 
+    def add_layout(self, ident: tuple, layout: BucketLayout) -> None:
+        """Keep a new ``layout`` under ``ident``, dropping the layouts of dense parameters only
+        that it replaces (any holding one of its parameters: DDP rebuilt its buckets). Those
+        have no state to hand over; layouts with sparse parameters are dropped by ``adopt``
+        once they own nothing."""
+        keys = set(layout.keys)
+        for old, other in list(self.layouts.items()):
+            if not other.has_sparse and keys.intersection(other.keys):
+                self.exchanges.pop(id(other), None)
+                del self.layouts[old]
+        self.layouts[ident] = layout
+
     # -------------------------------------------------------------------------- statistics
 
     def stats(self) -> Dict[str, float]:
-        """Totals since construction, ``reset_stats`` or the loaded checkpoint.
+        """Totals since construction, ``reset_stats`` or the loaded checkpoint (except
+        ``steps``, the hook's step counter, which ``reset_stats`` leaves alone, and
+        ``payload_errors``, read from the process's device counters and not checkpointed).
 
         Traffic, per rank, as docs/design.md counts it, over every collective of the hook (dense
         warm-up steps and small dense parameters included; not the one-off agreement check of
@@ -416,7 +463,7 @@ class DCTState:
         an all-reduce of M bytes as a ring: 2 (W - 1) / W M each way), ``bytes_ring`` (what a
         ring all-reduce of the same buckets in their dtype would send plus receive,
         4 (W - 1) / W x bucket bytes) and ``compression`` = bytes_ring / (bytes_sent +
-        bytes_received) (0.0 when nothing moved, as at W = 1).
+        bytes_received) (0.0 when nothing moved; at W = 1 the ring moves nothing, so 0.0).
 
         Other keys: ``steps`` (completed iterations); ``buckets_sparse`` / ``buckets_dense``
         and ``buckets_allgather`` / ``buckets_reduce_scatter`` (bucket exchanges of each
@@ -512,8 +559,12 @@ class DCTState:
 
         Raises:
             ValueError when the saved configuration differs from this state's (a resumed run
-            must use the same tunables to continue exactly), the version is unknown, or a
-            parameter's size differs.
+            must use the same tunables to continue exactly), the version is unknown, an entry
+            is malformed, a parameter's size differs, or (with ``module=``) a saved parameter
+            is not among the named ones: its residual would be lost without a word (names
+            from the DDP wrapper are "module."-prefixed, the model's are not; to drop the
+            state of a parameter the model no longer has, delete its entry from
+            ``state_dict["params"]`` first).
         """
         if state_dict.get("version") not in (1, STATE_DICT_VERSION):
             raise ValueError(f"state_dict: version {state_dict.get('version')!r}, expected "
@@ -529,35 +580,19 @@ class DCTState:
         if differing:
             raise ValueError("state_dict: the saved configuration differs: " +
                              "; ".join(differing))
+        if self._named and not self._unpickled:
+            unknown = sorted(key for key in state_dict["params"] if key not in self._numel_of)
+            if unknown:
+                raise ValueError(f"state_dict: {len(unknown)} saved parameters are not among "
+                                 f"the named parameters (module=), e.g. {unknown[:3]}; their "
+                                 f"residuals would be lost")
         loaded = {}
         for key, entry in state_dict["params"].items():
-            numel = int(entry["numel"])
-            residual = entry["residual"].to(torch.float32).reshape(-1)
-            if residual.numel() != numel:
-                raise ValueError(f"state_dict: parameter {key!r} has a residual of "
-                                 f"{residual.numel()} elements, expected {numel}")
-            current = self._states.get(key)
-            if current is not None and current.numel != numel:
-                raise ValueError(f"state_dict: parameter {key!r} has {numel} elements, "
-                                 f"this model's has {current.numel}")
-            shard = entry.get("shard")
-            piece = None
-            if shard is not None:
-                piece = ShardPiece(int(shard["start"]),
-                                   shard["residual"].to(torch.float32).reshape(-1).clone(),
-                                   shard["threshold"].to(torch.float32).reshape(1).clone(),
-                                   int(shard["refreshed_at"]), bool(shard["refresh_pending"]),
-                                   _streak(shard), _saved_scalar(shard, "count_average"),
-                                   _saved_scalar(shard, "threshold_scale"))
-                if piece.start < 0 or piece.start + piece.numel > numel:
-                    raise ValueError(f"state_dict: parameter {key!r} has a shard piece "
-                                     f"outside its {numel} elements")
-            loaded[key] = ParamState(key, numel, residual.clone(),
-                                     entry["threshold"].to(torch.float32).reshape(1).clone(),
-                                     int(entry["refreshed_at"]),
-                                     bool(entry["refresh_pending"]), piece, _streak(entry),
-                                     _saved_scalar(entry, "count_average"),
-                                     _saved_scalar(entry, "threshold_scale"))
+            try:
+                loaded[key] = self._loaded_param(key, entry)
+            except (KeyError, TypeError, AttributeError, RuntimeError) as error:
+                raise ValueError(f"state_dict: parameter {key!r}: malformed entry "
+                                 f"({type(error).__name__}: {error})") from error
         # The layouts are rebuilt at the next step and adopt the loaded states.
         for state in self._states.values():
             state.owner, state.slot = None, -1
@@ -570,10 +605,44 @@ class DCTState:
         self._regroup = None
         self.statistics.load_state_dict(state_dict.get("stats", {}))
 
+    def _loaded_param(self, key: str, entry: Dict[str, Any]) -> ParamState:
+        """One saved parameter's state, checked against its size here (ValueError)."""
+        numel = int(entry["numel"])
+        residual = entry["residual"].to(torch.float32).reshape(-1)
+        if residual.numel() != numel:
+            raise ValueError(f"state_dict: parameter {key!r} has a residual of "
+                             f"{residual.numel()} elements, expected {numel}")
+        current = self._states.get(key)
+        mine = current.numel if current is not None else self._numel_of.get(key, numel)
+        if mine != numel:
+            raise ValueError(f"state_dict: parameter {key!r} has {numel} elements, "
+                             f"this model's has {mine}")
+        shard = entry.get("shard")
+        piece = None
+        if shard is not None:
+            piece = ShardPiece(int(shard["start"]),
+                               shard["residual"].to(torch.float32).reshape(-1).clone(),
+                               shard["threshold"].to(torch.float32).reshape(1).clone(),
+                               int(shard["refreshed_at"]), bool(shard["refresh_pending"]),
+                               _streak(shard), _saved_scalar(shard, "count_average"),
+                               _saved_scalar(shard, "threshold_scale"))
+            if piece.start < 0 or piece.start + piece.numel > numel:
+                raise ValueError(f"state_dict: parameter {key!r} has a shard piece "
+                                 f"outside its {numel} elements")
+        return ParamState(key, numel, residual.clone(),
+                          entry["threshold"].to(torch.float32).reshape(1).clone(),
+                          int(entry["refreshed_at"]), bool(entry["refresh_pending"]), piece,
+                          _streak(entry), _saved_scalar(entry, "count_average"),
+                          _saved_scalar(entry, "threshold_scale"))
+
     def __getstate__(self) -> Dict[str, Any]:
-        """Pickle support (e.g. a checkpoint holding the state object): the tunables and
-        ``state_dict()``; the process group and parameter references are not kept."""
+        """Pickle support (e.g. a checkpoint holding the state object): the tunables,
+        ``validate``, ``backend`` and ``state_dict()``; the process group and the parameters
+        are not kept. A state keyed by name (``module=``) comes back keyed by name: stepping
+        it raises ValueError naming ``module`` (a pickle has no model to map names to);
+        load its ``state_dict()`` into ``DCTState(..., module=model)``."""
         return {"config": self.config(), "named": self._named,
+                "validate": self.validate, "backend": self.backend,
                 "state_dict": self.state_dict()}
 
     def __setstate__(self, saved: Dict[str, Any]) -> None:
@@ -581,9 +650,7 @@ class DCTState:
         dtypes = {str(d): d for d in (None,) + wire.WIRE_VALUE_DTYPES}
         config["value_dtype"] = dtypes[config["value_dtype"]]
         config["refresh_band"] = tuple(config["refresh_band"])
-        self.__init__(**config)
+        self.__init__(**config, validate=saved.get("validate", False),
+                      backend=saved.get("backend"))
+        self._named = self._unpickled = bool(saved["named"])
         self.load_state_dict(saved["state_dict"])
-        if saved["named"]:
-            logger.warning("DCTState restored from a pickle keys parameters by order of "
-                           "first appearance; pass module= to a new DCTState and use "
-                           "load_state_dict to keep keys by name")
