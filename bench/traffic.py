@@ -249,7 +249,7 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     n_params = sum(numels)
-    lines = [f"# DCT-DP traffic per rank and step", "",
+    lines = ["# DCT-DP traffic per rank and step", "",
              f"Model: {model} ({n_params:,} fp32 parameters, {len(buckets)} "
              f"DDP bucket(s) of <= 25 MiB), ratio {args.ratio}, capacity factor "
              f"{args.capacity_factor}, {args.value_dtype} values, {args.index_encoding} "

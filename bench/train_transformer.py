@@ -43,7 +43,6 @@ import json
 import math
 import os
 import platform
-import sys
 import sysconfig
 import tempfile
 import time

@@ -221,7 +221,6 @@ def decode(buffers: torch.Tensor, numel: int, where: wire.WireLayout):
     counts what ``validate=False`` skips: 1 for a row whose header, count or scales are bad
     (the count is then clamped, the header's row dropped), plus every entry it cannot use, plus
     1 for an invalid escape and 1 for a dangling one (an escape in the last used slot)."""
-    rows = buffers.shape[0]
     capacity = where.capacity
     device = buffers.device
     words = buffers[:, :wire.HEADER_BYTES].contiguous().view(torch.int32)

@@ -11,7 +11,7 @@ Semantics are identical on every backend; docs/design.md#op-semantics is the con
 
 import functools
 import numbers
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -23,7 +23,7 @@ from .backends import resolve
 from .payload import RowPayload, SparsePayload
 from .wire_check import check_rows, describe
 
-__all__ = ["available_backends", "select_threshold", "compress", "decompress",
+__all__ = ["available_backends", "select_threshold", "compress", "compress_shards", "decompress",
            "decompress_many", "compress_rows", "decompress_rows", "gather_rows",
            "payload_errors", "reset_payload_errors", "Segments"]
 
@@ -106,8 +106,9 @@ class Segments:
     ``tensor`` (int64 [S+1] on ``device``), ``num_segments`` (S).
 
     Raises:
-        TypeError for offsets that are not ints or an int64 tensor; ValueError for offsets
-        that do not rise strictly from 0 (the message names ``segments``).
+        TypeError for offsets that are neither a list of ints nor a tensor; ValueError for a
+        tensor that is not a 1-D int64 one of at least 2 offsets, or offsets that do not
+        rise strictly from 0 (the messages name ``segments``).
     """
 
     def __init__(self, offsets, device=None):
@@ -385,7 +386,8 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
             exactly the NaNs; NaN always passes; a negative threshold keeps everything). A
             tensor threshold lives on x's device or on the CPU.
         segments: optional int64 offsets (S+1, strictly rising from 0 to numel): element i uses
-            its segment's threshold.
+            its segment's threshold; also a ``Segments`` object (offsets validated once,
+            device offsets kept).
         residual: optional fp32 contiguous error-feedback buffer with x.numel() elements.
             ``acc = x + residual`` in fp32; afterwards residual holds ``acc - sent`` (0 where an
             inf/NaN was sent, all of acc where nothing was sent), so sent + residual == acc.
@@ -404,7 +406,6 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
             needs beyond 65535 (M = 256 with fp8 values, else 32768); an entry whose slots do
             not all fit is cut with everything after it (overflow; it stays in the residual).
             Either with fp8 values writes format version 2 (docs/design.md).
-        segments: also a ``Segments`` object (offsets validated once, device offsets kept).
         position_offset, total_numel: x is the range [position_offset, position_offset +
             x.numel()) of a tensor of ``total_numel`` elements (default: x itself), and the
             payload describes that tensor: positions are written as index + position_offset
@@ -440,7 +441,6 @@ def compress(x: torch.Tensor, threshold: Union[Number, torch.Tensor], *,
     segmented = segments is not None
     offsets = _check_segments(segments, numel) if segmented else _whole(numel)
     num_segments = len(offsets) - 1
-    version = wire.version_of(value_dtype, index_encoding)
     position_offset = _check_int(position_offset, "position_offset")
     total = numel + position_offset if total_numel is None else \
         _check_int(total_numel, "total_numel")
@@ -736,6 +736,11 @@ def decompress(payload: SparsePayload, *, out: Optional[torch.Tensor] = None,
     Returns:
         out, or a new tensor of payload.shape and payload.dtype. Nothing outside it is written,
         whatever the payload says.
+
+    Raises:
+        TypeError for a payload that is not a ``SparsePayload`` or an ``out`` of another
+        dtype; ValueError (naming the argument) for an ``out`` of the wrong size, device or
+        layout, and with ``validate=True`` for a bad payload.
     """
     if not isinstance(payload, SparsePayload):
         raise TypeError(f"payload: expected a SparsePayload, got {type(payload).__name__}")
@@ -866,6 +871,12 @@ def decompress_many(buffers: torch.Tensor, *, out: torch.Tensor, accumulate: boo
 
     Returns:
         out.
+
+    Raises:
+        TypeError/ValueError naming the argument: buffers not a 2-D uint8 tensor, an ``out``
+        of the wrong dtype, size, device or layout, capacity and value_dtype not given
+        together, a configuration whose row size is not the buffers'; with
+        ``validate=True``, ValueError for a bad row (naming the rank).
     """
     if not isinstance(buffers, torch.Tensor):
         raise TypeError(f"buffers: expected a torch.Tensor, got {type(buffers).__name__}")
@@ -944,6 +955,10 @@ def decompress_rows(p: RowPayload, *, out: Optional[torch.Tensor] = None,
 
     ``out`` (optional, contiguous, p.shape) is overwritten. Column indices outside [0, D) are
     skipped (never written). Returns out or a new tensor of p.dtype.
+
+    Raises:
+        TypeError/ValueError naming ``p`` for a payload that is not a well-formed
+        ``RowPayload``, and naming ``out`` for one of the wrong dtype, shape or device.
     """
     _check_row_payload(p)
     device = p.indices.device
@@ -961,6 +976,10 @@ def gather_rows(y: torch.Tensor, p: RowPayload, *, backend: Optional[str] = None
     """y's entries at p's positions: ``[B, k]`` in y's dtype (DCT-MP's backward pass).
 
     y must have p.shape. Positions outside [0, D) give 0. No host synchronization.
+
+    Raises:
+        TypeError/ValueError naming ``p`` for a payload that is not a well-formed
+        ``RowPayload``, and naming ``y`` for a tensor that is not a float tensor of p.shape.
     """
     _check_row_payload(p)
     _check_float_tensor(y, "y")

@@ -1,7 +1,6 @@
 """The custom ops behind the public API: schema and fake-kernel checks (torch.library.opcheck)
 and a torch.compile smoke test that compares compiled with eager results."""
 
-import pytest
 import torch
 
 import dct_kernels as dk

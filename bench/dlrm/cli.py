@@ -13,7 +13,6 @@ import tempfile
 import time
 from typing import List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 

@@ -15,11 +15,11 @@ from .futures import after
 class AllGatherExchange:
     """Sized once from a bucket layout; ``start`` once per sparse step.
 
-    ``start(buffer, thresholds, residual, step)`` compresses ``buffer`` (the bucket, dense
-    positions already zeroed) against the per-parameter thresholds with the error feedback
-    ``residual``, issues the all-gather (async) and returns a future that completes, in the
-    all-gather's callback, once the bucket holds the average. ``local`` holds what the step
-    needs afterwards (this rank's payload for the band check and statistics).
+    ``start(buffer, step)`` compresses ``buffer`` (the bucket, dense positions already
+    zeroed) against the layout's per-parameter thresholds with its error-feedback residual,
+    issues the all-gather (async) and returns the future that completes, in the all-gather's
+    callback, once the bucket holds the average, with this rank's payload (for the band check
+    and statistics).
     """
 
     name = "allgather"

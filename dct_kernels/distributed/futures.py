@@ -50,16 +50,18 @@ def after(futures: List[torch.futures.Future], fn: Callable[[], object],
         # everything is let go here, before the result is set.
         inputs, function = held
         held.clear()
+        value, error = None, None
         try:
             for future in inputs:
                 future.wait()
             value = function()
-        except Exception as error:  # delivered to whoever waits on the result
-            del inputs, function
-            result.set_exception(error)
-            return
+        except Exception as caught:  # delivered to whoever waits on the result
+            error = caught
         del inputs, function
-        result.set_result(value)
+        if error is not None:
+            result.set_exception(error)
+        else:
+            result.set_result(value)
 
     if len(futures) == 1:
         futures[0].then(run)

@@ -49,6 +49,7 @@ class ShardPiece:
 
     @property
     def numel(self) -> int:
+        """Elements of the piece (of its shard residual)."""
         return self.residual.numel()
 
 
@@ -197,6 +198,7 @@ class BucketLayout:
                                         include_self=False)
 
     def owns_all(self) -> bool:
+        """Whether every sparse parameter's state is held by this layout."""
         return self.owned == sum(self.sparse)
 
     # ------------------------------------------------------------------ pending refreshes

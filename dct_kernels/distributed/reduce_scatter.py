@@ -151,6 +151,11 @@ class ReduceScatterExchange:
         self.on_shard(payload, refresh)
 
     def start(self, buffer: torch.Tensor, order, refresh_due):
+        """Stage 1 on ``buffer`` now (the shards compressed into W rows, the all-to-all
+        issued); stages 2 and 3 queued on ``order`` (the step's issue order: run at the
+        step's last bucket, in bucket order). ``refresh_due()`` says, when stage 2 runs,
+        whether its τ' are recomputed exactly. Returns (future of the bucket's average,
+        this rank's stage-1 rows)."""
         device = buffer.device
         self.stage1(buffer)
         exchanged = collectives.all_to_all_rows_async(self.send, self.recv, self.group)

@@ -167,11 +167,13 @@ class Plan:
 
     @property
     def allgather_row_bytes(self) -> int:
+        """Bytes of one rank's all-gather wire buffer."""
         return wire_bytes(self.capacity, self.value_dtype, self.index_encoding,
                           self.allgather_scales)
 
     @property
     def shard_row_bytes(self) -> int:
+        """Bytes of one reduce_scatter row (a stage-1 shard row, or a stage-3 shard payload)."""
         return wire_bytes(self.shard_capacity, self.value_dtype, self.index_encoding,
                           self.shard_scales)
 

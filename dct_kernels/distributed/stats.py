@@ -30,6 +30,7 @@ class Stats:
         self.reset()
 
     def reset(self) -> None:
+        """Every counter to zero (the world size is the caller's to keep)."""
         for name in HOST_FIELDS:
             setattr(self, name, 0)
         self._bytes = {name: 0 for name in BYTE_FIELDS}  # x world
@@ -100,6 +101,7 @@ class Stats:
         return out
 
     def state_dict(self) -> Dict[str, int]:
+        """The counters as plain ints (bytes as their exact multiples of the world size)."""
         with self._lock:
             values = {name: getattr(self, name) for name in HOST_FIELDS}
             values.update({f"{name}_x_world": v for name, v in self._bytes.items()})
@@ -108,6 +110,7 @@ class Stats:
         return values
 
     def load_state_dict(self, values: Dict[str, int]) -> None:
+        """Counters from ``state_dict()``; a counter it lacks (an older checkpoint) is 0."""
         self.reset()
         for name in HOST_FIELDS:
             setattr(self, name, int(values.get(name, 0)))

@@ -94,10 +94,12 @@ class Kept(NamedTuple):
 
     @staticmethod
     def of_rows(rows: torch.Tensor, capacity: int, shift: torch.Tensor) -> "Kept":
+        """Kept entries as version-1 wire rows (their int32 indices read in place)."""
         return Kept(rows, capacity, None, None, shift)
 
     @staticmethod
     def of_positions(positions: torch.Tensor, valid: torch.Tensor, shift=0) -> "Kept":
+        """Kept entries as decoded positions with a validity mask (delta-coded wire)."""
         return Kept(None, 0, positions, valid, shift)
 
     def positions_valid(self) -> Tuple[torch.Tensor, torch.Tensor]:
