@@ -20,8 +20,9 @@ writes and reads the same bytes; neither synchronizes with the host (except
 * fp8 (float8_e4m3fn): segment s has scale 2^e_s, the smallest power of two with
   amax_s <= 448 x 2^e_s (amax_s: the largest finite |acc| among the segment's candidates; e_s = 0
   without one), but at least 2^-140, so that the smallest fp8 step times the scale is fp32's
-  smallest subnormal. A value is sent as fp8(acc / 2^e_s), rounded to nearest even; inf and NaN
-  as NaN (0x7F); one that rounds to +-0 is not sent and stays in the residual. The decoded
+  smallest subnormal. A value is sent as fp8(acc / 2^e_s), rounded to nearest even (one fp8
+  step toward zero where that would decode beyond fp32's range: |acc| >= 248 x 2^120); inf and
+  NaN as NaN (0x7F); one that rounds to +-0 is not sent and stays in the residual. The decoded
   value fp8 x 2^e_s is exact in fp32 and within a factor 2 of acc, so acc - decoded is exact:
   sent + residual == acc bit for bit for every finite acc.
 """
@@ -32,6 +33,7 @@ import torch
 
 from . import payload as wire
 from .payload import SparsePayload
+from .magnitude import widen
 from .wire_check import running_highest
 
 ESCAPE_STEP = 65535       # positions an escape moves per unit of its multiplier
@@ -142,6 +144,12 @@ def encode(candidates: SparsePayload, out: SparsePayload, offsets: Optional[torc
         bits = torch.where(finite, bits, torch.full_like(bits, FP8_NAN))
         keep = valid & ((bits & 0x7F) != 0)
         decoded = bits.to(torch.uint8).view(wire.FLOAT8).to(torch.float32) * scale
+        # Rounded up past fp32's range (|acc| >= 248 x 2^120 with the scale 2^120): one fp8
+        # step toward zero, so that what is sent decodes finite.
+        over = finite & torch.isinf(decoded)
+        bits = torch.where(over, bits - 1, bits)
+        decoded = torch.where(
+            over, bits.to(torch.uint8).view(wire.FLOAT8).to(torch.float32) * scale, decoded)
         out.scale_offsets.copy_(offsets.to(torch.int32))
         out.scales.copy_(scales)
     else:
@@ -193,7 +201,7 @@ def encode(candidates: SparsePayload, out: SparsePayload, offsets: Optional[torc
             sent = torch.where(finite, value - decoded, torch.zeros_like(value))
             fixed = torch.where(fits, sent, value)
         else:
-            fixed = torch.where(fits, current, current + value.to(torch.float32))
+            fixed = torch.where(fits, current, current + widen(value))
         fixed = torch.where(valid, fixed, current)
         # Slots past the count point at the last candidate with its own value, so the scatter
         # writes each position with one value only (deterministic, no host sync).
@@ -264,8 +272,11 @@ def decode(buffers: torch.Tensor, numel: int, where: wire.WireLayout):
         broken = torch.cummax(bad_escape.to(torch.int64), dim=1).values > 0
         positions = torch.cumsum(advance, dim=1) - 1
         entry_ok = used & is_entry & ~broken & (positions < numel)
-        last = (count - 1).clamp(min=0)
-        dangling = (count > 0) & ~is_entry.gather(1, last[:, None])[:, 0]
+        if capacity:
+            last = (count - 1).clamp(min=0)
+            dangling = (count > 0) & ~is_entry.gather(1, last[:, None])[:, 0]
+        else:  # no slot, nothing dangles (the count is clamped to 0)
+            dangling = torch.zeros_like(count, dtype=torch.bool)
         errors += bad_escape.any(dim=1).to(torch.int64) + dangling.to(torch.int64)
         errors += (used & is_entry & ~entry_ok).sum(dim=1)
     else:
@@ -281,7 +292,7 @@ def decode(buffers: torch.Tensor, numel: int, where: wire.WireLayout):
         segment = segment.clamp(0, where.num_scales - 1)
         decoded = values.to(torch.float32) * scales.gather(1, segment)
     else:
-        decoded = values.to(torch.float32)
+        decoded = widen(values)
     decoded = torch.where(entry_ok, decoded, torch.zeros_like(decoded))
     positions = torch.where(entry_ok, positions, torch.full_like(positions, -1))
     return positions, decoded, entry_ok, row_ok, errors
@@ -361,7 +372,7 @@ def entries(payload: SparsePayload) -> Tuple[torch.Tensor, torch.Tensor, torch.T
     version; -1, 0 and False where a slot carries no entry. No host synchronization."""
     if payload.version == 1:
         found, sent = positions(payload)
-        values = payload.values.to(torch.float32)
+        values = widen(payload.values)
         return found, torch.where(sent, values, torch.zeros_like(values)), sent
     found, decoded, ok, _, _ = decode(payload.buffer[None], payload.numel, payload.layout)
     return found[0], decoded[0], ok[0]

@@ -55,5 +55,28 @@ def saturating_cast(values_f32: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
         limit = torch.finfo(dtype).max
         clamped = values_f32.clamp(-limit, limit)
         out = torch.where(torch.isfinite(values_f32), clamped, values_f32).to(dtype)
-    nan = torch.tensor(CANONICAL_NAN_BITS[dtype], dtype=_BITS_DTYPE[dtype]).view(dtype)
-    return torch.where(torch.isnan(values_f32), nan.to(out.device), out)
+    return canonical_nan(out, torch.isnan(values_f32))
+
+
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """fp32/fp16/bf16 ``x`` as fp32, NaN payloads included (exact, as the cpu core widens):
+    torch's own conversion of a 16-bit NaN depends on its code path (the same fp16 NaN can
+    come out 0x7FC00000 or 0x7FFFFFFF)."""
+    wide = x.to(torch.float32)
+    if x.dtype == torch.float32:
+        return wide
+    bits = x.view(torch.int16).to(torch.int32) & 0xFFFF
+    if x.dtype == torch.bfloat16:
+        exact = bits << 16
+    else:  # fp16 NaN: its sign, fp32's all-ones exponent, the 10-bit payload on top
+        exact = ((bits & 0x8000) << 16) | 0x7F800000 | ((bits & 0x3FF) << 13)
+    return torch.where(torch.isnan(wide), exact.view(torch.float32), wide)
+
+
+def canonical_nan(t: torch.Tensor, where=None) -> torch.Tensor:
+    """``t`` (fp32/fp16/bf16) with the canonical NaN at ``where`` (default: where t is NaN).
+    torch's dtype conversions keep or set NaN payloads as their code path happens to (a 16-bit
+    NaN widened to fp32 can come out 0x7FC00000 or 0x7FFFFFFF), the other backends write the
+    canonical one."""
+    nan = torch.tensor(CANONICAL_NAN_BITS[t.dtype], dtype=_BITS_DTYPE[t.dtype]).view(t.dtype)
+    return torch.where(torch.isnan(t) if where is None else where, nan.to(t.device), t)

@@ -76,6 +76,11 @@ def check_rows(buffers: torch.Tensor, numel: int, capacity: int,
         header = wire.Header.parse(headers[w].tobytes())
         row_problems = header.problems()
         if not row_problems:
+            if header.version != wire.FORMAT_VERSION or \
+                    header.index_code != wire.INDEX_CODE_INT32:
+                row_problems.append(f"format version {header.version} with "
+                                    f"{header.index_encoding} indices != expected version "
+                                    f"{wire.FORMAT_VERSION} with int32 indices")
             if header.value_code != wire.value_code(value_dtype):
                 row_problems.append(f"value dtype {wire.dtype_of_code(header.value_code)} "
                                     f"!= expected {value_dtype}")

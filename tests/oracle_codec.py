@@ -142,6 +142,8 @@ def compress(x: torch.Tensor, thresholds, offsets: Optional[Sequence[int]] = Non
             bits = fp8_bits(a / scale) if math.isfinite(a) else 0x7F
             if bits & 0x7F == 0:
                 continue        # rounds to zero: not sent, stays in the residual
+            if math.isfinite(a) and abs(fp8_value(bits) * scale) >= 2.0 ** 128:
+                bits -= 1       # would decode past fp32's range: one fp8 step toward zero
             sent = fp8_value(bits) * scale
         else:
             bits = field_bits(a, value_dtype)

@@ -150,6 +150,28 @@ def test_fp8_many_binades_in_one_segment(backend_only):
     assert float(val[sent].abs().max()) <= float(acc.abs().max())
 
 
+@pytest.mark.parametrize("index_encoding", ["delta", "int32"])
+def test_fp8_near_the_top_of_fp32(backend_device, index_encoding):
+    """|acc| >= 248 x 2^120 gets the scale 2^120, and rounding to nearest would send 256 x 2^120
+    = 2^128, inf in fp32: the fp8 value one step toward zero goes instead (the oracle's rule),
+    every decoded value is finite and sent + residual == acc bit for bit; values just below the
+    edge and in another segment are unaffected."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(seed_of("fp8-top"))
+    top = torch.tensor([3.2e38, 3.29e38, 3.296e38, 3.3e38, 3.4e38, -3.4e38, 3.4028235e38,
+                        -3.4028235e38, 2.5e38, 1.0])
+    x = torch.cat([top, torch.randn(50, generator=g) * 1e38, torch.randn(60, generator=g)])
+    residual = torch.randn(x.numel(), generator=g) * 1e30
+    residual[60:] = torch.randn(60, generator=g) * 1e-3
+    p, r, _ = check(backend, device, x, 0.0, segments=[0, 60, x.numel()], residual=residual,
+                    capacity=x.numel(), value_dtype=FP8, index_encoding=index_encoding,
+                    what="fp8 near FLT_MAX")
+    dense = dct_kernels.decompress(p, backend=backend).cpu()
+    assert torch.isfinite(dense).all()
+    assert torch.equal(dense + r.cpu(), x + residual)
+    assert float(dense.abs().max()) == 240 * 2.0 ** 120  # the step below 256 x 2^120
+
+
 def test_fp8_all_zero_segment(backend_device):
     """A segment with nothing to send gets scale 1 and no slot; its neighbours are unaffected."""
     backend, device = backend_device
@@ -428,3 +450,47 @@ def test_decompress_many_large_rows(backend_only):
     out = torch.zeros(n, device=device)
     dct_kernels.decompress_many(torch.stack(rows), out=out, backend=backend)
     assert_bitwise_equal(out.cpu(), dense, "sum of 3 rows of 6000 slots")
+
+
+@pytest.mark.parametrize("value_dtype", [torch.bfloat16, FP8])
+def test_capacity_zero_round_trips(backend_device, value_dtype):
+    """A version-2 payload of no slot (capacity 0: nothing passes, or an empty tensor) decodes
+    to zeros through every path, with no error counted."""
+    backend, device = backend_device
+    x = make_tensor("normal", 40, torch.float32, seed_of("cap0")).to(device)
+    for tensor, capacity in ((x, 0), (x[:0], 0), (x, None)):
+        p = dct_kernels.compress(tensor, 1e9, capacity=capacity, value_dtype=value_dtype,
+                                 index_encoding="delta", backend=backend)
+        assert p.capacity == 0 and p.version == 2
+        for validate in (True, False):
+            errors = torch.zeros(1, dtype=torch.int32, device=device)
+            out = dct_kernels.decompress(p, validate=validate, errors=errors, backend=backend)
+            assert out.numel() == tensor.numel() and not out.any() and int(errors) == 0
+            many = torch.ones(tensor.numel(), device=device)
+            dct_kernels.decompress_many(torch.stack([p.buffer, p.buffer]), out=many,
+                                        validate=validate, errors=errors, backend=backend)
+            assert not many.any() and int(errors) == 0
+        positions, values, sent = codec.entries(p)
+        assert positions.numel() == values.numel() == sent.numel() == 0
+
+
+def test_a_version2_row_is_not_read_as_version1(backend_device):
+    """A delta-coded bf16 row of capacity 1 has the byte size of a version-1 bf16 row of
+    capacity 1; told to expect version 1, validate=True refuses it and validate=False skips
+    and counts it (writing nothing), on every backend alike."""
+    backend, device = backend_device
+    x = torch.zeros(20)
+    x[7] = 3.0
+    v2 = dct_kernels.compress(x, 1.0, capacity=1, value_dtype=torch.bfloat16,
+                              index_encoding="delta", backend="torch")
+    v1 = dct_kernels.compress(x, 1.0, capacity=1, value_dtype=torch.bfloat16)
+    assert v2.buffer.numel() == v1.buffer.numel()
+    rows = v2.buffer[None].to(device)
+    with pytest.raises(ValueError, match="buffers.*format version 2"):
+        dct_kernels.decompress_many(rows, out=torch.zeros(20, device=device), capacity=1,
+                                    value_dtype=torch.bfloat16, validate=True, backend=backend)
+    errors = torch.zeros(1, dtype=torch.int32, device=device)
+    out = torch.zeros(20, device=device)
+    dct_kernels.decompress_many(rows, out=out, capacity=1, value_dtype=torch.bfloat16,
+                                validate=False, errors=errors, backend=backend)
+    assert not out.any() and int(errors) == 1

@@ -281,3 +281,64 @@ def test_cpu_tensors_default_to_the_cpu_backend(monkeypatch):
     monkeypatch.delenv("DCT_KERNELS_BACKEND", raising=False)
     assert resolve(None, torch.device("cpu")).NAME == "cpu"
     assert dk.available_backends()["cpu"] == "available"
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """Bit for bit, NaN payloads included (assert_bitwise_equal takes every NaN as equal)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    a, b = a.reshape(-1).view(ints[a.element_size()]), b.reshape(-1).view(ints[b.element_size()])
+    bad = torch.nonzero(a != b).flatten()
+    assert bad.numel() == 0, (f"{what}: {bad.numel()} differ, first at {bad[:4].tolist()}: "
+                              f"{a[bad[:4]].tolist()} != {b[bad[:4]].tolist()}")
+
+
+def _with_nans(dtype, n, seed):
+    """n values of ``dtype`` with NaNs of several bit patterns (quiet, negative, other
+    payloads) and infinities among them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g).to(dtype)
+    bits = x.view(torch.int16)
+    patterns = ([0x7E00, -0x200, 0x7C01, 0x7FFF] if dtype == torch.float16 else
+                [0x7FC0, -1, 0x7F81, -0x40])  # -1 = 0xFFFF, -0x40 = 0xFFC0
+    where = torch.randperm(n, generator=g)[:12]
+    for i, w in enumerate(where.tolist()):
+        bits[w] = patterns[i % len(patterns)]
+    x[where[-1]] = float("inf")
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [40, 1000])
+def test_nan_payloads_give_the_same_bits_as_the_reference(dtype, n, threads_restored):
+    """Whatever NaN bits the data carries, the cpu core and the torch reference write the same
+    payload, residual and decompressed bits (torch's own 16-bit to fp32 conversion of a NaN
+    depends on its code path, so the reference widens NaNs exactly)."""
+    x = _with_nans(dtype, n, seed=n)
+    residual0 = torch.randn(n, generator=torch.Generator().manual_seed(5))
+    capacity = n // 8  # some of what passes overflows and stays in the residual
+    for value_dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn):
+        for index_encoding in ("int32", "delta"):
+            got = {}
+            for backend in ("cpu", "torch"):
+                r = residual0.clone()
+                p = dk.compress(x, 0.5, residual=r, capacity=capacity, value_dtype=value_dtype,
+                                index_encoding=index_encoding, backend=backend)
+                outs = [dk.decompress(p, out=torch.full((n,), 7.0, dtype=d), accumulate=True,
+                                      backend=backend) for d in oracle.DTYPES]
+                many = [dk.decompress_many(torch.stack([p.buffer] * 3),
+                                           out=torch.zeros(n, dtype=d), average=True,
+                                           backend=backend) for d in oracle.DTYPES]
+                got[backend] = [p.buffer, r] + outs + many
+            what = f"{dtype} -> {value_dtype}, {index_encoding}"
+            for a, b in zip(got["cpu"], got["torch"]):
+                _same_bits(a, b, what)
+    rows = x.view(8, n // 8)
+    for value_dtype in oracle.DTYPES:
+        got = {}
+        for backend in ("cpu", "torch"):
+            p = dk.compress_rows(rows, 3, value_dtype=value_dtype, backend=backend)
+            got[backend] = [dk.decompress_rows(p, out=torch.empty(rows.shape, dtype=d),
+                                               backend=backend) for d in oracle.DTYPES]
+        for a, b in zip(got["cpu"], got["torch"]):
+            _same_bits(a, b, f"rows {dtype} -> {value_dtype}")

@@ -99,6 +99,12 @@ Status encode_v2(const WireV2& wire, uint8_t* out, const int32_t* cand_index,
           const float scale = scales[segment_of(scale_offsets, S, index)];
           bits = fp8_from_f32(value / scale);
           decoded = fp8_to_f32(static_cast<uint8_t>(bits)) * scale;
+          if (!is_finite(decoded)) {
+            // Rounded up past fp32's range (|acc| >= 248 x 2^120 with the scale 2^120): one
+            // fp8 step toward zero, so that what is sent decodes finite.
+            bits -= 1;
+            decoded = fp8_to_f32(static_cast<uint8_t>(bits)) * scale;
+          }
         } else {
           bits = 0x7F;
         }

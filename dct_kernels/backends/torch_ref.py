@@ -10,13 +10,15 @@ from typing import List, Optional
 import torch
 
 from .. import payload as wire
-from ..magnitude import (keys_to_values, magnitude_keys, saturating_cast, threshold_keys)
+from ..magnitude import (canonical_nan, keys_to_values, magnitude_keys, saturating_cast,
+                         threshold_keys, widen)
 from ..wire_check import check_rows
 
 NAME = "torch"
 
 
 def available() -> str:
+    """Always "available" (plain torch)."""
     return "available"
 
 
@@ -36,8 +38,9 @@ def select_threshold(x: torch.Tensor, ks: List[int], offsets: List[int]) -> torc
 
 
 def _accumulate(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
-    acc = x.to(torch.float32)
+    acc = widen(x)
     return acc + residual if residual is not None else acc
+
 
 
 def _kept_mask(acc: torch.Tensor, thresholds: torch.Tensor, offsets: List[int]) -> torch.Tensor:
@@ -86,7 +89,7 @@ def _valid_entries(buffer_rows: torch.Tensor, numel: int, capacity: int,
         idx = row[wire.HEADER_BYTES:wire.HEADER_BYTES + 4 * capacity].view(torch.int32)
         val = row[values_offset:values_offset + itemsize * capacity].view(value_dtype)
         keep = check.entry_valid[w]
-        out.append((idx[keep].to(torch.int64), val[keep].to(torch.float32)))
+        out.append((idx[keep].to(torch.int64), canonical_nan(val[keep].to(torch.float32))))
     return out
 
 
@@ -95,10 +98,10 @@ def decompress(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: in
     """Overwrite out with the usable entries (zeros elsewhere), or add them in fp32."""
     (idx, val), = _valid_entries(buffer[None], numel, capacity, value_dtype, errors)
     if accumulate:
-        out[idx] = (out[idx].to(torch.float32) + val).to(out.dtype)
+        out[idx] = canonical_nan((out[idx].to(torch.float32) + val).to(out.dtype))
     else:
         out.zero_()
-        out[idx] = val.to(out.dtype)
+        out[idx] = canonical_nan(val.to(out.dtype))
 
 
 def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int,
@@ -114,8 +117,8 @@ def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int,
         # multiplication by its reciprocal, which is not IEEE division.
         total = total / torch.tensor(float(buffers.shape[0]), device=total.device)
     if accumulate:
-        total = out.to(torch.float32) + total
-    out.copy_(total.to(out.dtype))
+        total = canonical_nan(out.to(torch.float32)) + total
+    out.copy_(canonical_nan(total.to(out.dtype)))
 
 
 def compress_rows(x: torch.Tensor, k: int, value_dtype: torch.dtype):
@@ -138,7 +141,7 @@ def decompress_rows(indices: torch.Tensor, values: torch.Tensor, out: torch.Tens
     idx, ok = _in_range(indices, out.shape[1])
     rows = torch.arange(out.shape[0], device=out.device)[:, None].expand_as(idx)
     out.zero_()
-    out[rows[ok], idx[ok]] = values[ok].to(out.dtype)
+    out[rows[ok], idx[ok]] = canonical_nan(values[ok].to(out.dtype))
 
 
 def gather_rows(y: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
