@@ -820,6 +820,9 @@ def _buffers_config(buffers: torch.Tensor, capacity, value_dtype, index_encoding
             raise ValueError(f"buffers: rows of {nbytes} bytes, but capacity {capacity} with "
                              f"{value_dtype} ({index_encoding}) needs {where.nbytes}")
         return where
+    if index_encoding is not None or num_scales is not None:
+        raise ValueError("index_encoding, num_scales: describe rows only together with "
+                         "capacity and value_dtype (without them each row's header does)")
     # One copy of all the headers; a corrupted row is then one invalid row, whichever it is.
     headers = [wire.Header.parse(raw.tobytes())
                for raw in buffers[:, :wire.HEADER_BYTES].cpu().numpy()]
@@ -935,7 +938,15 @@ def compress_rows(x: torch.Tensor, k: int, *, value_dtype: Optional[torch.dtype]
 def _check_row_payload(p, name: str = "p") -> None:
     if not isinstance(p, RowPayload):
         raise TypeError(f"{name}: expected a RowPayload, got {type(p).__name__}")
-    rows, columns = p.shape
+    shape = tuple(p.shape) if isinstance(p.shape, (tuple, list, torch.Size)) else None
+    if shape is None or len(shape) != 2 or not _all_ints(shape) or min(shape) < 0:
+        raise ValueError(f"{name}: shape must be (B, D) of two ints >= 0, got {p.shape!r}")
+    if not isinstance(p.indices, torch.Tensor) or not isinstance(p.values, torch.Tensor):
+        raise TypeError(f"{name}: indices and values must be tensors, got "
+                        f"{type(p.indices).__name__} and {type(p.values).__name__}")
+    if p.dtype not in wire.VALUE_DTYPES:
+        raise ValueError(f"{name}: dtype must be float32, float16 or bfloat16, got {p.dtype}")
+    rows, columns = shape
     if p.indices.dim() != 2 or p.indices.shape[0] != rows or \
             p.indices.dtype != wire.row_index_dtype(columns):
         raise ValueError(f"{name}: indices must be [{rows}, k] "

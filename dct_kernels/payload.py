@@ -36,6 +36,7 @@ checks that the two agree.
 from __future__ import annotations
 
 import functools
+import numbers
 import struct
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -137,6 +138,7 @@ class WireLayout:
 
     @property
     def index_bytes(self) -> int:
+        """Bytes of one slot's index field (2 for delta codes, 4 for int32 indices)."""
         return 2 if self.index_encoding == "delta" else 4
 
 
@@ -213,6 +215,7 @@ class Header:
 
     @staticmethod
     def parse(raw: bytes) -> "Header":
+        """The fields of the first 32 bytes of ``raw`` (no check: see ``problems``)."""
         magic, version, vcode, icode, numel, capacity, count, overflow, scales = struct.unpack(
             "<4sHBBqiiii", raw[:HEADER_BYTES])
         return Header(magic, version, vcode, icode, numel, capacity, count, overflow, scales)
@@ -286,6 +289,14 @@ class SparsePayload:
     def __init__(self, buffer: torch.Tensor, *, numel: int, capacity: int,
                  value_dtype: torch.dtype, shape: Tuple[int, ...], dtype: torch.dtype,
                  index_encoding: str = "int32", num_scales: int = 0):
+        if value_dtype not in WIRE_VALUE_DTYPES:
+            raise ValueError(f"value_dtype: expected one of {WIRE_VALUE_DTYPES}, "
+                             f"got {value_dtype!r}")
+        if index_encoding not in INDEX_ENCODINGS:
+            raise ValueError(f"index_encoding: expected one of {INDEX_ENCODINGS}, "
+                             f"got {index_encoding!r}")
+        if dtype not in VALUE_DTYPES:
+            raise ValueError(f"dtype: expected one of {VALUE_DTYPES}, got {dtype!r}")
         where = wire_layout(capacity, value_dtype, index_encoding, num_scales)
         nbytes = where.nbytes
         if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() != nbytes:
@@ -376,6 +387,9 @@ class SparsePayload:
                              f"({where.nbytes} bytes) but the buffer has {buffer.numel()} bytes")
         if shape is None:
             shape = (header.numel,)
+        if not isinstance(shape, (tuple, list, torch.Size)) or not all(
+                isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in shape):
+            raise ValueError(f"shape: expected a tuple of ints, got {shape!r}")
         shape = tuple(int(s) for s in shape)
         if any(s < 0 for s in shape):
             raise ValueError(f"shape: dimensions must be >= 0, got {shape}")
@@ -493,10 +507,12 @@ class RowPayload:
 
     @property
     def k(self) -> int:
+        """Entries kept per row."""
         return self.indices.shape[1]
 
     @property
     def nbytes(self) -> int:
+        """Bytes of indices and values together (what crosses a boundary)."""
         return (self.indices.numel() * self.indices.element_size()
                 + self.values.numel() * self.values.element_size())
 

@@ -24,12 +24,15 @@ from . import payload as wire
 
 @dataclass
 class RowCheck:
+    """What ``check_rows`` found in each row, and what the device-side checks would count."""
+
     problems: List[List[str]]      # per row, human-readable problems (empty when valid)
     entry_valid: torch.Tensor      # [W, capacity] bool, entries to use
     errors: int                    # what the device-side error counter would add
 
     @property
     def ok(self) -> bool:
+        """No row or entry is bad."""
         return self.errors == 0
 
 

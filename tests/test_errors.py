@@ -148,6 +148,19 @@ CASES = {
         i.rp, out=_floats((4, 16), i.dev), backend=b)),
     "decompress_rows index dtype": (ValueError, "p", lambda b, i: D.decompress_rows(
         RowPayload(i.rp.indices.int(), i.rp.values, i.rp.shape, i.rp.dtype), backend=b)),
+    "decompress_rows shape of 3": (ValueError, "p", lambda b, i: D.decompress_rows(
+        RowPayload(i.rp.indices, i.rp.values, i.rp.shape + (1,), i.rp.dtype), backend=b)),
+    "decompress_rows negative D": (ValueError, "p", lambda b, i: D.decompress_rows(
+        RowPayload(i.rp.indices, i.rp.values, (i.rp.shape[0], -8), i.rp.dtype), backend=b)),
+    "decompress_rows indices a list": (TypeError, "p", lambda b, i: D.decompress_rows(
+        RowPayload(i.rp.indices.tolist(), i.rp.values, i.rp.shape, i.rp.dtype), backend=b)),
+    "gather_rows payload dtype": (ValueError, "p", lambda b, i: D.gather_rows(
+        i.rows, RowPayload(i.rp.indices, i.rp.values, i.rp.shape, torch.float64),
+        backend=b)),
+    "many index_encoding alone": (
+        ValueError, "index_encoding, num_scales",
+        lambda b, i: D.decompress_many(i.g, out=torch.zeros_like(i.x), index_encoding="bogus",
+                                       backend=b)),
 }
 
 

@@ -141,6 +141,22 @@ def test_from_buffer_rejects(how):
         SparsePayload.from_buffer(buffer, **kw)
 
 
+def test_payload_configuration_is_checked():
+    """The constructor and from_buffer name what they refuse (a float64 wire dtype, an unknown
+    index encoding, a shape that is not a tuple of ints)."""
+    buffer = _valid_buffer()
+    base = dict(numel=10, capacity=3, value_dtype=torch.float32, shape=(10,),
+                dtype=torch.float32)
+    for name, bad in (("value_dtype", torch.float64), ("index_encoding", "x"),
+                      ("dtype", torch.float64)):
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            SparsePayload(buffer, **dict(base, **{name: bad}))
+    for shape in (10, (2.5, 4), ("2", 5)):
+        with pytest.raises(ValueError, match="^shape:"):
+            SparsePayload.from_buffer(buffer, shape=shape)
+    assert SparsePayload.from_buffer(buffer, shape=torch.Size([2, 5])).shape == (2, 5)
+
+
 def test_from_buffer_accepts_the_valid_one():
     """The control for test_from_buffer_rejects: the unmodified buffer is accepted."""
     p = SparsePayload.from_buffer(_valid_buffer(), shape=(2, 5))

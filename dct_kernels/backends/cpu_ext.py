@@ -27,6 +27,7 @@ _CODE = wire.value_code  # the wire codes double as the core's dtype codes
 
 
 def available() -> str:
+    """Always "available" once the extension imported (this module raises ImportError otherwise)."""
     return "available"
 
 
@@ -44,6 +45,7 @@ def _ptr(t) -> int:
 
 
 def select_threshold(x: torch.Tensor, ks: List[int], offsets: List[int]) -> torch.Tensor:
+    """Per segment, the k-th largest magnitude (see the backends' contract)."""
     out = torch.empty(len(ks), dtype=x.dtype)
     _cpu.select_threshold(x.data_ptr(), _CODE(x.dtype), offsets, ks, out.data_ptr(), _threads())
     return out
@@ -57,6 +59,7 @@ def _segments(offsets: List[int], seg_dev) -> tuple:
 
 
 def count_kept(x, thresholds, offsets, seg_dev, residual) -> torch.Tensor:
+    """How many entries of x (+ residual) reach their segment's threshold."""
     seg_ptr, segments = _segments(offsets, seg_dev)
     count = _cpu.count_kept(x.data_ptr(), _CODE(x.dtype), x.numel(), _ptr(residual),
                             thresholds.data_ptr(), seg_ptr, segments, _threads())
@@ -64,6 +67,7 @@ def count_kept(x, thresholds, offsets, seg_dev, residual) -> torch.Tensor:
 
 
 def compress(x, thresholds, offsets, seg_dev, residual, payload: wire.SparsePayload) -> None:
+    """A version-1 payload of the kept entries in index order; residual updated."""
     seg_ptr, segments = _segments(offsets, seg_dev)
     _cpu.compress(x.data_ptr(), _CODE(x.dtype), x.numel(), _ptr(residual),
                   thresholds.data_ptr(), seg_ptr, segments, payload.buffer.data_ptr(),
@@ -72,6 +76,7 @@ def compress(x, thresholds, offsets, seg_dev, residual, payload: wire.SparsePayl
 
 def decompress(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: int,
                value_dtype: torch.dtype, accumulate: bool, errors: torch.Tensor) -> None:
+    """One version-1 payload into out (overwritten or added to); bad entries counted."""
     buffer = buffer.contiguous()
     _cpu.decompress(buffer.data_ptr(), buffer.numel(), numel, capacity, _CODE(value_dtype),
                     _header(numel, capacity, value_dtype), out.data_ptr(), _CODE(out.dtype),
@@ -81,6 +86,7 @@ def decompress(out: torch.Tensor, buffer: torch.Tensor, numel: int, capacity: in
 def decompress_many(out: torch.Tensor, buffers: torch.Tensor, capacity: int,
                     value_dtype: torch.dtype, accumulate: bool, average: bool,
                     errors: torch.Tensor) -> None:
+    """W version-1 rows summed into out in rank order (fp32); bad ones counted."""
     buffers = buffers.contiguous()
     numel = out.numel()
     _cpu.decompress_many(buffers.data_ptr(), buffers.shape[0], buffers.shape[1], numel,
@@ -97,6 +103,7 @@ def _where(where: wire.WireLayout) -> tuple:
 
 def encode_v2(candidates: wire.SparsePayload, payload: wire.SparsePayload, scale_offsets,
               residual, position_offset: int) -> None:
+    """The core's version-2 encoder (csrc/cpu/codec.cpp; bitwise codec.encode)."""
     count = int(candidates.count)  # host memory: no synchronization
     _cpu.encode_v2(payload.buffer.data_ptr(), *_where(payload.layout),
                    candidates.indices.data_ptr(), candidates.values.data_ptr(),
@@ -133,6 +140,7 @@ def _expected(numel: int, where: wire.WireLayout) -> List[int]:
 def decompress_v2(out: torch.Tensor, buffers: torch.Tensor, numel: int,
                   where: wire.WireLayout, accumulate: bool, average: bool, many: bool,
                   errors: torch.Tensor) -> None:
+    """W version-2 rows decoded and summed into out by the core."""
     buffers = buffers.contiguous()
     _cpu.decompress_v2(buffers.data_ptr(), buffers.shape[0], buffers.shape[1], numel,
                        *_where(where), _expected(numel, where), out.data_ptr(),
@@ -141,6 +149,7 @@ def decompress_v2(out: torch.Tensor, buffers: torch.Tensor, numel: int,
 
 
 def compress_rows(x: torch.Tensor, k: int, value_dtype: torch.dtype):
+    """Per row, the k largest magnitudes (ties to the lower column), ascending."""
     rows, columns = x.shape
     indices = torch.empty(rows, k, dtype=wire.row_index_dtype(columns))
     values = torch.empty(rows, k, dtype=value_dtype)
@@ -151,6 +160,7 @@ def compress_rows(x: torch.Tensor, k: int, value_dtype: torch.dtype):
 
 
 def decompress_rows(indices: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
+    """Zeros except the entries whose column is inside [0, D)."""
     rows, columns = out.shape
     _cpu.decompress_rows(indices.data_ptr(), indices.element_size(), values.data_ptr(),
                          _CODE(values.dtype), rows, columns, indices.shape[1], out.data_ptr(),
@@ -158,6 +168,7 @@ def decompress_rows(indices: torch.Tensor, values: torch.Tensor, out: torch.Tens
 
 
 def gather_rows(y: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """y at the given columns; 0 for a column outside [0, D)."""
     rows, columns = y.shape
     k = indices.shape[1]
     out = torch.empty(rows, k, dtype=y.dtype)
@@ -179,6 +190,7 @@ def _writable(t: torch.Tensor, name: str) -> torch.Tensor:
 
 def rule_estimate(rule, thresholds: torch.Tensor, x: torch.Tensor,
                   residual: torch.Tensor) -> None:
+    """The threshold rule's sampled estimate times the scales, into thresholds."""
     x, residual = x.contiguous(), residual.contiguous()
     _writable(thresholds, "thresholds")
     _cpu.rule_estimate(x.data_ptr(), _CODE(x.dtype), residual.data_ptr(),
@@ -192,6 +204,7 @@ _COUNT_OFFSET = 4 * wire.WORD_COUNT
 
 def rule_step(rule, thresholds: torch.Tensor, kept, overflowed: torch.Tensor,
               capped) -> None:
+    """The threshold rule's step from the kept counts: averages, scales, streaks."""
     if kept.rows is not None:
         rows = kept.rows.contiguous()
         source = (rows.data_ptr(), rows.shape[0], rows.shape[1], _COUNT_OFFSET,

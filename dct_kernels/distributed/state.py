@@ -473,8 +473,8 @@ class DCTState:
         ``early_refreshes`` (bucket refreshes triggered by the band or by overflow);
         ``overflow`` (entries that passed τ but did not fit) and ``overflowed_buckets``;
         ``shard_kept``, ``shard_overflow``, ``shard_refreshes`` (the second stage of
-        reduce_scatter on this rank's shards; refreshes per bucket); ``payload_errors`` (bad received entries
-        skipped, from ``dct_kernels.payload_errors`` of the devices used).
+        reduce_scatter on this rank's shards; refreshes per bucket); ``payload_errors`` (bad
+        received entries skipped, from ``dct_kernels.payload_errors`` of the devices used).
 
         Sync: reads device counters, so it synchronizes; call it when logging.
         """

@@ -29,6 +29,7 @@ from .. import ops
 from .. import payload as wire
 from ..payload import RowPayload
 from .agreement import agree_once
+from .rows import to_wire
 
 __all__ = ["sparse_all_to_all", "all_to_all_bytes", "SparseAllToAll"]
 
@@ -55,6 +56,7 @@ class ExchangeLayout:
 
     @property
     def used_bytes(self) -> int:
+        """Bytes of one row's entries (values and indices, without the row's padding)."""
         return self.k * (_size(self.value_dtype) + _size(self.index_dtype))
 
 
@@ -154,19 +156,6 @@ def _field(rows: torch.Tensor, offset: int, k: int, dtype: torch.dtype) -> torch
     return rows[:, offset:offset + k * _size(dtype)].view(dtype)
 
 
-def _to_wire(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in the wire dtype; a finite value saturates at the wire's largest finite value, as
-    compress_rows does for the forward values (inf and NaN pass as they are)."""
-    if t.dtype == dtype:
-        return t
-    largest = torch.finfo(dtype).max
-    if largest < torch.finfo(t.dtype).max:
-        # Clamp in fp32: 65504 (fp16's largest) is not a bf16 value, but it is an fp32 one.
-        t32 = t.float()
-        t = torch.where(torch.isfinite(t32), t32.clamp(-largest, largest), t32)
-    return t.to(dtype)
-
-
 def _exchange(tensor: torch.Tensor, group) -> torch.Tensor:
     """One all_to_all_single of a [W*B, n] uint8 tensor: block j to rank j, block j of the
     result from rank j. The process-group collective (not a traced functional one), so a caller
@@ -211,7 +200,7 @@ class _SparseAllToAll(torch.autograd.Function):
                                                                dtype=layout.value_dtype),
                              shape, layout.dtype)
         grad_kept = ops.gather_rows(grad_out, at_kept, backend=backend)
-        grad_kept = _to_wire(grad_kept, layout.value_dtype).contiguous()
+        grad_kept = to_wire(grad_kept, layout.value_dtype).contiguous()
         returned = _exchange(grad_kept.view(torch.uint8), group).view(layout.value_dtype)
         grad_x = ops.decompress_rows(RowPayload(sent_indices, returned, shape, layout.dtype),
                                      backend=backend)
@@ -356,4 +345,5 @@ class SparseAllToAll(torch.nn.Module):
                                  backend=self.backend)
 
     def extra_repr(self) -> str:
+        """The module's settings, for its repr."""
         return f"k={self.k}, value_dtype={self.value_dtype}"

@@ -20,6 +20,7 @@ With k = 5% of D, int16 indices and 16-bit values, the boundary carries 20x fewe
 dense fp32. Nothing here synchronizes with the host.
 """
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -35,7 +36,22 @@ def _as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1:
         raise ValueError(f"{name}: expected a tensor of shape [..., D], got a 0-d tensor")
-    return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    # Not reshape(-1, D): with D = 0 the row count would be ambiguous.
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if x.dim() != 2 else x
+
+
+def to_wire(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in the wire dtype; a finite value saturates at the wire's largest finite value, as
+    compress_rows does for the forward values (inf and NaN pass as they are). For the
+    gradients that go back across the boundary (here and in ``sparse_all_to_all``)."""
+    if t.dtype == dtype:
+        return t
+    largest = torch.finfo(dtype).max
+    if largest < torch.finfo(t.dtype).max:
+        # Clamp in fp32: 65504 (fp16's largest) is not a bf16 value, but it is an fp32 one.
+        t32 = t.float()
+        t = torch.where(torch.isfinite(t32), t32.clamp(-largest, largest), t32)
+    return t.to(dtype)
 
 
 class _Pack(torch.autograd.Function):
@@ -73,7 +89,7 @@ class _Unpack(torch.autograd.Function):
         payload = RowPayload(indices, torch.empty(indices.shape, dtype=grad_out.dtype,
                                                   device=grad_out.device),
                              (indices.shape[0], columns), grad_out.dtype)
-        grad_values = ops.gather_rows(grad_out, payload, backend=backend).to(values_dtype)
+        grad_values = to_wire(ops.gather_rows(grad_out, payload, backend=backend), values_dtype)
         return grad_values, None, None, None, None
 
 
@@ -122,6 +138,9 @@ def unpack_rows(values: torch.Tensor, indices: torch.Tensor, columns: int, *,
         raise ValueError("values: expected a [B, k] tensor")
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"indices: expected a torch.Tensor, got {type(indices).__name__}")
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype: expected None, torch.float32, torch.float16 or "
+                         f"torch.bfloat16, got {dtype!r}")
     return _Unpack.apply(values.contiguous(), indices.contiguous(), columns,
                          dtype or values.dtype, backend)
 
