@@ -74,8 +74,9 @@ def agree_once(group, world: int, x: torch.Tensor, k, value_dtype,
     Cost at a new key: one all-gather of 9 int64 per rank on x's device and a host read of the
     W x 9 result (synchronizes). Known keys cost nothing. When the ranks disagree, raises
     ValueError on every rank naming the arguments that differ and each rank's value; when they
-    agree but the arguments are bad, every rank raises the same TypeError/ValueError. Only
-    agreed, valid keys are cached.
+    agree but the arguments are bad, every rank raises its own TypeError/ValueError (the same
+    one for the same arguments; unsupported dtypes all compare as one, so two ranks given two
+    different unsupported dtypes each name their own). Only agreed, valid keys are cached.
     """
     mine = _fingerprint(world, x, k, value_dtype)
     key = (group, *mine)
