@@ -292,6 +292,17 @@ def main():
                         help="also write this run's table (results.md), a copy of the updated "
                              "results file and its plot into this folder")
     args = parser.parse_args()
+    if any(not 0 < r <= 1 for r in args.ratios):  # NaN fails this too
+        parser.error(f"--ratios: expected values in (0, 1], got {args.ratios}")
+    if args.sizes and any(not 0 <= s <= 30 for s in args.sizes):
+        parser.error(f"--sizes: expected log2 sizes in [0, 30], got {args.sizes}")
+    if args.backends:
+        unknown = [b for b in args.backends if b not in dk.backends.NAMES]
+        if unknown:
+            parser.error(f"--backends: unknown {unknown} (expected some of "
+                         f"{list(dk.backends.NAMES)})")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here")
 
     device = torch.device(args.device)
     _wires[:] = args.wire

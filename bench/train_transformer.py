@@ -406,6 +406,17 @@ def main(argv=None, out_name: str = "transformers") -> None:
         parser.error("--ranks: expected >= 1")
     if args.hidden < 4 or args.hidden % 4:
         parser.error("--hidden: expected a positive multiple of 4 (4 attention heads)")
+    if args.steps < 0:
+        parser.error(f"--steps: expected >= 0 (0: each task's default), got {args.steps}")
+    if args.batch < 1:
+        parser.error(f"--batch: expected >= 1, got {args.batch}")
+    if args.lr <= 0 or not math.isfinite(args.lr):
+        parser.error(f"--lr: expected a finite number > 0, got {args.lr}")
+    if any(r in RUNS and r.startswith("dct") for r in args.runs):
+        try:  # the settings' own checks, here rather than in every spawned rank
+            DCTState(**overrides)
+        except (TypeError, ValueError) as exc:
+            parser.error(f"--dct-set: {exc}")
     import transformers  # the optional dependency: fail before spawning
 
     started = time.time()

@@ -382,11 +382,21 @@ def _cli_exit(argv, capsys):
     (["--tiny", "--link-delay", "5"], "need --link"),
     (["--tiny", "--runs", "dense,sgd"], "unknown run 'sgd'"),
     (["--tiny", "--runs", "dense,dense"], "names a run twice"),
+    (["--tiny", "--capacity-factor", "0"], "--capacity-factor (capacity_factor): expected"),
+    (["--tiny", "--warmup-steps", "-5"], "--warmup-steps (warmup_steps): expected >= 0"),
+    (["--tiny", "--seed", "-1"], "--seed (seed): expected >= 0"),
+    (["--tiny", "--data-file", "/nonexistent/day_0.tsv"], "--data-file (data_file):"),
+    (["--tiny", "--batch-size", "3"], "--batch-size (batch_size): 3 does not split"),
 ])
-def test_link_argument_errors(argv, message, capsys):
-    """Clear errors, before any cluster or rank exists."""
+def test_argument_errors_before_anything_starts(argv, message, capsys):
+    """Clear errors naming the option, before any cluster or rank exists."""
     code, _ = _cli_exit(argv, capsys)
     assert isinstance(code, str) and message in code, code
+
+
+def test_quick_and_tiny_are_one_or_the_other(capsys):
+    code, err = _cli_exit(["--quick", "--tiny"], capsys)
+    assert code == 2 and "--quick and --tiny" in err, err
 
 
 def test_link_without_privileges_gives_the_clusters_message(monkeypatch, capsys):
@@ -417,6 +427,29 @@ def test_link_delay_without_netem_gives_the_clusters_message(capsys):
         code, err = _cli_exit(["--tiny", "--link", "1gbit", *flags], capsys)
         assert code == 1 and "netem" in err, err
     assert cluster.list_namespaces() == before
+
+
+def test_the_ranks_command_line_on_the_cluster(tmp_path, monkeypatch):
+    """Without the --link options, with --out and --threads explicit, and the paths it names
+    absolute: the ranks start in the repository's root, not in the caller's folder."""
+    from dlrm import cli
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--tiny", "--link", "1gbit", "--link-loss=1", "--data-file", "day_0.tsv",
+            "--checkpoint-dir=ckpt", "--out", "old", "--threads", "3", "--runs", "dense"]
+    got = cli._rank_argv(argv, "results", 1)
+    assert got[2:] == ["--tiny", "--data-file", str(tmp_path / "day_0.tsv"),
+                       f"--checkpoint-dir={tmp_path / 'ckpt'}", "--runs", "dense",
+                       "--out", str(tmp_path / "results"), "--threads", "1"]
+
+
+def test_the_tables_exchange_is_a_dct_runs():
+    from dlrm import report
+
+    assert report._dp_exchange({"dct_dp_mp": {"dp_exchange": "allgather"}}) == "allgather"
+    assert report._dp_exchange({"dct_dp": {"dp_exchange": "reduce_scatter"},
+                                "dct_dp_mp": {"dp_exchange": "allgather"}}) == "reduce_scatter"
+    assert report._dp_exchange({"dense": {}}) == "-"
 
 
 def _cluster_unavailable():

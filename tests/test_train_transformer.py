@@ -135,3 +135,15 @@ def test_dct_set_names_a_value_dtype(tmp_path):
     with pytest.raises(SystemExit):
         tt.main(["--dct-set", "value_dtype='bfloat17'", "--out", str(tmp_path / "no")])
     assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "-3"], "--steps"), (["--batch", "0"], "--batch"), (["--lr", "0"], "--lr"),
+    (["--dct-set", "foo=1"], "--dct-set"), (["--dct-set", "ratio=5"], "--dct-set: ratio"),
+    (["--tasks", "poetry"], "--tasks"),
+])
+def test_bad_options_stop_before_any_rank(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        tt.main(argv + ["--out", str(tmp_path / "no")])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()

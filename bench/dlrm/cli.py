@@ -272,6 +272,9 @@ def _summary_text(result: dict, out_dir: str) -> str:
                f"{result['wall_s']:.0f} s; written to {out_dir}"])
 
 
+_OPTIONS: set = set()  # every option string of the parser, for _with_flag
+
+
 def parse_args(argv=None):
     # No abbreviations: the --link launcher hands its command line on to the ranks without the
     # --link options, which it finds by their full names.
@@ -327,7 +330,7 @@ def parse_args(argv=None):
                         "kernel's netem)")
     p.add_argument("--link-loss", type=float, metavar="PCT",
                    help="with --link: random loss of the packets a rank sends, in percent "
-                        "(needs the kernel's netem)")
+                        "(netem, or a BPF dropper on a kernel without netem)")
     p.add_argument("--data-file", help="a Criteo-format TSV file instead of synthetic data")
     p.add_argument("--hash-size", type=int, help="rows per table for --data-file")
     p.add_argument("--out", help="output folder (default bench/results/<device>/dlrm, and "
@@ -344,7 +347,21 @@ def parse_args(argv=None):
                         f"(default {DEFAULT_PG_TIMEOUT_S}); spawned ranks and torchrun alike")
     # Stops every rank after RUN's STEP as a killed job would (no report): for tests.
     p.add_argument("--stop-after", metavar="RUN:STEP", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    _OPTIONS.update(s for action in p._actions for s in action.option_strings)
+    args = p.parse_args(argv)
+    if args.quick and args.tiny:
+        p.error("--quick and --tiny: give one of them")
+    return args
+
+
+def _with_flag(message: str) -> str:
+    """A Config error ("batch_size: ...") with the command-line option that sets the field
+    ("--batch-size (batch_size): ..."), where one does."""
+    field, sep, rest = message.partition(":")
+    flag = "--" + field.replace("_", "-")
+    if sep and field.isidentifier() and flag in _OPTIONS:
+        return f"{flag} ({field}):{rest}"
+    return message
 
 
 def run_options(args) -> dict:
@@ -419,18 +436,32 @@ def _link_errors(args, cfg: Config) -> Optional[str]:
 
 def _rank_argv(argv: List[str], out_dir: str, threads: int) -> List[str]:
     """The ranks' command line on the cluster: this one without the --link options (so that
-    the ranks join the cluster's group instead of building another) and with the output
-    folder and the thread count made explicit."""
+    the ranks join the cluster's group instead of building another), with the output folder
+    and the thread count made explicit, and the paths it names made absolute (the ranks start
+    in the repository's root, not in the caller's folder)."""
     drop = ("--link", "--link-delay", "--link-loss", "--out", "--threads")
-    kept, skip = [], False
+    paths = ("--checkpoint-dir", "--data-file")
+    kept, skip, absolute = [], False, False
     for arg in argv:
         if skip:
             skip = False
             continue
+        if absolute:
+            absolute = False
+            kept.append(os.path.abspath(arg))
+            continue
         if arg in drop:
             skip = True
             continue
-        if arg.split("=", 1)[0] in drop:
+        name, sep, value = arg.partition("=")
+        if name in drop:
+            continue
+        if name in paths:
+            if sep:
+                kept.append(f"{name}={os.path.abspath(value)}")
+            else:
+                kept.append(arg)
+                absolute = True
             continue
         kept.append(arg)
     return [sys.executable, TRAIN_DLRM, *kept, "--out", os.path.abspath(out_dir),
@@ -488,7 +519,7 @@ def main(argv=None) -> None:
         cfg = config_from_args(args)
         options = run_options(args)
     except ValueError as exc:
-        sys.exit(f"train_dlrm.py: {exc}")
+        sys.exit(f"train_dlrm.py: {_with_flag(str(exc))}")
     problem = _link_errors(args, cfg)
     if problem:
         sys.exit(f"train_dlrm.py: {problem}")

@@ -1,6 +1,7 @@
 """Settings of one trainer invocation, and the presets (``--quick``, the smoke test's tiny)."""
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -96,6 +97,16 @@ class Config:
                      "eval_subset", "powersgd_rank", "dp_min_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "min_numel", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if not 1 <= self.capacity_factor < float("inf"):
+            raise ValueError(f"capacity_factor: expected a finite number >= 1, got "
+                             f"{self.capacity_factor}")
+        if self.hash_size < 1:
+            raise ValueError(f"hash_size: expected >= 1, got {self.hash_size}")
+        if self.data_file is not None and not os.path.isfile(self.data_file):
+            raise ValueError(f"data_file: {self.data_file!r} is not a file")
         if self.batch_size % self.ranks:
             raise ValueError(f"batch_size: {self.batch_size} does not split into {self.ranks} "
                              f"equal per-rank batches")

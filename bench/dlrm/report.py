@@ -62,6 +62,14 @@ def link_text(report: dict) -> str:
     return text + ")"
 
 
+def _dp_exchange(runs: dict) -> str:
+    """The DCT-DP exchange of the report's DCT runs ("-" when it has none)."""
+    for name in ("dct_dp", "dct_dp_mp"):
+        if "dp_exchange" in runs.get(name, {}):
+            return runs[name]["dp_exchange"]
+    return "-"
+
+
 def markdown(report: dict) -> str:
     cfg = report["config"]
     target = report.get("target_auc")
@@ -71,7 +79,7 @@ def markdown(report: dict) -> str:
              f"{cfg['batch_size']} samples (global), {report['num_heldout']} held-out samples, "
              f"seed {cfg['seed']}; DCT-DP ratio {cfg['dp_ratio']}, {cfg['dp_value_dtype']} "
              f"values, {cfg.get('dp_index_encoding', 'int32')} indices, exchange "
-             f"{report['runs'].get('dct_dp', {}).get('dp_exchange', '-')}, "
+             f"{_dp_exchange(report['runs'])}, "
              f"warm-up {cfg['warmup_steps']} steps, min_numel {cfg['min_numel']}, min_k "
              f"{cfg.get('dp_min_k', 1)}; DCT-MP k = "
              f"{cfg['mp_k']} of {cfg['tower_width']}, {cfg['mp_value_dtype']} values. "
