@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import ranks  # bench/ranks.py
+
 
 def _rank(rank, args, path, queue):
     torch.set_num_threads(args.threads)
@@ -73,7 +75,7 @@ def main():
     args = parser.parse_args()
     path = tempfile.mktemp(prefix="dct_gloo_")
     queue = mp.get_context("spawn").Queue()
-    mp.spawn(_rank, args=(args, path, queue), nprocs=args.world, join=True)
+    ranks.spawn(_rank, (args, path, queue), args.world)
     r = queue.get()
     print(f"W={args.world} n=2^{args.log2n} kept={args.ratio:g} backend={args.backend} "
           f"threads/rank={args.threads}: all_reduce {r['all_reduce']:.2f} ms, "

@@ -27,9 +27,10 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dct_kernels.distributed import DCTState, dct_hook
+
+import ranks  # bench/ranks.py
 
 TASK = dict(rows=20000, dim=4, features=4, batch=16, steps=300, lr=0.5)
 DCT = dict(ratio=0.002, warmup_steps=0, refresh_every=50, capacity_factor=1.0,
@@ -120,8 +121,7 @@ def measure(world: int, seeds) -> list:
     """The task's rows (seed, run, loss, ...) for every seed at world size ``world``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
-        mp.start_processes(_rank, args=(world, os.path.join(tmp, "store"), list(seeds), out),
-                           nprocs=world, start_method="spawn")
+        ranks.spawn(_rank, (world, os.path.join(tmp, "store"), list(seeds), out), world)
         with open(out) as f:
             return json.load(f)
 

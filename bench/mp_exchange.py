@@ -34,11 +34,11 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import dct_kernels as dk
 from dct_kernels.mp import all_to_all_bytes, sparse_all_to_all
 from dlrm.exchange import DenseAllToAll
+import ranks  # bench/ranks.py
 from kernel_backend import kernel_backend, warn_if_core_missing
 from results_table import RESULTS_DIR, card_dir_name
 
@@ -228,9 +228,8 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "rows.csv")
-        mp.start_processes(_worker, args=(args.world, args.comm, os.path.join(tmp, "store"),
-                                          configs, args.reps, args.budget, args.backend, raw),
-                           nprocs=args.world, start_method="spawn")
+        ranks.spawn(_worker, (args.world, args.comm, os.path.join(tmp, "store"), configs,
+                              args.reps, args.budget, args.backend, raw), args.world)
         with open(raw) as f:
             rows = list(csv.DictReader(f))
     meta = dict(card=card, date=datetime.date.today().isoformat(), version=dk.__version__,

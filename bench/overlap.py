@@ -39,6 +39,8 @@ import torch
 
 from dct_kernels.distributed.stand_in import StandInBucket
 
+import ranks  # bench/ranks.py
+
 MODES = ("none", "dense", "bf16", "powersgd", "dct/allgather", "dct/reduce_scatter")
 # Rank 2 and a start after two plain steps: PowerSGD's usual rank, compressing in every timed
 # step (the first 3 steps are warm-up).
@@ -233,7 +235,6 @@ def main(argv=None):
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
         _measure(dist.get_rank(), dist.get_world_size(), config, args.result)
         return 0
-    import torch.multiprocessing as mp
 
     link = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -248,9 +249,8 @@ def main(argv=None):
                 print(f"overlap.py: {exc}", file=sys.stderr)
                 return 1
         else:
-            mp.start_processes(_worker, args=(args.world, os.path.join(tmp, "store"), config,
-                                              path),
-                               nprocs=args.world, join=True, start_method="spawn")
+            ranks.spawn(_worker, (args.world, os.path.join(tmp, "store"), config, path),
+                        args.world)
         with open(path) as f:
             result = json.load(f)
     base = result["none"]["step_s"]

@@ -33,6 +33,8 @@ import torch
 from dct_kernels.distributed import sizing
 from dct_kernels.distributed.stand_in import StandInBucket
 
+import ranks  # bench/ranks.py
+
 BUCKET_BYTES = 25 * 1024 * 1024
 WORLDS = [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 EXCHANGES = ("allgather", "reduce_scatter", "auto")
@@ -170,13 +172,9 @@ def _measure_worker(rank, world, store, config, result_path):
 
 
 def measure(world, config):
-    import torch.multiprocessing as mp
-
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")
-        mp.start_processes(_measure_worker, args=(world, os.path.join(tmp, "store"), config,
-                                                  path),
-                           nprocs=world, join=True, start_method="spawn")
+        ranks.spawn(_measure_worker, (world, os.path.join(tmp, "store"), config, path), world)
         with open(path) as f:
             return json.load(f)
 

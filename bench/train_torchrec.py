@@ -43,6 +43,7 @@ from dct_kernels.distributed.torchrec import DCTDataParallelWrapper
 # bench/ is sys.path[0] when this runs as a script: dlrm is bench/dlrm.
 from dlrm import dp_traffic
 from dlrm.data import NUM_DENSE, ClickLogs, generate
+import ranks  # bench/ranks.py
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 RUNS = ("dense", "dct_dp")
@@ -338,13 +339,11 @@ def main(argv=None) -> None:
 
         out = os.path.join(BENCH_DIR, "results", device_slug(device_name()), "torchrec",
                            "torchrec_dlrm.json")
-    import torch.multiprocessing as mp
 
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="torchrec_") as tmp:
-        mp.start_processes(_worker, args=(args.ranks, os.path.join(tmp, "store"), settings,
-                                          out), nprocs=args.ranks, join=True,
-                           start_method="spawn")
+        ranks.spawn(_worker, (args.ranks, os.path.join(tmp, "store"), settings, out),
+                    args.ranks)
     print(f"total wall time {time.time() - started:.0f} s")
 
 

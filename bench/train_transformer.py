@@ -50,13 +50,13 @@ from typing import Callable, Dict, List
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from dct_kernels.distributed import DCTState, dct_hook
 from dlrm import dp_traffic
 from dlrm.cli import device_slug
 from dlrm.context import device_name
+import ranks  # bench/ranks.py
 
 TASKS = ("classify", "lm_text", "lm_synthetic")
 RUNS = ("dense", "fp16", "powersgd", "dct", "dct_rs", "dct_bf16")
@@ -422,8 +422,8 @@ def main(argv=None, out_name: str = "transformers") -> None:
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         result_path = os.path.join(tmp, "result.json")
-        mp.spawn(worker, args=(args.ranks, os.path.join(tmp, "store"), args, result_path),
-                 nprocs=args.ranks)
+        ranks.spawn(worker, (args.ranks, os.path.join(tmp, "store"), args, result_path),
+                    args.ranks)
         with open(result_path) as f:
             tasks = json.load(f)
     device = device_name()

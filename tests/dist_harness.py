@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import ranks  # bench/ranks.py (the tests' pythonpath)
+
 COLLECTIVE_TIMEOUT_S = 30
 
 
@@ -72,18 +74,22 @@ def run_group(world_size, module_name, names, tmp_path, deadline_s=240):
                                  nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + deadline_s
     timed_out = False
-    while True:
-        try:
-            if context.join(timeout=1.0):
+    try:
+        while True:
+            try:
+                if context.join(timeout=1.0):
+                    break
+            except Exception as error:  # a process died outside the checks
+                raise RuntimeError(f"distributed group of {world_size} failed: "
+                                   f"{error}") from None
+            if time.monotonic() > deadline:
+                timed_out = True
+                for process in context.processes:
+                    if process.is_alive():
+                        process.kill()
                 break
-        except Exception as error:  # a process died outside the checks
-            raise RuntimeError(f"distributed group of {world_size} failed: {error}") from None
-        if time.monotonic() > deadline:
-            timed_out = True
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            break
+    finally:
+        ranks.remove_error_files(context)  # torch leaves them in the temporary folder
     results = {name: {} for name in names}
     for rank in range(world_size):
         path = os.path.join(result_dir, f"rank{rank}.json")

@@ -21,6 +21,7 @@ from dlrm import criteo, data as dlrm_data
 from dlrm.config import tiny
 from dlrm.model import shard_tables
 from dlrm.optim import RowWiseAdagrad
+import ranks  # bench/ranks.py
 
 TRAIN_DLRM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
                           "train_dlrm.py")
@@ -142,12 +143,15 @@ def _spawn(world, fn, args, deadline_s):
     ctx = mp.start_processes(fn, args=(world, *args), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + deadline_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"the smoke run outlived its {deadline_s} s deadline")
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                pytest.fail(f"the smoke run outlived its {deadline_s} s deadline")
+    finally:
+        ranks.remove_error_files(ctx)  # torch leaves them in the temporary folder
 
 
 def _two_rank_run(tmp_path_factory, name, runs):

@@ -16,6 +16,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+import ranks  # bench/ranks.py
+
 from . import report as report_mod
 from .checkpoint import Checkpointer, CheckpointError
 from .config import DEFAULT_RUNS, RUNS, TARGET_MARGIN, Config, quick, tiny
@@ -550,10 +552,8 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="dlrm_") as tmp:
         try:
-            mp.start_processes(_worker, args=(cfg.ranks, os.path.join(tmp, "store"), cfg,
-                                              out_dir, started, args.sweep, args.threads,
-                                              options),
-                               nprocs=cfg.ranks, join=True, start_method="spawn")
+            ranks.spawn(_worker, (cfg.ranks, os.path.join(tmp, "store"), cfg, out_dir, started,
+                                  args.sweep, args.threads, options), cfg.ranks)
         except mp.ProcessExitedException as exc:
             # The rank said why (a checkpoint refused, a requested stop): keep its status.
             sys.exit(exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1)
