@@ -24,6 +24,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
+# What this run creates in the temporary folder goes when it ends: the package's staged
+# sources, and the (empty) inductor cache folder torch's DDP makes when first used.
+scratch="$(mktemp -d -t dct_kernels_torchrec_XXXXXX)"
+trap 'rm -rf "$scratch"' EXIT
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$scratch/inductor}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 if ! "$PY" -c "import torchrec.distributed" >/dev/null 2>&1; then
@@ -42,8 +47,8 @@ digest="$(find "${SOURCES[@]}" -type f ! -name '*.so' ! -name '*.pyc' -print0 | 
           xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
 stamp="$VENV/.dct_kernels_sources"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
-  stage="$(mktemp -d)"
-  trap 'rm -rf "$stage"' EXIT
+  stage="$scratch/stage"
+  mkdir -p "$stage"
   tar -cf - --exclude='__pycache__' --exclude='*.so' --exclude='*.egg-info' "${SOURCES[@]}" |
     tar -xf - -C "$stage"
   # The integration runs on gloo ranks: the CUDA core is not needed (DCT_KERNELS_CUDA=1
