@@ -30,3 +30,17 @@ def test_ranks_that_succeed_leave_nothing():
     before = _error_files()
     ranks.spawn(_fail_on_rank_one, ("unused",), 1)
     assert _error_files() - before == set()
+
+
+def _record_cache_dir(rank, path):
+    with open(path, "w") as f:
+        f.write(os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""))
+
+
+def test_the_ranks_inductor_cache_is_their_own_and_goes(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    record = tmp_path / "cache_dir.txt"
+    ranks.spawn(_record_cache_dir, (str(record),), 1)
+    used = record.read_text()
+    assert used and os.path.basename(used).startswith("dct_kernels_inductor_")
+    assert not os.path.exists(used) and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
