@@ -274,10 +274,17 @@ def _summary_text(result: dict, out_dir: str) -> str:
                f"{result['wall_s']:.0f} s; written to {out_dir}"])
 
 
-_OPTIONS: set = set()  # every option string of the parser, for _with_flag
-
-
 def parse_args(argv=None):
+    """The command line, parsed (exits with a usage error for a bad one)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.quick and args.tiny:
+        p.error("--quick and --tiny: give one of them")
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The trainer's argument parser (every option, with its help)."""
     # No abbreviations: the --link launcher hands its command line on to the ranks without the
     # --link options, which it finds by their full names.
     p = argparse.ArgumentParser(
@@ -349,11 +356,7 @@ def parse_args(argv=None):
                         f"(default {DEFAULT_PG_TIMEOUT_S}); spawned ranks and torchrun alike")
     # Stops every rank after RUN's STEP as a killed job would (no report): for tests.
     p.add_argument("--stop-after", metavar="RUN:STEP", help=argparse.SUPPRESS)
-    _OPTIONS.update(s for action in p._actions for s in action.option_strings)
-    args = p.parse_args(argv)
-    if args.quick and args.tiny:
-        p.error("--quick and --tiny: give one of them")
-    return args
+    return p
 
 
 def _with_flag(message: str) -> str:
@@ -361,7 +364,8 @@ def _with_flag(message: str) -> str:
     ("--batch-size (batch_size): ..."), where one does."""
     field, sep, rest = message.partition(":")
     flag = "--" + field.replace("_", "-")
-    if sep and field.isidentifier() and flag in _OPTIONS:
+    options = {s for action in build_parser()._actions for s in action.option_strings}
+    if sep and field.isidentifier() and flag in options:
         return f"{flag} ({field}):{rest}"
     return message
 

@@ -42,7 +42,6 @@ def _accumulate(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tens
     return acc + residual if residual is not None else acc
 
 
-
 def _kept_mask(acc: torch.Tensor, thresholds: torch.Tensor, offsets: List[int]) -> torch.Tensor:
     tkeys = threshold_keys(thresholds)
     per_element = torch.repeat_interleave(tkeys, _segment_lengths(offsets, acc.device))

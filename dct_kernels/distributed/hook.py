@@ -189,12 +189,16 @@ def _layout_of(state: DCTState, bucket) -> BucketLayout:
     buffer = bucket.buffer()
     params = _parameters(bucket)
     keys = [state.key_of(p) for p in params]
-    sparse = [state.sends_sparse(p) for p in params]
-    # A ramp stage has layouts of its own; a bucket of dense parameters does not depend on it.
+    # A ramp stage has layouts of its own; a bucket of dense parameters does not depend on it
+    # (its layout is kept under the ratio None). Which it is, is decided once, at creation.
     ratio = state.ratio_at(state.step)
-    ident = (tuple(keys), buffer.dtype, buffer.device, ratio if any(sparse) else None)
-    layout = state.layouts.get(ident)
+    base = (tuple(keys), buffer.dtype, buffer.device)
+    layout = state.layouts.get(base + (ratio,))
     if layout is None:
+        layout = state.layouts.get(base + (None,))
+    if layout is None:
+        sparse = [state.sends_sparse(p) for p in params]
+        ident = base + (ratio if any(sparse) else None,)
         numel_of = {key: p.numel() for key, p in zip(keys, params)}
         if sum(numel_of.values()) != buffer.numel():
             raise ValueError(f"bucket: its buffer has {buffer.numel()} elements but its "

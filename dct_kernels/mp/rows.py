@@ -26,6 +26,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import ops
+from ..magnitude import saturating_cast, widen
 from ..payload import RowPayload
 
 __all__ = ["sparsify_rows", "pack_rows", "unpack_rows"]
@@ -41,17 +42,10 @@ def _as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def to_wire(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in the wire dtype; a finite value saturates at the wire's largest finite value, as
-    compress_rows does for the forward values (inf and NaN pass as they are). For the
-    gradients that go back across the boundary (here and in ``sparse_all_to_all``)."""
-    if t.dtype == dtype:
-        return t
-    largest = torch.finfo(dtype).max
-    if largest < torch.finfo(t.dtype).max:
-        # Clamp in fp32: 65504 (fp16's largest) is not a bf16 value, but it is an fp32 one.
-        t32 = t.float()
-        t = torch.where(torch.isfinite(t32), t32.clamp(-largest, largest), t32)
-    return t.to(dtype)
+    """t in the wire dtype as compress_rows puts the forward values there (``saturating_cast``:
+    a finite value saturates at the wire's largest, inf passes, NaN is the canonical one), for
+    the gradients that go back across the boundary (here and in ``sparse_all_to_all``)."""
+    return saturating_cast(widen(t), dtype)
 
 
 class _Pack(torch.autograd.Function):
