@@ -418,6 +418,60 @@ def check_issue_order(rank, world):
             assert_same_on_all_ranks(result, f"step {step} bucket {b}")
 
 
+def check_refused_row_keeps_the_order(rank, world):
+    """With ``validate=True``, a bad stage-1 row that only one shard owner receives fails that
+    rank's bucket, and only it: the rank still takes part in the bucket's stage-3 all-gather
+    (with an empty row), so every later bucket is paired with the same bucket on every rank
+    and comes out bitwise as in a run where nothing was corrupted."""
+    from dct_kernels import payload as wire
+
+    n = 2000
+
+    def step(corrupt):
+        params = [torch.nn.Parameter(torch.zeros(n)) for _ in range(2)]
+        state = DCTState(ratio=0.01, warmup_steps=0, min_numel=100, validate=True,
+                         exchange="reduce_scatter",
+                         module=[(f"p{i}", p) for i, p in enumerate(params)])
+        g = rank_generator(25, rank, 0)
+        grads = [torch.randn(n, generator=g) for _ in params]
+        original, calls = dist.all_to_all_single, []
+
+        def tampered(out, inp, *args, **kwargs):
+            work = original(out, inp, *args, **kwargs)
+            calls.append(out)
+            if corrupt and rank == world - 1 and len(calls) == 1:
+                work.wait()  # bucket 0: the row from rank 0 gets a count beyond its capacity
+                header = out.view(world, -1)[0, :wire.HEADER_BYTES].view(torch.int32)
+                header[wire.WORD_COUNT] = 10 ** 6
+            return work
+
+        dist.all_to_all_single = tampered
+        try:
+            futures = [dct_hook(state, b) for b in _buckets_of(params, grads, [1, 1])]
+        finally:
+            dist.all_to_all_single = original
+        outcomes = []
+        for future in futures:
+            try:
+                outcomes.append(future.wait().clone())
+            except Exception as error:  # noqa: BLE001 - reported below, checked by the caller
+                outcomes.append(error)
+        return outcomes
+
+    clean = step(corrupt=False)
+    tampered = step(corrupt=True)
+    for b, result in enumerate(clean):
+        assert isinstance(result, torch.Tensor), f"clean bucket {b}: {result!r}"
+    if rank == world - 1:
+        assert isinstance(tampered[0], Exception) and "invalid payload" in str(tampered[0]), \
+            f"the rank that received the bad row: {tampered[0]!r}"
+    else:
+        assert isinstance(tampered[0], torch.Tensor), f"bucket 0 on rank {rank}: {tampered[0]!r}"
+    assert isinstance(tampered[1], torch.Tensor), f"bucket 1 on rank {rank}: {tampered[1]!r}"
+    assert_bitwise_equal(tampered[1], clean[1])
+    assert_same_on_all_ranks(tampered[1], "bucket 1 after bucket 0's refused row")
+
+
 # ------------------------------------------------------------------- bytes on the wire
 
 

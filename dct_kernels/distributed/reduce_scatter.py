@@ -156,19 +156,35 @@ class ReduceScatterExchange:
         step's last bucket, in bucket order). ``refresh_due()`` says, when stage 2 runs,
         whether its τ' are recomputed exactly. Returns (future of the bucket's average,
         this rank's stage-1 rows)."""
-        device = buffer.device
+        device, layout = buffer.device, self.layout
         self.stage1(buffer)
         exchanged = collectives.all_to_all_rows_async(self.send, self.recv, self.group)
         result = new_future(device)
 
         def issue_stage3():
+            refused = None
             try:
                 exchanged.wait()
-                self.stage2(refresh_due())
+                try:
+                    self.stage2(refresh_due())
+                except Exception as error:
+                    # Only this rank saw what stage 2 refused (a bad row it received, with
+                    # validate=True). The others still gather from it: skipping the
+                    # collective would pair their next one with this rank's, mixing buckets
+                    # and leaving the last one waiting. So it sends an empty row, and fails
+                    # once the collective is done.
+                    refused = error
+                    write_empty(self.own, layout.numel, self.capacity, self.value_dtype,
+                                self.index_encoding, self.num_scales)
                 gathered = collectives.all_gather_rows_async(self.own, self.group,
                                                              out=self.gathered)[1]
             except Exception as error:
-                result.set_exception(error)
+                result.set_exception(refused if refused is not None else error)
+                return
+            if refused is not None:
+                def fail():
+                    raise refused
+                after([gathered], fail, device, into=result)
                 return
 
             def average():
