@@ -282,6 +282,7 @@ def _check_out(out, numel: int, device: torch.device, name: str = "out") -> torc
         raise ValueError(f"{name}: expected a tensor on {device}, got {out.device}")
     if out.numel() != numel:
         raise ValueError(f"{name}: expected {numel} elements, got {out.numel()}")
+    _check_numel(out, name)  # positions are int32 on the wire and in the cores
     if not out.is_contiguous():
         raise ValueError(f"{name}: must be contiguous (it is written in place)")
     return out

@@ -198,6 +198,21 @@ def test_numel_limit_is_documented_in_the_error():
         D.compress(x, 0.5, backend="torch")
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("index_encoding", ["int32", "delta"])
+def test_an_output_of_2_31_elements_is_refused(backend, index_encoding):
+    """decompress_many decodes into out's numel: an out of 2^31 elements or more is refused
+    before any decoding (a delta-coded position past 2^31 - 1 could not be written as int32)."""
+    if backend not in D.available_backends():
+        pytest.skip(f"{backend} backend not built")
+    rows = D.compress(torch.arange(1.0, 65.0), 1.0, capacity=64, value_dtype=torch.bfloat16,
+                      index_encoding=index_encoding).buffer[None]
+    out = torch.zeros(1, dtype=torch.bfloat16).expand(2**31 + 2**17)
+    with pytest.raises(ValueError, match="^out: .*2\\^31"):
+        D.decompress_many(rows, out=out, capacity=64, value_dtype=torch.bfloat16,
+                          index_encoding=index_encoding, backend=backend)
+
+
 def test_available_backends():
     backends = D.available_backends()
     assert set(backends) == {"cuda", "triton", "cpu", "torch"}

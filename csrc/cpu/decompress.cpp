@@ -351,8 +351,9 @@ Status decompress_v2(const WireV2& wire, const uint8_t* buffers, int num_rows,
                      int64_t row_bytes, int64_t numel, const int32_t* expected, void* out,
                      DType out_dtype, bool accumulate, bool average, bool many,
                      int32_t* errors, int threads) {
+  // Positions are narrowed to int32 below: a larger output could not be addressed.
   if (buffers == nullptr || num_rows < 1 || (!many && num_rows != 1) || numel < 0 ||
-      wire.capacity < 0 || wire.value_code < 0 || wire.value_code > 3 ||
+      numel > INT32_MAX || wire.capacity < 0 || wire.value_code < 0 || wire.value_code > 3 ||
       !known_dtype(out_dtype) ||
       row_bytes < wire.values_offset + value_width(wire.value_code) * wire.capacity)
     return Status{1, "decompress_v2", "bad arguments"};
