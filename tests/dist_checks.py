@@ -783,6 +783,68 @@ def _resume_regrouped(rank, world, configs, steps=8, split=4, extra=None):
                                      f"{exchange} {key} shard residual")
 
 
+def check_resume_after_model_change(rank, world):
+    """A checkpoint resumed into a model that gained or lost a parameter (its entry deleted
+    from "params", as the docs say) steps without error on both exchanges: the saved layouts
+    the fresh first-iteration buckets still hold are stepped as the checkpointed run would
+    have stepped them (their averages bitwise the uninterrupted run's), a gained parameter
+    as a layout of its own (bitwise a fresh state's first step on it alone), and a saved
+    layout with a lost parameter is not waited for. Buckets are stand-ins that group the
+    parameters as a fresh DDP's first iteration does (registration order), then as rebuilt."""
+    sizes = {"a": 3000, "b": 2000, "c": 1000, "d": 1500}
+    for exchange in ("allgather", "reduce_scatter"):
+        params = {name: torch.nn.Parameter(torch.zeros(n)) for name, n in sizes.items()}
+        grads = {(step, name): torch.randn(n, generator=rank_generator(31, rank, 10 * step + i))
+                 for step in range(6) for i, (name, n) in enumerate(sizes.items())}
+
+        def make(names):
+            return DCTState(ratio=0.01, warmup_steps=0, min_numel=100, exchange=exchange,
+                            module=[(name, params[name]) for name in names])
+
+        def step(state, step_index, groups):
+            buckets = [StandInBucket([params[n] for n in group],
+                                     [grads[(step_index, n)].clone() for n in group],
+                                     last=i == len(groups) - 1)
+                       for i, group in enumerate(groups)]
+            results = [f.wait() for f in [dct_hook(state, b) for b in buckets]]
+            out = {}
+            for group, result in zip(groups, results):
+                offset = 0
+                for name in group:
+                    out[name] = result[offset:offset + sizes[name]].clone()
+                    offset += sizes[name]
+            return out
+
+        straight = make("abc")
+        step(straight, 0, ["abc"])
+        for i in (1, 2):
+            step(straight, i, ["cb", "a"])
+        checkpoint = straight.state_dict()
+        want = step(straight, 3, ["cb", "a"])
+
+        gained = make("abcd")
+        gained.load_state_dict(checkpoint)
+        got = step(gained, 3, ["dc", "ba"])
+        for name in "abc":
+            assert_bitwise_equal(got[name], want[name], f"{exchange}: gained d, {name}")
+        alone = make("d")
+        assert_bitwise_equal(got["d"], step(alone, 3, ["d"])["d"], f"{exchange}: d itself")
+        later = step(gained, 4, ["dcb", "a"])
+        for name in "abcd":
+            assert_same_on_all_ranks(later[name], f"{exchange}: gained d, step 4, {name}")
+
+        lost = make("ac")
+        trimmed = dict(checkpoint, params={k: v for k, v in checkpoint["params"].items()
+                                           if k != "b"})
+        lost.load_state_dict(trimmed)
+        got = step(lost, 3, ["ac"])
+        assert_bitwise_equal(got["a"], want["a"], f"{exchange}: lost b, a")
+        for i in (4, 5):
+            later = step(lost, i, ["c", "a"])
+            for name in "ac":
+                assert_same_on_all_ranks(later[name], f"{exchange}: lost b, step {i}, {name}")
+
+
 def check_checkpoint_resume_reduce_scatter(rank, world):
     """The same with reduce_scatter: the fresh DDP's first iteration, with its initial bucket
     order, cuts the shards of the checkpoint's layouts (the regrouped first step, see regroup)."""

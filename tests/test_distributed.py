@@ -308,6 +308,25 @@ def test_state_dict_round_trip_without_a_group():
              module=[("w", torch.nn.Parameter(torch.zeros(3)))]).load_state_dict(before)
 
 
+def test_a_loaded_state_saved_again_keeps_the_layouts():
+    """state_dict() between load_state_dict() and the first step writes the loaded layouts, in
+    their order (a checkpoint of a checkpoint still regroups a fresh DDP's first step); with
+    module=, a saved layout holding a name the model lacks is dropped at the load."""
+    named = [(name, torch.nn.Parameter(torch.zeros(3))) for name in ("u", "v", "w")]
+    entry = {"numel": 3, "residual": torch.tensor([1.0, -2.0, 3.0]),
+             "threshold": torch.tensor([0.5]), "refreshed_at": 4, "refresh_pending": False}
+    state = DCTState(ratio=0.05, module=named)
+    saved = {"version": 2, "config": state.config(), "step": 7,
+             "params": {name: dict(entry) for name, _ in named}, "stats": {},
+             "layouts": [["w"], ["v", "u"]]}
+    state.load_state_dict(saved)
+    assert state.state_dict()["layouts"] == [["w"], ["v", "u"]]
+    fewer = DCTState(ratio=0.05, module=named[1:])
+    fewer.load_state_dict(dict(saved, params={k: v for k, v in saved["params"].items()
+                                              if k != "u"}))
+    assert fewer.state_dict()["layouts"] == [["w"]]
+
+
 def test_stand_in_bucket():
     params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4))]
     grads = [torch.arange(6.0).view(2, 3), torch.arange(6.0, 10.0)]
@@ -348,14 +367,14 @@ CHECKS_2 = ["check_sparse_all_reduce", "check_hook_ratio_one",
             "check_ddp_ratio_one_matches_dense", "check_ddp_sparse_audited",
             "check_hook_band_and_excursions", "check_checkpoint_resume",
             "check_checkpoint_resume_reduce_scatter", "check_checkpoint_resume_regrouped",
-            "check_ramp_resume_regrouped", "check_mismatched_configurations",
-            "check_convergence"]
+            "check_ramp_resume_regrouped", "check_resume_after_model_change",
+            "check_mismatched_configurations", "check_convergence"]
 CHECKS_4 = ["check_sparse_all_reduce", "check_hook_ratio_one",
             "check_hook_ratio_one_reduce_scatter",
             "check_ddp_ratio_one_matches_dense", "check_ddp_sparse_audited",
             "check_checkpoint_resume_reduce_scatter", "check_checkpoint_resume_regrouped",
-            "check_ramp_resume_regrouped", "check_mismatched_configurations",
-            "check_convergence_reduce_scatter"]
+            "check_ramp_resume_regrouped", "check_resume_after_model_change",
+            "check_mismatched_configurations", "check_convergence_reduce_scatter"]
 
 group_of_2, test_two_ranks = spawned_checks("dist_checks", 2, CHECKS_2)
 group_of_4, test_four_ranks = spawned_checks("dist_checks", 4, CHECKS_4)

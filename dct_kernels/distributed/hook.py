@@ -120,10 +120,11 @@ def _sparse_step(state: DCTState, layout: BucketLayout, buffer: torch.Tensor):
 def _regrouped(state: DCTState, bucket):
     """On the first sparse steps after ``load_state_dict`` (see ``regroup_for_step``), a
     bucket that is not one of the saved layouts (same parameters in the same order) but holds
-    only parameters of saved layouts (a fresh DDP's first-iteration buckets: other sets, or the
+    parameters of saved layouts (a fresh DDP's first-iteration buckets: other sets, or the
     same set in another order) is held (see ``regroup``); each saved layout it completes is
-    stepped now, on a stand-in bucket, as the checkpointed run stepped it. Returns the
-    bucket's future, or None when the bucket takes the usual path.
+    stepped now, on a stand-in bucket, as the checkpointed run stepped it, and so are, first,
+    its parameters that no saved layout has (the model gained them), as a layout of their
+    own. Returns the bucket's future, or None when the bucket takes the usual path.
 
     Raises:
         ValueError at the step's last bucket when a held bucket's saved layouts were never
@@ -135,17 +136,18 @@ def _regrouped(state: DCTState, bucket):
         return None
     params = _parameters(bucket)
     keys = [state.key_of(p) for p in params]
-    if state.is_saved_layout(keys) or not regroup.covers(keys):
+    if state.is_saved_layout(keys) or not regroup.touches(keys):
         _check_regroup_complete(regroup, bucket)
         if bucket.is_last() and not regroup.views:  # nothing held: DDP has rebuilt
             state.end_regroup()
         return None
-    held, ready = regroup.hold(params, keys, bucket.buffer())
-    for saved in ready:
+    held, ready, new = regroup.hold(params, keys, bucket.buffer())
+    for saved in ([new] if new else []) + ready:
         saved_params, flat = regroup.gather(saved)
         stand_in = StandInBucket(saved_params, flat, last=False)
         layout = _layout_of(state, stand_in)
-        future = _sparse_step(state, layout, flat)
+        future = (_sparse_step(state, layout, flat) if layout.has_sparse
+                  else _dense(state, layout, flat))
 
         def release(done, saved=saved, flat=flat):
             try:

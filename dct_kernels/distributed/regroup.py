@@ -4,11 +4,13 @@ than the checkpointed run did.
 DDP runs its first iteration (a static-graph DDP its first two) with buckets in registration
 order and rebuilds them afterwards in the order gradients became ready; the checkpointed run
 was past that rebuild. A fresh bucket
-that is not a saved layout (other parameters, or the same ones in another order) is held here
-until every parameter of each saved layout it touches has arrived; each saved layout is then
+that is not a saved layout (other parameters, or the same ones in another order) but holds a
+parameter of one is held here until every parameter of each saved layout it touches has
+arrived; each saved layout is then
 stepped on a stand-in bucket, exactly as the checkpointed run would have stepped it (the same
 layout, shards, thresholds and cut), and the averages are copied back into the fresh buckets,
-whose futures complete when all their parameters are back. Every rank holds and releases the
+whose futures complete when all their parameters are back. Parameters of a held bucket that
+no saved layout has (the model gained them) are stepped at once as a layout of their own. Every rank holds and releases the
 same buckets in the same order, so the collectives stay matched. Once a step sees only the
 saved layouts (DDP has rebuilt its buckets), the hook runs as usual (``regroup_for_step``).
 """
@@ -43,19 +45,22 @@ class Regroup:
         self.owner: Dict[str, Held] = {}
         self.started: set = set()
 
-    def covers(self, keys: Sequence[str]) -> bool:
-        """Whether every key of a bucket belongs to a saved layout."""
-        return all(key in self.saved for key in keys)
+    def touches(self, keys: Sequence[str]) -> bool:
+        """Whether some key of a bucket belongs to a saved layout."""
+        return any(key in self.saved for key in keys)
 
     def hold(self, params: Sequence[torch.Tensor], keys: Sequence[str],
-             buffer: torch.Tensor) -> Tuple[Held, List[Keys]]:
-        """Hold a bucket; returns it and the saved layouts now complete (in the order of their
-        first key in this bucket, the same on every rank)."""
+             buffer: torch.Tensor) -> Tuple[Held, List[Keys], Keys]:
+        """Hold a bucket; returns it, the saved layouts now complete (in the order of their
+        first key in this bucket, the same on every rank) and the bucket's keys that no saved
+        layout has (a parameter the model gained), which the caller steps as a layout of their
+        own and releases like a saved one."""
         layouts = []
         for key in keys:
-            if self.saved[key] not in layouts:
+            if key in self.saved and self.saved[key] not in layouts:
                 layouts.append(self.saved[key])
-        held = Held(buffer, len(layouts))
+        new = tuple(key for key in keys if key not in self.saved)
+        held = Held(buffer, len(layouts) + (1 if new else 0))
         flat = buffer.reshape(-1)
         offset = 0
         for key, param in zip(keys, params):
@@ -66,17 +71,17 @@ class Regroup:
         ready = [layout for layout in layouts
                  if layout not in self.started and all(k in self.views for k in layout)]
         self.started.update(ready)
-        return held, ready
+        return held, ready, new
 
     def gather(self, layout: Keys) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        """The parameters of a complete saved layout and a new flat buffer of their gradients,
-        in the layout's order."""
+        """The parameters of held keys (a complete saved layout, or a bucket's new keys) and a
+        new flat buffer of their gradients, in that order."""
         return ([self.params[k] for k in layout],
                 torch.cat([self.views[k] for k in layout]))
 
     def release(self, layout: Keys, flat: torch.Tensor) -> None:
         """Copy a stepped layout's averages back into the held buffers; complete each held
-        bucket whose layouts are all back."""
+        bucket whose layouts (and new keys) are all back."""
         offset = 0
         touched = []
         for key in layout:
@@ -98,5 +103,5 @@ class Regroup:
 
     def incomplete(self) -> List[Keys]:
         """Saved layouts touched by held buckets but never complete."""
-        touched = {self.saved[k] for k in self.views}
+        touched = {self.saved[k] for k in self.views if k in self.saved}
         return [layout for layout in touched if layout not in self.started]

@@ -275,10 +275,11 @@ class DCTState:
         self.exchanges: Dict[int, object] = {}  # id(layout) -> its exchange object
         self.order: Optional[StepOrder] = None  # the current step's issue order
         self.statistics = Stats()
-        # The bucket layouts a loaded checkpoint had (their keys in order) and the step they
-        # apply to: the first after ``load_state_dict`` (see ``regroup_for_step``), with the
-        # buckets held on that step.
-        self._saved_layouts: set = set()
+        # The bucket layouts a loaded checkpoint had (their keys in order, in the saved order:
+        # a dict, so that every rank iterates them alike) and the step they apply to: the
+        # first after ``load_state_dict`` (see ``regroup_for_step``), with the buckets held on
+        # that step.
+        self._saved_layouts: Dict[tuple, None] = {}
         self._saved_layouts_step = -1
         self._regroup: Optional[Regroup] = None
         self._regroup_step = -1
@@ -418,7 +419,7 @@ class DCTState:
     def end_regroup(self) -> None:
         """A step saw only the checkpoint's layouts: DDP has rebuilt its buckets; no more
         regrouping."""
-        self._saved_layouts = set()
+        self._saved_layouts = {}
         self._regroup = None
 
     def adopt(self, layout: BucketLayout) -> None:
@@ -546,10 +547,12 @@ class DCTState:
                            "excursion_streak": int(state.streak.item()),
                            "count_average": _scalar_of(state, "average"),
                            "threshold_scale": _scalar_of(state, "scale"), "shard": shard}
+        layouts = [list(layout.keys) for layout in self.layouts.values() if layout.has_sparse]
+        if not self.layouts:  # loaded and saved again before a step: the loaded layouts
+            layouts = [list(keys) for keys in self._saved_layouts]
         return {"version": STATE_DICT_VERSION, "config": self.config(), "step": self.step,
                 "params": params, "stats": self.statistics.state_dict(),
-                "layouts": [list(layout.keys) for layout in self.layouts.values()
-                            if layout.has_sparse]}
+                "layouts": layouts}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore a ``state_dict()``: step, statistics and every parameter's residual, τ,
@@ -600,7 +603,13 @@ class DCTState:
         self.exchanges.clear()
         self._states.update(loaded)
         self.step = int(state_dict["step"])
-        self._saved_layouts = {tuple(keys) for keys in state_dict.get("layouts", [])}
+        # With names, a saved layout holding a parameter the model no longer has cannot be
+        # stepped again (the model changed: there is no uninterrupted run to follow); its
+        # other parameters are stepped in the fresh buckets' own layouts.
+        self._saved_layouts = {
+            tuple(keys): None for keys in state_dict.get("layouts", [])
+            if not (self._named and not self._unpickled)
+            or all(key in self._numel_of for key in keys)}
         self._saved_layouts_step = self.step
         self._regroup = None
         self.statistics.load_state_dict(state_dict.get("stats", {}))
