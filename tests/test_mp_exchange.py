@@ -307,6 +307,15 @@ def check_bad_arguments_raise_everywhere(rank, world):
     for call, error, name in bad:
         with pytest.raises(error, match=f"^{name}:"):
             call()
+    # A backend that only the last rank names (one that cannot run on CPU tensors): that
+    # rank raises its own error, every other rank one that names it; nobody is left waiting.
+    last = world - 1
+    if rank == last:
+        with pytest.raises(ValueError, match="^backend:"):
+            sparse_all_to_all(x, 3, backend="cuda")
+    else:
+        with pytest.raises(ValueError, match=rf"rank\(s\) \[{last}\] refused"):
+            sparse_all_to_all(x, 3)
     y = sparse_all_to_all(x, 2)
     assert_bitwise_equal(y, dense_route(torch.where(kept_mask(x, 2), x, 0.0)), "after")
 

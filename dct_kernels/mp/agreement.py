@@ -2,7 +2,7 @@
 (shape, k, dtypes, group), every rank gathers every rank's fingerprint of it and every rank
 raises the same ValueError when they differ.
 
-The fingerprint has a fixed size (9 int64) because collectives of unequal sizes are exactly
+The fingerprint has a fixed size (10 int64) because collectives of unequal sizes are exactly
 what must not run while ranks disagree: gloo raises on some, NCCL can hang or read garbage.
 """
 
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from .. import payload as wire
 
 MAGIC = 0x44435441  # "DCTA"
-VERSION = 1
+VERSION = 2
 
 # (what the value describes, the argument to name in the error).
 FIELDS = (
@@ -28,6 +28,7 @@ FIELDS = (
     ("k", "k"),
     ("dtype", "x"),
     ("value dtype", "value_dtype"),
+    ("an argument error of its own", "backend"),  # e.g. a backend only it cannot run
 )
 _UNSUPPORTED = -1  # the code of a dtype, k or shape the exchange does not take
 
@@ -49,15 +50,18 @@ def _code(dtype) -> int:
     return wire.value_code(dtype) if dtype in wire.VALUE_DTYPES else _UNSUPPORTED
 
 
-def _fingerprint(world: int, x: torch.Tensor, k, value_dtype) -> list:
+def _fingerprint(world: int, x: torch.Tensor, k, value_dtype, problem) -> list:
     """What this rank was given, as int64s; arguments the exchange rejects still get a value
-    (``_UNSUPPORTED`` or their raw shape), so that the ranks can compare them."""
+    (``_UNSUPPORTED`` or their raw shape), so that the ranks can compare them, and whether it
+    has an argument error of its own (one the other fields may not show, such as a backend
+    that cannot run here): a rank alone with one then fails the others too."""
     rows = x.shape[0] if x.dim() >= 1 else _UNSUPPORTED
     columns = x.shape[-1] if x.dim() >= 2 else _UNSUPPORTED
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not -2**62 < k < 2**62:
         k = _UNSUPPORTED
     value_code = _code(x.dtype if value_dtype is None else value_dtype)
-    return [MAGIC, VERSION, world, x.dim(), rows, columns, int(k), _code(x.dtype), value_code]
+    return [MAGIC, VERSION, world, x.dim(), rows, columns, int(k), _code(x.dtype), value_code,
+            int(problem is not None)]
 
 
 def _shown(field: str, value: int):
@@ -71,14 +75,16 @@ def agree_once(group, world: int, x: torch.Tensor, k, value_dtype,
     """Check, once per (group, shape, k, dtypes), that every rank of ``group`` was given the
     same exchange; then raise ``problem`` (this rank's own argument error), if any.
 
-    Cost at a new key: one all-gather of 9 int64 per rank on x's device and a host read of the
-    W x 9 result (synchronizes). Known keys cost nothing. When the ranks disagree, raises
+    Cost at a new key: one all-gather of 10 int64 per rank on x's device and a host read of the
+    W x 10 result (synchronizes). Known keys cost nothing. When the ranks disagree, raises
     ValueError on every rank naming the arguments that differ and each rank's value; when they
     agree but the arguments are bad, every rank raises its own TypeError/ValueError (the same
     one for the same arguments; unsupported dtypes all compare as one, so two ranks given two
-    different unsupported dtypes each name their own). Only agreed, valid keys are cached.
+    different unsupported dtypes each name their own); a rank with an error the other fields
+    do not show (a backend it cannot run) raises it, and the others a ValueError naming that
+    rank. Only agreed, valid keys are cached.
     """
-    mine = _fingerprint(world, x, k, value_dtype)
+    mine = _fingerprint(world, x, k, value_dtype, problem)
     key = (group, *mine)
     if problem is None and key in _AGREED:
         return
@@ -87,7 +93,7 @@ def agree_once(group, world: int, x: torch.Tensor, k, value_dtype,
     _all_gather_flat(everyone, sent, group=group)
     rows = everyone.view(world, sent.numel()).cpu().tolist()
     differences = []
-    for column, (field, argument) in enumerate(FIELDS):
+    for column, (field, argument) in enumerate(FIELDS[:-1]):
         seen = [row[column] for row in rows]
         if len(set(seen)) > 1:
             differences.append(f"{argument} ({field}): " + ", ".join(
@@ -98,4 +104,9 @@ def agree_once(group, world: int, x: torch.Tensor, k, value_dtype,
                          "value_dtype. Differences: " + "; ".join(differences)) from problem
     if problem is not None:
         raise problem
+    failing = [r for r, row in enumerate(rows) if row[-1]]
+    if failing:
+        raise ValueError(f"sparse_all_to_all: rank(s) {failing} refused their own arguments "
+                         f"(e.g. a backend that cannot run there; each names it in its own "
+                         f"error); nothing was exchanged")
     _AGREED.add(key)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from .. import ops
+from .. import backends, ops
 from .. import payload as wire
 from ..payload import RowPayload
 from .agreement import agree_once
@@ -124,7 +124,7 @@ def all_to_all_bytes(x: torch.Tensor, k: int, world: int, *,
       (in x.dtype) backward.
 
     What a rank receives is the same (every rank sends the same sizes). Not counted: the
-    one-time agreement check of a new (shape, k, dtypes, group), one all-gather of 9 int64
+    one-time agreement check of a new (shape, k, dtypes, group), one all-gather of 10 int64
     per rank (see ``sparse_all_to_all``).
 
     Args:
@@ -260,7 +260,7 @@ def sparse_all_to_all(x: torch.Tensor, k: int, *, group=None,
         rank is left waiting in a collective.
 
     Sync and cost: the first call for a new (shape, k, dtypes, group) runs the agreement check:
-    one all-gather of 9 int64 per rank and a host read of the result (synchronizes, once per
+    one all-gather of 10 int64 per rank and a host read of the result (synchronizes, once per
     key; results are cached per process). Later calls never synchronize with the host: two
     all_to_all_single per step (forward, backward) of sizes that depend on the shapes alone
     (see ``all_to_all_bytes``). The check compares ranks that meet a new key at the same call;
@@ -281,6 +281,7 @@ def sparse_all_to_all(x: torch.Tensor, k: int, *, group=None,
         raise ValueError(f"x: an NCCL group exchanges CUDA tensors, got a tensor on {x.device}")
     try:
         layout, problem = _check_arguments(x, k, world, value_dtype), None
+        backends.resolve(backend, x.device)  # a backend only this rank cannot run, too
     except (TypeError, ValueError) as error:
         layout, problem = None, error
     # The ranks compare what they were given before any rank raises for its own arguments: a
