@@ -58,6 +58,50 @@ def test_shard_cuts_balance_k():
     assert sum(1 for p in tiny.shards if not p) == 3
 
 
+def _cuts_by_definition(offsets, ks, sparse, world):
+    """c_s = the first position where the k mass (each sparse parameter's k spread evenly over
+    its elements) reaches s / W of the total, in exact rationals, by bisection."""
+    from fractions import Fraction
+
+    spans = [(a, b, k) for a, b, k, s in zip(offsets[:-1], offsets[1:], ks, sparse) if s]
+    total = sum(k for _, _, k in spans)
+
+    def mass(p):
+        return sum(Fraction(k * max(0, min(p, b) - a), b - a) for a, b, k in spans)
+
+    cuts = [0]
+    for s in range(1, world):
+        lo, hi = 0, offsets[-1]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if mass(mid) >= Fraction(total * s, world) else (mid + 1, hi)
+        cuts.append(lo)
+    return cuts + [offsets[-1]]
+
+
+def test_shard_cuts_follow_their_definition_exactly():
+    """shard_cuts against its definition in exact rationals, on random buckets and on one where
+    a float quotient put the cut one position late ([4096, 7] at ratio 0.001, W = 7)."""
+    import random
+
+    rng = random.Random(5)
+    cases = [([4096, 7], [True, True], 0.001, 7)]
+    for _ in range(400):
+        count = rng.randint(1, 4)
+        numels = [rng.choice([1, 3, 7, 50, 999, 4096, 10**5]) for _ in range(count)]
+        sparse = [rng.random() < 0.7 for _ in numels]
+        sparse[0] = True
+        cases.append((numels, sparse, rng.choice([0.001, 0.003, 0.07, 0.3, 1.0]),
+                      rng.choice([2, 3, 4, 7, 16, 64])))
+    for numels, sparse, ratio, world in cases:
+        offsets = [0]
+        for n in numels:
+            offsets.append(offsets[-1] + n)
+        ks = [sizing.k_of(n, ratio) for n in numels]
+        assert sizing.shard_cuts(offsets, ks, sparse, world) == \
+            _cuts_by_definition(offsets, ks, sparse, world), (numels, sparse, ratio, world)
+
+
 def test_traffic_model():
     """Bytes per rank as docs/design.md counts them, for concrete numbers: allgather grows with W,
     reduce_scatter does not; "auto" prefers allgather near a tie."""

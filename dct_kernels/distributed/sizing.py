@@ -81,12 +81,14 @@ def shard_cuts(offsets: Sequence[int], ks: Sequence[int], sparse: Sequence[bool]
     segments = [(offsets[i], offsets[i + 1], ks[i]) for i in range(len(ks)) if sparse[i]]
     before, j = 0, 0  # k mass before segments[j]
     for s in range(1, world):
-        target = total * s / world
-        while j < len(segments) - 1 and before + segments[j][2] < target:
+        # In integers, scaled by W (target = total s / W): a float quotient could put a cut
+        # one position past the definition's.
+        target = total * s
+        while j < len(segments) - 1 and (before + segments[j][2]) * world < target:
             before += segments[j][2]
             j += 1
         a, b, k = segments[j]
-        position = a + math.ceil((target - before) * (b - a) / k)
+        position = a + -(-(target - before * world) * (b - a) // (k * world))
         cuts.append(max(cuts[-1], min(b, max(a, position))))
     return cuts + [numel]
 
