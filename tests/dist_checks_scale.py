@@ -216,6 +216,29 @@ def check_reduce_scatter_audited(rank, world, steps=6):
     assert stats["shard_refreshes"] >= 2, stats
 
 
+def check_small_k_over_many_pieces(rank, world, steps=40):
+    """A parameter with fewer entries of k than reduce_scatter pieces (n = 400 at ratio
+    0.005: k = 2, over W shards): every piece keeps its one entry, so the rule counts it
+    against the sum of the shares, and the kept count stays there step after step instead of
+    swinging between nothing and all of them (it did while the rule counted against k)."""
+    n = 400
+    p = torch.nn.Parameter(torch.zeros(n))
+    state = DCTState(ratio=0.005, warmup_steps=0, min_numel=100, refresh_every=1000,
+                     exchange="reduce_scatter", module=[("p", p)])
+    kept = []
+    for step in range(steps):
+        before = state.stats()["kept"]
+        g = rank_generator(26, rank, step)
+        run_step(state, [StandInBucket([p], [torch.randn(n, generator=g)], last=True)])
+        kept.append(state.stats()["kept"] - before)
+    layout = next(iter(state.layouts.values()))
+    target = sum(q.k for pieces in layout.plan.shards for q in pieces if q.sparse)
+    assert target == min(world, n) and layout.ks == [2], (target, layout.ks)
+    assert min(kept) > 0, kept
+    assert abs(sum(kept) / steps - target) <= 0.5 * target, (kept, target)
+    assert state.stats()["early_refreshes"] == 0, state.stats()
+
+
 def _audit_bucket(rank, world, step, keys, numels, local, result, before, after, a2a_row,
                   ag_row, ratio, cf, min_numel):
     sparse = [n >= min_numel for n in numels]
@@ -240,6 +263,18 @@ def _audit_bucket(rank, world, step, keys, numels, local, result, before, after,
     acc = torch.zeros(numel)
     tau = torch.full((numel,), math.inf)
     used = {}
+    # The rule counts a parameter against the sum of its pieces' shares (what stage 1 aims
+    # at), and a step overflowed when it passed more than one allgather buffer or, if more,
+    # the pieces' capacities together.
+    targets = [0] * len(keys)
+    piece_capacity = 0
+    for i, s in enumerate(sparse):
+        for t in range(world):
+            pa, pb = max(offsets[i], cuts[t]), min(offsets[i + 1], cuts[t + 1])
+            if s and pa < pb:
+                share = sizing.piece_k(ks[i], numels[i], pb - pa)
+                targets[i] += share
+                piece_capacity += min(pb - pa, math.ceil(cf * share))
     for i, (key, s) in enumerate(zip(keys, sparse)):
         if not s:
             continue
@@ -258,7 +293,8 @@ def _audit_bucket(rank, world, step, keys, numels, local, result, before, after,
                 tau[pa:pb] = max(kth(acc[pa:pb], k).item(), FLOOR)
             else:
                 tau[pa:pb] = float(expected_tau(acc[pa:pb], k, scale))
-        used[key] = (None, ks[i] if refreshed else before[key]["count_average"].item(), scale)
+        used[key] = (None, targets[i] if refreshed else before[key]["count_average"].item(),
+                     scale)
         assert_bitwise_equal(after[key]["threshold"], tau[a:b].max().reshape(1),
                              f"step {step} {key}: largest τ of its pieces")
     accs, taus = gather(acc), gather(tau)
@@ -274,8 +310,9 @@ def _audit_bucket(rank, world, step, keys, numels, local, result, before, after,
             passing_total[r] += int(passing.sum())
             sent1[r, lo:hi] = torch.where(kept, accs[r, lo:hi].bfloat16().float(), 0.0)
     # The rule on this rank's stage-1 counts: held when a row holding a piece of the
-    # parameter was cut, or when the rows together passed more than one allgather buffer.
-    overflowed = int(passing_total[rank]) > plan.capacity
+    # parameter was cut, or when the rows together passed more than one allgather buffer
+    # (or the pieces' capacities, if more).
+    overflowed = int(passing_total[rank]) > max(plan.capacity, piece_capacity)
     for i, (key, s) in enumerate(zip(keys, sparse)):
         if not s:
             continue
@@ -283,8 +320,8 @@ def _audit_bucket(rank, world, step, keys, numels, local, result, before, after,
         capped = any(bool(row_full[rank, t]) for t in range(world)
                      if max(a, cuts[t]) < min(b, cuts[t + 1]))
         count = int(torch.count_nonzero(sent1[rank, a:b]))
-        want_scale, want_average = expected_rule(used[key][2], count, ks[i], used[key][1],
-                                                 overflowed or capped)
+        want_scale, want_average = expected_rule(used[key][2], count, targets[i],
+                                                 used[key][1], overflowed or capped)
         assert_bitwise_equal(after[key]["threshold_scale"], torch.tensor([want_scale]),
                              f"step {step} {key}: scale after the correction")
         assert_bitwise_equal(after[key]["count_average"], torch.tensor([want_average]),

@@ -354,8 +354,9 @@ def _record_sparse(state: DCTState, layout: BucketLayout, exchange, sent) -> Non
         capped = exchange.capped_segments(overflow)
         count, overflow = count.sum(), overflow.sum()
         # Per-shard overflow alone says little about τ; an overflow that one buffer of the
-        # allgather capacity would also have had does.
-        overflowed = count + overflow > layout.capacity
+        # allgather capacity (or the pieces' own, when their shares round up) would also have
+        # had does.
+        overflowed = count + overflow > layout.stage1_capacity
     else:
         kept = _kept_of(sent, layout.no_shift)
         overflow = sent.overflow

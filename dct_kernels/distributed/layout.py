@@ -142,12 +142,27 @@ class BucketLayout:
                                        dtype=torch.float32).to(device)
         keep_all = [s and k == n for s, k, n in zip(sparse, self.ks, numels)]
         self.keep_all = keep_all
-        units = None
+        units, targets = None, self.ks
+        # What stage 1 may pass in all before its step counts as overflowed (see
+        # hook._record_sparse): one allgather payload, or with reduce_scatter its pieces' rows.
+        self.stage1_capacity = self.capacity
         if self.exchange == "reduce_scatter":
             # Stage 1 estimates one τ per piece of a parameter in a shard (see ThresholdRule).
             flat = [q for pieces in self.plan.shards for q in pieces]
             units = [(q.start, q.end, q.k, q.segment, i) for i, q in enumerate(flat)]
-        self.rule = ThresholdRule(offsets, self.ks, sparse, keep_all, band, patience, device,
+            # Every piece keeps at least one entry, so a parameter's pieces aim at the sum of
+            # their shares, above k_p where shares round up (and a parameter with fewer
+            # entries of k than pieces aims at one per piece). The rule counts against that
+            # sum: against k_p it would push τ above every piece of such a parameter and
+            # then let it fall back, step after step.
+            shares = [0] * len(numels)
+            for q in flat:
+                shares[q.segment] += q.k
+            targets = [shares[i] if s else k for i, (k, s) in enumerate(zip(self.ks, sparse))]
+            self.stage1_capacity = max(self.capacity,
+                                       sum(q.capacity for q in flat if q.sparse))
+        self.rule_ks = targets
+        self.rule = ThresholdRule(offsets, targets, sparse, keep_all, band, patience, device,
                                   units)
         if self.exchange == "reduce_scatter":
             self.shard = _Shard(self, band, patience)
