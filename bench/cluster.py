@@ -686,6 +686,11 @@ class EmulatedCluster:
                 raise ClusterError(message)
         if held and not propagating:
             self._raise_for_signal(held[0])
+        elif held:
+            # Another exception is on its way, but the signal was only held, not dropped:
+            # delivered again now, with the handlers the caller had (by default, SIGTERM ends
+            # the process and SIGINT raises KeyboardInterrupt over the exception).
+            signal.raise_signal(held[0])
 
     # -- creation -------------------------------------------------------------------------
 

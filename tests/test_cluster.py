@@ -264,6 +264,44 @@ def test_launcher_signal_stops_ranks_and_cleans_up(sig, status):
         assert not os.path.exists(f"/proc/{pid}")
 
 
+SIGNAL_DURING_CLEANUP = """
+import os, signal, sys
+sys.path.insert(0, {bench!r})
+import cluster
+real, sent = cluster._delete_namespace, []
+def deleting(name):  # the signal arrives while the namespaces are being deleted
+    if not sent:
+        sent.append(1)
+        os.kill(os.getpid(), signal.{sig})
+    return real(name)
+cluster._delete_namespace = deleting
+try:
+    with cluster.EmulatedCluster(2, "100mbit", measure=False) as c:
+        print(" ".join(c.namespaces + [c.switch_namespace]), flush=True)
+        raise RuntimeError("the block failed")
+except RuntimeError:
+    pass
+print("carried on", flush=True)
+"""
+
+
+@needs_cluster
+@pytest.mark.parametrize("sig,status", [("SIGTERM", -signal.SIGTERM), ("SIGINT", -signal.SIGINT)])
+def test_a_signal_held_during_cleanup_is_not_dropped(sig, status):
+    """A signal that arrives while close() deletes the namespaces after the block raised is
+    held until they are gone, then delivered: SIGTERM ends the launcher, SIGINT raises
+    KeyboardInterrupt; neither is dropped, and nothing is left."""
+    done = subprocess.run([sys.executable, "-c",
+                           SIGNAL_DURING_CLEANUP.format(bench=BENCH, sig=sig)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == status, done.stderr
+    assert "carried on" not in done.stdout
+    if sig == "SIGINT":
+        assert "KeyboardInterrupt" in done.stderr
+    names = done.stdout.split()
+    assert names and not set(names) & set(emu.list_namespaces())
+
+
 @needs_cluster
 def test_cleanup_stale_removes_dead_launchers_only():
     dead = subprocess.Popen(["true"])
