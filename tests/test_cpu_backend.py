@@ -342,3 +342,36 @@ def test_nan_payloads_give_the_same_bits_as_the_reference(dtype, n, threads_rest
                                                backend=backend) for d in oracle.DTYPES]
         for a, b in zip(got["cpu"], got["torch"]):
             _same_bits(a, b, f"rows {dtype} -> {value_dtype}")
+
+
+def _f32_bits(*patterns):
+    return torch.tensor(list(patterns), dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("n", [9, 1003])  # below and above the streaming stores' width
+def test_nans_made_on_the_way_out_are_canonical_like_the_reference(n, threads_restored):
+    """A NaN that the dense output gets from the wire's fp32 payload bits, from +inf and -inf
+    of two ranks meeting at one position (x86 makes that 0xFFC00000) or from a decoded row is
+    written as the canonical 0x7FC00000 by the cpu core, as by the torch reference."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    x[:3] = torch.tensor([1.0, 2.0, 3.0])
+    p = dk.compress(x, 0.0, backend="torch")
+    p.values[:2] = _f32_bits(0x7F800001, 0xFFC00000)
+    up, down = x.clone(), x.clone()
+    up[0], down[0] = float("inf"), float("-inf")
+    rows = torch.stack([dk.compress(t, 0.0, capacity=n, backend="torch").buffer
+                        for t in (up, down)])
+    values = x[:8].reshape(1, 8).clone()
+    values[0, 0] = _f32_bits(0x7F800001)[0]
+    row_payload = dk.payload.RowPayload(torch.arange(8, dtype=torch.int16)[None], values,
+                                        (1, 16), torch.float32)
+    got = {}
+    for backend in ("cpu", "torch"):
+        got[backend] = [dk.decompress(p, backend=backend),
+                        dk.decompress_many(rows, out=torch.zeros(n), backend=backend),
+                        dk.decompress_many(rows, out=torch.zeros(n), average=True,
+                                           backend=backend),
+                        dk.decompress_rows(row_payload, backend=backend)]
+    assert got["torch"][1][0].isnan() and got["torch"][0][:2].isnan().all()
+    for a, b in zip(got["cpu"], got["torch"]):
+        _same_bits(a, b, "dense output")

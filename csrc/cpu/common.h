@@ -104,6 +104,13 @@ template <> inline Half from_f32<Half>(float v) {
   return Half{static_cast<uint16_t>(sign | static_cast<uint16_t>(rounded))};
 }
 
+// A value stored into a dense output (decompress, decompress_many, decompress_rows): as
+// from_f32, with a NaN made the canonical quiet NaN in fp32 too, as the torch reference writes
+// it. A NaN's payload, or the sign x86 gives inf - inf, would otherwise depend on the backend.
+template <typename O> inline O to_out(float v) {
+  return from_f32<O>(v != v ? float_of(0x7FC00000u) : v);
+}
+
 inline bool is_finite(float v) { return (bits_of(v) & 0x7F800000u) != 0x7F800000u; }
 inline bool is_nan(float v) { return (bits_of(v) & 0x7FFFFFFFu) > 0x7F800000u; }
 

@@ -82,7 +82,7 @@ void decompress_typed(const PayloadRows& p, O* out, bool accumulate, int64_t* er
   *errors += scan_row(p, 0, count, [&](int64_t i, int64_t idx) {
     float v = to_f32(load<V>(values + sizeof(V) * i));
     if (accumulate) v = to_f32(out[idx]) + v;
-    out[idx] = from_f32<O>(v);
+    out[idx] = to_out<O>(v);
   });
 }
 
@@ -101,7 +101,12 @@ void finish(const float* sum, O* out, int64_t len, float scale, float ranks) {
       reinterpret_cast<uintptr_t>(out) % 16 == 0) {
     float* dst = reinterpret_cast<float*>(out);
     const __m128 s = _mm_set1_ps(scale);
-    for (; j + 4 <= len; j += 4) _mm_stream_ps(dst + j, _mm_mul_ps(_mm_loadu_ps(sum + j), s));
+    const __m128 canonical = _mm_castsi128_ps(_mm_set1_epi32(0x7FC00000));
+    for (; j + 4 <= len; j += 4) {
+      const __m128 v = _mm_mul_ps(_mm_loadu_ps(sum + j), s);
+      const __m128 nan = _mm_cmpunord_ps(v, v);  // as to_out: NaN made canonical
+      _mm_stream_ps(dst + j, _mm_or_ps(_mm_andnot_ps(nan, v), _mm_and_ps(nan, canonical)));
+    }
     _mm_sfence();
   }
 #endif
@@ -109,7 +114,7 @@ void finish(const float* sum, O* out, int64_t len, float scale, float ranks) {
     // x / W, correctly rounded; for a power of two W that is exactly x * (1 / W).
     float v = DIVIDE ? sum[j] / ranks : sum[j] * scale;
     if (ACCUMULATE) v = to_f32(out[j]) + v;
-    out[j] = from_f32<O>(v);
+    out[j] = to_out<O>(v);
   }
 }
 
@@ -385,7 +390,7 @@ Status decompress_v2(const WireV2& wire, const uint8_t* buffers, int num_rows,
         for (size_t j = 0; j < r.index.size(); ++j) {
           float v = r.value[j];
           if (accumulate) v = to_f32(o[r.index[j]]) + v;
-          o[r.index[j]] = from_f32<O>(v);
+          o[r.index[j]] = to_out<O>(v);
         }
       }
       return 0;

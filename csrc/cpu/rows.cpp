@@ -280,7 +280,7 @@ void decompress_rows_typed(const I* indices, const V* values, int64_t rows, int6
       const V* val = values + r * k;
       for (int64_t j = 0; j < k; ++j) {
         const int64_t col = idx[j];
-        if (col >= 0 && col < columns) row[col] = from_f32<O>(to_f32(val[j]));
+        if (col >= 0 && col < columns) row[col] = to_out<O>(to_f32(val[j]));
       }
     }
   });
