@@ -899,6 +899,7 @@ class EmulatedCluster:
         same way, and the exception propagates. Signals go to each rank's process group, so
         processes a rank started get them too.
         """
+        check_launch_times(timeout, grace_s)
         if not self.namespaces or not self._created:
             raise ClusterError("the cluster is not open")
         port = FIRST_MASTER_PORT + self._launches
@@ -1015,6 +1016,16 @@ def _parser():
     return p
 
 
+def check_launch_times(timeout, grace_s):
+    """ValueError naming the argument unless ``timeout`` is None or a finite number of seconds
+    above 0 and ``grace_s`` a finite one of at least 0 (NaN would never time out, 0 or less
+    would stop the ranks at once)."""
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout: expected a finite number of seconds > 0, got {timeout!r}")
+    if not (math.isfinite(grace_s) and grace_s >= 0):
+        raise ValueError(f"grace_s: expected a finite number of seconds >= 0, got {grace_s!r}")
+
+
 def _summary(cluster):
     return {
         "ranks": cluster.world, "rate": cluster.rate, "rate_bit_s": cluster.rate_bit_s,
@@ -1036,6 +1047,10 @@ def main(argv=None):
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if args.measure_only == bool(command):
         parser.error("give either --measure-only or -- CMD ARGS...")
+    try:
+        check_launch_times(args.timeout, args.grace)
+    except ValueError as exc:
+        parser.error(str(exc).replace("timeout:", "--timeout:").replace("grace_s:", "--grace:"))
     # Ctrl-C stops the command even when it was started with SIGINT ignored (a background
     # job of a non-interactive shell inherits that, and Python then installs no handler).
     if threading.current_thread() is threading.main_thread():

@@ -78,6 +78,18 @@ def test_bad_delay_and_loss(kwargs, name):
         emu.EmulatedCluster(2, "1gbit", **kwargs)
 
 
+@pytest.mark.parametrize("flag,value", [("--timeout", "nan"), ("--timeout", "0"),
+                                        ("--timeout", "-1"), ("--grace", "-1"),
+                                        ("--grace", "inf")])
+def test_bad_launch_times_name_the_flag(flag, value):
+    """Refused before any namespace is made (NaN would never time out, 0 or less would stop
+    the ranks at once)."""
+    done = subprocess.run([sys.executable, CLUSTER_PY, "--ranks", "2", "--rate", "1gbit",
+                           flag, value, "--", "true"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and f"{flag}:" in done.stderr, done.stderr
+
+
 def test_bad_world():
     for world in (0, 251):
         with pytest.raises(ValueError, match="world"):

@@ -114,6 +114,7 @@ class DCTDataParallelWrapper(DefaultDataParallelWrapper):
                          ddp_kwargs=ddp_kwargs)
         self.dct_options: Dict[str, Any] = dict(dct_options)
         self.state: Optional[DCTState] = None
+        self._served = False  # wrap() was called (whether or not it built a DDP)
 
     def wrap(self, dmp, env, device: torch.device) -> None:
         """Called by DMP (``init_data_parallel``): build the DDP of the dense part as TorchRec's
@@ -126,9 +127,10 @@ class DCTDataParallelWrapper(DefaultDataParallelWrapper):
             RuntimeError when this wrapper already wrapped a DMP, or (TorchRec's) when the
             sharding environment has no process group.
         """
-        if self.state is not None:
+        if self._served:
             raise RuntimeError("DCTDataParallelWrapper: this wrapper already serves a "
                                "DistributedModelParallel; give each DMP its own wrapper")
+        self._served = True
         before = _data_parallel_module(dmp)
         super().wrap(dmp, env, device)
         ddp = _data_parallel_module(dmp)
