@@ -296,15 +296,26 @@ def _namespace_pids(name):
     return [int(p) for p in done.stdout.split() if p.isdigit()]
 
 
+NAMESPACE_KILL_S = 5.0  # how long _delete_namespace keeps killing what a namespace holds
+
+
 def _delete_namespace(name):
     """Kill every process left in namespace ``name`` and delete it. A namespace lives on while
     a process is inside it, so its processes go first; its veth ends go with it (deleting one
-    end of a veth pair deletes the other)."""
-    for pid in _namespace_pids(name):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    end of a veth pair deletes the other). Listed and killed again until none is left (for up
+    to NAMESPACE_KILL_S): a process forked between a listing and the kills would otherwise
+    outlive the namespace's name, unseen, holding its links."""
+    deadline = time.monotonic() + NAMESPACE_KILL_S
+    while True:
+        pids = _namespace_pids(name)
+        if not pids or time.monotonic() > deadline:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
     if os.path.exists(os.path.join(NETNS_DIR, name)):
         _run(["ip", "netns", "delete", name])
 
