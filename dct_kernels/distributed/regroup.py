@@ -3,14 +3,13 @@ than the checkpointed run did.
 
 DDP runs its first iteration (a static-graph DDP its first two) with buckets in registration
 order and rebuilds them afterwards in the order gradients became ready; the checkpointed run
-was past that rebuild. A fresh bucket
-that is not a saved layout (other parameters, or the same ones in another order) but holds a
-parameter of one is held here until every parameter of each saved layout it touches has
-arrived; each saved layout is then
-stepped on a stand-in bucket, exactly as the checkpointed run would have stepped it (the same
-layout, shards, thresholds and cut), and the averages are copied back into the fresh buckets,
-whose futures complete when all their parameters are back. Parameters of a held bucket that
-no saved layout has (the model gained them) are stepped at once as a layout of their own. Every rank holds and releases the
+was past that rebuild. A fresh bucket that is not a saved layout (other parameters, or the same
+ones in another order) but holds a parameter of one is held here until every parameter of each
+saved layout it touches has arrived; each saved layout is then stepped on a stand-in bucket,
+exactly as the checkpointed run would have stepped it (the same layout, shards, thresholds and
+cut), and the averages are copied back into the fresh buckets, whose futures complete when all
+their parameters are back. Parameters of a held bucket that no saved layout has (the model
+gained them) are stepped at once as a layout of their own. Every rank holds and releases the
 same buckets in the same order, so the collectives stay matched. Once a step sees only the
 saved layouts (DDP has rebuilt its buckets), the hook runs as usual (``regroup_for_step``).
 """
