@@ -2,7 +2,7 @@
 W = 2 ... 1024 with the sizing code the hook runs (``dct_kernels.distributed.sizing``), and
 measured on gloo for small W by wrapping torch.distributed's collectives.
 
-    python bench/traffic.py                       # the default model, ratio 0.01, bf16
+    python bench/traffic.py                       # the default model, ratio 0.003, bf16
     python bench/traffic.py --ratio 0.003 --widths 512,2048,2048,512 --measure 2,4,8
 
 Bytes are counted as docs/design.md (Traffic statistics) counts them, per rank, sent plus
@@ -34,6 +34,8 @@ from dct_kernels.distributed import sizing
 from dct_kernels.distributed.stand_in import StandInBucket
 
 import ranks  # bench/ranks.py
+from dlrm.cli import device_slug
+from dlrm.context import device_name
 
 BUCKET_BYTES = 25 * 1024 * 1024
 WORLDS = [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
@@ -182,6 +184,12 @@ def measure(world, config):
 # ----------------------------------------------------------------------------- report
 
 
+def _ratio(x: float) -> str:
+    """A compression for the table: whole numbers from 10, two digits below (an exchange that
+    moves more than the ring shows as 0.58, not 1)."""
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
+
+
 def machine_name():
     name = platform.processor() or platform.machine()
     try:
@@ -214,9 +222,12 @@ def main(argv=None):
     parser.add_argument("--measure-widths", default="256,1024,1024,256",
                         help="MLP widths of the measured model (smaller, 2-core friendly)")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                      "CPU_x86_64_2_cores"))
+    parser.add_argument("--out", default=None,
+                        help="output folder (default bench/results/<machine>/)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                device_slug(device_name()))
     value_dtype = getattr(torch, args.value_dtype)
     common = dict(ratio=args.ratio, capacity_factor=args.capacity_factor,
                   min_numel=args.min_numel, value_dtype=value_dtype,
@@ -262,8 +273,9 @@ def main(argv=None):
         m = modelled[w]
         lines.append(f"| {w} | {m['dense'] / 1e6:.2f} | {m['allgather'] / 1e6:.3f} | "
                      f"{m['reduce_scatter'] / 1e6:.3f} | {m['auto'] / 1e6:.3f} | "
-                     f"{m['ring'] / m['allgather']:.0f} | {m['ring'] / m['reduce_scatter']:.0f}"
-                     f" | {m['ring'] / m['auto']:.0f} |")
+                     f"{_ratio(m['ring'] / m['allgather'])} | "
+                     f"{_ratio(m['ring'] / m['reduce_scatter'])} | "
+                     f"{_ratio(m['ring'] / m['auto'])} |")
     if measured:
         lines += ["", f"Measured on gloo ({machine_name()}), model MLP {args.measure_widths} "
                   f"({sum(mlp_numels(mwidths)):,} parameters), bytes per rank of one sparse "

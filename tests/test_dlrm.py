@@ -391,6 +391,7 @@ def _cli_exit(argv, capsys):
     (["--tiny", "--seed", "-1"], "--seed (seed): expected >= 0"),
     (["--tiny", "--data-file", "/nonexistent/day_0.tsv"], "--data-file (data_file):"),
     (["--tiny", "--batch-size", "3"], "--batch-size (batch_size): 3 does not split"),
+    (["--tiny", "--sweep", "--runs", "dense"], "--sweep always runs dense and its"),
 ])
 def test_argument_errors_before_anything_starts(argv, message, capsys):
     """Clear errors naming the option, before any cluster or rank exists."""
@@ -666,3 +667,18 @@ def test_row_wise_adagrad_against_dense_formula():
         reference[touched] -= 0.1 * dense_grad[touched] / (state[touched].sqrt() + 1e-8
                                                           ).unsqueeze(1)
         assert torch.allclose(table.weight.double(), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_sweep_report_without_a_teacher():
+    """A sweep over a Criteo file (no teacher) writes its table with the teacher's AUC as n/a."""
+    from dlrm import sweep
+
+    row = {"axis": "dense", "run": "dense", "dp_ratio": 0.003, "mp_k": 4,
+           "capacity_factor": 1.5, "auc": 0.71, "logloss": 0.5, "dp_compression": 1.0,
+           "dp_compression_steady": 1.0, "mp_compression": 1.0, "dp_overflow_frequency": 0.0,
+           "step_ms": 1.0, "wall_s": 1.0}
+    report = {"device": "cpu", "world_size": 2, "kernel_backend": {}, "teacher_auc": None,
+              "config": {"steps": 10, "batch_size": 8, "seed": 0, "dp_ratio": 0.003,
+                         "mp_k": 4, "tower_width": 64, "capacity_factor": 1.5},
+              "rows": [row], "wall_s": 1.0}
+    assert "teacher AUC n/a" in sweep.markdown(report)

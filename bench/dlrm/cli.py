@@ -383,6 +383,9 @@ def run_options(args) -> dict:
         raise ValueError(f"--checkpoint-every: expected >= 1, got {every}")
     if args.checkpoint_dir is not None and args.sweep:
         raise ValueError("--checkpoint-dir checkpoints the comparison, not --sweep")
+    if args.runs is not None and args.sweep:
+        raise ValueError("--runs picks the comparison's runs; --sweep always runs dense and "
+                         "its dct_dp_mp points")
     stop = None
     if args.stop_after:
         run, _, step = args.stop_after.partition(":")

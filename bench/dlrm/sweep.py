@@ -60,14 +60,19 @@ def run_sweep(cfg: Config, out_dir: str, started: float) -> dict:
     return report
 
 
+def _auc_text(auc) -> str:
+    """A teacher's AUC, or n/a (a Criteo file has no teacher)."""
+    return "n/a" if auc is None else f"{auc:.4f}"
+
+
 def markdown(report: dict) -> str:
     dense = next(r for r in report["rows"] if r["run"] == "dense")
     cfg = report["config"]
     lines = [f"# DCT settings sweep ({report['device']}, {report['world_size']} ranks)", "",
              f"dct_kernels backend {kernel_backend_text(report)}; "
              f"{cfg['steps']} steps of {cfg['batch_size']}, seed {cfg['seed']}, teacher AUC "
-             f"{report['teacher_auc']:.4f}. Each dct_dp_mp row changes one setting of the quick "
-             f"configuration (DP ratio {cfg['dp_ratio']}, MP k {cfg['mp_k']} of "
+             f"{_auc_text(report['teacher_auc'])}. Each dct_dp_mp row changes one setting of "
+             f"the quick configuration (DP ratio {cfg['dp_ratio']}, MP k {cfg['mp_k']} of "
              f"{cfg['tower_width']}, capacity factor {cfg['capacity_factor']}).", "",
              "| run | DP ratio | MP k | capacity | AUC | Δ AUC | log loss | DP compression "
              "(whole / steady) | MP compression | DP overflow freq. |",
