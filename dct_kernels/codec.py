@@ -33,7 +33,7 @@ import torch
 
 from . import payload as wire
 from .payload import SparsePayload
-from .magnitude import widen
+from .magnitude import canonical_nan, widen
 from .wire_check import running_highest
 
 ESCAPE_STEP = 65535       # positions an escape moves per unit of its multiplier
@@ -290,7 +290,8 @@ def decode(buffers: torch.Tensor, numel: int, where: wire.WireLayout):
                                      positions.clamp(0, max(numel - 1, 0)).contiguous(),
                                      right=True) - 1
         segment = segment.clamp(0, where.num_scales - 1)
-        decoded = values.to(torch.float32) * scales.gather(1, segment)
+        # fp8 NaN (0x7F/0xFF) widens to a NaN whose bits depend on torch's path.
+        decoded = canonical_nan(values.to(torch.float32) * scales.gather(1, segment))
     else:
         decoded = widen(values)
     decoded = torch.where(entry_ok, decoded, torch.zeros_like(decoded))

@@ -29,3 +29,14 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str
     af, ef = actual.detach().cpu().flatten(), expected.detach().cpu().flatten()
     rows = ", ".join(f"[{i}] {af[i].item()!r} != {ef[i].item()!r}" for i in first)
     raise AssertionError(f"{what}: {bad.numel()} of {a.numel()} elements differ: {rows}")
+
+
+def assert_same_bits(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
+    """Bit for bit, NaN payloads included (where the contract fixes them: assert_bitwise_equal
+    takes every NaN as equal)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    a, b = a.reshape(-1).view(ints[a.element_size()]), b.reshape(-1).view(ints[b.element_size()])
+    bad = torch.nonzero(a != b).flatten()
+    assert bad.numel() == 0, (f"{what}: {bad.numel()} differ, first at {bad[:4].tolist()}: "
+                              f"{a[bad[:4]].tolist()} != {b[bad[:4]].tolist()}")

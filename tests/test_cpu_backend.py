@@ -16,7 +16,7 @@ import torch
 
 import dct_kernels as dk
 import oracle
-from helpers import assert_bitwise_equal
+from helpers import assert_bitwise_equal, assert_same_bits
 
 pytestmark = pytest.mark.skipif(dk.available_backends()["cpu"] != "available",
                                 reason="cpu extension not built")
@@ -283,16 +283,6 @@ def test_cpu_tensors_default_to_the_cpu_backend(monkeypatch):
     assert dk.available_backends()["cpu"] == "available"
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    """Bit for bit, NaN payloads included (assert_bitwise_equal takes every NaN as equal)."""
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
-    assert a.dtype == b.dtype and a.shape == b.shape, what
-    a, b = a.reshape(-1).view(ints[a.element_size()]), b.reshape(-1).view(ints[b.element_size()])
-    bad = torch.nonzero(a != b).flatten()
-    assert bad.numel() == 0, (f"{what}: {bad.numel()} differ, first at {bad[:4].tolist()}: "
-                              f"{a[bad[:4]].tolist()} != {b[bad[:4]].tolist()}")
-
-
 def _with_nans(dtype, n, seed):
     """n values of ``dtype`` with NaNs of several bit patterns (quiet, negative, other
     payloads) and infinities among them."""
@@ -332,7 +322,7 @@ def test_nan_payloads_give_the_same_bits_as_the_reference(dtype, n, threads_rest
                 got[backend] = [p.buffer, r] + outs + many
             what = f"{dtype} -> {value_dtype}, {index_encoding}"
             for a, b in zip(got["cpu"], got["torch"]):
-                _same_bits(a, b, what)
+                assert_same_bits(a, b, what)
     rows = x.view(8, n // 8)
     for value_dtype in oracle.DTYPES:
         got = {}
@@ -341,37 +331,5 @@ def test_nan_payloads_give_the_same_bits_as_the_reference(dtype, n, threads_rest
             got[backend] = [dk.decompress_rows(p, out=torch.empty(rows.shape, dtype=d),
                                                backend=backend) for d in oracle.DTYPES]
         for a, b in zip(got["cpu"], got["torch"]):
-            _same_bits(a, b, f"rows {dtype} -> {value_dtype}")
+            assert_same_bits(a, b, f"rows {dtype} -> {value_dtype}")
 
-
-def _f32_bits(*patterns):
-    return torch.tensor(list(patterns), dtype=torch.int64).to(torch.int32).view(torch.float32)
-
-
-@pytest.mark.parametrize("n", [9, 1003])  # below and above the streaming stores' width
-def test_nans_made_on_the_way_out_are_canonical_like_the_reference(n, threads_restored):
-    """A NaN that the dense output gets from the wire's fp32 payload bits, from +inf and -inf
-    of two ranks meeting at one position (x86 makes that 0xFFC00000) or from a decoded row is
-    written as the canonical 0x7FC00000 by the cpu core, as by the torch reference."""
-    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
-    x[:3] = torch.tensor([1.0, 2.0, 3.0])
-    p = dk.compress(x, 0.0, backend="torch")
-    p.values[:2] = _f32_bits(0x7F800001, 0xFFC00000)
-    up, down = x.clone(), x.clone()
-    up[0], down[0] = float("inf"), float("-inf")
-    rows = torch.stack([dk.compress(t, 0.0, capacity=n, backend="torch").buffer
-                        for t in (up, down)])
-    values = x[:8].reshape(1, 8).clone()
-    values[0, 0] = _f32_bits(0x7F800001)[0]
-    row_payload = dk.payload.RowPayload(torch.arange(8, dtype=torch.int16)[None], values,
-                                        (1, 16), torch.float32)
-    got = {}
-    for backend in ("cpu", "torch"):
-        got[backend] = [dk.decompress(p, backend=backend),
-                        dk.decompress_many(rows, out=torch.zeros(n), backend=backend),
-                        dk.decompress_many(rows, out=torch.zeros(n), average=True,
-                                           backend=backend),
-                        dk.decompress_rows(row_payload, backend=backend)]
-    assert got["torch"][1][0].isnan() and got["torch"][0][:2].isnan().all()
-    for a, b in zip(got["cpu"], got["torch"]):
-        _same_bits(a, b, "dense output")

@@ -14,7 +14,7 @@ import torch
 import dct_kernels
 import oracle
 from dct_kernels import SparsePayload
-from helpers import assert_bitwise_equal
+from helpers import assert_bitwise_equal, assert_same_bits
 from oracle import DTYPES, dtype_id, make_tensor, seed_of
 
 
@@ -238,3 +238,50 @@ def test_unvalidated_uses_only_a_rising_sequence(backend_device, indices, used):
     dct_kernels.decompress_many(torch.stack([buffer, buffer]).to(device), out=many,
                                 validate=False, errors=errors, backend=backend)
     assert_bitwise_equal(many.cpu(), expected * 2)
+
+
+def _f32_bits(*patterns):
+    return torch.tensor(list(patterns), dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("n", [9, 1003])  # below and above the cpu core's streaming stores
+def test_nans_made_on_the_way_out_are_canonical_like_the_reference(backend, n):
+    """A NaN that a dense output gets from the wire's fp32 payload bits, from an fp8 NaN, from
+    +inf and -inf of two ranks meeting at one position (x86 makes that 0xFFC00000), from a
+    NaN already in an accumulated output or from a decoded row is written as the canonical NaN
+    of the output's dtype, bitwise as the torch reference writes it."""
+    if dct_kernels.available_backends()[backend] != "available":
+        pytest.skip(f"{backend} backend not available here")
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    x[:3] = torch.tensor([1.0, 2.0, 3.0])
+    p = dct_kernels.compress(x, 0.0, backend="torch")
+    p.values[:2] = _f32_bits(0x7F800001, 0xFFC00000)
+    fp8 = x.clone()
+    fp8[1], fp8[2] = float("nan"), float("inf")
+    p8 = dct_kernels.compress(fp8, 0.0, value_dtype=torch.float8_e4m3fn, backend="torch")
+    up, down = x.clone(), x.clone()
+    up[0], down[0] = float("inf"), float("-inf")
+    rows = torch.stack([dct_kernels.compress(t, 0.0, capacity=n, backend="torch").buffer
+                        for t in (up, down)])
+    holding_nan = torch.zeros(n)
+    holding_nan[:2] = _f32_bits(0x7FC00123, 0xFFC00000)
+    values = x[:8].reshape(1, 8).clone()
+    values[0, 0] = _f32_bits(0x7F800001)[0]
+    row_payload = dct_kernels.payload.RowPayload(torch.arange(8, dtype=torch.int16)[None],
+                                                 values, (1, 16), torch.float32)
+    got = {}
+    for b in (backend, "torch"):
+        got[b] = [dct_kernels.decompress(p, backend=b),
+                  dct_kernels.decompress(p8, backend=b),
+                  dct_kernels.decompress(p, out=holding_nan.clone(), accumulate=True,
+                                         backend=b)]
+        for dtype in DTYPES:
+            got[b] += [dct_kernels.decompress_many(rows, out=torch.zeros(n, dtype=dtype),
+                                                   backend=b),
+                       dct_kernels.decompress_many(rows, out=torch.zeros(n, dtype=dtype),
+                                                   average=True, backend=b)]
+        got[b].append(dct_kernels.decompress_rows(row_payload, backend=b))
+    assert got["torch"][0][:2].isnan().all() and got["torch"][1][1:3].isnan().all()
+    for i, (a, want) in enumerate(zip(got[backend], got["torch"])):
+        assert_same_bits(a, want, f"{backend} output {i}")

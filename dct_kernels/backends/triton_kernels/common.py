@@ -71,6 +71,22 @@ def f32_to(v, CODE: tl.constexpr):
 
 
 @triton.jit
+def to_out(v, CODE: tl.constexpr):
+    """fp32 -> the dtype of a dense output (f32_to), every NaN the canonical NaN of that dtype,
+    as the torch reference and the cpu core write it (a NaN's payload, or what a GPU's
+    arithmetic makes of one, would otherwise differ between backends)."""
+    is_nan = v != v
+    if CODE == _CODE_FLOAT16:
+        nan = tl.full(v.shape, 0x7E00, tl.int16).to(tl.float16, bitcast=True)
+        return tl.where(is_nan, nan, f32_to(v, _CODE_FLOAT16))
+    elif CODE == _CODE_BFLOAT16:
+        return f32_to(v, _CODE_BFLOAT16)  # f32_to_bf16 makes every NaN 0x7FC0 already
+    else:
+        nan = tl.full(v.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
+        return tl.where(is_nan, nan, v)
+
+
+@triton.jit
 def to_wire(v, CODE: tl.constexpr):
     """fp32 -> wire dtype; finite values saturate at the wire's largest finite value, inf
     passes, every NaN becomes the canonical NaN (as ``magnitude.saturating_cast``)."""

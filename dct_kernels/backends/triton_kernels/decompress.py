@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ... import payload as wire
 from ...wire_check import running_highest, usable_slots
-from .common import f32_to, to_f32
+from .common import to_f32, to_out
 
 BLOCK = 1024   # entries per program of the scatter / check kernel
 TILE = 4096    # outputs per program of the merge
@@ -86,7 +86,7 @@ def _scatter_kernel(words_ptr, values_ptr, before_ptr, row_words, row_values, va
         target = out_ptr + idx
         if MODE == 1:
             value = to_f32(tl.load(target, mask=valid, other=0.0)) + value
-        tl.store(target, f32_to(value, OUT_CODE), mask=valid)
+        tl.store(target, to_out(value, OUT_CODE), mask=valid)
 
 
 @triton.jit(do_not_specialize=["row_words", "row_values", "capacity", "num_tiles"])
@@ -132,7 +132,7 @@ def _merge_kernel(words_ptr, values_ptr, before_ptr, starts_ptr, row_words, row_
         total = tl.math.div_rn(total, tl.zeros_like(total) + RANKS)
     if ACCUMULATE:
         total = to_f32(tl.load(out_ptr + offs, mask=inside, other=0.0)) + total
-    tl.store(out_ptr + offs, f32_to(total, OUT_CODE), mask=inside)
+    tl.store(out_ptr + offs, to_out(total, OUT_CODE), mask=inside)
 
 
 def _row_args(numel, capacity, value_dtype):

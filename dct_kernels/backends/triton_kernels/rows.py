@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ... import payload as wire
 from ...magnitude import key_bits
-from .common import f32_to, key_params, magnitude_key, to_f32, to_wire
+from .common import key_params, magnitude_key, to_f32, to_out, to_wire
 
 MAX_BLOCK = 4096
 
@@ -86,7 +86,7 @@ def _decompress_rows_kernel(idx_ptr, val_ptr, out_ptr, columns, k,
     for chunk in range(NUM_CHUNKS):
         j, _, col, ok = _payload_columns(idx_ptr, row, k, columns, chunk, BLOCK)
         value = to_f32(tl.load(val_ptr + row * k + j, mask=ok, other=0.0))
-        tl.store(out_ptr + row * columns + col, f32_to(value, OUT_CODE), mask=ok)
+        tl.store(out_ptr + row * columns + col, to_out(value, OUT_CODE), mask=ok)
 
 
 @triton.jit
