@@ -161,7 +161,6 @@ class BucketLayout:
             targets = [shares[i] if s else k for i, (k, s) in enumerate(zip(self.ks, sparse))]
             self.stage1_capacity = max(self.capacity,
                                        sum(q.capacity for q in flat if q.sparse))
-        self.rule_ks = targets
         self.rule = ThresholdRule(offsets, targets, sparse, keep_all, band, patience, device,
                                   units)
         if self.exchange == "reduce_scatter":
