@@ -92,6 +92,13 @@ template <> __device__ __forceinline__ bf16 from_f32<bf16>(float v) {
   return __ushort_as_bfloat16(static_cast<unsigned short>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16));
 }
 
+// A value stored into a dense output (decompress, decompress_many, decompress_rows): from_f32,
+// with a NaN made the canonical quiet NaN in fp32 too, as the torch reference and the cpu core
+// write it (CUDA's arithmetic gives 0x7FFFFFFF, and a wire NaN's payload would pass through).
+template <typename O> __device__ __forceinline__ O to_out(float v) {
+  return from_f32<O>(v != v ? __uint_as_float(0x7FC00000u) : v);
+}
+
 // The wire cast: finite values saturate at T's largest finite value, inf passes, every NaN
 // becomes the canonical quiet NaN (so every backend writes the same bytes).
 template <typename T> __device__ __forceinline__ T to_wire(float v);

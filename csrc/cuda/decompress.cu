@@ -207,7 +207,7 @@ __global__ void scatter_kernel(Rows rows, Scratch s, O* out, bool accumulate) {
   const V* values = reinterpret_cast<const V*>(rows.p.buffers + rows.values_offset);
   float v = to_f32(values[i]);
   if (accumulate) v = to_f32(out[idx]) + v;
-  out[idx] = from_f32<O>(v);
+  out[idx] = to_out<O>(v);
 }
 
 // starts[w][t]: the first slot of row w whose running highest reaches t * kTile.
@@ -305,7 +305,7 @@ merge_kernel(Rows rows, Scratch s, int64_t tiles, O* out, bool accumulate, bool 
   auto finish = [&](float v, O before) {
     if (average) v = power_of_two ? v * inverse : __fdiv_rn(v, num_ranks);
     if (accumulate) v = to_f32(before) + v;
-    return from_f32<O>(v);
+    return to_out<O>(v);
   };
   // Four outputs per thread and access: with one scalar load, store and division per output
   // the kernel was bound by instruction issue, though at 1% kept nearly every output is a 0.

@@ -94,7 +94,7 @@ decompress_rows_kernel(const I* __restrict__ indices, const V* __restrict__ valu
   __syncthreads();
   for (int64_t j = threadIdx.x; j < k; j += kThreads) {
     const int64_t col = indices[blockIdx.x * k + j];
-    if (col >= 0 && col < columns) row[col] = from_f32<O>(to_f32(values[blockIdx.x * k + j]));
+    if (col >= 0 && col < columns) row[col] = to_out<O>(to_f32(values[blockIdx.x * k + j]));
   }
 }
 
