@@ -707,6 +707,84 @@ def check_mismatched_exchange(rank, world):
 # ---------------------------------------------------- sparse_all_reduce, reduce_scatter
 
 
+def check_sparse_all_reduce_refuses_before_sending(rank, world):
+    """sparse_all_reduce refuses bad arguments on every rank, naming them, before it writes the
+    residual or sends anything (the group then still works); with reduce_scatter and a
+    residual it asks for shard_residual ("auto" takes allgather then, and loses nothing); a
+    row that only one shard owner refuses (validate=True) fails that rank alone, after the
+    last collective; an empty tensor goes through either exchange."""
+    from dct_kernels import payload as wire
+    from dct_kernels.distributed import sparse_all_reduce
+
+    n = 2 * world + 1
+    x = torch.randn(n, generator=rank_generator(27, rank)) + 3.0  # every entry passes 1.0
+    r0 = torch.randn(n, generator=rank_generator(28, rank)) * 0.1
+    bad = [  # (call's changes, error type, the argument named)
+        (dict(out=torch.zeros(n - 1)), ValueError, "out"),
+        (dict(out=torch.zeros(n, dtype=torch.float64)), TypeError, "out"),
+        (dict(capacity=2 ** 40), ValueError, "capacity"),
+        (dict(capacity="4"), TypeError, "capacity"),
+        (dict(value_dtype="bf16"), TypeError, "value_dtype"),
+        (dict(average="yes"), TypeError, "average"),
+        (dict(shard_threshold="bad"), TypeError, "shard_threshold"),
+        (dict(shard_residual=torch.zeros(n - 1)), ValueError, "shard_residual"),
+        (dict(exchange="reduce_scatter"), ValueError, "shard_residual"),
+    ]
+    for change, error, name in bad:
+        for exchange in ("allgather", "reduce_scatter", "auto"):
+            kwargs = dict(capacity=n, residual=r0.clone(), exchange=exchange)
+            kwargs.update(change)
+            if "shard_residual" not in kwargs and name != "shard_residual":
+                kwargs["shard_residual"] = torch.zeros(n)
+            residual = kwargs["residual"]
+            try:
+                sparse_all_reduce(x, 1.0, **kwargs)
+            except error as caught:
+                assert str(caught).startswith(f"{name}:"), (change, exchange, str(caught))
+            else:
+                raise AssertionError(f"{change} with {exchange}: no {error.__name__}")
+            assert_bitwise_equal(residual, r0, f"{change} with {exchange}: residual written")
+    # "auto" with a residual and no shard_residual: allgather, nothing lost.
+    residual = r0.clone()
+    out, _ = sparse_all_reduce(x, 1.0, capacity=n, residual=residual, exchange="auto")
+    sent = gather((x + r0) - residual)
+    mean = torch.zeros(n)
+    for row in sent:
+        mean = mean + row
+    assert_bitwise_equal(out, mean / torch.tensor(float(world)), "auto without shard_residual")
+    # A row refused by its shard owner only (the last rank): it raises, the others finish.
+    original, calls = dist.all_to_all_single, []
+
+    def tampered(out, inp, *args, **kwargs):
+        work = original(out, inp, *args, **kwargs)
+        calls.append(1)
+        if rank == world - 1 and len(calls) == 1:
+            work.wait()
+            header = out.view(world, -1)[0, :wire.HEADER_BYTES].view(torch.int32)
+            header[wire.WORD_COUNT] = 10 ** 6
+        return work
+
+    dist.all_to_all_single = tampered
+    try:
+        result = sparse_all_reduce(x, 1.0, capacity=n, exchange="reduce_scatter",
+                                   validate=True)
+    except ValueError as caught:
+        result = caught
+    finally:
+        dist.all_to_all_single = original
+    if rank == world - 1:
+        assert isinstance(result, ValueError) and "invalid payload" in str(result), result
+    else:
+        assert isinstance(result, tuple), result
+    for exchange in ("allgather", "reduce_scatter", "auto"):
+        empty = torch.zeros(0)
+        out, payload = sparse_all_reduce(empty, 1.0, capacity=3, residual=torch.zeros(0),
+                                         shard_residual=torch.zeros(0), exchange=exchange)
+        assert out.numel() == 0 and int(payload.count) == 0, exchange
+    out, _ = sparse_all_reduce(x, 1.0, capacity=n, exchange="allgather")  # the group works
+    assert_same_on_all_ranks(out, "after the refusals")
+
+
 def check_sparse_all_reduce_reduce_scatter(rank, world):
     """sparse_all_reduce(exchange="reduce_scatter") against a dense oracle with a generous
     capacity (equal shards; both levels keep what passes), EF at both levels."""

@@ -13,13 +13,15 @@ from dist_harness import spawned_checks
 CHECKS_2 = ["check_zeros_never_sent", "check_few_nonzeros_no_refresh",
             "check_reduce_scatter_audited", "check_issue_order",
             "check_refused_row_keeps_the_order", "check_small_k_over_many_pieces",
-            "check_bytes_counted",
-            "check_mismatched_exchange", "check_sparse_all_reduce_reduce_scatter",
-            "check_unused_and_embedding", "check_resume_reduce_scatter", "check_wire_v2"]
+            "check_bytes_counted", "check_mismatched_exchange",
+            "check_sparse_all_reduce_reduce_scatter",
+            "check_sparse_all_reduce_refuses_before_sending", "check_unused_and_embedding",
+            "check_resume_reduce_scatter", "check_wire_v2"]
 CHECKS_8 = ["check_zeros_never_sent", "check_reduce_scatter_audited", "check_issue_order",
             "check_refused_row_keeps_the_order", "check_small_k_over_many_pieces",
             "check_bytes_counted", "check_scale_bytes", "check_mismatched_exchange",
-            "check_sparse_all_reduce_reduce_scatter", "check_resume_reduce_scatter",
+            "check_sparse_all_reduce_reduce_scatter",
+            "check_sparse_all_reduce_refuses_before_sending", "check_resume_reduce_scatter",
             "check_wire_v2"]
 
 group_of_2, test_two_ranks = spawned_checks("dist_checks_scale", 2, CHECKS_2)

@@ -88,24 +88,39 @@ def sparse_all_reduce(tensor: torch.Tensor, threshold: Union[float, torch.Tensor
         ``count`` and ``overflow`` are 0-d device tensors; reading them synchronizes).
 
     Raises:
-        TypeError/ValueError from the ops for bad arguments (naming them); ValueError when
-        ``capacity`` is None or ``exchange`` is unknown.
+        TypeError/ValueError naming the argument, before anything is written or sent: a bad
+        ``tensor``, ``capacity`` (None, not an int in [0, 2^31 - 1]), ``value_dtype``,
+        ``out`` (not a contiguous float tensor of tensor.numel() elements on its device),
+        ``average``/``validate`` (not bools), ``shard_threshold``/``shard_residual`` (checked
+        whatever the exchange, so a call does not start failing when "auto" changes its
+        choice at another world size), ``exchange``; and ``shard_residual`` missing with
+        ``exchange="reduce_scatter"`` and a ``residual`` (stage 2 would drop what every
+        rank's residual counts as sent; "auto" takes allgather then). Other argument errors
+        come from the ops, naming them. A payload refused in stage 2 (``validate=True``)
+        raises on the rank that received it after it has taken part in the last collective,
+        so no rank is left waiting.
 
     Sync: none on the host when ``validate`` is False (the default), on every backend that
     does not synchronize in ``compress`` with a capacity.
     """
     _check_exchange(exchange)
-    if capacity is None:
-        raise ValueError("capacity: required; a fixed capacity keeps every rank's buffer the "
-                         "same size and avoids a host synchronization")
+    capacity = _check_arguments(tensor, capacity, value_dtype, out, average, validate,
+                                shard_threshold, shard_residual)
+    if exchange == "reduce_scatter" and residual is not None and shard_residual is None:
+        raise ValueError("shard_residual: required with exchange='reduce_scatter' and a "
+                         "residual: stage 2 keeps only the sums that reach shard_threshold, "
+                         "and the rest, which every rank's residual counts as sent, would be "
+                         "lost")
     world = dist.get_world_size(group)
     if out is None:
         out = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
     chosen = exchange
     if exchange == "auto":
         # reduce_scatter here takes neither segments nor fp8 values (its shards would need
-        # their own scale segments): those go by allgather.
-        simple = segments is None and value_dtype is not wire.FLOAT8
+        # their own scale segments), nor error feedback without its second residual: those
+        # go by allgather.
+        simple = segments is None and value_dtype is not wire.FLOAT8 and \
+            (residual is None or shard_residual is not None)
         chosen = _choose_plain(tensor, capacity, value_dtype, world) if simple \
             else "allgather"
     if chosen == "allgather":
@@ -122,6 +137,39 @@ def sparse_all_reduce(tensor: torch.Tensor, threshold: Union[float, torch.Tensor
                                 out=out, average=average, validate=validate, errors=errors,
                                 shard_threshold=shard_threshold,
                                 shard_residual=shard_residual, backend=backend)
+
+
+def _check_arguments(tensor, capacity, value_dtype, out, average, validate,
+                     shard_threshold, shard_residual) -> int:
+    """The checks of ``sparse_all_reduce`` made before anything is written or sent (see its
+    Raises); returns the capacity as an int."""
+    ops._check_float_tensor(tensor, "tensor")
+    ops._check_numel(tensor, "tensor")
+    if capacity is None:
+        raise ValueError("capacity: required; a fixed capacity keeps every rank's buffer the "
+                         "same size and avoids a host synchronization")
+    capacity = ops._check_capacity(capacity)
+    ops._check_value_dtype(value_dtype, tensor.dtype, fp8=True)
+    if out is not None:
+        ops._check_out(out, tensor.numel(), tensor.device)
+    for name, flag in (("average", average), ("validate", validate)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+    if shard_threshold is not None and not (
+            (isinstance(shard_threshold, (int, float)) and not isinstance(shard_threshold, bool))
+            or (isinstance(shard_threshold, torch.Tensor) and shard_threshold.numel() == 1
+                and shard_threshold.dtype.is_floating_point)):
+        raise TypeError(f"shard_threshold: expected a float or a one-element float tensor, "
+                        f"got {shard_threshold!r}")
+    numel = tensor.numel()
+    if shard_residual is not None and (not isinstance(shard_residual, torch.Tensor) or
+                                       shard_residual.dtype != torch.float32 or
+                                       shard_residual.numel() != numel or
+                                       shard_residual.device != tensor.device or
+                                       not shard_residual.is_contiguous()):
+        raise ValueError(f"shard_residual: expected a contiguous fp32 tensor of {numel} "
+                         f"elements on {tensor.device}")
+    return capacity
 
 
 def _choose_plain(tensor, capacity, value_dtype, world) -> str:
@@ -154,16 +202,14 @@ def _reduce_scatter(tensor, threshold, *, capacity, residual, segments, value_dt
     numel = tensor.numel()
     device = tensor.device
     value_dtype = value_dtype or tensor.dtype
-    if shard_residual is not None and (not isinstance(shard_residual, torch.Tensor) or
-                                       shard_residual.dtype != torch.float32 or
-                                       shard_residual.numel() != numel or
-                                       not shard_residual.is_contiguous()):
-        raise ValueError(f"shard_residual: expected a contiguous fp32 tensor of {numel} "
-                         f"elements")
-    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
-        raise ValueError(f"capacity: expected an int >= 0, got {capacity!r}")
-    cuts = sparse_shards(numel, world)
     row_capacity = -(-capacity // world)
+    if numel == 0:  # nothing to exchange, on any rank (every rank passes the same size)
+        own = torch.zeros(wire.layout(row_capacity, value_dtype)[1], dtype=torch.uint8,
+                          device=device)
+        write_empty(own, 0, row_capacity, value_dtype)
+        return out, wire.SparsePayload(own, numel=0, capacity=row_capacity,
+                                       value_dtype=value_dtype, shape=(0,), dtype=tensor.dtype)
+    cuts = sparse_shards(numel, world)
     row = wire.layout(row_capacity, value_dtype)[1]
     send = torch.zeros(world, row, dtype=torch.uint8, device=device)
     recv = torch.empty_like(send)
@@ -175,27 +221,31 @@ def _reduce_scatter(tensor, threshold, *, capacity, residual, segments, value_dt
     collectives.all_to_all_rows_async(send, recv, group).wait()
     lo, hi = cuts[rank], cuts[rank + 1]
     own = torch.zeros(row, dtype=torch.uint8, device=device)
+    refused = None
     if lo == hi:
         write_empty(own, numel, row_capacity, value_dtype)
-        payload = wire.SparsePayload(own, numel=numel, capacity=row_capacity,
-                                     value_dtype=value_dtype, shape=(numel,),
-                                     dtype=tensor.dtype)
     else:
-        total = torch.zeros(hi - lo, dtype=torch.float32, device=device)
-        ops.decompress_many(recv, out=total, validate=validate, capacity=row_capacity,
-                            value_dtype=value_dtype, errors=errors, backend=backend)
-        level2 = threshold if shard_threshold is None else shard_threshold
-        payload = ops.compress(total, level2,
-                               residual=None if shard_residual is None
-                               else shard_residual.view(-1)[lo:hi],
-                               capacity=row_capacity, value_dtype=value_dtype,
-                               position_offset=lo, total_numel=numel, out=own,
-                               backend=backend)
-        payload = wire.SparsePayload(own, numel=numel, capacity=row_capacity,
-                                     value_dtype=value_dtype, shape=(numel,),
-                                     dtype=tensor.dtype)
+        try:
+            total = torch.zeros(hi - lo, dtype=torch.float32, device=device)
+            ops.decompress_many(recv, out=total, validate=validate, capacity=row_capacity,
+                                value_dtype=value_dtype, errors=errors, backend=backend)
+            level2 = threshold if shard_threshold is None else shard_threshold
+            ops.compress(total, level2,
+                         residual=None if shard_residual is None
+                         else shard_residual.view(-1)[lo:hi],
+                         capacity=row_capacity, value_dtype=value_dtype,
+                         position_offset=lo, total_numel=numel, out=own, backend=backend)
+        except (TypeError, ValueError) as error:
+            # Only this rank saw it (a bad row it received, with validate=True): it still
+            # takes part in the all-gather, with an empty row, then raises.
+            refused = error
+            write_empty(own, numel, row_capacity, value_dtype)
+    payload = wire.SparsePayload(own, numel=numel, capacity=row_capacity,
+                                 value_dtype=value_dtype, shape=(numel,), dtype=tensor.dtype)
     gathered, future = collectives.all_gather_rows_async(own, group)
     future.wait()
+    if refused is not None:
+        raise refused
     ops.decompress_many(gathered, out=out.view(-1), average=average, validate=validate,
                         capacity=row_capacity, value_dtype=value_dtype, errors=errors,
                         backend=backend)
