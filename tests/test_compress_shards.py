@@ -216,3 +216,15 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="scale_offsets"):  # rows of different scale counts
         call(value_dtype=FP8, index_encoding="delta", out=fp8_out,
              scale_offsets=[[0, 40, 40], [0, 10, 60, 60]])
+
+
+def test_an_empty_tensor_gives_empty_rows_on_every_backend(backend_device):
+    """x of no elements (every range empty): W empty payloads, bitwise the reference's."""
+    backend, device = backend_device
+    rows = {}
+    for b, dev in ((backend, device), ("torch", "cpu")):
+        out = torch.full((3, 64), 7, dtype=torch.uint8, device=dev)
+        dct_kernels.compress_shards(torch.zeros(0, device=dev), 1.0, cuts=[0, 0, 0, 0],
+                                    segments=[None] * 3, capacity=2, out=out, backend=b)
+        rows[b, dev] = out.cpu()
+    assert_bitwise_equal(rows[backend, device], rows["torch", "cpu"], "empty rows")

@@ -122,6 +122,8 @@ def compress_ranges(x, thresholds, cuts: List[int], offsets: List[List[int]], re
     v2 = where.version != 1
     capacity, code, delta, num_scales, layout = _where(where)
     candidate = torch.float32 if where.value_dtype == wire.FLOAT8 else where.value_dtype
+    if thresholds.numel() == 0:  # every range empty: none is read, but the core wants a pointer
+        thresholds = torch.zeros(1, dtype=torch.float32)
     _cpu.compress_ranges(x.data_ptr(), _CODE(x.dtype), x.numel(), _ptr(residual),
                          thresholds.data_ptr(), cuts, flat_offsets, starts,
                          wire.header_words(0, capacity, where.value_dtype, where.index_encoding,

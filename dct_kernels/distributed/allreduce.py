@@ -203,12 +203,6 @@ def _reduce_scatter(tensor, threshold, *, capacity, residual, segments, value_dt
     device = tensor.device
     value_dtype = value_dtype or tensor.dtype
     row_capacity = -(-capacity // world)
-    if numel == 0:  # nothing to exchange, on any rank (every rank passes the same size)
-        own = torch.zeros(wire.layout(row_capacity, value_dtype)[1], dtype=torch.uint8,
-                          device=device)
-        write_empty(own, 0, row_capacity, value_dtype)
-        return out, wire.SparsePayload(own, numel=0, capacity=row_capacity,
-                                       value_dtype=value_dtype, shape=(0,), dtype=tensor.dtype)
     cuts = sparse_shards(numel, world)
     row = wire.layout(row_capacity, value_dtype)[1]
     send = torch.zeros(world, row, dtype=torch.uint8, device=device)
