@@ -28,8 +28,7 @@ FIELDS = (
     ("k", "k"),
     ("dtype", "x"),
     ("value dtype", "value_dtype"),
-    ("an argument error of its own", "backend"),  # e.g. a backend only it cannot run
-)
+)  # then one word more, not compared but read: whether the rank has an argument error
 _UNSUPPORTED = -1  # the code of a dtype, k or shape the exchange does not take
 
 # Keys already agreed on, per process. A key holds its group object, so a group created after
@@ -93,7 +92,7 @@ def agree_once(group, world: int, x: torch.Tensor, k, value_dtype,
     _all_gather_flat(everyone, sent, group=group)
     rows = everyone.view(world, sent.numel()).cpu().tolist()
     differences = []
-    for column, (field, argument) in enumerate(FIELDS[:-1]):
+    for column, (field, argument) in enumerate(FIELDS):
         seen = [row[column] for row in rows]
         if len(set(seen)) > 1:
             differences.append(f"{argument} ({field}): " + ", ".join(
@@ -104,7 +103,7 @@ def agree_once(group, world: int, x: torch.Tensor, k, value_dtype,
                          "value_dtype. Differences: " + "; ".join(differences)) from problem
     if problem is not None:
         raise problem
-    failing = [r for r, row in enumerate(rows) if row[-1]]
+    failing = [r for r, row in enumerate(rows) if row[len(FIELDS)]]
     if failing:
         raise ValueError(f"sparse_all_to_all: rank(s) {failing} refused their own arguments "
                          f"(e.g. a backend that cannot run there; each names it in its own "
