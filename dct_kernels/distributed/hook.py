@@ -97,11 +97,7 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
         else:
             future = _regrouped(state, bucket)
         if future is None:
-            layout = _layout_of(state, bucket)                     # 1
-            if state.step < state.warmup_steps or not layout.has_sparse:
-                future = _dense(state, layout, buffer)             # 2
-            else:
-                future = _sparse_step(state, layout, buffer)       # 3-5 (6 in callbacks)
+            future = _step(state, _layout_of(state, bucket), buffer)  # 1; 2-5 (6 in callbacks)
     except Exception as error:
         _end_bucket(state, bucket, error)
         raise
@@ -109,8 +105,11 @@ def dct_hook(state: DCTState, bucket: dist.GradBucket):
     return future
 
 
-def _sparse_step(state: DCTState, layout: BucketLayout, buffer: torch.Tensor):
-    """Stages 3-5 of a sparse step on ``buffer``; the future of its average (stage 6)."""
+def _step(state: DCTState, layout: BucketLayout, buffer: torch.Tensor):
+    """Stage 2 (warm-up, or a bucket with no sparse parameter) or stages 3-5 on ``buffer``;
+    the future of its average (stage 6 completes it)."""
+    if state.step < state.warmup_steps or not layout.has_sparse:
+        return _dense(state, layout, buffer)                       # 2
     _thresholds(state, layout, buffer)                             # 3
     return _sparse(state, layout, buffer)                          # 4, 5
 
@@ -146,8 +145,7 @@ def _regrouped(state: DCTState, bucket):
         saved_params, flat = regroup.gather(saved)
         stand_in = StandInBucket(saved_params, flat, last=False)
         layout = _layout_of(state, stand_in)
-        future = (_sparse_step(state, layout, flat) if layout.has_sparse
-                  else _dense(state, layout, flat))
+        future = _step(state, layout, flat)
 
         def release(done, saved=saved, flat=flat):
             try:
