@@ -36,6 +36,15 @@ warm-up steps, ratio 0.01 unless named):
   every entry at every step, whatever error feedback delivers. ``pc_dense`` sends everything
   (the control: it should train like AdamW), ``pc_ef`` is classic error feedback at 0.01. If
   error feedback's bursts meeting Adam's second moment were the gap, ``pc_ef`` would close it.
+- ``ef_norm``, ``ef_norm_global``: classic error feedback, but the entries chosen by |acc| over
+  the square root of a running mean (beta 0.999, bias-corrected) of this rank's own squared
+  gradient, per parameter or per bucket: the entries whose pending move is largest in Adam's
+  own scale, where the plain selection favours parameters of large gradients.
+- ``ef_decay_0``, ``ef_decay_50``, ``ef_decay_90``, ``ef_decay_99``: the residual multiplied by
+  0, 0.5, 0.9 or 0.99 after each step, so that what was not sent is forgotten (0: plain top-k,
+  no error feedback); ``ef_ramp_decay_0``, ``ef_ramp_decay_50``: the same with ``ef_ramp``'s
+  schedule. Diagnostics of how much the delayed part of the gradient helps or hurts: the
+  package's residual never loses a value.
 - ``ef_3pct``, ``ef_10pct``: classic error feedback at ratio 0.03 and 0.1 (what more density buys).
 
 Writes bench/train_transformer.py's report (``transformers.json``/``.md``/``.png``) into
@@ -63,6 +72,14 @@ VARIANTS: Dict[str, dict] = {
     "ef_spread": {"spread": True},
     "pc_dense": {"ratio": 1.0, "precondition": True},
     "pc_ef": {"precondition": True},
+    "ef_norm": {"normalize": True},
+    "ef_norm_global": {"normalize": True, "selection": "bucket"},
+    "ef_decay_0": {"decay": 0.0},
+    "ef_decay_50": {"decay": 0.5},
+    "ef_decay_90": {"decay": 0.9},
+    "ef_ramp_decay_0": {"warmup_steps": 0, "ramp_steps": 200, "decay": 0.0},
+    "ef_ramp_decay_50": {"warmup_steps": 0, "ramp_steps": 200, "decay": 0.5},
+    "ef_decay_99": {"decay": 0.99},
     "ef_3pct": {"ratio": 0.03},
     "ef_10pct": {"ratio": 0.1},
 }
@@ -76,7 +93,8 @@ class VariantState:
                  selection: str = "parameter", feedback: str = "ef", momentum: float = 1.0,
                  release: float = 1.0, ramp_steps: int = 0, ramp_start: float = 0.25,
                  dense_shapes=(), flush_steps=(), spread: bool = False,
-                 precondition: bool = False):
+                 precondition: bool = False, normalize: bool = False,
+                 decay: float = 1.0):
         # dense_shapes: parameters of these shapes are sent dense like small ones (to find
         # which weights' sparsification costs quality: --dct-set "dense_shapes=[(128, 512)]").
         self.dense_shapes = [tuple(shape) for shape in dense_shapes]
@@ -86,6 +104,7 @@ class VariantState:
         self.ramp_steps, self.ramp_start = ramp_steps, ramp_start
         self.flush_steps = frozenset(flush_steps)
         self.spread, self.precondition = spread, precondition
+        self.normalize, self.decay = normalize, decay
         self.step = 0
         self.memory: Dict[int, Dict[str, torch.Tensor]] = {}
         self.started = set()  # buckets whose EF21 momentum has a first value
@@ -114,10 +133,13 @@ class VariantState:
 
 
 def keep_mask(acc: torch.Tensor, sizes: List[int], ratio: float, min_numel: int,
-              selection: str, dense: Optional[List[bool]] = None) -> torch.Tensor:
+              selection: str, dense: Optional[List[bool]] = None,
+              score: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Entries to send: every entry of a parameter under ``min_numel`` (or marked in
     ``dense``); of the others the ceil(ratio x n) largest magnitudes per parameter, or
     (``selection="bucket"``) as many in total, the largest over all of them."""
+    if score is not None:
+        acc = score  # only magnitudes are compared below
     mask = torch.zeros(acc.numel(), dtype=torch.bool)
     sparse = torch.zeros_like(mask)
     off, budget = 0, 0
@@ -190,8 +212,16 @@ def variant_hook(state: VariantState, bucket) -> torch.futures.Future[torch.Tens
             mem["e"].zero_()
         else:
             acc = grad + mem["e"]
-            sent = acc * keep_mask(acc, sizes, ratio, state.min_numel, state.selection, dense)
-            mem["e"] = acc - sent
+            score = None
+            if state.normalize:
+                # Local, rank-private: Adam's second moment of this rank's own gradient.
+                mem["square"].mul_(0.999).add_(grad * grad, alpha=0.001)
+                mem["squares"] += 1
+                rms = (mem["square"] / (1 - 0.999 ** mem["squares"])).sqrt_().add_(1e-8)
+                score = acc.abs() / rms
+            sent = acc * keep_mask(acc, sizes, ratio, state.min_numel, state.selection, dense,
+                                   score)
+            mem["e"] = (acc - sent).mul_(state.decay)
             out = _all_mean(sent, state.group)
             if state.spread:
                 arrived = out != 0

@@ -51,6 +51,18 @@ def test_keep_mask_matches_oracle(selection, seed):
                                         for n in sizes if n >= 1024)
 
 
+@pytest.mark.parametrize("selection", ["parameter", "bucket"])
+def test_keep_mask_by_score_matches_oracle(selection):
+    """With a ``score`` the entries are chosen by it, not by |acc|."""
+    g = torch.Generator().manual_seed(4)
+    sizes = [1500, 7, 3001, 2049]
+    acc = torch.randn(sum(sizes), generator=g)
+    score = torch.randperm(sum(sizes), generator=g).float() + 1  # distinct, unrelated to acc
+    got = ef_variants.keep_mask(acc, sizes, 0.01, 1024, selection, score=score).numpy()
+    assert np.array_equal(got, _oracle(score.numpy(), sizes, 0.01, 1024, selection))
+    assert not np.array_equal(got, _oracle(acc.numpy(), sizes, 0.01, 1024, selection))
+
+
 def test_tiny_runs_of_every_variant(tmp_path):
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, SCRIPT, "--ranks", "2", "--steps", "14",
