@@ -166,6 +166,29 @@ def parse_rate(text, name="rate"):
     return int(round(bits))
 
 
+_DELAY = re.compile(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)(ms|us|s)?")
+_DELAY_UNITS_MS = {None: 1.0, "ms": 1.0, "us": 1e-3, "s": 1e3}
+
+
+def parse_delay_ms(text):
+    """Milliseconds of a delay written as a number of ms (``5``, ``0.5``) or as tc writes it
+    (``5ms``, ``500us``, ``1s``): the command lines' ``--delay``/``--link-delay``. The range
+    is checked where the delay is used. Raises ValueError naming the delay otherwise."""
+    match = _DELAY.fullmatch(str(text).strip().lower())
+    if not match:
+        raise ValueError(f"delay: {text!r} is not a delay: a number of milliseconds, or a "
+                         f"number and a unit as tc writes it (5ms, 500us, 1s)")
+    return float(match.group(1)) * _DELAY_UNITS_MS[match.group(2)]
+
+
+def delay_argument(text):
+    """``parse_delay_ms`` for argparse, whose message then names the option."""
+    try:
+        return parse_delay_ms(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
+
+
 def format_rate(bits):
     """A rate in bits per second as a short tc-style string (1000000000 -> '1gbit')."""
     for unit, scale in (("tbit", 10**12), ("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3)):
@@ -259,6 +282,16 @@ def check_available(netem=False):
             f"{', '.join(absent)} (install iproute2)")
     if netem and _kernel_has_netem() is False:
         raise ClusterUnavailable(_NO_NETEM)
+
+
+def unavailable_reason(netem=False) -> str | None:
+    """Why this process cannot run the emulated cluster (``check_available``'s message), or
+    None when it can: for a caller that skips rather than fails."""
+    try:
+        check_available(netem=netem)
+    except ClusterUnavailable as exc:
+        return str(exc)
+    return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -1011,8 +1044,9 @@ def _parser():
     p.add_argument("--ranks", type=int, required=True, help="number of ranks (namespaces)")
     p.add_argument("--rate", required=True,
                    help="link rate as tc writes it: 1gbit, 500mbit, 2.5gbit, 800kbit")
-    p.add_argument("--delay", type=float, default=None, metavar="MS",
-                   help="one-way delay added to every packet a rank sends, in ms")
+    p.add_argument("--delay", type=delay_argument, default=None, metavar="MS",
+                   help="one-way delay added to every packet a rank sends, in ms (5 or 5ms; "
+                        "500us)")
     p.add_argument("--loss", type=float, default=None, metavar="PCT",
                    help="random loss of the packets a rank sends, in percent")
     p.add_argument("--measure-only", action="store_true",

@@ -16,23 +16,15 @@ import time
 
 import pytest
 
+import cluster as emu  # bench/cluster.py (pyproject's pythonpath)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 CLUSTER_PY = os.path.join(BENCH, "cluster.py")
-sys.path.insert(0, BENCH)
-
-import cluster as emu  # noqa: E402  (bench/cluster.py)
 
 
-def _unavailable_reason():
-    try:
-        emu.check_available()
-    except emu.ClusterUnavailable as exc:
-        return str(exc)
-    return None
 
-
-UNAVAILABLE = _unavailable_reason()
+UNAVAILABLE = emu.unavailable_reason()
 needs_cluster = pytest.mark.skipif(UNAVAILABLE is not None,
                                    reason=f"emulated cluster unavailable: {UNAVAILABLE}")
 NOBODY = 65534
@@ -66,6 +58,18 @@ def test_bad_rate_names_rate(rate):
                                        ("20Mbit", 2 * 10**7)])
 def test_rates_as_tc_writes_them(rate, bits):
     assert emu.parse_rate(rate) == bits
+
+
+@pytest.mark.parametrize("text,ms", [("5", 5.0), ("5ms", 5.0), ("0.5", 0.5), ("500us", 0.5),
+                                     ("1s", 1000.0), ("2.5MS", 2.5), ("0", 0.0)])
+def test_delays_in_ms_or_as_tc_writes_them(text, ms):
+    assert emu.parse_delay_ms(text) == ms
+
+
+@pytest.mark.parametrize("text", ["5 parsecs", "ms", "-1", "5m", "", "1e"])
+def test_bad_delay_text_is_refused(text):
+    with pytest.raises(ValueError, match="^delay: "):
+        emu.parse_delay_ms(text)
 
 
 @pytest.mark.parametrize("kwargs,name", [

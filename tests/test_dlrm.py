@@ -384,6 +384,7 @@ def _cli_exit(argv, capsys):
     (["--tiny", "--link", "0mbit"], "zero"),
     (["--tiny", "--link", "1gbit", "--ranks", "16"], "2 to 8 ranks"),
     (["--tiny", "--link-delay", "5"], "need --link"),
+    (["--tiny", "--link-delay", "5ms"], "need --link"),  # tc's form, as the number of ms
     (["--tiny", "--runs", "dense,sgd"], "unknown run 'sgd'"),
     (["--tiny", "--runs", "dense,dense"], "names a run twice"),
     (["--tiny", "--capacity-factor", "0"], "--capacity-factor (capacity_factor): expected"),
@@ -397,6 +398,11 @@ def test_argument_errors_before_anything_starts(argv, message, capsys):
     """Clear errors naming the option, before any cluster or rank exists."""
     code, _ = _cli_exit(argv, capsys)
     assert isinstance(code, str) and message in code, code
+
+
+def test_a_delay_that_is_not_one_names_the_flag(capsys):
+    code, err = _cli_exit(["--tiny", "--link", "1gbit", "--link-delay", "5 parsecs"], capsys)
+    assert code == 2 and "--link-delay: '5 parsecs' is not a delay" in err, err
 
 
 def test_quick_and_tiny_are_one_or_the_other(capsys):
@@ -422,7 +428,7 @@ def test_link_delay_without_netem_gives_the_clusters_message(capsys):
     message, before anything is created (--link-loss alone works: a random dropper)."""
     import cluster
 
-    reason = _cluster_unavailable()
+    reason = cluster.unavailable_reason()
     if reason:
         pytest.skip(f"emulated cluster unavailable: {reason}")
     if cluster._kernel_has_netem() is not False:
@@ -457,16 +463,6 @@ def test_the_tables_exchange_is_a_dct_runs():
     assert report._dp_exchange({"dense": {}}) == "-"
 
 
-def _cluster_unavailable():
-    import cluster
-
-    try:
-        cluster.check_available()
-    except cluster.ClusterUnavailable as exc:
-        return str(exc)
-    return None
-
-
 def test_link_smoke_run(tmp_path):
     """--tiny --link 1gbit --ranks 2 with all five runs: dlrm.json carries the link (set and
     measured rate), target_auc, and per run train_s and time_to_target_s; the AUCs and bytes
@@ -476,7 +472,7 @@ def test_link_smoke_run(tmp_path):
     import cluster
 
     pytest.importorskip("sklearn")
-    reason = _cluster_unavailable()
+    reason = cluster.unavailable_reason()
     if reason:
         pytest.skip(f"emulated cluster unavailable: {reason}")
     out_dir = tmp_path / "out"
@@ -592,6 +588,14 @@ def test_criteo_reader_parses_and_hashes(tmp_path):
     (lambda f: ["2"] + f[1:], "label"),
     (lambda f: f[:3] + ["12x"] + f[4:], "I3"),
     (lambda f: f[:20] + ["zz12"] + f[21:], "C7"),
+    # What int() would take but a log never holds:
+    (lambda f: f[:3] + ["1_000"] + f[4:], "I3"),
+    (lambda f: f[:3] + [" 12"] + f[4:], "I3"),
+    (lambda f: f[:3] + ["+12"] + f[4:], "I3"),
+    (lambda f: f[:20] + ["0x1f"] + f[21:], "C7"),
+    (lambda f: f[:20] + ["-1f"] + f[21:], "C7"),
+    (lambda f: f[:20] + ["1_f"] + f[21:], "C7"),
+    (lambda f: f[:20] + [" 1f"] + f[21:], "C7"),
 ])
 def test_criteo_reader_bad_line_names_the_line(tmp_path, mangle, message):
     rng = np.random.default_rng(11)

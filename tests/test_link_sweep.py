@@ -5,14 +5,10 @@ emulated cluster is tested in tests/test_dlrm.py."""
 
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "bench"))
-
-import link_sweep  # noqa: E402  (bench/link_sweep.py)
+import link_sweep  # bench/link_sweep.py (pyproject's pythonpath)
 
 # run: (a in ms, exposed bytes per step, bytes sent per step (DP sent+received, MP sent))
 MODEL = {

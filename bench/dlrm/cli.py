@@ -133,9 +133,11 @@ def train(cfg: Config, out_dir: Optional[str], *, callbacks: Optional[Callbacks]
     if dist.get_world_size() != cfg.ranks:
         cfg = dataclasses.replace(cfg, ranks=dist.get_world_size())
         cfg.validate()
+    # The device first: under NCCL the object collective of the config check runs on the
+    # current GPU, which must be this rank's own before any collective.
+    device = rank_device()
     _check_same_config(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = rank_device()
     kernels = kernel_backends(device, cfg.backend)
     data = load_data(cfg) if data is None else data
     bar = None
@@ -283,6 +285,13 @@ def parse_args(argv=None):
     return args
 
 
+def _delay_ms(text):
+    """--link-delay in ms, written as bench/cluster.py's --delay takes it (5, 5ms, 500us)."""
+    import cluster  # bench/cluster.py, imported only by the runs that use it
+
+    return cluster.delay_argument(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's argument parser (every option, with its help)."""
     # No abbreviations: the --link launcher hands its command line on to the ranks without the
@@ -334,9 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the ranks on an emulated cluster (bench/cluster.py; needs root): "
                         "one network namespace per rank, links shaped to RATE as tc writes "
                         "it (1gbit, 500mbit, 2.5gbit)")
-    p.add_argument("--link-delay", type=float, metavar="MS",
-                   help="with --link: one-way delay of every packet a rank sends (needs the "
-                        "kernel's netem)")
+    p.add_argument("--link-delay", type=_delay_ms, metavar="MS",
+                   help="with --link: one-way delay of every packet a rank sends, in ms (5 or "
+                        "5ms; 500us; needs the kernel's netem)")
     p.add_argument("--link-loss", type=float, metavar="PCT",
                    help="with --link: random loss of the packets a rank sends, in percent "
                         "(netem, or a BPF dropper on a kernel without netem)")

@@ -16,6 +16,7 @@ wrong; nothing is skipped silently.
 """
 
 import os
+import re
 from typing import List
 
 import numpy as np
@@ -23,6 +24,10 @@ import numpy as np
 from .data import NUM_DENSE, NUM_SPARSE, ClickLogs
 
 COLUMNS = 1 + NUM_DENSE + NUM_SPARSE
+# What the files hold, exactly: int() and int(v, 16) alone would also take " 1", "+1", "1_000",
+# "0x1f" and "-1f", none of which a well-formed log has.
+_INTEGER = re.compile(r"-?[0-9]+")
+_HEX = re.compile(r"[0-9a-fA-F]+")
 
 
 def hash_id(value: str, hash_size: int) -> int:
@@ -30,6 +35,8 @@ def hash_id(value: str, hash_size: int) -> int:
     ``hash_size`` rows (see the module docstring)."""
     if value == "":
         return 0
+    if not _HEX.fullmatch(value):
+        raise ValueError(f"not hexadecimal: {value!r}")
     return 1 + int(value, 16) % (hash_size - 1)
 
 
@@ -46,12 +53,10 @@ def _parse_line(line: str, where: str, hash_size: int, dense_out, ids_out) -> fl
         if text == "":
             dense_out[j] = 0.0
             continue
-        try:
-            value = int(text)
-        except ValueError:
+        if not _INTEGER.fullmatch(text):
             raise ValueError(f"{where}: integer feature I{j + 1} (column {2 + j}) is not an "
-                             f"integer: {text!r}") from None
-        dense_out[j] = np.log1p(max(value, 0))
+                             f"integer: {text!r}")
+        dense_out[j] = np.log1p(max(int(text), 0))
     for j in range(NUM_SPARSE):
         text = fields[1 + NUM_DENSE + j]
         try:
