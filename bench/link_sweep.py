@@ -35,6 +35,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from report_files import write_json_and_markdown  # bench/report_files.py
+
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 TRAIN_DLRM = os.path.join(BENCH_DIR, "train_dlrm.py")
 RATES = ("loopback", "10gbit", "2.5gbit", "1gbit", "500mbit")
@@ -431,11 +433,7 @@ def plots(summary: dict, points: List[dict], out_dir: str) -> None:
 
 def write(summary: dict, points: List[dict], out_dir: str, with_plots: bool = True) -> None:
     """link_sweep.json, link_sweep.md and (with_plots) the PNGs into out_dir."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "link_sweep.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(out_dir, "link_sweep.md"), "w") as f:
-        f.write(markdown(summary))
+    write_json_and_markdown(out_dir, "link_sweep", summary, markdown(summary))
     if with_plots:
         plots(summary, points, out_dir)
 

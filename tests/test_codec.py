@@ -247,40 +247,36 @@ def _poke(buffer, offset, fmt, value):
     buffer[offset:offset + len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
 
 
+def _defects(p):
+    """Each defect of a valid version-2 payload ``p``, as the (byte offset, struct format,
+    value) writes that make it."""
+    where, count = p.layout, int(p.count)
+    return {
+        "version": [(4, "<B", 3)],
+        "value_code": [(6, "<B", 4)],
+        "index_code": [(7, "<B", 2)],
+        "count_high": [(20, "<i", p.capacity + 1)],
+        "scale_not_power_of_two": [(where.scales_offset, "<f", 3.0)],
+        "scale_negative": [(where.scales_offset + 4, "<f", -0.5)],
+        "scale_inf": [(where.scales_offset, "<f", float("inf"))],
+        "scale_too_small": [(where.scales_offset, "<f", 2.0 ** -141)],
+        "bounds": [(where.bounds_offset + 4, "<i", 6000)],
+        # the last entry's gap runs past numel
+        "past_numel": [(where.indices_offset + 2 * (count - 1), "<H", 65000)],
+        # a 16-bit value field carries more than 32768
+        "escape_too_large": [(where.indices_offset + 2 * 5, "<H", 0),
+                             (where.values_offset + 2 * 5, "<H", 40000)],
+        "dangling_escape": [(where.indices_offset + 2 * (count - 1), "<H", 0)],
+    }
+
+
 def corrupted(how):
     """(a valid version-2 payload, a copy of its buffer with one defect)."""
     value_dtype = torch.bfloat16 if how == "escape_too_large" else FP8
     p = _valid_payload(value_dtype)
     b = p.buffer.clone()
-    where = p.layout
-    count = int(p.count)
-    if how == "version":
-        b[4] = 3
-    elif how == "value_code":
-        b[6] = 4
-    elif how == "index_code":
-        b[7] = 2
-    elif how == "count_high":
-        _poke(b, 20, "<i", p.capacity + 1)
-    elif how == "scale_not_power_of_two":
-        _poke(b, where.scales_offset, "<f", 3.0)
-    elif how == "scale_negative":
-        _poke(b, where.scales_offset + 4, "<f", -0.5)
-    elif how == "scale_inf":
-        _poke(b, where.scales_offset, "<f", float("inf"))
-    elif how == "scale_too_small":
-        _poke(b, where.scales_offset, "<f", 2.0 ** -141)
-    elif how == "bounds":
-        _poke(b, where.bounds_offset + 4, "<i", 6000)
-    elif how == "past_numel":        # the last entry's gap runs past numel
-        _poke(b, where.indices_offset + 2 * (count - 1), "<H", 65000)
-    elif how == "escape_too_large":  # a 16-bit value field carries more than 32768
-        _poke(b, where.indices_offset + 2 * 5, "<H", 0)
-        _poke(b, where.values_offset + 2 * 5, "<H", 40000)
-    elif how == "dangling_escape":
-        _poke(b, where.indices_offset + 2 * (count - 1), "<H", 0)
-    else:
-        raise ValueError(how)
+    for offset, fmt, value in _defects(p)[how]:
+        _poke(b, offset, fmt, value)
     return p, b
 
 

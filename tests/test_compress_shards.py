@@ -44,6 +44,16 @@ def _thresholds(x, cuts, segments):
     return torch.tensor(taus, dtype=torch.float32)
 
 
+def _case(n: int, W: int, dtype, *, seed: int, x_seed: int, spread: float):
+    """x (the oracle's hard cases), a residual of scale ``spread``, W ranges with their
+    Segments and per-segment thresholds."""
+    g = torch.Generator().manual_seed(seed)
+    x = make_tensor("specials", n, dtype, seed=x_seed)
+    residual = torch.randn(n, generator=g) * spread
+    cuts, segments = _ranges(n, W, g)
+    return x, residual, cuts, segments, _thresholds(x, cuts, segments)
+
+
 CONFIGS = [(None, "int32"), (torch.bfloat16, "int32"), (torch.bfloat16, "delta"),
            (FP8, "delta"), (FP8, "int32")]
 
@@ -54,12 +64,8 @@ CONFIGS = [(None, "int32"), (torch.bfloat16, "int32"), (torch.bfloat16, "delta")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_rows_are_compress_of_each_range(backend_device, value_dtype, index_encoding, dtype):
     backend, device = backend_device
-    g = torch.Generator().manual_seed(11)
     n, W, capacity = 4099, 6, 97
-    x = make_tensor("specials", n, dtype, seed=5)
-    residual = torch.randn(n, generator=g) * 0.3
-    cuts, segments = _ranges(n, W, g)
-    taus = _thresholds(x, cuts, segments)
+    x, residual, cuts, segments, taus = _case(n, W, dtype, seed=11, x_seed=5, spread=0.3)
     fp8 = value_dtype == FP8
     scale_offsets = None
     if fp8:  # one scale count for every row: each range's segments padded with its length
@@ -145,12 +151,8 @@ def test_cpu_one_call_equals_the_loop(monkeypatch, value_dtype, index_encoding, 
     tensor full of stale bytes, and leaves the same residual."""
     from dct_kernels.backends import cpu_ext
 
-    g = torch.Generator().manual_seed(23)
     n, W = 3001, 9
-    x = make_tensor("specials", n, dtype, seed=8)
-    residual = torch.randn(n, generator=g) * 0.2
-    cuts, segments = _ranges(n, W, g)
-    taus = _thresholds(x, cuts, segments)
+    x, residual, cuts, segments, taus = _case(n, W, dtype, seed=23, x_seed=8, spread=0.2)
     fp8 = value_dtype == FP8
     scale_offsets = None
     if fp8:

@@ -71,6 +71,17 @@ def dense_hook(state: DenseTraffic, bucket: dist.GradBucket):
     return future.then(lambda fut: fut.value()[0])
 
 
+def _cast_allreduce(state: DenseTraffic, bucket: dist.GradBucket, dtype: torch.dtype,
+                    torch_hook):
+    """Count the ring bytes of an all-reduce of the bucket cast to ``dtype`` (against the
+    bucket's own), then run torch's hook that does it."""
+    _, world = _group_and_world(state)
+    buffer = bucket.buffer()
+    state.count_allreduce(world, buffer.numel() * torch.finfo(dtype).bits // 8,
+                          buffer.numel() * buffer.element_size())
+    return torch_hook(state.process_group, bucket)
+
+
 class Fp16Traffic(DenseTraffic):
     """State of ``fp16_hook``: the process group and byte counters."""
 
@@ -79,11 +90,7 @@ def fp16_hook(state: Fp16Traffic, bucket: dist.GradBucket):
     """DDP comm hook of the fp16 baseline: torch's ``fp16_compress_hook`` (the bucket cast to
     float16 and divided by W, all-reduced, cast back), counting the fp16 all-reduce's ring
     bytes against the fp32 bucket's."""
-    _, world = _group_and_world(state)
-    buffer = bucket.buffer()
-    state.count_allreduce(world, buffer.numel() * torch.finfo(torch.float16).bits // 8,
-                          buffer.numel() * buffer.element_size())
-    return default_hooks.fp16_compress_hook(state.process_group, bucket)
+    return _cast_allreduce(state, bucket, torch.float16, default_hooks.fp16_compress_hook)
 
 
 class Bf16Traffic(DenseTraffic):
@@ -100,11 +107,7 @@ def bf16_hook(state: Bf16Traffic, bucket: dist.GradBucket):
     gloo and CPU tensors as it is: gloo sums bfloat16. This wrapper has a name of its own, so
     DDP registers it on every backend, and the cast, the division, the all-reduce and the cast
     back are torch's own code on every backend (on NCCL exactly what torch's hook does)."""
-    _, world = _group_and_world(state)
-    buffer = bucket.buffer()
-    state.count_allreduce(world, buffer.numel() * torch.finfo(torch.bfloat16).bits // 8,
-                          buffer.numel() * buffer.element_size())
-    return default_hooks.bf16_compress_hook(state.process_group, bucket)
+    return _cast_allreduce(state, bucket, torch.bfloat16, default_hooks.bf16_compress_hook)
 
 
 class PowerSGDTraffic(DenseTraffic):

@@ -1,8 +1,9 @@
 """What a comparison writes: ``dlrm.json``, ``dlrm.md`` (a table) and PNG plots."""
 
-import json
 import os
 from typing import Dict
+
+from report_files import write_json_and_markdown  # bench/report_files.py
 
 TABLE_HEADER = ("| run | AUC | Δ AUC vs dense | log loss | DP bytes/step | DP ring bytes/step | "
                 "DP compression (whole run / steady) | MP bytes/step | MP dense bytes/step | "
@@ -167,10 +168,6 @@ def plots(report: dict, out_dir: str) -> None:
 
 def write(report: dict, out_dir: str, with_plots: bool = True) -> None:
     """dlrm.json, dlrm.md and (with_plots) the PNGs into out_dir (created)."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "dlrm.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(out_dir, "dlrm.md"), "w") as f:
-        f.write(markdown(report))
+    write_json_and_markdown(out_dir, "dlrm", report, markdown(report))
     if with_plots:
         plots(report, out_dir)

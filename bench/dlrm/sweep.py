@@ -8,12 +8,13 @@ Writes ``dlrm_sweep.json``, ``dlrm_sweep.md`` and ``dlrm_sweep.png`` into the ou
 """
 
 import dataclasses
-import json
 import os
 import time
 from typing import List, Tuple
 
 import torch.distributed as dist
+
+from report_files import write_json_and_markdown  # bench/report_files.py
 
 from .config import Config
 from .context import device_name, kernel_backends, load_data, rank_device, teacher_auc
@@ -94,11 +95,7 @@ def write(report: dict, out_dir: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "dlrm_sweep.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(out_dir, "dlrm_sweep.md"), "w") as f:
-        f.write(markdown(report))
+    write_json_and_markdown(out_dir, "dlrm_sweep", report, markdown(report))
     rows = report["rows"]
     dense = next(r for r in rows if r["run"] == "dense")
     default = report["config"]
