@@ -221,6 +221,31 @@ def test_available_backends():
     assert backends["triton"] == "available"  # on the GPU, or interpreted on the CPU
 
 
+def test_an_extension_that_does_not_load_says_why(tmp_path):
+    """A compiled extension that is missing reads "not built"; one that is there but fails to
+    load (here a file that is no shared object) gives the loader's own reason instead."""
+    import importlib.util
+    from dct_kernels import backends
+
+    try:
+        importlib.import_module("dct_kernels._no_such_extension")
+    except ImportError as exc:
+        missing = exc
+    assert backends._import_failure("no_such_extension", missing) == \
+        "extension not built (dct_kernels._no_such_extension is missing)"
+    broken = tmp_path / "_broken.so"
+    broken.write_bytes(b"not an ELF file")
+    spec = importlib.util.spec_from_file_location("dct_kernels._broken", broken)
+    try:
+        spec.loader.create_module(spec)
+    except ImportError as exc:
+        wrapped = ImportError(f"dct_kernels._broken not found: {exc}")
+        wrapped.__cause__ = exc
+    reason = backends._import_failure("broken", wrapped)
+    assert reason.startswith("extension built but not loadable: "), reason
+    assert str(wrapped.__cause__) in reason
+
+
 def test_residual_overlapping_x_is_rejected():
     buffer = torch.randn(2000)
     with pytest.raises(ValueError, match="residual"):

@@ -52,6 +52,16 @@ _modules: Dict[str, object] = {}
 _reasons: Dict[str, str] = {}
 
 
+def _import_failure(name: str, exc: ImportError) -> str:
+    """Why the compiled extension ``dct_kernels._<name>`` cannot be imported: not built, or
+    built but not loadable (a sanitizer build without its runtime preloaded, a module built
+    for another Python or torch), in which case the loader's own message is what helps."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc
+    if isinstance(cause, ModuleNotFoundError) and cause.name == f"dct_kernels._{name}":
+        return f"extension not built (dct_kernels._{name} is missing)"
+    return f"extension built but not loadable: {cause}"
+
+
 def _load(name: str):
     """Import a backend module; remember why when it cannot be used."""
     if name in _modules or name in _reasons:
@@ -67,8 +77,8 @@ def _load(name: str):
         extension = {"cuda": "cuda_ext", "cpu": "cpu_ext"}[name]
         try:
             module = importlib.import_module(f".{extension}", __name__)
-        except ImportError:
-            _reasons[name] = f"extension not built (dct_kernels._{name} is missing)"
+        except ImportError as exc:
+            _reasons[name] = _import_failure(name, exc)
             return None
     reason = module.available()
     if reason != "available":
