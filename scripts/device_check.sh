@@ -36,7 +36,10 @@ DCT_KERNELS_CUDA=1 DCT_KERNELS_CUDA_ARCH="${ARCH:-90}" timeout 300 \
 "$PY" -c "import dct_kernels as d; print(d.available_backends())" 2>&1 | tee -a "$OUT/build.log"
 
 TESTS="${TESTS:-tests}"
-TEST_FILTER="${TEST_FILTER:-cuda-cuda or (test_gpu and not triton) or test_cuda_ext}"
+# The ops' CUDA cases, the CUDA extension's own tests and the NCCL ones (the hook's steady
+# state and sparse_all_to_all under set_sync_debug_mode("error")); the Triton GPU variants
+# (compiled at first use, minutes) only when asked for with TEST_FILTER.
+TEST_FILTER="${TEST_FILTER:-cuda-cuda or (test_gpu and not triton) or test_cuda_ext or test_distributed_gpu or test_mp_exchange_gpu}"
 timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest -q -p no:cacheprovider --maxfail=40 \
   -k "$TEST_FILTER" $TESTS > "$OUT/pytest.log" 2>&1
 echo "[$SECONDS s] pytest rc=$?"; grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3

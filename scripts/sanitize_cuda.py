@@ -44,6 +44,10 @@ def main():
             p2 = dk.compress(x, t, segments=seg, residual=r2, capacity=900, backend="torch")
             same(p1.buffer, p2.buffer, f"compress {dtype}")
             same(r1, r2, f"residual {dtype}")
+            # No capacity: a counting pass sizes the payload first (its own kernel).
+            same(dk.compress(x, t, segments=seg, backend="cuda").buffer,
+                 dk.compress(x, t, segments=seg, backend="torch").buffer,
+                 f"compress without capacity {dtype}")
         p = dk.compress(x, 1.0, capacity=n // 3, value_dtype=torch.float16, backend="cuda")
         out = torch.randn(n, device=DEV, generator=g).to(dtype)
         same(dk.decompress(p, out=out.clone(), accumulate=True, backend="cuda"),
@@ -64,6 +68,16 @@ def main():
                 same(got, o, "decompress_many")
                 if got_errors != int(dk.payload_errors(DEV)):
                     raise SystemExit("decompress_many error counts differ")
+        # A sparse merge (1% kept, 8 rows): decompress_many's other merge configuration,
+        # the one that stages several ranks' entries of a tile at once.
+        sparse = dk.compress(x, dk.select_threshold(x, 700, backend="cuda"), capacity=700,
+                             backend="cuda")
+        rows8 = torch.stack([sparse.buffer] * 8)
+        rows8[3, 32:32 + 4 * sparse.capacity].view(torch.int32)[7] = n + 1  # a bad index
+        merged = [dk.decompress_many(rows8, out=torch.zeros(n, dtype=dtype, device=DEV),
+                                     average=True, validate=False, backend=backend)
+                  for backend in ("cuda", "torch")]
+        same(merged[0], merged[1], f"decompress_many sparse {dtype}")
         for columns in (300, 40000):
             xr = torch.randn(64, columns, device=DEV, generator=g).to(dtype)
             rp = dk.compress_rows(xr, 17, backend="cuda")
