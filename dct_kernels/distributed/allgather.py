@@ -15,11 +15,13 @@ from .futures import after
 class AllGatherExchange:
     """Sized once from a bucket layout; ``start`` once per sparse step.
 
-    ``start(buffer, step)`` compresses ``buffer`` (the bucket, dense positions already
-    zeroed) against the layout's per-parameter thresholds with its error-feedback residual,
-    issues the all-gather (async) and returns the future that completes, in the all-gather's
-    callback, once the bucket holds the average, with this rank's payload (for the band check
-    and statistics).
+    ``start(buffer, order, refresh_due)`` (the interface it shares with
+    ``ReduceScatterExchange``; this exchange has no later stage, so it uses neither ``order``
+    nor ``refresh_due``) compresses ``buffer`` (the bucket, dense positions already zeroed)
+    against the layout's per-parameter thresholds with its error-feedback residual, issues the
+    all-gather (async) and returns the future that completes, in the all-gather's callback,
+    once the bucket holds the average, with this rank's payload (for the band check and
+    statistics).
     """
 
     name = "allgather"
@@ -40,7 +42,7 @@ class AllGatherExchange:
         n = self.send.numel()
         return n, (self.layout.world - 1) * n
 
-    def start(self, buffer: torch.Tensor, step: int):
+    def start(self, buffer: torch.Tensor, order, refresh_due):
         """Returns (future, payload): the future of the bucket's average, and this rank's
         payload (read by the band check after this call; its buffer is not reused until the
         next step)."""

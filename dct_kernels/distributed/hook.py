@@ -303,12 +303,9 @@ def _sparse(state: DCTState, layout: BucketLayout, buffer: torch.Tensor):
         small = buffer.index_select(0, layout.dense_index)
         buffer.index_fill_(0, layout.dense_index, 0)
         futures.append(collectives.all_reduce_async(small, state.group()))
-    if exchange.name == "reduce_scatter":
-        step = state.step
-        future, sent = exchange.start(buffer, _step_order(state),
-                                      lambda: _shard_refresh_due(state, layout, step))
-    else:
-        future, sent = exchange.start(buffer, state.step)
+    step = state.step
+    future, sent = exchange.start(buffer, _step_order(state),
+                                  lambda: _shard_refresh_due(state, layout, step))
     _record_sparse(state, layout, exchange, sent)
     if small is None:
         return future
