@@ -102,6 +102,13 @@ def sparse_all_reduce(tensor: torch.Tensor, threshold: Union[float, torch.Tensor
 
     Sync: none on the host when ``validate`` is False (the default), on every backend that
     does not synchronize in ``compress`` with a capacity.
+
+    Agreement: like torch.distributed's own collectives, a call does not check that the ranks
+    agree. Ranks that pass different ``exchange``, ``capacity``, ``value_dtype``, segment
+    counts or tensor sizes fail in the collective or wait in it until the group's timeout;
+    an argument error raised on one rank only leaves the others waiting likewise. ``dct_hook``
+    checks its ranks' agreement once per bucket layout (see ``DCTState``); a caller of this
+    function who cannot guarantee it should compare its arguments across ranks first.
     """
     _check_exchange(exchange)
     capacity = _check_arguments(tensor, capacity, value_dtype, out, average, validate,
