@@ -225,7 +225,8 @@ def _row_fields(buffers: torch.Tensor, where: wire.WireLayout):
 
 def decode(buffers: torch.Tensor, numel: int, where: wire.WireLayout):
     """Per slot of [W, nbytes] version-2 rows: (positions int64, fp32 values, entry_ok bool,
-    row_ok bool [W], errors int64 [W]) on the device, no host synchronization. ``errors``
+    row_ok bool [W], count_ok bool [W], errors int64 [W]) on the device, no host
+    synchronization. ``count_ok`` is whether a row's count lies in [0, capacity]. ``errors``
     counts what ``validate=False`` skips: 1 for a row whose header, count or scales are bad
     (the count is then clamped, the header's row dropped), plus every entry it cannot use, plus
     1 for an invalid escape and 1 for a dangling one (an escape in the last used slot)."""
@@ -296,7 +297,7 @@ def decode(buffers: torch.Tensor, numel: int, where: wire.WireLayout):
         decoded = widen(values)
     decoded = torch.where(entry_ok, decoded, torch.zeros_like(decoded))
     positions = torch.where(entry_ok, positions, torch.full_like(positions, -1))
-    return positions, decoded, entry_ok, row_ok, errors
+    return positions, decoded, entry_ok, row_ok, count_ok, errors
 
 
 def to_version1(buffers: torch.Tensor, numel: int, where: wire.WireLayout,
@@ -328,13 +329,23 @@ def to_version1(buffers: torch.Tensor, numel: int, where: wire.WireLayout,
     return out
 
 
-def describe_rows(row_ok: torch.Tensor, errors: torch.Tensor) -> str:
+def describe_rows(row_ok: torch.Tensor, count_ok: torch.Tensor, errors: torch.Tensor) -> str:
     """A short account of the bad rows (host; call only when validating)."""
-    bad = [(w, ok, e) for w, (ok, e) in enumerate(zip(row_ok.tolist(), errors.tolist())) if e]
-    parts = [f"row {w}: " + ("bad header, count or scales" if not ok else
-                             f"{e} bad entries or escapes (gap stream past numel, escape "
-                             "out of range, dangling escape)")
-             for w, ok, e in bad[:4]]
+    bad = [(w, ok, c, e) for w, (ok, c, e) in
+           enumerate(zip(row_ok.tolist(), count_ok.tolist(), errors.tolist())) if e]
+
+    def account(ok, count_fits, e):
+        if not ok:
+            return "bad header, scales or segment bounds" + ("" if count_fits else ", count outside [0, "
+                                             "capacity]")
+        entries = e - (not count_fits)
+        parts = [] if count_fits else ["count outside [0, capacity]"]
+        if entries:
+            parts.append(f"{entries} bad entries or escapes (gap stream past numel, escape "
+                         "out of range, dangling escape)")
+        return "; ".join(parts)
+
+    parts = [f"row {w}: " + account(ok, c, e) for w, ok, c, e in bad[:4]]
     return ", ".join(parts) + (" ..." if len(bad) > 4 else "")
 
 

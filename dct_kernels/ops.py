@@ -779,9 +779,10 @@ def _decompress_v2(impl, out: torch.Tensor, buffers: torch.Tensor, numel: int, w
     decoder (``decompress_v2``) decodes; the others get version-1 rows of fp32 values from
     the codec."""
     if validate or not hasattr(impl, "decompress_v2"):
-        positions, decoded, ok, row_ok, errors = codec.decode(buffers, numel, where)
+        positions, decoded, ok, row_ok, count_ok, errors = codec.decode(buffers, numel, where)
         if validate and int(errors.sum()):
-            raise ValueError(f"{name}: invalid payload: {codec.describe_rows(row_ok, errors)}")
+            raise ValueError(f"{name}: invalid payload: "
+                             f"{codec.describe_rows(row_ok, count_ok, errors)}")
     if hasattr(impl, "decompress_v2"):
         impl.decompress_v2(out, buffers, numel, where, accumulate, average, many,
                            counter if not validate else _scratch_counter(out.device))

@@ -285,6 +285,13 @@ CORRUPTIONS = ("version", "value_code", "index_code", "count_high", "scale_not_p
                "escape_too_large", "dangling_escape")
 
 
+# What validate=True says of each defect's row.
+ACCOUNT = {how: "bad header, scales or segment bounds" for how in CORRUPTIONS}
+ACCOUNT.update({"count_high": r"count outside \[0, capacity\]$",
+                "past_numel": "1 bad entries", "dangling_escape": "1 bad entries",
+                "escape_too_large": "[0-9]+ bad entries"})  # with all the entries after it
+
+
 @pytest.mark.parametrize("how", CORRUPTIONS)
 def test_validate_rejects_and_writes_nothing(backend_device, how):
     backend, device = backend_device
@@ -297,7 +304,7 @@ def test_validate_rejects_and_writes_nothing(backend_device, how):
                                 index_encoding=p.index_encoding, num_scales=p.num_scales)
         dct_kernels.decompress(payload, out=out, backend=backend)
     assert_bitwise_equal(big.cpu(), before.cpu(), "nothing written")
-    with pytest.raises(ValueError, match="invalid payload"):
+    with pytest.raises(ValueError, match=f"invalid payload: row 0: {ACCOUNT[how]}"):
         dct_kernels.decompress_many(bad[None].to(device), out=out, capacity=p.capacity,
                                     value_dtype=p.value_dtype, index_encoding="delta",
                                     num_scales=p.num_scales, backend=backend)
