@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from dct_kernels.distributed import DCTState, dct_hook
 
+from kernel_backend import kernel_backend, warn_if_core_missing  # bench/kernel_backend.py
 import ranks  # bench/ranks.py
 
 TASK = dict(rows=20000, dim=4, features=4, batch=16, steps=300, lr=0.5)
@@ -145,6 +146,7 @@ def main():
                    help="a name for this CPU kind (default: ATEN_CPU_CAPABILITY or native)")
     p.add_argument("--out", help="output folder (default bench/results/<device>/)")
     args = p.parse_args()
+    warn_if_core_missing("cpu")  # the gloo ranks' tensors are on the CPU
     from dlrm.cli import device_slug
     from dlrm.context import device_name
 
@@ -157,6 +159,7 @@ def main():
         rows = measure(world, range(args.seeds))
         report["runs"][f"W{world}_{args.tag}"] = {
             "world_size": world, "cpu_kind": args.tag, "rows": rows,
+            "kernel_backend": kernel_backend("cpu"),
             "summary": summarize(rows), "date": datetime.date.today().isoformat(),
             "machine": platform.processor() or platform.machine(), "task": TASK,
             "dct": {k: str(v) for k, v in DCT.items()}}

@@ -39,6 +39,7 @@ import torch
 
 from dct_kernels.distributed.stand_in import StandInBucket
 
+from kernel_backend import kernel_backend, warn_if_core_missing  # bench/kernel_backend.py
 import ranks  # bench/ranks.py
 
 MODES = ("none", "dense", "bf16", "powersgd", "dct/allgather", "dct/reduce_scatter")
@@ -226,6 +227,8 @@ def main(argv=None):
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"--modes: unknown {', '.join(unknown)}")
+    if args.result is None:  # the launcher, not a rank the cluster started
+        warn_if_core_missing("cpu")
     config = dict(widths=[int(w) for w in args.widths.split(",")], steps=args.steps,
                   batch=args.batch, ratio=args.ratio, modes=modes)
     if args.result:  # a rank on the emulated cluster (env:// rendezvous)
@@ -274,13 +277,14 @@ def main(argv=None):
         lines.append(f"| {mode} | {r['step_s'] * 1e3:.1f} | {r['alone_s'] * 1e3:.1f} | "
                      f"{exposed * 1e3:.1f} | {hidden:.2f} |")
     lines += ["", f"Generated {datetime.date.today()} by bench/overlap.py, torch "
-              f"{torch.__version__}, {os.cpu_count()} cores."]
+              f"{torch.__version__}, {os.cpu_count()} cores, kernel backend {kernel_backend('cpu')}."]
     os.makedirs(args.out, exist_ok=True)
     stem = "overlap" if link is None else f"overlap_{args.link}"
     with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
-        json.dump({"config": vars(args), "link": link, "result": result}, f, indent=1)
+        json.dump({"config": vars(args), "link": link, "result": result,
+                   "kernel_backend": kernel_backend("cpu")}, f, indent=1)
     print("\n".join(lines))
     return 0
 

@@ -43,6 +43,7 @@ from dct_kernels.distributed.torchrec import DCTDataParallelWrapper
 # bench/ is sys.path[0] when this runs as a script: dlrm is bench/dlrm.
 from dlrm import dp_traffic
 from dlrm.data import NUM_DENSE, ClickLogs, generate
+from kernel_backend import kernel_backend, warn_if_core_missing  # bench/kernel_backend.py
 import ranks  # bench/ranks.py
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -260,7 +261,8 @@ def compare(settings: Settings, rank: int, world: int, runs=RUNS) -> dict:
     results = {run: train(settings, data, run, rank, world) for run in runs}
     report = {"settings": dataclasses.asdict(settings), "world_size": world,
               "backend": dist.get_backend(), "versions": _versions(),
-              "teacher_auc": teacher_auc(data), "runs": results}
+              "teacher_auc": teacher_auc(data), "runs": results,
+              "kernel_backend": kernel_backend("cpu")}  # the model's dense part is on the CPU
     if "dense" in results and "dct_dp" in results:
         report["auc_delta"] = results["dct_dp"]["auc"] - results["dense"]["auc"]
         report["dp_bytes_ratio"] = (results["dense"]["dp_bytes_per_step"]
@@ -340,6 +342,7 @@ def main(argv=None) -> None:
         out = os.path.join(BENCH_DIR, "results", device_slug(device_name()), "torchrec",
                            "torchrec_dlrm.json")
 
+    warn_if_core_missing("cpu")
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="torchrec_") as tmp:
         ranks.spawn(_worker, (args.ranks, os.path.join(tmp, "store"), settings, out),

@@ -56,6 +56,7 @@ from dct_kernels.distributed import DCTState, dct_hook
 from dlrm import dp_traffic
 from dlrm.cli import device_slug
 from dlrm.context import device_name
+from kernel_backend import kernel_backend, warn_if_core_missing  # bench/kernel_backend.py
 import ranks  # bench/ranks.py
 
 TASKS = ("classify", "lm_text", "lm_synthetic")
@@ -303,7 +304,8 @@ def write_report(report: dict, out: str) -> None:
         json.dump(report, f, indent=1)
     lines = [f"# DCT-DP on transformers, W = {report['world_size']}",
              "", f"{report['device']}, {report['date']}, torch {report['torch']}, transformers "
-             f"{report['transformers']}, Python {report['python']} (lm_text's source)", "",
+             f"{report['transformers']}, Python {report['python']} (lm_text's source), "
+             f"kernel backend {report.get('kernel_backend', 'not recorded')}", "",
              f"{report.get('optimizer', 'adamw')}, lr {report.get('lr')}, "
              f"{report.get('lr_schedule', 'constant')} schedule, seed {report.get('seed')}, "
              f"{report.get('batch_per_rank')} sequences per rank and step", ""]
@@ -419,6 +421,7 @@ def main(argv=None, out_name: str = "transformers") -> None:
             parser.error(f"--dct-set: {exc}")
     import transformers  # the optional dependency: fail before spawning
 
+    warn_if_core_missing("cpu")  # the gloo ranks' tensors are on the CPU
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         result_path = os.path.join(tmp, "result.json")
@@ -428,6 +431,7 @@ def main(argv=None, out_name: str = "transformers") -> None:
             tasks = json.load(f)
     device = device_name()
     report = {"world_size": args.ranks, "device": device, "backend": "gloo",
+              "kernel_backend": kernel_backend("cpu"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "transformers": transformers.__version__,
               "python": platform.python_version(), "seed": args.seed, "lr": args.lr,

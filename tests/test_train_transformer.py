@@ -51,6 +51,10 @@ def test_tiny_runs_end_identical_and_report(tmp_path):
     with open(out / "transformers.json") as f:
         report = json.load(f)
     assert report["world_size"] == 2 and report["transformers"]
+    # The backend the ops ran on: the compiled core where it is built, else the reference.
+    import dct_kernels
+    built = dct_kernels.available_backends()["cpu"] == "available"
+    assert report["kernel_backend"] == ("cpu" if built else "torch"), report["kernel_backend"]
     for task, runs in report["tasks"].items():
         assert set(runs) == {"dense", "fp16", "powersgd", "dct", "dct_rs"}
         for name, r in runs.items():
