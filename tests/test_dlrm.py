@@ -503,7 +503,9 @@ def test_link_smoke_run(tmp_path):
 
 def test_one_rank_run_reports_every_field(tmp_path):
     """World size 1 (the layout of a one-GPU run): no byte crosses the network, and the
-    report still carries every field, finite, with the exchange compressions at 1."""
+    report still carries every field, finite: the MP compressions at 1, the dense-wire runs'
+    DP compressions at 1, and the DCT runs' at 0 (DCTState.stats() counts the all-gather's own
+    buffer as sent while a ring at W = 1 moves nothing: docs/distributed.md#statistics)."""
     import subprocess
 
     pytest.importorskip("sklearn")
@@ -523,6 +525,7 @@ def test_one_rank_run_reports_every_field(tmp_path):
         assert run["mp_bytes_per_step"] == 0 and run["mp_bytes_dense_per_step"] == 0
         assert run["mp_compression"] == 1.0
         assert run["dp_bytes_ring_per_step"] == 0
+        assert run["dp_compression"] == (0.0 if name.startswith("dct") else 1.0), name
 
 
 def test_missing_core_note(monkeypatch):
