@@ -25,12 +25,13 @@ still written as version 1) keeps the header, with byte 6 also 3 = float8_e4m3fn
 After the header: S + 1 int32 segment offsets and S fp32 scales (fp8 only), then the index
 field from the next multiple of 16 (int32 indices or uint16 delta codes), then the values from
 the next multiple of 16; the buffer ends at the next multiple of 16. ``dct_kernels.codec``
-encodes and decodes it; the compiled cores see version 1 only.
+encodes and decodes it; the cpu core encodes and decodes it too (bitwise the codec), the CUDA
+core and the Triton kernels see version 1 rows only (the codec converts).
 
 This module is the one Python definition of that layout (docs/design.md#wire-format), used
 by every Python backend and the Triton kernels; ``csrc/wire_format.h`` is the one C++
-definition (of version 1, the only one the compiled cores read), and tests/test_payload.py
-checks that the two agree.
+definition (version 1's layout and version 2's codes; the cpu core takes version 2's byte
+offsets from this module), and tests/test_payload.py checks that the two agree.
 """
 
 from __future__ import annotations

@@ -81,10 +81,12 @@ def test_cpu_extension_builds_without_nvcc_and_works(tmp_path):
     module = _load_module(built)
     x = torch.tensor([0.5, -3.0, 2.0, float("nan"), -0.0, 1.0])
     out = torch.empty(1)
-    module.select_threshold(x.data_ptr(), 0, [0, 6], [3], out.data_ptr(), 2)
+    module.select_threshold(x=x.data_ptr(), dtype=0, offsets=[0, 6], ks=[3], out=out.data_ptr(),
+                            threads=2)
     assert out.item() == 2.0  # NaN, 3, then 2
     with pytest.raises(RuntimeError, match="select_threshold"):
-        module.select_threshold(x.data_ptr(), 0, [0, 6], [7], out.data_ptr(), 1)
+        module.select_threshold(x=x.data_ptr(), dtype=0, offsets=[0, 6], ks=[7],
+                                out=out.data_ptr(), threads=1)
 
 
 def test_cpu_disabled_build_skips(tmp_path):

@@ -8,6 +8,7 @@ allowed: the results must not change).
 """
 
 import multiprocessing
+import re
 import threading
 
 import numpy as np
@@ -266,14 +267,71 @@ def test_binding_errors_name_the_kernel():
     x = torch.ones(8)
     out = torch.empty(1)
     with pytest.raises(RuntimeError, match="select_threshold"):
-        _cpu.select_threshold(x.data_ptr(), 0, [0, 8], [9], out.data_ptr(), 1)
+        _cpu.select_threshold(x=x.data_ptr(), dtype=0, offsets=[0, 8], ks=[9],
+                              out=out.data_ptr(), threads=1)
     buffer = torch.zeros(48, dtype=torch.uint8)
     errors = torch.zeros((), dtype=torch.int32)
     with pytest.raises(RuntimeError, match="decompress"):  # rows too short for the capacity
-        _cpu.decompress(buffer.data_ptr(), 48, 8, 100, 0, [0, 0, 0, 0], out.data_ptr(), 0,
-                        False, errors.data_ptr(), 1)
+        _cpu.decompress(buffers=buffer.data_ptr(), row_bytes=48, numel=8, capacity=100,
+                        value_dtype=0, header=[0, 0, 0, 0], out=out.data_ptr(), out_dtype=0,
+                        accumulate=False, errors=errors.data_ptr(), threads=1)
     with pytest.raises(ValueError, match="dtype code"):
-        _cpu.count_kept(x.data_ptr(), 7, 8, 0, out.data_ptr(), 0, 1, 1)
+        _cpu.count_kept(x=x.data_ptr(), dtype=7, n=8, residual=0, thresholds=out.data_ptr(),
+                        offsets=0, num_segments=1, threads=1)
+
+
+# Each binding's arguments, in order, named as in csrc/cpu/dct_cpu.h; where the CUDA core has
+# the same argument (csrc/cuda/bindings.cpp) it has the same name.
+BINDING_ARGUMENTS = {
+    "compress": ("x", "dtype", "n", "residual", "thresholds", "offsets", "num_segments",
+                 "payload", "capacity", "value_dtype", "threads"),
+    "decompress_many": ("buffers", "num_rows", "row_bytes", "numel", "capacity", "value_dtype",
+                        "header", "out", "out_dtype", "accumulate", "average", "errors",
+                        "threads"),
+    "compress_rows": ("x", "dtype", "rows", "columns", "k", "indices", "index_bytes", "values",
+                      "value_dtype", "threads"),
+}
+
+
+def test_binding_arguments_are_named_and_keyword_only():
+    """A positional call is refused (two swapped integers fail instead of running), the same
+    values by name run, the names are those of the C++ declarations, and every kernel of the
+    module takes keywords only (its signature in the docstring starts with `*`)."""
+    from dct_kernels import _cpu
+    from dct_kernels import payload as wire
+    x = torch.arange(1.0, 9.0)
+    out = torch.zeros(8)
+    thresholds = torch.full((1,), 0.5)
+    buffer = torch.zeros(wire.layout(1, torch.float32)[1], dtype=torch.uint8)
+    header = wire.header_words(8, 1, torch.float32)
+    buffer[:4 * len(header)] = torch.tensor(header, dtype=torch.int32).view(torch.uint8)
+    errors = torch.zeros((), dtype=torch.int32)
+    compress = dict(x=x.data_ptr(), dtype=0, n=8, residual=0, thresholds=thresholds.data_ptr(),
+                    offsets=0, num_segments=1, payload=buffer.data_ptr(), capacity=1,
+                    value_dtype=0, threads=1)
+    many = dict(buffers=buffer.data_ptr(), num_rows=1, row_bytes=buffer.numel(), numel=8,
+                capacity=1, value_dtype=0, header=header[:4], out=out.data_ptr(), out_dtype=0,
+                accumulate=False, average=False, errors=errors.data_ptr(), threads=1)
+    for name, arguments in (("compress", compress), ("decompress_many", many)):
+        assert tuple(arguments) == BINDING_ARGUMENTS[name]
+        kernel = getattr(_cpu, name)
+        with pytest.raises(TypeError):
+            kernel(*arguments.values())
+        with pytest.raises(TypeError):
+            kernel(**arguments, stream=0)
+        kernel(**arguments)
+    # Every entry passes, one fits: x[0] sent, the other seven counted as overflow.
+    assert int(errors) == 0 and out.tolist() == [1.0] + [0.0] * 7
+    for name, arguments in BINDING_ARGUMENTS.items():
+        signature = getattr(_cpu, name).__doc__.splitlines()[0]
+        assert signature.startswith(f"{name}(*, "), signature
+        assert re.findall(r"(\w+): ", signature) == list(arguments), name
+    no_arguments = ("_key_scan_isas", "_key_scan_isa")
+    for name in dir(_cpu):
+        if name.startswith("__"):
+            continue
+        expected = f"{name}()" if name in no_arguments else f"{name}(*, "
+        assert getattr(_cpu, name).__doc__.startswith(expected), name
 
 
 def test_cpu_tensors_default_to_the_cpu_backend(monkeypatch):

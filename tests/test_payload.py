@@ -5,6 +5,7 @@ one Python definition (dct_kernels/payload.py).
 Expected bytes are written here by hand with ``struct`` (not with the package's helpers).
 """
 
+import glob
 import os
 import re
 import shutil
@@ -181,7 +182,9 @@ CPP_TO_PYTHON = {
     "kIndexCodeShift": "INDEX_CODE_SHIFT", "kCodeFloat32": "CODE_FLOAT32",
     "kCodeFloat16": "CODE_FLOAT16", "kCodeBFloat16": "CODE_BFLOAT16",
     "kIndexCodeInt32": "INDEX_CODE_INT32", "kIndexBytes": "INDEX_BYTES",
-    "kAlignBytes": "ALIGN_BYTES",
+    "kAlignBytes": "ALIGN_BYTES", "kFormatVersion2": "FORMAT_VERSION_2",
+    "kWordScales": "WORD_SCALES", "kCodeFloat8E4M3FN": "CODE_FLOAT8_E4M3FN",
+    "kIndexCodeDelta16": "INDEX_CODE_DELTA16",
 }
 
 
@@ -201,7 +204,20 @@ def test_cpp_wire_constants_equal_the_python_ones():
     # And both agree with the format's table, written here by hand.
     assert (cpp["kHeaderBytes"], cpp["kHeaderWords"], cpp["kWordCount"],
             cpp["kWordOverflow"], cpp["kAlignBytes"]) == (32, 8, 5, 6, 16)
+    assert (cpp["kFormatVersion2"], cpp["kWordScales"], cpp["kCodeFloat8E4M3FN"],
+            cpp["kIndexCodeDelta16"]) == (2, 7, 3, 1)
     assert {wire.value_code(t): t for t in CODES} == {c: t for t, c in CODES.items()}
+
+
+def test_cpu_core_compares_value_codes_by_name():
+    """The cpu core reads version-2 value codes through wire_format.h's names (a new code
+    changes one place), not through numbers of its own."""
+    sources = glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.[ch]*"))
+    assert sources
+    for path in sources:
+        with open(path) as f:
+            text = f.read()
+        assert not re.findall(r"value_code\s*(?:[=!<>]=|[<>])\s*-?\d", text), path
 
 
 def test_cpp_dtype_enum_is_the_wire_codes():

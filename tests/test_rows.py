@@ -153,14 +153,14 @@ def test_compress_rows_every_scan_isa(columns):
     before = _cpu._key_scan_isa()
     try:
         for isa in isas:
-            _cpu._set_key_scan_isa(isa)
+            _cpu._set_key_scan_isa(isa=isa)
             assert _cpu._key_scan_isa() == isa
             for k in sorted({1, max(1, columns // 8), max(1, columns // 4), columns}):
                 check_rows("cpu", "cpu", x, k, what=f"{isa} k={k}")
     finally:
-        _cpu._set_key_scan_isa(before)
+        _cpu._set_key_scan_isa(isa=before)
     with pytest.raises(ValueError, match="isa"):
-        _cpu._set_key_scan_isa("avx1024")
+        _cpu._set_key_scan_isa(isa="avx1024")
     assert _cpu._key_scan_isa() == before
 
 

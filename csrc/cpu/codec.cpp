@@ -39,14 +39,14 @@ int64_t segment_of(const int64_t* offsets, int64_t num_scales, int64_t position)
 
 float candidate_value(const void* values, int code, int64_t j) {
   switch (code) {
-    case 1: return to_f32(static_cast<const Half*>(values)[j]);
-    case 2: return to_f32(static_cast<const BFloat16*>(values)[j]);
+    case dct::wire::kCodeFloat16: return to_f32(static_cast<const Half*>(values)[j]);
+    case dct::wire::kCodeBFloat16: return to_f32(static_cast<const BFloat16*>(values)[j]);
     default: return static_cast<const float*>(values)[j];
   }
 }
 
 uint32_t candidate_bits(const void* values, int code, int64_t j) {
-  if (code == 0) return bits_of(static_cast<const float*>(values)[j]);
+  if (code == dct::wire::kCodeFloat32) return bits_of(static_cast<const float*>(values)[j]);
   return static_cast<const uint16_t*>(values)[j];
 }
 
@@ -63,7 +63,7 @@ Status encode_v2(const WireV2& wire, uint8_t* out, const int32_t* cand_index,
                  int64_t cand_overflow, int64_t position_offset, const int64_t* scale_offsets,
                  float* residual) {
   return guarded("encode_v2", [&] {
-    const bool fp8 = wire.value_code == 3;
+    const bool fp8 = wire.value_code == dct::wire::kCodeFloat8E4M3FN;
     const int width = value_width(wire.value_code);
     const int64_t limit = width == 1 ? 256 : kMaxMultiplier;
     const int64_t S = wire.num_scales;

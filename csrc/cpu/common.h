@@ -191,9 +191,11 @@ inline uint32_t keep_mask16(const float* acc, uint32_t tkey) {
 
 // Bytes of one element of a float dtype (fp32 4, fp16 and bf16 2).
 inline int64_t item_bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
-// Bytes of one value in wire format version 2, by its value code (0 fp32, 1 fp16, 2 bf16,
-// 3 fp8).
-inline int value_width(int code) { return code == 3 ? 1 : (code == 0 ? 4 : 2); }
+// Bytes of one value in wire format version 2, by its value code.
+inline int value_width(int code) {
+  if (code == dct::wire::kCodeFloat8E4M3FN) return 1;
+  return static_cast<int>(item_bytes(static_cast<DType>(code)));
+}
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }

@@ -60,11 +60,17 @@ Status decompress_many(const PayloadRows& rows, void* out, DType out_dtype, bool
 // definition of the version-2 layout is dct_kernels/payload.py).
 struct WireV2 {
   int64_t capacity = 0;
-  int value_code = 0;  // 0 fp32, 1 fp16, 2 bf16, 3 float8_e4m3fn
+  int value_code = dct::wire::kCodeFloat32;  // a DType's code, or kCodeFloat8E4M3FN
   bool delta = false;
   int64_t num_scales = 0;
   int64_t bounds_offset = 0, scales_offset = 0, indices_offset = 0, values_offset = 0;
 };
+
+// Version 2 adds float8_e4m3fn to the DType codes: a value code, never a DType (no kernel
+// reads or writes fp8 tensors; only payloads carry it).
+inline bool known_value_code(int code) {
+  return dct::known_dtype(static_cast<DType>(code)) || code == dct::wire::kCodeFloat8E4M3FN;
+}
 
 // Encodes the candidates a compress kernel wrote (a version-1 payload: cand_index[count],
 // cand_values[count] in cand_value_code, fp32 under fp8) into out (zeroed, header written),

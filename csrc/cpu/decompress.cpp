@@ -127,8 +127,8 @@ void decompress_many_typed(const PayloadRows& p, O* out, bool accumulate, bool a
                            int64_t* errors, int threads) {
   const int W = p.num_rows;
   // The calling thread keeps its lists from call to call: fresh multi-megabyte allocations
-  // come as new zeroed pages from the kernel every time, and their page faults cost more
-  // than the merge itself (measured: 1 to 2 ms of 3-5 ms at 2^22, W = 8, 1%).
+  // come as new zeroed pages from the kernel every time, and their page faults are a large
+  // part of a call that only reads each row once (see bench/NOTES.md).
   thread_local std::vector<Entries> kept_lists;
   if (kept_lists.size() < static_cast<size_t>(W)) kept_lists.resize(W);
   std::vector<Entries>& rows = kept_lists;
@@ -202,9 +202,9 @@ uint32_t field_bits(const uint8_t* p, int width) {
 
 float field_value(uint32_t bits, int code) {
   switch (code) {
-    case 0: return float_of(bits);
-    case 1: return to_f32(Half{static_cast<uint16_t>(bits)});
-    case 2: return to_f32(BFloat16{static_cast<uint16_t>(bits)});
+    case dct::wire::kCodeFloat32: return float_of(bits);
+    case dct::wire::kCodeFloat16: return to_f32(Half{static_cast<uint16_t>(bits)});
+    case dct::wire::kCodeBFloat16: return to_f32(BFloat16{static_cast<uint16_t>(bits)});
     default: return fp8_to_f32(static_cast<uint8_t>(bits));
   }
 }
@@ -224,10 +224,10 @@ int64_t decode_row_v2(const WireV2& wire, const uint8_t* row, int64_t numel,
   entries.value.clear();
   const int words[] = {dct::wire::kWordMagic, dct::wire::kWordVersionCodes,
                        dct::wire::kWordNumelLow, dct::wire::kWordNumelHigh,
-                       dct::wire::kWordCapacity, dct::wire::kWordReserved};
+                       dct::wire::kWordCapacity, dct::wire::kWordScales};
   bool row_ok = true;
   for (int w : words) row_ok &= load<int32_t>(row + 4 * w) == expected[w];
-  const bool fp8 = wire.value_code == 3;
+  const bool fp8 = wire.value_code == dct::wire::kCodeFloat8E4M3FN;
   const int64_t S = wire.num_scales;
   std::vector<float> scales;
   std::vector<int64_t> bounds;
@@ -358,7 +358,7 @@ Status decompress_v2(const WireV2& wire, const uint8_t* buffers, int num_rows,
                      int32_t* errors, int threads) {
   // Positions are narrowed to int32 below: a larger output could not be addressed.
   if (buffers == nullptr || num_rows < 1 || (!many && num_rows != 1) || numel < 0 ||
-      numel > INT32_MAX || wire.capacity < 0 || wire.value_code < 0 || wire.value_code > 3 ||
+      numel > INT32_MAX || wire.capacity < 0 || !known_value_code(wire.value_code) ||
       !known_dtype(out_dtype) ||
       row_bytes < wire.values_offset + value_width(wire.value_code) * wire.capacity)
     return Status{1, "decompress_v2", "bad arguments"};

@@ -7,12 +7,12 @@
 // a lower guess, and where neither fits (the first row of a group, a row of another scale) one
 // or two histogram passes over the row narrow kth down first (find_kth). Kept: every key above
 // kth plus the first (k - count above) keys equal to it, so columns come out ascending; the
-// result does not depend on how kth was found. On 2048 x 512 i.i.d. ReLU rows, k = 32, one
-// thread: 0.41 us a row with the AVX-512F scan, 0.42 with AVX2, 0.45 with SSE2 (0.78 before the
-// bitmap scan and the branch-free gathering of the kept columns, 1.13 with one guess and
-// nth_element among the candidates, 1.74 with histograms alone). Exactly k entries per row,
-// ties to the lower column, NaN above +inf. Rows are dealt to threads in groups; each row's
-// result depends on that row alone.
+// result does not depend on how kth was found. Neighbouring rows tend to share a scale, so the
+// guess spares most rows the histogram passes and a row's time goes into one compare pass; the
+// bitmap keeps that pass and the gathering of the kept columns free of data-dependent
+// branches, which matters more than the vector width (timings of each step: see
+// bench/NOTES.md). Exactly k entries per row, ties to the lower column, NaN above +inf. Rows
+// are dealt to threads in groups; each row's result depends on that row alone.
 #include <algorithm>
 #include <functional>
 #include <type_traits>
