@@ -277,7 +277,8 @@ def main(argv=None):
         lines.append(f"| {mode} | {r['step_s'] * 1e3:.1f} | {r['alone_s'] * 1e3:.1f} | "
                      f"{exposed * 1e3:.1f} | {hidden:.2f} |")
     lines += ["", f"Generated {datetime.date.today()} by bench/overlap.py, torch "
-              f"{torch.__version__}, {os.cpu_count()} cores, kernel backend {kernel_backend('cpu')}."]
+              f"{torch.__version__}, {os.cpu_count()} cores, kernel backend "
+              f"{kernel_backend('cpu')}."]
     os.makedirs(args.out, exist_ok=True)
     stem = "overlap" if link is None else f"overlap_{args.link}"
     with open(os.path.join(args.out, f"{stem}.md"), "w") as f:

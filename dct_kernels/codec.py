@@ -336,8 +336,8 @@ def describe_rows(row_ok: torch.Tensor, count_ok: torch.Tensor, errors: torch.Te
 
     def account(ok, count_fits, e):
         if not ok:
-            return "bad header, scales or segment bounds" + ("" if count_fits else ", count outside [0, "
-                                             "capacity]")
+            return "bad header, scales or segment bounds" + (
+                "" if count_fits else ", count outside [0, capacity]")
         entries = e - (not count_fits)
         parts = [] if count_fits else ["count outside [0, capacity]"]
         if entries:
