@@ -386,5 +386,5 @@ def entries(payload: SparsePayload) -> Tuple[torch.Tensor, torch.Tensor, torch.T
         found, sent = positions(payload)
         values = widen(payload.values)
         return found, torch.where(sent, values, torch.zeros_like(values)), sent
-    found, decoded, ok, _, _ = decode(payload.buffer[None], payload.numel, payload.layout)
+    found, decoded, ok, *_ = decode(payload.buffer[None], payload.numel, payload.layout)
     return found[0], decoded[0], ok[0]
