@@ -42,6 +42,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -665,6 +666,7 @@ class EmulatedCluster:
         self._created = []
         self._launches = 0
         self._saved_handlers = {}
+        self._scratch = None  # the ranks' inductor cache folder, made at the first launch
 
     # -- context ------------------------------------------------------------------------
 
@@ -719,6 +721,9 @@ class EmulatedCluster:
                     errors.append(str(exc))
             left = [n for n in self._created if n in list_namespaces()]
             self._created = [n for n in self._created if n in left]
+            if self._scratch is not None:
+                shutil.rmtree(self._scratch, ignore_errors=True)
+                self._scratch = None
         finally:
             self._restore_signals(previous)
             self._restore_signal_handlers()
@@ -915,9 +920,16 @@ class EmulatedCluster:
         process, as torchrun would describe it, so LOCAL_RANK=0, LOCAL_WORLD_SIZE=1,
         GROUP_RANK=rank, GROUP_WORLD_SIZE=WORLD_SIZE; MASTER_ADDR (rank 0's address),
         MASTER_PORT; GLOO_SOCKET_IFNAME=eth0 (gloo would otherwise pick an interface by the
-        host name, which resolves to nothing in the namespace)."""
+        host name, which resolves to nothing in the namespace). Unless one is given,
+        TORCHINDUCTOR_CACHE_DIR is a folder of the cluster's own, removed when it closes: torch's
+        DDP makes an (empty) inductor cache folder when first used, by default in /tmp, where
+        it would outlive the run."""
         full = dict(os.environ)
         full.update(env or {})
+        if "TORCHINDUCTOR_CACHE_DIR" not in full:
+            if self._scratch is None:
+                self._scratch = tempfile.mkdtemp(prefix="dct_kernels_inductor_")
+            full["TORCHINDUCTOR_CACHE_DIR"] = self._scratch
         full.update({
             "RANK": str(rank), "WORLD_SIZE": str(self.world),
             "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",

@@ -195,14 +195,18 @@ t = torch.full((1 << 20,), float(rank + 1))
 dist.all_reduce(t)
 sent = subprocess.run(["tc", "-s", "qdisc", "show", "dev", "eth0"], capture_output=True,
                       text=True).stdout.split("Sent ")[1].split()[0]
+cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 print(json.dumps({"rank": rank, "world": dist.get_world_size(), "min": t.min().item(),
-                  "max": t.max().item(), "sent": int(sent)}))
+                  "max": t.max().item(), "sent": int(sent), "cache": cache,
+                  "cache_is_dir": bool(cache) and os.path.isdir(cache)}))
 dist.destroy_process_group()
 """
 
 
 @needs_cluster
-def test_gloo_all_reduce_across_namespaces():
+def test_gloo_all_reduce_across_namespaces(monkeypatch):
+    # The suite gives this process an inductor cache folder; a user's shell does not.
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     with emu.EmulatedCluster(2, "1gbit", measure=False) as cluster:
         results = cluster.launch([sys.executable, "-c", _GLOO], timeout=60, capture_stdout=True,
                                  env={"OMP_NUM_THREADS": "1"})
@@ -212,6 +216,10 @@ def test_gloo_all_reduce_across_namespaces():
         assert report["min"] == report["max"] == 3.0
         # The 4 MiB tensor went through the rank's shaped interface, not loopback.
         assert report["sent"] >= 2 << 20
+        # torch's inductor cache folder is the cluster's own, gone with it (not /tmp's).
+        assert report["cache_is_dir"], report
+        assert os.path.basename(report["cache"]).startswith("dct_kernels_inductor_")
+        assert not os.path.exists(report["cache"])
     _assert_gone(cluster)
 
 
