@@ -56,9 +56,15 @@ def _import_failure(name: str, exc: ImportError) -> str:
     """Why the compiled extension ``dct_kernels._<name>`` cannot be imported: not built, or
     built but not loadable (a sanitizer build without its runtime preloaded, a module built
     for another Python or torch), in which case the loader's own message is what helps."""
-    cause = exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc
-    if isinstance(cause, ModuleNotFoundError) and cause.name == f"dct_kernels._{name}":
+    # Whether the module file is there decides it: "from .. import _cpu" of a missing module
+    # raises a plain ImportError ("cannot import name"), not ModuleNotFoundError.
+    try:
+        present = importlib.util.find_spec(f"dct_kernels._{name}") is not None
+    except (ImportError, ValueError):
+        present = False
+    if not present:
         return f"extension not built (dct_kernels._{name} is missing)"
+    cause = exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc
     return f"extension built but not loadable: {cause}"
 
 
