@@ -120,10 +120,11 @@ class VariantState:
         held = self.memory.get(index)
         if held is None or next(iter(held.values())).numel() != like.numel():
             held = {name: torch.zeros_like(like) for name in ("e", "h", "H", "v", "pending",
-                                                             "square")}
+                                                             "square", "local_square")}
             held["period"] = torch.ones_like(like)
             held["last"] = torch.full_like(like, float(self.step - 1))
             held["squares"] = torch.zeros(())
+            held["local_squares"] = torch.zeros(())
             self.memory[index] = held
             self.started.discard(index)
         return held
@@ -215,9 +216,11 @@ def variant_hook(state: VariantState, bucket) -> torch.futures.Future[torch.Tens
             score = None
             if state.normalize:
                 # Local, rank-private: Adam's second moment of this rank's own gradient.
-                mem["square"].mul_(0.999).add_(grad * grad, alpha=0.001)
-                mem["squares"] += 1
-                rms = (mem["square"] / (1 - 0.999 ** mem["squares"])).sqrt_().add_(1e-8)
+                # Its own running mean: ``precondition``'s is of the rank-averaged square.
+                mem["local_square"].mul_(0.999).add_(grad * grad, alpha=0.001)
+                mem["local_squares"] += 1
+                rms = (mem["local_square"] / (1 - 0.999 ** mem["local_squares"])).sqrt_() \
+                    .add_(1e-8)
                 score = acc.abs() / rms
             sent = acc * keep_mask(acc, sizes, ratio, state.min_numel, state.selection, dense,
                                    score)

@@ -58,6 +58,7 @@ from dlrm.cli import device_slug
 from dlrm.context import device_name
 from kernel_backend import kernel_backend, warn_if_core_missing  # bench/kernel_backend.py
 import ranks  # bench/ranks.py
+from report_files import write_json_and_markdown  # bench/report_files.py
 
 TASKS = ("classify", "lm_text", "lm_synthetic")
 RUNS = ("dense", "fp16", "powersgd", "dct", "dct_rs", "dct_bf16")
@@ -299,9 +300,6 @@ def quality_name(task: str) -> str:
 
 
 def write_report(report: dict, out: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "transformers.json"), "w") as f:
-        json.dump(report, f, indent=1)
     lines = [f"# DCT-DP on transformers, W = {report['world_size']}",
              "", f"{report['device']}, {report['date']}, torch {report['torch']}, transformers "
              f"{report['transformers']}, Python {report['python']} (lm_text's source), "
@@ -326,8 +324,7 @@ def write_report(report: dict, out: str) -> None:
                 + (f"{s['early_refreshes']} / {s['buckets_sparse']} | "
                    f"{s['overflowed_buckets']} | {s['kept_density']:.4f} |" if s else "| | |"))
         lines.append("")
-    with open(os.path.join(out, "transformers.md"), "w") as f:
-        f.write("\n".join(lines))
+    write_json_and_markdown(out, "transformers", report, "\n".join(lines))
     try:
         import matplotlib
         matplotlib.use("Agg")
